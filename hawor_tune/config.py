@@ -1,0 +1,340 @@
+"""Typed experiment configuration: dataclasses per concern, YAML loading, dotted overrides, validation.
+
+One function, :func:`load_config`, turns a YAML file (which may name a ``base:`` file to merge over) plus
+dotted overrides (``optim.lr=3e-4``) into an :class:`ExperimentConfig`. Every problem raises
+:class:`ConfigError` naming the key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names the key, the value and what is allowed."""
+
+
+def _spec(default: Any, *, low: float | None = None, high: float | None = None,
+          choices: Iterable[Any] | None = None, doc: str = "") -> Any:
+    """A dataclass field with validation metadata (inclusive numeric bounds or a choice list)."""
+    meta = {"low": low, "high": high, "choices": tuple(choices) if choices is not None else None, "doc": doc}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class SyntheticConfig:
+    """Size of the generated stand-in dataset (written in ARCTIC's on-disk layout)."""
+
+    subjects: int = _spec(4, low=3, high=10, doc="subjects s01..sNN; the last two are val and test")
+    sequences_per_subject: int = _spec(3, low=1, high=50)
+    frames_per_sequence: int = _spec(100, low=40, high=5000, doc="annotated frames, before ARCTIC's 10+10 skip")
+    image_width: int = _spec(224, low=32, high=2800)
+    image_height: int = _spec(224, low=32, high=2000)
+    seed: int = _spec(0, low=0)
+
+
+@dataclass
+class DataConfig:
+    root: str = _spec("data/arctic_synthetic", doc="ARCTIC 'arctic_data/data' folder (real or generated)")
+    generate: bool = _spec(True, doc="generate the synthetic dataset at root when it is missing")
+    seq_len: int = _spec(8, low=1, high=256, doc="frames per clip")
+    stride: int = _spec(4, low=1, high=256, doc="frames between the starts of consecutive training clips")
+    frame_step: int = _spec(1, low=1, high=30, doc="temporal subsampling of the 30 fps sequences")
+    img_size: int = _spec(96, low=32, high=1024, doc="square model input; frames are letterboxed to it")
+    batch_size: int = _spec(4, low=1, high=4096, doc="clips per batch")
+    num_workers: int = _spec(0, low=0, high=64)
+    cache_dir: str = _spec("", doc="frame cache folder; '' puts it in <root>/../cache")
+    min_visible_joints: int = _spec(8, low=1, high=21, doc="a hand is valid when its wrist and this many joints are in view")
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ManoConfig:
+    model_dir: str = _spec("", doc="folder with MANO_RIGHT.pkl and MANO_LEFT.pkl; '' -> $HAWOR_MANO_DIR -> built-in hand")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = _spec("vit_tiny_r_s16_p8_224", doc="timm model name (hybrid ViT: ResNet stem + transformer)")
+    backbone_kwargs: dict = _spec({}, doc="extra keyword arguments for timm.create_model")
+    pretrained_path: str = _spec("", doc="local weights file for the backbone; never downloaded")
+    temporal_dim: int = _spec(128, low=8, high=4096)
+    temporal_layers: int = _spec(2, low=0, high=24)
+    temporal_heads: int = _spec(4, low=1, high=64)
+    head_hidden: int = _spec(256, low=8, high=8192)
+    dropout: float = _spec(0.1, low=0.0, high=0.9)
+    infiller_hidden: int = _spec(128, low=8, high=4096)
+    infiller_layers: int = _spec(1, low=1, high=8)
+    infill_mask_prob: float = _spec(0.15, low=0.0, high=0.9, doc="training-time rate of hiding observed hand frames")
+
+
+@dataclass
+class LossConfig:
+    """Weights of the six loss terms; a weight of 0 skips the term."""
+
+    mano_params: float = _spec(0.1, low=0.0)
+    keypoint_3d: float = _spec(1.0, low=0.0)
+    keypoint_2d: float = _spec(0.5, low=0.0)
+    temporal: float = _spec(0.5, low=0.0)
+    camera: float = _spec(0.5, low=0.0)
+    hand_world: float = _spec(0.2, low=0.0)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _spec(1e-3, low=1e-8, high=1.0)
+    weight_decay: float = _spec(1e-4, low=0.0, high=1.0)
+    warmup_epochs: float = _spec(0.5, low=0.0, high=1000.0)
+    min_lr_ratio: float = _spec(0.05, low=0.0, high=1.0, doc="cosine floor as a fraction of lr")
+    grad_clip: float = _spec(1.0, low=0.0, doc="max gradient norm; 0 disables clipping")
+    beta1: float = _spec(0.9, low=0.0, high=0.9999)
+    beta2: float = _spec(0.999, low=0.0, high=0.99999)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _spec(8, low=1, high=100000)
+    seed: int = _spec(0, low=0)
+    device: str = _spec("auto", choices=("auto", "cpu", "cuda", "mps"))
+    precision: str = _spec("auto", choices=("auto", "fp32", "bf16", "fp16"),
+                           doc="auto: bf16 autocast on CUDA, fp32 elsewhere")
+    threads: int = _spec(0, low=0, high=1024, doc="torch CPU threads; 0 keeps torch's default")
+    out_dir: str = _spec("runs/default", doc="checkpoints and logs of a single run")
+    max_train_batches: int = _spec(0, low=0, doc="cap per epoch; 0 = the whole split")
+    max_eval_batches: int = _spec(0, low=0, doc="cap per evaluation; 0 = the whole split")
+    keep_checkpoints: int = _spec(2, low=1, high=1000, doc="epoch checkpoints kept in out_dir")
+
+
+@dataclass
+class ExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    mano: ManoConfig = field(default_factory=ManoConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Paths a user gives relative to where they run a command; made absolute at load time so that Ray
+# workers, whose working directory is their trial folder, read the same files.
+_PATH_KEYS = ("data.root", "data.cache_dir", "mano.model_dir", "model.pretrained_path", "train.out_dir")
+
+
+def field_info(dotted: str) -> tuple[Any, dataclasses.Field]:
+    """The declared type and the dataclass field of a dotted key such as ``optim.lr``.
+
+    Raises:
+        ConfigError: the key does not name a leaf of the experiment config.
+    """
+    cls: Any = ExperimentConfig
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            prefix = ".".join(parts[:i])
+            allowed = ", ".join(sorted(fields))
+            where = f" under '{prefix}'" if prefix else ""
+            raise ConfigError(f"unknown config key '{dotted}': '{part}' is not a field{where} (allowed: {allowed})")
+        f = fields[part]
+        ftype = _resolved_types(cls)[part]
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(ftype):
+                raise ConfigError(f"config key '{dotted}' is a section, not a value; name one of its fields")
+            return ftype, f
+        if not dataclasses.is_dataclass(ftype):
+            raise ConfigError(f"unknown config key '{dotted}': '{'.'.join(parts[: i + 1])}' is a value, not a section")
+        cls = ftype
+    raise ConfigError(f"empty config key '{dotted}'")
+
+
+def _resolved_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, value: Any, ftype: Any, f: dataclasses.Field) -> Any:
+    """Check (and gently convert) one leaf value against its declared type and bounds."""
+    origin = typing.get_origin(ftype)
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"internal: union type for '{key}' is not supported")
+    if ftype is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    elif ftype is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+    elif ftype is float:
+        if isinstance(value, str):  # YAML reads '3e-4' (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"config key '{key}' must be finite, got {value!r}")
+    elif ftype is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+    elif ftype is dict:
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+    meta = f.metadata
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        raise ConfigError(f"config key '{key}' must be one of {list(meta['choices'])}, got {value!r}")
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None and value < low:
+        raise ConfigError(f"config key '{key}' must be >= {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ConfigError(f"config key '{key}' must be <= {high}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
+    hints = _resolved_types(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (allowed under "
+                          f"'{prefix.rstrip('.') or '<root>'}': {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        key = prefix + name
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], data[name] or {}, key + ".")
+        else:
+            kwargs[name] = _coerce(key, data[name], hints[name], f)
+    obj = cls(**kwargs)
+    # Defaults are validated too, so a bad default cannot hide.
+    for name, f in fields.items():
+        if not dataclasses.is_dataclass(hints[name]):
+            _coerce(prefix + name, getattr(obj, name), hints[name], f)
+    return obj
+
+
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _deep_merge(dict(out[k]), v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a config YAML, resolving its ``base:`` file (relative to it) recursively."""
+    path = path.resolve()
+    if path in chain:
+        raise ConfigError(f"{path}: 'base' files form a cycle: {' -> '.join(map(str, chain + (path,)))}")
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must be a file path, got {base!r}")
+    return _deep_merge(_read_yaml(path.parent / base, chain + (path,)), data)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split ``key=value`` and parse the value as YAML (so ``8`` is an int and ``[4, 8]`` a list)."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key=value, e.g. optim.lr=3e-4")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``tree['a']['b'] = value`` for ``key='a.b'`` after checking the key exists in the schema."""
+    field_info(key)
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key '{key}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | os.PathLike | None = None,
+                overrides: Iterable[str] | Mapping[str, Any] = (),
+                *, base_dir: str | os.PathLike | None = None) -> ExperimentConfig:
+    """Load YAML (merged over its ``base:`` file), apply dotted overrides, validate, resolve paths.
+
+    Args:
+        path: YAML config file; None starts from the dataclass defaults.
+        overrides: ``["optim.lr=3e-4", ...]`` strings, or a ``{"optim.lr": 3e-4}`` mapping.
+        base_dir: folder that relative paths in the config are resolved against (default: the
+            current working directory).
+
+    Raises:
+        ConfigError: unknown key, wrong type or out-of-range value (the message names which).
+    """
+    tree: dict[str, Any] = _read_yaml(Path(path)) if path is not None else {}
+    items = overrides.items() if isinstance(overrides, Mapping) else map(parse_override, overrides)
+    for key, value in items:
+        set_dotted(tree, key, value)
+    cfg = _build(ExperimentConfig, tree)
+    return resolve_paths(cfg, base_dir)
+
+
+def resolve_paths(cfg: ExperimentConfig, base_dir: str | os.PathLike | None = None) -> ExperimentConfig:
+    """Make every non-empty path key absolute (relative to ``base_dir`` or the working directory)."""
+    root = Path(base_dir) if base_dir is not None else Path.cwd()
+    for key in _PATH_KEYS:
+        section, name = key.split(".")
+        sub = getattr(cfg, section)
+        value = getattr(sub, name)
+        if value:
+            p = Path(os.path.expanduser(value))
+            setattr(sub, name, str(p if p.is_absolute() else (root / p).resolve()))
+    return cfg
+
+
+def config_from_dict(data: Mapping[str, Any]) -> ExperimentConfig:
+    """Rebuild a config from :meth:`ExperimentConfig.to_dict` output (as stored in checkpoints)."""
+    return _build(ExperimentConfig, data)
+
+
+def save_config(cfg: ExperimentConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML, atomically (write to a temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, path)

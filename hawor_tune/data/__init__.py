@@ -1,0 +1,1 @@
+"""Datasets: the ARCTIC reader, the synthetic ARCTIC-layout generator and the frame cache."""
