@@ -235,11 +235,23 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     return obj
 
 
-def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+def _is_section(dotted: str) -> bool:
+    """Whether a dotted key names a config section (a dataclass), as opposed to a value."""
+    cls: Any = ExperimentConfig
+    for part in dotted.split("."):
+        hints = _resolved_types(cls) if dataclasses.is_dataclass(cls) else {}
+        if part not in hints:
+            return False
+        cls = hints[part]
+    return dataclasses.is_dataclass(cls)
+
+
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Merge ``over`` into ``base`` section by section; a value (even a mapping value) is replaced whole."""
     out = dict(base)
     for k, v in over.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            out[k] = _deep_merge(dict(out[k]), v)
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) and _is_section(prefix + str(k)):
+            out[k] = _deep_merge(dict(out[k]), v, f"{prefix}{k}.")
         else:
             out[k] = v
     return out
