@@ -7,6 +7,7 @@ dotted overrides (``optim.lr=3e-4``) into an :class:`ExperimentConfig`. Every pr
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import types
@@ -303,13 +304,14 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: str | os.PathLike | None = None,
+def load_config(path: str | os.PathLike | Mapping[str, Any] | None = None,
                 overrides: Iterable[str] | Mapping[str, Any] = (),
                 *, base_dir: str | os.PathLike | None = None) -> ExperimentConfig:
     """Load YAML (merged over its ``base:`` file), apply dotted overrides, validate, resolve paths.
 
     Args:
-        path: YAML config file; None starts from the dataclass defaults.
+        path: YAML config file, or an already-parsed config mapping (e.g. a checkpoint's
+            ``config``); None starts from the dataclass defaults.
         overrides: ``["optim.lr=3e-4", ...]`` strings, or a ``{"optim.lr": 3e-4}`` mapping.
         base_dir: folder that relative paths in the config are resolved against (default: the
             current working directory).
@@ -317,7 +319,12 @@ def load_config(path: str | os.PathLike | None = None,
     Raises:
         ConfigError: unknown key, wrong type or out-of-range value (the message names which).
     """
-    tree: dict[str, Any] = _read_yaml(Path(path)) if path is not None else {}
+    if path is None:
+        tree: dict[str, Any] = {}
+    elif isinstance(path, Mapping):
+        tree = copy.deepcopy(dict(path))
+    else:
+        tree = _read_yaml(Path(path))
     items = overrides.items() if isinstance(overrides, Mapping) else map(parse_override, overrides)
     for key, value in items:
         set_dotted(tree, key, value)
