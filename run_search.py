@@ -1,0 +1,143 @@
+"""Run a hyperparameter search: Ray Tune trials of HaWoR training runs, Optuna TPE proposals, ASHA stops.
+
+    python run_search.py --space search_spaces/loss_weights.yaml
+    python run_search.py --space search_spaces/full.yaml --num-samples 32 --address ray://head:10001 \
+        --storage /shared/results
+    python run_search.py --space search_spaces/loss_weights.yaml --resume   # continue the latest one
+
+Bad input (a space file, a --set override, a flag) prints one line naming what is wrong and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from hawor_tune.config import ConfigError
+
+
+def _positive_int(flag: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer >= 1, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer >= 1, got {value}")
+        return value
+    return parse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--space", required=True, help="search-space YAML (see README: search-space format)")
+    p.add_argument("--num-samples", type=_positive_int("--num-samples"), help="trials to run (default: the space's)")
+    p.add_argument("--max-concurrent", type=_positive_int("--max-concurrent"), help="trials at once (default: the space's)")
+    p.add_argument("--storage", default="./results", help="results folder or URI, shared on a cluster (default: %(default)s)")
+    p.add_argument("--name", help="experiment name (default: <space>-<date>-<time>; with --resume: the latest)")
+    p.add_argument("--seed", type=int, help="search seed (default: the space's search.seed)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override the base training config, e.g. --set train.epochs=4 (repeatable)")
+    p.add_argument("--address", help="join this Ray cluster (e.g. auto, or ray://host:10001) instead of starting one")
+    p.add_argument("--resume", action="store_true", help="continue the named (or latest) experiment")
+    p.add_argument("--dashboard-port", type=int, default=8265, help="local dashboard port (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+def _experiment_name(args: argparse.Namespace, space_path: Path, storage: Path) -> str:
+    stem = space_path.stem
+    if args.name:
+        if not args.resume and (storage / args.name).exists():
+            raise ValueError(f"--name {args.name}: {storage / args.name} already exists "
+                             f"(add --resume to continue it, or choose another name)")
+        return args.name
+    if not args.resume:
+        return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    candidates = sorted((d for d in storage.glob(f"{stem}-*") if d.is_dir()), key=lambda d: d.stat().st_mtime)
+    if not candidates:
+        raise ValueError(f"--resume: no experiment of {space_path.name} under {storage} (name one with --name)")
+    return candidates[-1].name
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def print_summary(experiment_dir: Path, metric: str, mode: str) -> None:
+    """The search's summary table, read back from trials.parquet (what a later reader sees too)."""
+    import pyarrow.parquet as pq
+
+    from hawor_tune.results import EPOCHS_FILE, TRIALS_FILE
+
+    rows = pq.read_table(experiment_dir / TRIALS_FILE).to_pylist()
+    params = [k for k in (rows[0] if rows else {}) if k.startswith("param/")]
+    best_key = f"best/{metric}"
+    header = ["trial", "status", "epochs", "asha stop", *(k[len("param/"):] for k in params), metric]
+    table = [[r["trial_id"], r["status"] + (" (diverged)" if r["diverged"] else ""), str(r["epochs"]),
+              "yes" if r["stopped_early"] else "", *(_fmt(r[k]) for k in params), _fmt(r.get(best_key))]
+             for r in rows]
+    widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(header)]
+    print()
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    scored = [r for r in rows if isinstance(r.get(best_key), float) and math.isfinite(r[best_key])]
+    if scored:
+        best = (min if mode == "min" else max)(scored, key=lambda r: r[best_key])
+        print(f"\nbest trial {best['trial_id']}: {metric} = {best[best_key]:.3f} at epoch {best['best_epoch']}")
+        for k in params:
+            print(f"  {k[len('param/'):]} = {_fmt(best[k])}")
+    stopped = [r for r in rows if r["stopped_early"]]
+    at = sorted(r["stopped_at_epoch"] for r in stopped)
+    print(f"ASHA stopped {len(stopped)} of {len(rows)} trials" + (f" (at epochs {at})" if at else ""))
+    print(f"trials: {experiment_dir / TRIALS_FILE}\nepochs: {experiment_dir / EPOCHS_FILE}")
+    print(f"next:   python run_best.py --experiment {experiment_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from hawor_tune.search_space import SearchSpaceError, load_search_space
+
+    try:
+        space = load_search_space(args.space, extra_overrides=args.overrides)
+        changes = {k: v for k, v in (("num_samples", args.num_samples), ("max_concurrent", args.max_concurrent),
+                                     ("search_seed", args.seed)) if v is not None}
+        space = dataclasses.replace(space, **changes)
+        storage = Path(os.path.expanduser(args.storage)).resolve()
+        name = _experiment_name(args, space.path, storage)
+        if args.resume:
+            from ray import tune
+            if not tune.Tuner.can_restore(str(storage / name)):
+                raise ValueError(f"--resume: {storage / name} holds no restorable Ray Tune experiment")
+    except (SearchSpaceError, ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from hawor_tune.search import run_search, start_ray
+
+    try:
+        url = start_ray(args.address, args.dashboard_port)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        print(f"error: --address {args.address}: cannot join the Ray cluster ({str(e).splitlines()[0]})", file=sys.stderr)
+        return 2
+    if url:
+        print(f"Ray dashboard: {url}  (access token: run `ray get-auth-token`; paste it when the page asks)")
+    print(f"experiment: {storage / name}")
+    outcome = run_search(space, storage=storage, name=name, resume=args.resume, address=args.address,
+                         dashboard_port=args.dashboard_port)
+    print_summary(outcome.experiment_dir, space.metric, space.mode)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
