@@ -1,0 +1,199 @@
+"""Training losses of the HaWoR-style model, and the one function that weights them.
+
+Hand terms are masked by ``batch["hand_valid"]`` (B, T, 2) and follow HaMeR's conventions: keypoint
+errors are summed over joints and coordinates and averaged over the valid hand-frames; parameter errors
+are mean squared errors per hand-frame, averaged the same way. An empty mask gives a zero that is still
+connected to the graph, and masked-out samples contribute neither value nor gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from hawor_tune.config import LossConfig
+from hawor_tune.geometry import project_points, relative_camera_pose
+from hawor_tune.model import HaWoROutput
+
+# Points closer than this (or behind the camera) are projected as if at this depth, so a bad early
+# prediction gives a large but finite 2D error instead of inf/NaN.
+MIN_PROJECTION_DEPTH = 1e-2
+
+
+def _mask_out(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x (*mask.shape, ...) with the samples where mask (bool) is False set to 0.
+
+    Applied to differences before abs/square: torch.where also zeroes the gradient there, so ground truth
+    that is not finite in masked-out samples (e.g. an invisible hand) cannot turn into 0 * inf = NaN.
+    """
+    mask = mask.view(*mask.shape, *(1,) * (x.dim() - mask.dim()))
+    return torch.where(mask, x, torch.zeros_like(x))
+
+
+def _mean_over(per_sample: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of per_sample (already zero where masked out) over the count of mask; 0 with grad when empty."""
+    return per_sample.sum() / mask.sum().clamp(min=1)
+
+
+def mano_params_loss(pred_rotmats: torch.Tensor, pred_betas: torch.Tensor, gt_rotmats: torch.Tensor,
+                     gt_betas: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """MSE of the 16 rotation matrices plus MSE of the betas, averaged over valid hand-frames.
+
+    Args:
+        pred_rotmats, gt_rotmats: (B, T, 2, 16, 3, 3).
+        pred_betas, gt_betas: (B, T, 2, 10).
+        mask: (B, T, 2) bool.
+
+    Returns:
+        Scalar.
+    """
+    rot = _mask_out(pred_rotmats - gt_rotmats, mask).square().mean(dim=(-3, -2, -1))  # (B, T, 2)
+    betas = _mask_out(pred_betas - gt_betas, mask).square().mean(dim=-1)  # (B, T, 2)
+    return _mean_over(rot + betas, mask)
+
+
+def keypoint_3d_loss(pred_joints: torch.Tensor, gt_joints: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """L1 of wrist-relative 3D joints (metres), summed over joints and xyz, averaged over valid hand-frames.
+
+    Args:
+        pred_joints, gt_joints: (B, T, 2, 21, 3) camera frame.
+        mask: (B, T, 2) bool.
+
+    Returns:
+        Scalar.
+    """
+    pred = pred_joints - pred_joints[..., :1, :]  # (B, T, 2, 21, 3)
+    gt = gt_joints - gt_joints[..., :1, :]
+    return _mean_over(_mask_out(pred - gt, mask).abs().sum(dim=(-2, -1)), mask)
+
+
+def keypoint_2d_loss(pred_joints: torch.Tensor, gt_joints2d: torch.Tensor, K: torch.Tensor,
+                     dist: torch.Tensor | None, img_size: int, mask: torch.Tensor) -> torch.Tensor:
+    """L1 of projected joints in units of the image size, summed over joints and uv, averaged over valid.
+
+    Predicted camera-frame joints are projected with the intrinsics and distortion (depth clamped to
+    MIN_PROJECTION_DEPTH); both projections and ground truth are divided by the image size S.
+
+    Args:
+        pred_joints: (B, T, 2, 21, 3) camera frame, metres.
+        gt_joints2d: (B, T, 2, 21, 2) input pixels.
+        K: (B, 3, 3) intrinsics in input pixels.
+        dist: (B, 8) OpenCV rational distortion, or None.
+        img_size: S.
+        mask: (B, T, 2) bool.
+
+    Returns:
+        Scalar.
+    """
+    depth = pred_joints[..., 2:].clamp(min=MIN_PROJECTION_DEPTH)  # (B, T, 2, 21, 1)
+    points = torch.cat([pred_joints[..., :2], depth], dim=-1)
+    dist = dist[:, None, None] if dist is not None else None  # (B, 1, 1, 8)
+    uv = project_points(points, K[:, None, None], dist)  # (B, T, 2, 21, 2)
+    return _mean_over(_mask_out((uv - gt_joints2d) / img_size, mask).abs().sum(dim=(-2, -1)), mask)
+
+
+def temporal_loss(pred_joints: torch.Tensor, gt_joints: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """L1 of frame-to-frame velocities of wrist-relative joints, on pairs of consecutive valid frames.
+
+    Summed over joints and xyz, averaged over valid pairs; zero for single-frame clips.
+
+    Args:
+        pred_joints, gt_joints: (B, T, 2, 21, 3).
+        mask: (B, T, 2) bool.
+
+    Returns:
+        Scalar.
+    """
+    if pred_joints.shape[1] < 2:
+        return pred_joints.sum() * 0.0
+    pred = pred_joints - pred_joints[..., :1, :]  # (B, T, 2, 21, 3)
+    gt = gt_joints - gt_joints[..., :1, :]
+    pairs = mask[:, 1:] & mask[:, :-1]  # (B, T-1, 2)
+    diff = (pred[:, 1:] - pred[:, :-1]) - (gt[:, 1:] - gt[:, :-1])  # (B, T-1, 2, 21, 3)
+    return _mean_over(_mask_out(diff, pairs).abs().sum(dim=(-2, -1)), pairs)
+
+
+def camera_loss(pred_R: torch.Tensor, pred_t: torch.Tensor, gt_cam_R: torch.Tensor,
+                gt_cam_t: torch.Tensor) -> torch.Tensor:
+    """Relative camera pose error over frames 1..T-1 (frame 0 is the identity on both sides).
+
+    Rotation: MSE over the 9 matrix entries; translation: L1 summed over xyz (metres); both averaged over
+    frames. Not masked by hand visibility. Zero for single-frame clips.
+
+    Args:
+        pred_R: (B, T, 3, 3), pred_t: (B, T, 3) pose of camera t in camera 0.
+        gt_cam_R: (B, T, 3, 3), gt_cam_t: (B, T, 3) ground-truth world-to-camera poses.
+
+    Returns:
+        Scalar.
+    """
+    if pred_R.shape[1] < 2:
+        return (pred_R.sum() + pred_t.sum()) * 0.0
+    gt_R, gt_t = relative_camera_pose(gt_cam_R, gt_cam_t)  # (B, T, 3, 3), (B, T, 3)
+    rot = (pred_R[:, 1:] - gt_R[:, 1:]).square().mean(dim=(-2, -1))  # (B, T-1)
+    trans = (pred_t[:, 1:] - gt_t[:, 1:]).abs().sum(dim=-1)  # (B, T-1)
+    return (rot + trans).mean()
+
+
+def hand_world_loss(pred_root: torch.Tensor, pred_R: torch.Tensor, pred_t: torch.Tensor,
+                    gt_joints: torch.Tensor, gt_cam_R: torch.Tensor, gt_cam_t: torch.Tensor,
+                    mask: torch.Tensor) -> torch.Tensor:
+    """L1 (summed over xyz, metres) of wrists in the first camera's frame, averaged over valid hand-frames.
+
+    The predicted wrist goes through the predicted relative camera pose, the ground-truth wrist
+    (joint 0 of the ground-truth joints) through the ground-truth one.
+
+    Args:
+        pred_root: (B, T, 2, 3) camera-frame wrists.
+        pred_R: (B, T, 3, 3), pred_t: (B, T, 3) predicted pose of camera t in camera 0.
+        gt_joints: (B, T, 2, 21, 3) camera frame.
+        gt_cam_R: (B, T, 3, 3), gt_cam_t: (B, T, 3) ground-truth world-to-camera poses.
+        mask: (B, T, 2) bool.
+
+    Returns:
+        Scalar.
+    """
+    gt_R, gt_t = relative_camera_pose(gt_cam_R, gt_cam_t)
+    pred_world = (pred_R[:, :, None] @ pred_root[..., None]).squeeze(-1) + pred_t[:, :, None]  # (B, T, 2, 3)
+    gt_world = (gt_R[:, :, None] @ gt_joints[..., 0, :, None]).squeeze(-1) + gt_t[:, :, None]
+    return _mean_over(_mask_out(pred_world - gt_world, mask).abs().sum(dim=-1), mask)
+
+
+def compute_losses(out: HaWoROutput, batch: dict[str, torch.Tensor], weights: LossConfig
+                   ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted sum of the loss terms; a term whose weight is 0 is not computed.
+
+    Args:
+        out: model predictions.
+        batch: a data batch (see hawor_tune.data); uses joints3d, joints2d, rotmats, betas, K, dist,
+            images (for S), hand_valid, cam_R, cam_t.
+        weights: one weight per term.
+
+    Returns:
+        total: scalar tensor to backpropagate; terms: detached float per LossConfig field (0.0 when skipped).
+    """
+    mask = batch["hand_valid"]
+    img_size = batch["images"].shape[-1]
+    # Lambdas so that a skipped term costs nothing (and the functions are looked up at call time).
+    term_fns = {
+        "mano_params": lambda: mano_params_loss(out.rotmats, out.betas, batch["rotmats"], batch["betas"], mask),
+        "keypoint_3d": lambda: keypoint_3d_loss(out.joints, batch["joints3d"], mask),
+        "keypoint_2d": lambda: keypoint_2d_loss(out.joints, batch["joints2d"], batch["K"], batch.get("dist"),
+                                                img_size, mask),
+        "temporal": lambda: temporal_loss(out.joints, batch["joints3d"], mask),
+        "camera": lambda: camera_loss(out.cam_R, out.cam_t, batch["cam_R"], batch["cam_t"]),
+        "hand_world": lambda: hand_world_loss(out.root, out.cam_R, out.cam_t, batch["joints3d"],
+                                              batch["cam_R"], batch["cam_t"], mask),
+    }
+    total = out.joints.new_zeros(())
+    terms: dict[str, float] = {}
+    for f in dataclasses.fields(weights):
+        weight = getattr(weights, f.name)
+        if weight == 0:
+            terms[f.name] = 0.0
+            continue
+        value = term_fns[f.name]()
+        total = total + weight * value
+        terms[f.name] = float(value.detach())
+    return total, terms

@@ -1,0 +1,275 @@
+"""Tests for hawor_tune.losses: each term against a value worked out by hand on a tiny constructed case."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from hawor_tune import losses
+from hawor_tune.config import LossConfig
+from hawor_tune.model import HaWoROutput
+
+S = 64  # image size of the constructed cases
+FX = FY = 50.0
+CX, CY = 31.0, 33.0
+TERMS = [f.name for f in dataclasses.fields(LossConfig)]
+
+
+def _rotz(theta: float) -> np.ndarray:
+    c, s = math.cos(theta), math.sin(theta)
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+def _case(B: int = 2, T: int = 3, seed: int = 0, dist: bool = False) -> tuple[HaWoROutput, dict]:
+    """A batch and a prediction that equals it exactly (every loss 0), built with numpy and cv2.
+
+    Ground-truth cameras rotate about z only (so that a z offset of a wrist keeps its L1 norm after the
+    mapping to camera 0); the predicted relative poses are worked out here from the definition
+    R_rel = R_0 R_t^T, t_rel = t_0 - R_rel t_t.
+    """
+    rng = np.random.default_rng(seed)
+    joints3d = rng.uniform(-0.1, 0.1, (B, T, 2, 21, 3))
+    joints3d[..., 2] += 0.45  # in front of the camera
+    K = np.array([[FX, 0.0, CX], [0.0, FY, CY], [0.0, 0.0, 1.0]])
+    dist8 = np.array([0.05, -0.01, 0.001, -0.002, 0.002, 0.01, 0.0, 0.001]) if dist else np.zeros(8)
+    joints2d = cv2.projectPoints(joints3d.reshape(-1, 3), np.zeros(3), np.zeros(3), K, dist8)[0]
+    joints2d = joints2d.reshape(B, T, 2, 21, 2)
+    rotmats = np.stack([cv2.Rodrigues(rng.uniform(-1, 1, 3))[0] for _ in range(B * T * 2 * 16)])
+    rotmats = rotmats.reshape(B, T, 2, 16, 3, 3)
+    betas = rng.normal(0, 1, (B, T, 2, 10))
+    cam_R = np.stack([_rotz(a) for a in rng.uniform(-1, 1, B * T)]).reshape(B, T, 3, 3)
+    cam_t = rng.uniform(-0.5, 0.5, (B, T, 3))
+    rel_R = np.zeros_like(cam_R)
+    rel_t = np.zeros_like(cam_t)
+    for b in range(B):
+        for t in range(T):
+            rel_R[b, t] = cam_R[b, 0] @ cam_R[b, t].T
+            rel_t[b, t] = cam_t[b, 0] - rel_R[b, t] @ cam_t[b, t]
+
+    def f32(x: np.ndarray) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.float32)
+
+    batch = {
+        "images": torch.zeros(B, T, 3, S, S, dtype=torch.uint8),
+        "K": f32(np.broadcast_to(K, (B, 3, 3)).copy()),
+        "dist": f32(np.broadcast_to(dist8, (B, 8)).copy()),
+        "joints3d": f32(joints3d),
+        "joints2d": f32(joints2d),
+        "rotmats": f32(rotmats),
+        "betas": f32(betas),
+        "hand_valid": torch.ones(B, T, 2, dtype=torch.bool),
+        "cam_R": f32(cam_R),
+        "cam_t": f32(cam_t),
+    }
+    out = HaWoROutput(
+        rot6d=torch.cat([f32(rotmats[..., :, 0]), f32(rotmats[..., :, 1])], dim=-1),
+        rotmats=f32(rotmats), betas=f32(betas), root=f32(joints3d[..., 0, :]), joints=f32(joints3d),
+        vertices=torch.zeros(B, T, 2, 5, 3), cam_R=f32(rel_R), cam_t=f32(rel_t),
+        observed=torch.ones(B, T, 2, dtype=torch.bool))
+    return out, batch
+
+
+def _invalidate(batch: dict, frames: list[tuple[int, int, int]]) -> None:
+    """Mark (b, t, hand) invalid and fill its ground truth with NaN: it must affect neither value nor grad."""
+    for b, t, h in frames:
+        batch["hand_valid"][b, t, h] = False
+        for key in ("joints3d", "joints2d", "rotmats", "betas"):
+            batch[key][b, t, h] = float("nan")
+
+
+def _grad_is_finite(value: torch.Tensor, leaf: torch.Tensor) -> bool:
+    (grad,) = torch.autograd.grad(value, leaf)
+    return bool(torch.isfinite(grad).all())
+
+
+@pytest.mark.parametrize("T", [1, 3, 8])
+@pytest.mark.parametrize("dist", [False, True])
+def test_every_term_is_zero_when_prediction_equals_ground_truth(T: int, dist: bool) -> None:
+    out, batch = _case(T=T, dist=dist)
+    total, terms = losses.compute_losses(out, batch, LossConfig())
+    assert set(terms) == set(TERMS)
+    for name, value in terms.items():
+        assert value == pytest.approx(0.0, abs=1e-5), name
+    assert float(total) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_keypoint_2d_uses_the_distortion() -> None:
+    # Ground truth projected with distortion; dropping it from the loss must leave an error.
+    out, batch = _case(dist=True)
+    with_dist = losses.keypoint_2d_loss(out.joints, batch["joints2d"], batch["K"], batch["dist"], S,
+                                        batch["hand_valid"])
+    without = losses.keypoint_2d_loss(out.joints, batch["joints2d"], batch["K"], None, S, batch["hand_valid"])
+    assert float(with_dist) == pytest.approx(0.0, abs=1e-5)
+    assert float(without) > 1e-3
+
+
+def test_mano_params_known_offset_and_mask() -> None:
+    out, batch = _case()
+    _invalidate(batch, [(0, 1, 0), (1, 2, 1)])
+    rotmats = (out.rotmats + 0.1).requires_grad_()  # every entry off by 0.1 -> MSE 0.01
+    betas = out.betas + 0.2  # -> MSE 0.04
+    value = losses.mano_params_loss(rotmats, betas, batch["rotmats"], batch["betas"], batch["hand_valid"])
+    assert value.item() == pytest.approx(0.01 + 0.04, rel=1e-4)
+    assert _grad_is_finite(value, rotmats)
+
+
+@pytest.mark.parametrize("offset, expected", [
+    ("fingers", 20 * 3 * 0.01),  # 20 non-wrist joints x 3 coords x 1 cm
+    ("whole_hand", 0.0),  # a translation of the whole hand is no root-relative error
+])
+def test_keypoint_3d_known_offset_and_mask(offset: str, expected: float) -> None:
+    out, batch = _case()
+    _invalidate(batch, [(0, 0, 1), (1, 1, 0)])
+    shift = torch.full((21, 3), 0.01)
+    if offset == "fingers":
+        shift[0] = 0.0
+    joints = (out.joints + shift).requires_grad_()
+    value = losses.keypoint_3d_loss(joints, batch["joints3d"], batch["hand_valid"])
+    assert value.item() == pytest.approx(expected, abs=1e-5)
+    assert _grad_is_finite(value, joints)
+
+
+def test_keypoint_2d_known_pixel_offset_and_mask() -> None:
+    out, batch = _case()
+    _invalidate(batch, [(0, 2, 0)])
+    # Moving a point by dx = 2 z / fx along x moves its pinhole projection by exactly 2 px in u.
+    joints = out.joints.clone()
+    joints[..., 0] += 2.0 * joints[..., 2] / FX
+    joints.requires_grad_()
+    value = losses.keypoint_2d_loss(joints, batch["joints2d"], batch["K"], batch["dist"], S, batch["hand_valid"])
+    assert value.item() == pytest.approx(21 * 2.0 / S, rel=1e-4)
+    assert _grad_is_finite(value, joints)
+
+
+def test_keypoint_2d_is_finite_for_points_behind_the_camera() -> None:
+    out, batch = _case()
+    joints = out.joints.clone()
+    joints[..., 2] = torch.linspace(-0.5, 0.0, 21)  # behind the camera and on its plane
+    joints.requires_grad_()
+    value = losses.keypoint_2d_loss(joints, batch["joints2d"], batch["K"], batch["dist"], S, batch["hand_valid"])
+    assert torch.isfinite(value)
+    assert _grad_is_finite(value, joints)
+
+
+def test_temporal_known_velocity_and_mask() -> None:
+    B, T = 2, 5
+    out, batch = _case(B=B, T=T)
+    gt = batch["joints3d"][:, :1].expand(B, T, 2, 21, 3).clone()  # a static hand
+    batch["joints3d"] = gt
+    pred = gt.clone()
+    pred[..., 1:, 0] += 0.01 * torch.arange(T).view(1, T, 1, 1)  # fingers move 1 cm per frame along x
+    pred[1, 2, 0] += 5.0  # garbage in an invalid frame: both pairs touching it are left out
+    _invalidate(batch, [(1, 2, 0)])
+    pred.requires_grad_()
+    value = losses.temporal_loss(pred, batch["joints3d"], batch["hand_valid"])
+    assert value.item() == pytest.approx(20 * 0.01, rel=1e-4)  # 20 joints x 1 cm per valid pair
+    assert _grad_is_finite(value, pred)
+
+
+def test_temporal_is_zero_for_single_frame_clips() -> None:
+    out, batch = _case(T=1)
+    joints = (out.joints + 1.0).requires_grad_()
+    value = losses.temporal_loss(joints, batch["joints3d"], batch["hand_valid"])
+    assert value.item() == 0.0
+    value.backward()  # still part of the graph
+
+
+def test_camera_known_rotation_and_translation() -> None:
+    B, T, theta = 1, 3, 0.3
+    out, batch = _case(B=B, T=T)
+    # World-to-camera: R_0 = I, t_0 = 0; R_t = Rz(-theta), t_t = (-0.1 t, 0, 0) for t >= 1, so
+    # R_rel = Rz(theta) and t_rel = -Rz(theta) t_t = 0.1 t (cos theta, sin theta, 0).
+    cam_R = torch.tensor(np.stack([np.eye(3)] + [_rotz(-theta)] * (T - 1)), dtype=torch.float32)
+    cam_t = torch.tensor([[-0.1 * t, 0.0, 0.0] for t in range(T)])
+    batch["cam_R"], batch["cam_t"] = cam_R[None], cam_t[None]
+    batch["hand_valid"][:] = False  # camera loss is not masked by hand visibility
+    pred_R = torch.eye(3).expand(B, T, 3, 3)
+    pred_t = torch.zeros(B, T, 3)
+    # ||Rz(theta) - I||_F^2 = 4 (1 - cos theta), over 9 entries.
+    rot = 4 * (1 - math.cos(theta)) / 9
+    expected = np.mean([rot + 0.1 * t * (math.cos(theta) + math.sin(theta)) for t in range(1, T)])
+    value = losses.camera_loss(pred_R, pred_t, batch["cam_R"], batch["cam_t"])
+    assert value.item() == pytest.approx(expected, rel=1e-4)
+    _, terms = losses.compute_losses(out, batch, LossConfig())
+    assert terms["camera"] > 0.0
+
+
+def test_hand_world_known_offset_and_mask() -> None:
+    out, batch = _case()
+    _invalidate(batch, [(0, 1, 1), (1, 0, 0)])
+    # Cameras rotate about z only, so a 1 cm z offset of a wrist stays 1 cm along z in camera 0.
+    root = out.root.clone()
+    root[..., 2] += 0.01
+    root[0, 1, 1] = 100.0  # garbage in an invalid frame
+    root.requires_grad_()
+    value = losses.hand_world_loss(root, out.cam_R, out.cam_t, batch["joints3d"], batch["cam_R"],
+                                   batch["cam_t"], batch["hand_valid"])
+    assert value.item() == pytest.approx(0.01, rel=1e-4)
+    assert _grad_is_finite(value, root)
+
+
+def test_hand_world_sees_camera_translation_error() -> None:
+    B, T = 2, 3
+    out, batch = _case(B=B, T=T)
+    cam_t = out.cam_t.clone()
+    cam_t[:, 1:, 0] += 0.02  # every frame but the reference
+    value = losses.hand_world_loss(out.root, out.cam_R, cam_t, batch["joints3d"], batch["cam_R"],
+                                   batch["cam_t"], batch["hand_valid"])
+    assert value.item() == pytest.approx(0.02 * (T - 1) / T, rel=1e-4)  # mean over all hand-frames
+
+
+def test_empty_mask_gives_zero_hand_terms_with_a_graph() -> None:
+    out, batch = _case()
+    _invalidate(batch, [(b, t, h) for b in range(2) for t in range(3) for h in range(2)])
+    joints = (out.joints + 0.05).requires_grad_()
+    out = dataclasses.replace(out, joints=joints, root=joints[..., 0, :])
+    total, terms = losses.compute_losses(out, batch, LossConfig())
+    for name in ("mano_params", "keypoint_3d", "keypoint_2d", "temporal", "hand_world"):
+        assert terms[name] == 0.0, name
+    total.backward()
+    assert torch.isfinite(joints.grad).all()
+    assert float(joints.grad.abs().sum()) == 0.0
+
+
+def _perturbed_case() -> tuple[HaWoROutput, dict]:
+    """A prediction with a nonzero error in every term."""
+    out, batch = _case(T=4)
+    joints = out.joints.clone()
+    joints[..., 1:, :] += 0.01 * torch.arange(4).view(1, 4, 1, 1, 1)
+    out = dataclasses.replace(out, joints=joints, root=out.root + 0.02, rotmats=out.rotmats + 0.1,
+                              cam_t=out.cam_t + torch.tensor([0.0, 0.03, 0.0]))
+    return out, batch
+
+
+def test_total_is_the_weighted_sum_of_the_terms() -> None:
+    out, batch = _perturbed_case()
+    weights = LossConfig(mano_params=0.3, keypoint_3d=2.0, keypoint_2d=0.7, temporal=1.5, camera=0.2,
+                         hand_world=3.0)
+    total, terms = losses.compute_losses(out, batch, weights)
+    assert all(terms[name] > 0 for name in TERMS)
+    expected = sum(getattr(weights, name) * terms[name] for name in TERMS)
+    assert float(total) == pytest.approx(expected, rel=1e-5)
+
+
+_FUNCTIONS = {"mano_params": "mano_params_loss", "keypoint_3d": "keypoint_3d_loss",
+              "keypoint_2d": "keypoint_2d_loss", "temporal": "temporal_loss", "camera": "camera_loss",
+              "hand_world": "hand_world_loss"}
+
+
+@pytest.mark.parametrize("skipped", TERMS)
+def test_zero_weight_skips_the_term(skipped: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    out, batch = _perturbed_case()
+
+    def must_not_run(*args: object, **kwargs: object) -> torch.Tensor:
+        raise AssertionError(f"{skipped} was computed with weight 0")
+
+    monkeypatch.setattr(losses, _FUNCTIONS[skipped], must_not_run)
+    weights = LossConfig(**{name: (0.0 if name == skipped else 1.0) for name in TERMS})
+    total, terms = losses.compute_losses(out, batch, weights)
+    assert terms[skipped] == 0.0
+    assert float(total) == pytest.approx(sum(terms[name] for name in TERMS if name != skipped), rel=1e-5)
