@@ -57,6 +57,7 @@ class DataConfig:
     num_workers: int = _spec(0, low=0, high=64)
     cache_dir: str = _spec("", doc="frame cache folder; '' puts it in <root>/../cache")
     min_visible_joints: int = _spec(8, low=1, high=21, doc="a hand is valid when its wrist and this many joints are in view")
+    train_on_val: bool = _spec(False, doc="fold the validation sequences into the training split (final retrain)")
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 

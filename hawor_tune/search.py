@@ -125,7 +125,11 @@ def start_ray(address: str | None, dashboard_port: int, num_cpus: int | None = N
 
 
 def experiment_record(space: SearchSpace, base_cfg: ExperimentConfig, name: str) -> dict[str, Any]:
-    return {"name": name, "space": str(space.path), "base_config": base_cfg.to_dict(), "metric": space.metric,
+    """What ``search.json`` holds: enough for run_best.py to rebuild any trial's config and the space."""
+    from optuna.distributions import distribution_to_json
+
+    return {"distributions": {p: distribution_to_json(d) for p, d in space.to_optuna_distributions().items()},
+            "name": name, "space": str(space.path), "base_config": base_cfg.to_dict(), "metric": space.metric,
             "mode": space.mode, "params": list(space.params), "max_epochs": space.max_epochs,
             "train_epochs": base_cfg.train.epochs, "num_samples": space.num_samples}
 

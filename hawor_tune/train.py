@@ -246,6 +246,8 @@ class Predictions:
     pred_cam_t: np.ndarray    # (C, T, 3)
     gt_cam_R: np.ndarray      # (C, T, 3, 3)
     gt_cam_t: np.ndarray      # (C, T, 3)
+    world_to_cam_R: np.ndarray  # (C, T, 3, 3) ground-truth absolute camera (for trajectories)
+    world_to_cam_t: np.ndarray  # (C, T, 3)
     seq_index: np.ndarray     # (C,)
     frame_index: np.ndarray   # (C, T)
 
@@ -267,6 +269,7 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, *, precisi
         items = {
             "pred_joints": out.joints, "gt_joints": batch["joints3d"], "valid": batch["hand_valid"],
             "pred_cam_R": out.cam_R, "pred_cam_t": out.cam_t, "gt_cam_R": gt_R, "gt_cam_t": gt_t,
+            "world_to_cam_R": batch["cam_R"], "world_to_cam_t": batch["cam_t"],
             "seq_index": batch["seq_index"], "frame_index": batch["frame_index"],
         }
         for k, v in items.items():
@@ -412,6 +415,19 @@ def save_checkpoint(directory: str | os.PathLike, *, model: nn.Module, config: E
         shutil.rmtree(directory)
     os.replace(tmp, directory)
     return directory
+
+
+def export_model(path: str | os.PathLike, *, model: nn.Module, config: ExperimentConfig, epoch: int,
+                 history: list[dict[str, float]] | None = None) -> Path:
+    """Write a single-file, self-describing model (weights + resolved config + history), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": epoch,
+                "config": config.to_dict(), "model": model.state_dict(), "optimizer": None, "scheduler": None,
+                "history": history or []}, tmp)
+    os.replace(tmp, path)
+    return path
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

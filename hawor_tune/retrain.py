@@ -1,0 +1,237 @@
+"""The final retrain: pick a search's best trial, train its configuration in full, judge it once on test.
+
+Used by ``run_best.py``. :func:`choose_best_trial` reads ``trials.parquet``/``epochs.parquet``;
+:func:`retrain` calls the shared :func:`hawor_tune.train.fit`; :func:`evaluate_and_report` evaluates on the
+test split and writes ``model.pt``, ``metrics.json``, ``report.md`` and the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from hawor_tune import report
+from hawor_tune.config import ExperimentConfig, load_config, save_config
+from hawor_tune.results import EPOCHS_FILE, TRIALS_FILE
+from hawor_tune.search import SEARCH_FILE
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.pt"
+METRICS_FILE = "metrics.json"
+
+
+class SelectionError(ValueError):
+    """No usable experiment, trial or file; the message says which and why."""
+
+
+@dataclass
+class Experiment:
+    """What run_best needs from a finished (or interrupted) search."""
+
+    directory: Path
+    record: dict[str, Any]          # search.json: base_config, metric, mode, params, distributions, ...
+    trials: list[dict[str, Any]]    # trials.parquet rows
+    epochs: list[dict[str, Any]]    # epochs.parquet rows
+
+    @property
+    def metric(self) -> str:
+        return self.record["metric"]
+
+    @property
+    def mode(self) -> str:
+        return self.record["mode"]
+
+
+def find_latest_experiment(storage: str | os.PathLike) -> Path:
+    """The most recently written experiment (a folder with search.json and trials.parquet) under storage."""
+    storage = Path(storage)
+    found = [d for d in storage.glob("*") if (d / SEARCH_FILE).is_file() and (d / TRIALS_FILE).is_file()]
+    if not found:
+        raise SelectionError(f"no experiment found under {storage} (run run_search.py first, or pass "
+                             f"--experiment DIR / --trials FILE.parquet / --config FILE)")
+    return max(found, key=lambda d: (d / TRIALS_FILE).stat().st_mtime)
+
+
+def load_experiment(*, experiment: str | os.PathLike | None = None,
+                    trials: str | os.PathLike | None = None) -> Experiment:
+    """Read an experiment folder, or the folder of a given ``trials.parquet``; checks the files are ours."""
+    directory = Path(experiment) if experiment is not None else Path(trials).parent  # type: ignore[arg-type]
+    trials_path = Path(trials) if trials is not None else directory / TRIALS_FILE
+    if not trials_path.is_file():
+        raise SelectionError(f"{trials_path}: no such file (an experiment folder holds {TRIALS_FILE})")
+    try:
+        table = pq.read_table(trials_path)
+    except Exception as e:  # pyarrow raises several types for a file that is not parquet
+        raise SelectionError(f"{trials_path}: not a parquet file ({str(e).splitlines()[0][:120]})") from None
+    record_path = directory / SEARCH_FILE
+    if not record_path.is_file():
+        raise SelectionError(f"{trials_path}: not from a hawor-tune search ({SEARCH_FILE} is missing beside it)")
+    record = json.loads(record_path.read_text())
+    needed = {"trial_id", "status", "epochs", f"best/{record['metric']}"}
+    missing = needed - set(table.column_names)
+    if missing:
+        raise SelectionError(f"{trials_path}: not a hawor-tune trials file (missing columns {sorted(missing)})")
+    epochs_path = directory / EPOCHS_FILE
+    epochs = pq.read_table(epochs_path).to_pylist() if epochs_path.is_file() else []
+    return Experiment(directory, record, table.to_pylist(), epochs)
+
+
+def choose_best_trial(exp: Experiment) -> tuple[dict[str, Any], float, int]:
+    """The trial with the best metric over its completed epochs; errored trials and non-finite values are
+    ignored, and a tie goes to the result reached in fewer epochs.
+
+    Returns:
+        (trial row, best value, epoch at which it was reached)
+    """
+    usable = {t["trial_id"]: t for t in exp.trials if t["status"] != "ERROR"}
+    candidates = []
+    for r in exp.epochs:
+        v = r.get(exp.metric)
+        if r["trial_id"] in usable and not r.get("diverged") and isinstance(v, (int, float)) and math.isfinite(v):
+            key = v if exp.mode == "min" else -v
+            candidates.append((key, int(r["epoch"]), str(r["trial_id"]), float(v)))
+    if not candidates:
+        raise SelectionError(f"{exp.directory}: no trial completed an epoch with a finite {exp.metric}")
+    _, epoch, trial_id, value = min(candidates)
+    return usable[trial_id], value, epoch
+
+
+def best_config(exp: Experiment, trial: dict[str, Any], *, overrides: dict[str, Any]) -> ExperimentConfig:
+    """The base config of the search with the trial's parameters and the caller's overrides applied."""
+    params = {p: trial[f"param/{p}"] for p in exp.record["params"] if trial.get(f"param/{p}") is not None}
+    return load_config(exp.record["base_config"], {**params, **overrides})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation on test and the report
+# ----------------------------------------------------------------------------------------------------------
+
+def _overlay_frames(model: torch.nn.Module, cfg: ExperimentConfig, n: int = 6) -> dict[str, np.ndarray]:
+    """A few test frames with predicted and ground-truth 2D skeletons (model-input pixels)."""
+    from hawor_tune.data import build_dataloader
+    from hawor_tune.geometry import project_points
+
+    device = next(model.parameters()).device
+    batch = next(iter(build_dataloader(cfg, "test", shuffle=False)))
+    model.eval()
+    with torch.no_grad():
+        out = model(batch["images"].to(device), batch["K"].to(device), batch["hand_valid"].to(device))
+    B, T = batch["hand_valid"].shape[:2]
+    K = batch["K"][:, None, None].expand(B, T, 2, 3, 3)
+    dist = batch["dist"][:, None, None].expand(B, T, 2, 8)
+    pred2d = project_points(out.joints.cpu().float(), K, dist)             # (B, T, 2, 21, 2)
+    take = np.linspace(0, B * T - 1, num=min(n, B * T)).astype(int)
+    images = batch["images"].permute(0, 1, 3, 4, 2).reshape(B * T, *batch["images"].shape[-2:], 3)
+    return {"images": images.numpy()[take], "pred2d": pred2d.reshape(B * T, 2, 21, 2).numpy()[take],
+            "gt2d": batch["joints2d"].reshape(B * T, 2, 21, 2).numpy()[take],
+            "valid": batch["hand_valid"].reshape(B * T, 2).numpy()[take]}
+
+
+def _trajectory(preds: Any) -> dict[str, np.ndarray]:
+    """Camera centres of the first test sequence: ground truth, and prediction re-anchored per clip."""
+    clips = np.flatnonzero(preds.seq_index == preds.seq_index[0])
+    order = clips[np.argsort(preds.frame_index[clips, 0])]
+    gt, pred, seg = [], [], []
+    for s, c in enumerate(order):
+        R, t = preds.world_to_cam_R[c], preds.world_to_cam_t[c]             # (T, 3, 3), (T, 3)
+        gt.append(-np.einsum("tji,tj->ti", R, t))                           # centre = -R^T t
+        # camera t in camera-0 coordinates is at pred_cam_t; to world through the clip's first GT pose
+        pred.append(np.einsum("ji,tj->ti", R[0], preds.pred_cam_t[c] - t[0]))
+        seg.append(np.full(len(t), s))
+    return {"gt": np.concatenate(gt), "pred": np.concatenate(pred), "segments": np.concatenate(seg)}
+
+
+def evaluate_and_report(model: torch.nn.Module, cfg: ExperimentConfig, out_dir: str | os.PathLike, *,
+                        history: list[dict[str, float]] | None = None, exp: Experiment | None = None,
+                        chosen: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate on test beside the mean-pose baseline; write metrics.json, report.md and figures/."""
+    from hawor_tune.train import evaluate, mean_pose_baseline
+
+    out_dir = Path(out_dir)
+    fig_dir = out_dir / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    test, preds = evaluate(model, "test", cfg, return_predictions=True)
+    baseline = mean_pose_baseline(cfg, "test")
+    figures: dict[str, str] = {}
+    notes: list[str] = []
+
+    def figure(name: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+        path = fig_dir / f"{name}.png"
+        try:
+            fn(*args, path, **kwargs)
+            figures[name] = str(path.relative_to(out_dir))
+        except ValueError as e:  # e.g. too few trials for an importance estimate
+            notes.append(f"{name}: not drawn ({e})")
+
+    if history:
+        figure("training_curves", report.plot_training_curves, history)
+    figure("per_finger", report.plot_per_finger, test, baseline=None)
+    ov = _overlay_frames(model, cfg)
+    figure("skeletons", report.plot_skeleton_overlays, ov["images"], ov["pred2d"], ov["gt2d"], ov["valid"])
+    traj = _trajectory(preds)
+    figure("camera_trajectory", report.plot_camera_trajectory, traj["gt"], traj["pred"], segments=traj["segments"])
+    search = None
+    if exp is not None and chosen is not None:
+        metric, params = exp.metric, list(exp.record["params"])
+        figure("trial_curves", report.plot_trial_curves, exp.epochs, exp.trials, metric,
+               best_trial_id=chosen["trial_id"])
+        log_params = {p for p, d in exp.record.get("distributions", {}).items() if '"log": true' in d}
+        figure("params_vs_metric", report.plot_params_vs_metric, exp.trials, params, metric, log_params=log_params)
+        try:
+            import optuna
+            dists = {p: optuna.distributions.json_to_distribution(d)
+                     for p, d in exp.record.get("distributions", {}).items()}
+            importance = report.hyperparameter_importance(exp.trials, params, metric, exp.mode, dists)
+            figure("importance", report.plot_importance, importance)
+        except ValueError as e:
+            importance = {}
+            notes.append(f"importance: not computed ({e})")
+        search = {"experiment": str(exp.directory), "trial_id": chosen["trial_id"], "params": chosen["params"],
+                  "metric": metric, "val_value": chosen["value"], "epochs": chosen["epoch"],
+                  "config_path": str(out_dir / "config.yaml"), "importance": importance}
+    result = {"test": test, "baseline": baseline, "search": search,
+              "model": str(out_dir / MODEL_FILE), "figures": figures, "notes": notes}
+    _write_json(out_dir / METRICS_FILE, result)
+    report.write_report(out_dir, metrics=test, baseline=baseline, search=search, figures=figures, notes=notes)
+    return result
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default, allow_nan=True))
+    os.replace(tmp, path)
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def retrain(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, resume: bool = False) -> Any:
+    """Train ``cfg`` from scratch (or from the latest checkpoint in ``out_dir`` with ``resume``)."""
+    from hawor_tune.train import export_model, fit, latest_checkpoint
+
+    out_dir = Path(out_dir)
+    save_config(cfg, out_dir / "config.yaml")
+    resume_from = latest_checkpoint(cfg.train.out_dir) if resume else None
+    if resume and resume_from is None:
+        log.info("--resume: no checkpoint in %s yet, starting from scratch", cfg.train.out_dir)
+    result = fit(cfg, resume_from=resume_from)
+    if result.status != "completed":
+        raise RuntimeError(f"retrain {result.status}: {result.reason}")
+    export_model(out_dir / MODEL_FILE, model=result.model, config=cfg, epoch=result.epochs_run,
+                 history=result.history)
+    return result

@@ -1,0 +1,115 @@
+"""Retrain a search's best configuration in full, evaluate it once on the held-out test split, and report.
+
+    python run_best.py                                   # the latest experiment under ./results
+    python run_best.py --experiment results/loss_weights-20261124-101500 --epochs 12
+    python run_best.py --trials path/to/trials.parquet --train-on-val --seed 1
+    python run_best.py --config configs/tiny.yaml        # train an explicit config instead
+    python run_best.py --eval-only results/.../best/model.pt
+    python run_best.py --resume                          # continue an interrupted retrain
+
+Outputs in --out (default: <experiment>/best): model.pt, config.yaml, metrics.json, report.md, figures/.
+Bad input prints one line naming what is wrong and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from hawor_tune.config import ConfigError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--experiment", help="experiment folder (default: the latest under --storage)")
+    src.add_argument("--trials", help="a search's trials.parquet (its folder is the experiment)")
+    src.add_argument("--config", help="train this experiment config instead of a search's best")
+    src.add_argument("--eval-only", metavar="MODEL", help="evaluate a saved model.pt on test and report")
+    p.add_argument("--storage", default="./results", help="where searches live (default: %(default)s)")
+    p.add_argument("--epochs", type=int, help="epochs to train (default: the base config's full budget)")
+    p.add_argument("--train-on-val", action="store_true", help="fold the validation split into training")
+    p.add_argument("--seed", type=int, help="training seed (default: the config's)")
+    p.add_argument("--out", help="output folder (default: <experiment>/best, or runs/best for --config)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted retrain in --out")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="extra config override (repeatable)")
+    args = p.parse_args(argv)
+    if args.epochs is not None and args.epochs < 1:
+        p.error(f"--epochs must be >= 1, got {args.epochs}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from hawor_tune.config import parse_override
+    from hawor_tune.retrain import (
+        SelectionError,
+        best_config,
+        choose_best_trial,
+        evaluate_and_report,
+        find_latest_experiment,
+        load_experiment,
+        retrain,
+    )
+
+    try:
+        if args.eval_only:
+            from hawor_tune.train import load_model
+
+            model, cfg = load_model(args.eval_only)
+            out = Path(args.out) if args.out else Path(args.eval_only).resolve().parent / "eval"
+            result = evaluate_and_report(model, cfg, out, history=None)
+            print(json.dumps(result["test"], indent=2))
+            print(f"report: {out / 'report.md'}")
+            return 0
+        overrides = dict(parse_override(o) for o in args.overrides)
+        if args.epochs is not None:
+            overrides["train.epochs"] = args.epochs
+        if args.seed is not None:
+            overrides["train.seed"] = args.seed
+        if args.train_on_val:
+            overrides["data.train_on_val"] = True
+        exp = chosen = None
+        if args.config:
+            out = Path(args.out or "runs/best").resolve()
+            cfg = load_config_with_out(args.config, overrides, out)
+        else:
+            exp = load_experiment(experiment=args.experiment, trials=args.trials) if (args.experiment or args.trials) \
+                else load_experiment(experiment=find_latest_experiment(args.storage))
+            trial, value, epoch = choose_best_trial(exp)
+            out = Path(args.out).resolve() if args.out else exp.directory / "best"
+            overrides["train.out_dir"] = str(out / "run")
+            cfg = best_config(exp, trial, overrides=overrides)
+            params = {p: trial.get(f"param/{p}") for p in exp.record["params"]}
+            chosen = {"trial_id": trial["trial_id"], "params": params, "value": value, "epoch": epoch}
+            print(f"best trial {trial['trial_id']} of {exp.directory.name}: {exp.metric} = {value:.3f} "
+                  f"at epoch {epoch}; params {params}")
+            print(f"retraining for {cfg.train.epochs} epochs into {out}")
+    except (SelectionError, ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    result = retrain(cfg, out, resume=args.resume)
+    summary = evaluate_and_report(result.model, cfg, out, history=result.history, exp=exp, chosen=chosen)
+    t, b = summary["test"], summary["baseline"]
+    print(f"test MPJPE {t['mpjpe']:.1f} mm (mean-pose baseline {b['mpjpe']:.1f} mm), PA-MPJPE {t['pa_mpjpe']:.1f} mm, "
+          f"WA-MPJPE {t['wa_mpjpe']:.1f} mm, camera {t['cam_trans_error']:.1f} mm / {t['cam_rot_error']:.2f} deg")
+    print(f"model: {out / 'model.pt'}\nreport: {out / 'report.md'}")
+    return 0
+
+
+def load_config_with_out(path: str, overrides: dict, out: Path):
+    from hawor_tune.config import load_config
+
+    return load_config(path, {**overrides, "train.out_dir": str(out / "run")})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
