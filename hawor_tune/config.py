@@ -330,7 +330,18 @@ def load_config(path: str | os.PathLike | Mapping[str, Any] | None = None,
     for key, value in items:
         set_dotted(tree, key, value)
     cfg = _build(ExperimentConfig, tree)
+    check_consistency(cfg)
     return resolve_paths(cfg, base_dir)
+
+
+def check_consistency(cfg: ExperimentConfig) -> None:
+    """Checks that involve more than one key."""
+    weights = dataclasses.asdict(cfg.loss)
+    if not any(w > 0 for w in weights.values()):
+        raise ConfigError(f"loss weights are all 0 ({weights}): at least one of loss.* must be > 0")
+    if cfg.model.temporal_dim % cfg.model.temporal_heads:
+        raise ConfigError(f"model.temporal_dim ({cfg.model.temporal_dim}) must be divisible by "
+                          f"model.temporal_heads ({cfg.model.temporal_heads})")
 
 
 def resolve_paths(cfg: ExperimentConfig, base_dir: str | os.PathLike | None = None) -> ExperimentConfig:
@@ -348,7 +359,9 @@ def resolve_paths(cfg: ExperimentConfig, base_dir: str | os.PathLike | None = No
 
 def config_from_dict(data: Mapping[str, Any]) -> ExperimentConfig:
     """Rebuild a config from :meth:`ExperimentConfig.to_dict` output (as stored in checkpoints)."""
-    return _build(ExperimentConfig, data)
+    cfg = _build(ExperimentConfig, data)
+    check_consistency(cfg)
+    return cfg
 
 
 def save_config(cfg: ExperimentConfig, path: str | os.PathLike) -> None:

@@ -68,6 +68,7 @@ def test_relative_paths_are_made_absolute(tmp_path):
     ("optim.lr.x=1", ["optim.lr", "value, not a section"]),
     ("loss.camera=.nan", ["loss.camera", "finite"]),
     ("no_equals_sign", ["key=value"]),
+    ("model.temporal_heads=3", ["model.temporal_dim", "divisible", "model.temporal_heads"]),
 ])
 def test_bad_overrides_name_key_value_and_allowed(override, fragments):
     with pytest.raises(ConfigError) as err:
@@ -106,3 +107,9 @@ def test_invalid_yaml_syntax(tmp_path):
     path.write_text("optim: {lr: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path)
+
+
+def test_all_zero_loss_weights_are_rejected():
+    zeros = {f"loss.{k}": 0 for k in ("mano_params", "keypoint_3d", "keypoint_2d", "temporal", "camera", "hand_world")}
+    with pytest.raises(ConfigError, match="at least one of loss"):
+        load_config(None, zeros)
