@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.eval_only:
-            from hawor_tune.train import load_model
+            from hawor_tune.checkpoint import load_model
 
             model, cfg = load_model(args.eval_only)
             out = Path(args.out) if args.out else Path(args.eval_only).resolve().parent / "eval"

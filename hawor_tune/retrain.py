@@ -155,7 +155,7 @@ def evaluate_and_report(model: torch.nn.Module, cfg: ExperimentConfig, out_dir: 
                         history: list[dict[str, float]] | None = None, exp: Experiment | None = None,
                         chosen: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate on test beside the mean-pose baseline; write metrics.json, report.md and figures/."""
-    from hawor_tune.train import evaluate, mean_pose_baseline
+    from hawor_tune.evaluation import evaluate, mean_pose_baseline
 
     out_dir = Path(out_dir)
     fig_dir = out_dir / "figures"
@@ -222,7 +222,8 @@ def _json_default(x: Any) -> Any:
 
 def retrain(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, resume: bool = False) -> Any:
     """Train ``cfg`` from scratch (or from the latest checkpoint in ``out_dir`` with ``resume``)."""
-    from hawor_tune.train import export_model, fit, latest_checkpoint
+    from hawor_tune.checkpoint import export_model, latest_checkpoint
+    from hawor_tune.train import fit
 
     out_dir = Path(out_dir)
     save_config(cfg, out_dir / "config.yaml")

@@ -1,0 +1,103 @@
+"""Self-describing checkpoints: weights + resolved config + epoch + optimiser, scheduler and RNG state.
+
+Writes are atomic (a temporary file or folder, then a rename); loading needs nothing else and uses
+``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hawor_tune.config import ExperimentConfig, config_from_dict, save_config
+from hawor_tune.runtime import rng_state
+
+CHECKPOINT_FORMAT = "hawor-tune-checkpoint"
+CHECKPOINT_VERSION = 1
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def save_checkpoint(directory: str | os.PathLike, *, model: nn.Module, config: ExperimentConfig, epoch: int,
+                    optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
+                    history: list[dict[str, float]] | None = None) -> Path:
+    """Write a self-describing checkpoint folder atomically (temporary folder, then rename)."""
+    directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {
+        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": epoch,
+        "config": config.to_dict(), "model": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": rng_state(), "history": history or [],
+    }
+    torch.save(state, tmp / CHECKPOINT_FILE)
+    save_config(config, tmp / "config.yaml")
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+    return directory
+
+
+def export_model(path: str | os.PathLike, *, model: nn.Module, config: ExperimentConfig, epoch: int,
+                 history: list[dict[str, float]] | None = None) -> Path:
+    """Write a single-file, self-describing model (weights + resolved config + history), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": epoch,
+                "config": config.to_dict(), "model": model.state_dict(), "optimizer": None, "scheduler": None,
+                "history": history or []}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint file or folder written by :func:`save_checkpoint` (``weights_only=True``).
+
+    Raises:
+        ValueError: the file is missing or is not a hawor-tune checkpoint.
+    """
+    path = Path(path)
+    file = path / CHECKPOINT_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise ValueError(f"{path}: no checkpoint here (expected a {CHECKPOINT_FILE} file or a folder holding one)")
+    try:
+        state = torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as e:  # a zip/pickle error from a file that is not ours
+        raise ValueError(f"{file}: not a hawor-tune checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{file}: not a hawor-tune checkpoint (no '{CHECKPOINT_FORMAT}' format marker)")
+    if state.get("version", 0) > CHECKPOINT_VERSION:
+        raise ValueError(f"{file}: checkpoint version {state['version']} is newer than this hawor-tune "
+                         f"({CHECKPOINT_VERSION}); upgrade hawor-tune")
+    return state
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, ExperimentConfig]:
+    """Rebuild the model and its config from a checkpoint alone."""
+    from hawor_tune.model import build_model
+
+    state = load_checkpoint(path)
+    config = config_from_dict(state["config"])
+    model = build_model(config)
+    model.load_state_dict(state["model"])
+    return model.to(device), config
+
+
+def prune_checkpoints(ckpt_root: Path, keep: int) -> None:
+    dirs = sorted(p for p in ckpt_root.glob("epoch_*") if p.is_dir())
+    for old in dirs[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    """The newest complete epoch checkpoint under ``out_dir/checkpoints``, if any."""
+    dirs = sorted(p for p in (Path(out_dir) / "checkpoints").glob("epoch_*") if (p / CHECKPOINT_FILE).is_file())
+    return dirs[-1] if dirs else None
