@@ -175,7 +175,7 @@ def evaluate_and_report(model: torch.nn.Module, cfg: ExperimentConfig, out_dir: 
 
     if history:
         figure("training_curves", report.plot_training_curves, history)
-    figure("per_finger", report.plot_per_finger, test, baseline=None)
+    figure("per_finger", report.plot_per_finger, test, baseline=baseline)
     ov = _overlay_frames(model, cfg)
     figure("skeletons", report.plot_skeleton_overlays, ov["images"], ov["pred2d"], ov["gt2d"], ov["valid"])
     traj = _trajectory(preds)
