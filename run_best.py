@@ -19,11 +19,12 @@ import logging
 import sys
 from pathlib import Path
 
+from hawor_tune.cli import ArgumentParser, fail
 from hawor_tune.config import ConfigError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     src = p.add_mutually_exclusive_group()
@@ -93,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"at epoch {epoch}; params {params}")
             print(f"retraining for {cfg.train.epochs} epochs into {out}")
     except (SelectionError, ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
 
     result = retrain(cfg, out, resume=args.resume)
     summary = evaluate_and_report(result.model, cfg, out, history=result.history, exp=exp, chosen=chosen)

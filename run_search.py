@@ -19,27 +19,26 @@ import sys
 import time
 from pathlib import Path
 
+from hawor_tune.cli import ArgumentParser, fail
 from hawor_tune.config import ConfigError
 
 
-def _positive_int(flag: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be an integer >= 1, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{flag} must be an integer >= 1, got {value}")
-        return value
-    return parse
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--space", required=True, help="search-space YAML (see README: search-space format)")
-    p.add_argument("--num-samples", type=_positive_int("--num-samples"), help="trials to run (default: the space's)")
-    p.add_argument("--max-concurrent", type=_positive_int("--max-concurrent"), help="trials at once (default: the space's)")
+    p.add_argument("--num-samples", type=_positive_int, help="trials to run (default: the space's)")
+    p.add_argument("--max-concurrent", type=_positive_int, help="trials at once (default: the space's)")
     p.add_argument("--storage", default="./results", help="results folder or URI, shared on a cluster (default: %(default)s)")
     p.add_argument("--name", help="experiment name (default: <space>-<date>-<time>; with --resume: the latest)")
     p.add_argument("--seed", type=int, help="search seed (default: the space's search.seed)")
@@ -120,16 +119,14 @@ def main(argv: list[str] | None = None) -> int:
             if not tune.Tuner.can_restore(str(storage / name)):
                 raise ValueError(f"--resume: {storage / name} holds no restorable Ray Tune experiment")
     except (SearchSpaceError, ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
 
     from hawor_tune.search import run_search, start_ray
 
     try:
         url = start_ray(args.address, args.dashboard_port)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        print(f"error: --address {args.address}: cannot join the Ray cluster ({str(e).splitlines()[0]})", file=sys.stderr)
-        return 2
+        return fail(f"--address {args.address}: cannot join the Ray cluster ({str(e).splitlines()[0]})")
     if url:
         print(f"Ray dashboard: {url}  (access token: run `ray get-auth-token`; paste it when the page asks)")
     print(f"experiment: {storage / name}")

@@ -7,7 +7,6 @@ hawor_tune.evaluation's ``evaluate``, usable on its own. Run ``python -m hawor_t
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
@@ -28,6 +27,7 @@ from hawor_tune.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from hawor_tune.cli import ArgumentParser, fail
 from hawor_tune.config import ConfigError, ExperimentConfig, load_config, save_config
 from hawor_tune.evaluation import evaluate
 from hawor_tune.losses import compute_losses
@@ -278,7 +278,7 @@ def _test_only(cfg: ExperimentConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hawor_tune.train", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m hawor_tune.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/tiny.yaml", help="experiment YAML (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     mode = parser.add_mutually_exclusive_group()
@@ -307,8 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         result = fit(cfg, resume_from=args.resume, anomaly=args.debug)
     except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     if result.status != "completed":
         print(f"run {result.status}: {result.reason}", file=sys.stderr)
         return 1
