@@ -397,12 +397,14 @@ def _read_only(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 @functools.lru_cache(maxsize=8)
 def _official_params(path: str, mtime_ns: int) -> dict[str, np.ndarray]:
-    # mtime_ns is part of the key so that a replaced file is read again.
+    # mtime_ns is part of the key so that a replaced file is read again. Logged here: once per file.
+    logger.info("MANO: official model from %s", path)
     return _read_only(load_mano_pickle(path))
 
 
 @functools.lru_cache(maxsize=2)
 def _procedural_params(side: str) -> dict[str, np.ndarray]:
+    logger.info("MANO: built-in procedural hand (no MANO files configured), %s hand", side)
     return _read_only(make_procedural_hand(side))
 
 
@@ -426,7 +428,6 @@ def build_mano(cfg: ManoConfig, side: str) -> MANOLayer:
     if not model_dir:
         model_dir, key = os.environ.get(MANO_DIR_ENV, ""), f"${MANO_DIR_ENV}"
     if not model_dir:
-        logger.info("MANO: built-in procedural hand (no MANO files configured), %s hand", side)
         return MANOLayer(_procedural_params(side), side, "procedural")
     path = Path(model_dir).expanduser().resolve() / MANO_FILENAMES[side]
     if not path.is_file():
@@ -434,5 +435,4 @@ def build_mano(cfg: ManoConfig, side: str) -> MANOLayer:
             f"MANO file {path} not found ({key}={model_dir!r}). Download MANO_RIGHT.pkl and MANO_LEFT.pkl "
             f"from https://mano.is.tue.mpg.de into that folder, or set mano.model_dir='' and unset "
             f"{MANO_DIR_ENV} to use the built-in procedural hand.")
-    logger.info("MANO: official model from %s (%s hand)", path, side)
     return MANOLayer(_official_params(str(path), path.stat().st_mtime_ns), side, "official")
