@@ -1,1 +1,133 @@
-"""Datasets: the ARCTIC reader, the synthetic ARCTIC-layout generator and the frame cache."""
+"""Datasets: the ARCTIC reader, the synthetic ARCTIC-layout generator and the frame cache.
+
+Entry points read the experiment config; everything below them takes explicit arguments:
+
+- :func:`ensure_dataset`: make sure ``data.root`` holds a dataset, generating the synthetic one once
+  (under a file lock) when it is missing and ``data.generate`` is set.
+- :func:`build_dataset`: the :class:`ArcticClips` of one split.
+- :func:`build_dataloader`: a DataLoader over it yielding the batch dicts of the project spec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from torch.utils.data import DataLoader
+
+from hawor_tune.config import ExperimentConfig
+from hawor_tune.data.arctic import (
+    SPLITS,
+    ArcticClips,
+    DatasetError,
+    SequenceLabels,
+    load_sequence,
+    read_split,
+)
+from hawor_tune.data.cache import CACHE_FORMAT_VERSION, FrameCache, Letterbox, read_frame
+from hawor_tune.data.synthetic import GENERATOR_VERSION, MARKER, generate
+from hawor_tune.mano import HANDS, build_mano
+
+__all__ = ["CACHE_FORMAT_VERSION", "SPLITS", "ArcticClips", "DatasetError", "FrameCache", "Letterbox",
+           "SequenceLabels", "build_dataloader", "build_dataset", "ensure_dataset", "generate", "load_sequence",
+           "read_frame", "read_split"]
+
+
+def ensure_dataset(cfg: ExperimentConfig) -> Path:
+    """Return ``data.root``, generating the synthetic dataset there first when it is missing.
+
+    Generation happens once even when many processes (Ray trials) ask at the same time: under a file lock
+    next to the root, into a temporary sibling folder that is renamed into place when complete.
+
+    Raises:
+        DatasetError: the root has no ``raw_seqs`` and ``data.generate`` is false; the root is a non-empty
+            folder that is not a dataset; or a generated dataset there does not match the config.
+    """
+    root = Path(cfg.data.root)
+    if not (root / "raw_seqs").is_dir():
+        if not cfg.data.generate:
+            raise DatasetError(f"data.root {root} holds no dataset (no raw_seqs/ folder): point data.root at "
+                               "ARCTIC's 'arctic_data/data' folder, or set data.generate=true to generate a "
+                               "synthetic dataset there")
+        root.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(root) + ".lock"):
+            if not (root / "raw_seqs").is_dir():  # no other process generated it while we waited
+                _generate_atomically(root, cfg)
+    _check_generated(root, cfg)
+    return root
+
+
+def _generate_atomically(root: Path, cfg: ExperimentConfig) -> None:
+    if root.exists() and any(root.iterdir()):
+        raise DatasetError(f"data.root {root} exists but holds no dataset (no raw_seqs/); refusing to generate "
+                           "into a non-empty folder: empty it or choose another data.root")
+    for stale in root.parent.glob(f".{root.name}.tmp-*"):  # left by a killed generator (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        generate(tmp, cfg.data.synthetic, cfg.mano)
+        if root.exists():
+            root.rmdir()
+        os.replace(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_generated(root: Path, cfg: ExperimentConfig) -> None:
+    """A generated dataset must have been made with this MANO model (its pixels show that hand), and, when
+    the config asks for generation, with these settings."""
+    marker = root / MARKER
+    if not marker.is_file():
+        return  # a real ARCTIC folder
+    info = json.loads(marker.read_text())
+    kind = build_mano(cfg.mano, HANDS[1]).kind
+    if info.get("mano_kind") != kind:
+        raise DatasetError(f"{root} was generated with the {info.get('mano_kind')} MANO model but the config "
+                           f"uses the {kind} one, so its images would not match its labels; delete {root} to "
+                           "regenerate it or point data.root elsewhere")
+    wanted = {"generator_version": GENERATOR_VERSION, "synthetic": dataclasses.asdict(cfg.data.synthetic)}
+    found = {k: info.get(k) for k in wanted}
+    if cfg.data.generate and found != wanted:
+        raise DatasetError(f"{root} was generated with {found} but the config asks for {wanted}; delete {root} "
+                           "to regenerate it, or point data.root elsewhere")
+
+
+def build_dataset(cfg: ExperimentConfig, split: str, *, cached: bool = True) -> ArcticClips:
+    """The clip dataset of one split (``data`` and ``mano`` sections), generating the data if needed.
+
+    Args:
+        cfg: experiment config.
+        split: 'train', 'val' or 'test'.
+        cached: read frames from the packed frame cache (built on first use) rather than the JPEGs.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    d = cfg.data
+    root = ensure_dataset(cfg)
+    mano = [build_mano(cfg.mano, side) for side in HANDS]
+    return ArcticClips(root, split, mano=mano, seq_len=d.seq_len, stride=d.stride, frame_step=d.frame_step,
+                       img_size=d.img_size, min_visible_joints=d.min_visible_joints,
+                       cache_dir=d.cache_dir or None, cached=cached)
+
+
+def build_dataloader(cfg: ExperimentConfig, split: str, *, shuffle: bool, seed: int = 0,
+                     cached: bool = True) -> DataLoader:
+    """A DataLoader of batch dicts (see the project spec) over one split.
+
+    ``data.num_workers`` worker processes (kept alive between epochs when > 0); pinned memory only when
+    CUDA is available; shuffling from a generator seeded with ``seed``; the last incomplete batch dropped
+    for training when the split holds more than one batch.
+    """
+    dataset = build_dataset(cfg, split, cached=cached)
+    d = cfg.data
+    workers = d.num_workers
+    return DataLoader(dataset, batch_size=d.batch_size, shuffle=shuffle,
+                      generator=torch.Generator().manual_seed(seed), num_workers=workers,
+                      persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+                      drop_last=split == "train" and len(dataset) > d.batch_size)

@@ -1,0 +1,398 @@
+"""Reader for ARCTIC's egocentric data (the real download or the synthetic stand-in) and its clip dataset.
+
+Layout (REFERENCE.md section 3), under ``root`` = ARCTIC's ``arctic_data/data``::
+
+    raw_seqs/<sid>/<seq>.mano.npy          {'right'|'left': {rot (F,3), pose (F,45), trans (F,3), shape (10,),
+                                            fitting_err (F,)}}, world frame, pose relative to hands_mean
+    raw_seqs/<sid>/<seq>.egocam.dist.npy   {R_k_cam_np (F,3,3), T_k_cam_np (F,3,1), intrinsics (3,3), dist8 (8,)}
+    images/<sid>/<seq>/0/%05d.jpg          egocentric view, image index = annotation index + ioi_offset
+    meta/misc.json                         per subject: image_size, ioi_offset, ...
+    splits_json/protocol_p2.json           {"train": [...], "val": [...], "test": [...]}, "<sid>/<seq>"
+
+Every annotation a clip needs is computed once per sequence when the dataset is built (vectorised MANO
+calls), so ``__getitem__`` only slices arrays and reads frames from the frame cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from hawor_tune.data.cache import FrameCache, FrameSource, Letterbox, read_frame
+from hawor_tune.geometry import project_points
+from hawor_tune.mano import HANDS, MANOLayer
+
+SPLITS = ("train", "val", "test")
+SPLITS_FILE = Path("splits_json") / "protocol_p2.json"
+MISC_FILE = Path("meta") / "misc.json"
+EGO_VIEW = 0
+SKIP_FRAMES = 10  # ARCTIC drops this many annotated frames at each end of a sequence
+NEAR_Z = 0.05  # metres; a joint closer to (or behind) the camera is not visible
+_MANO_CHUNK = 4096  # frames per MANO call: vectorised, with bounded memory
+
+
+class DatasetError(ValueError):
+    """The dataset on disk is missing a file or holds bad content; the message names the file and the fault."""
+
+
+# ---- Files --------------------------------------------------------------------------------------------
+
+def read_split(root: str | os.PathLike, split: str) -> list[str]:
+    """The ``"<sid>/<seq>"`` names of a split, from ``splits_json/protocol_p2.json``.
+
+    An empty or missing ``train`` list means every sequence under ``raw_seqs`` that is not in val or test,
+    as ARCTIC's own code does.
+
+    Raises:
+        ValueError: ``split`` is not one of :data:`SPLITS`.
+        DatasetError: the file is missing or malformed, or an entry has no ``raw_seqs`` files.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    root = Path(root)
+    path = root / SPLITS_FILE
+    splits = _read_json(path)
+    if not isinstance(splits, dict):
+        raise DatasetError(f"{path}: expected a mapping of split -> list of '<sid>/<seq>', got {type(splits).__name__}")
+    lists = {}
+    for name in SPLITS:
+        entries = splits.get(name) or []
+        if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+            raise DatasetError(f"{path}: '{name}' must be a list of '<sid>/<seq>' strings, got {entries!r:.80}")
+        lists[name] = entries
+    if split == "train" and not lists["train"]:
+        held_out = set(lists["val"]) | set(lists["test"])
+        found = sorted(f"{p.parent.name}/{p.name[: -len('.mano.npy')]}"
+                       for p in (root / "raw_seqs").glob("*/*.mano.npy"))
+        return [name for name in found if name not in held_out]
+    for entry in lists[split]:
+        if entry.count("/") != 1 or not (root / "raw_seqs" / f"{entry}.mano.npy").is_file():
+            raise DatasetError(f"{path}: split '{split}' lists {entry!r}, but there is no "
+                               f"{root / 'raw_seqs' / entry}.mano.npy (entries are '<sid>/<seq>')")
+    return list(lists[split])
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DatasetError(f"{path} does not exist") from None
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"{path}: not readable JSON ({e})") from None
+
+
+def _load_npy_dict(path: Path) -> dict[str, Any]:
+    """A pickled dict saved with ``np.save``, as ARCTIC stores its per-sequence files."""
+    if not path.is_file():
+        raise DatasetError(f"{path} does not exist")
+    try:
+        obj = np.load(path, allow_pickle=True)
+        value = obj.item() if obj.dtype == object and obj.shape == () else obj
+    except Exception as e:  # truncated data surfaces as EOFError, ValueError, UnpicklingError, ...
+        raise DatasetError(f"{path}: truncated or corrupt .npy ({type(e).__name__}: {e})") from None
+    if not isinstance(value, dict):
+        raise DatasetError(f"{path}: expected a pickled dict, got {type(value).__name__} "
+                           f"{getattr(value, 'shape', '')}")
+    return value
+
+
+def _field(path: Path, node: dict[str, Any], key: str, shape: tuple[int | str, ...], sizes: dict[str, int],
+           prefix: str = "") -> np.ndarray:
+    """``node[key]`` as float64 with ``shape``; a str dimension (e.g. 'F') must agree wherever it appears."""
+    name = prefix + key
+    if key not in node:
+        raise DatasetError(f"{path}: missing key '{name}' (has {sorted(map(str, node))})")
+    try:
+        arr = np.asarray(node[key], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DatasetError(f"{path}: '{name}' is not numeric ({type(node[key]).__name__})") from None
+    want = tuple(sizes.setdefault(d, arr.shape[i]) if isinstance(d, str) and i < arr.ndim else d
+                 for i, d in enumerate(shape))
+    if arr.shape != want:
+        named = "(" + ", ".join(map(str, shape)) + ")"
+        raise DatasetError(f"{path}: '{name}' has shape {arr.shape}, expected {named} = {want}")
+    if not np.isfinite(arr).all():
+        raise DatasetError(f"{path}: '{name}' holds non-finite values")
+    return arr
+
+
+def _subject_meta(root: Path, misc: dict[str, Any], sid: str) -> tuple[tuple[int, int], int]:
+    """(egocentric image (width, height), ioi_offset) of a subject from misc.json."""
+    path = root / MISC_FILE
+    if sid not in misc:
+        raise DatasetError(f"{path}: no entry for subject '{sid}' (has {sorted(misc)})")
+    entry = misc[sid]
+    try:
+        size = entry["image_size"]
+        size = size[EGO_VIEW] if isinstance(size[0], (list, tuple)) else size  # per-view list, or one [W, H]
+        width, height = int(size[0]), int(size[1])
+        ioi = int(entry["ioi_offset"])
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise DatasetError(f"{path}: subject '{sid}' needs 'image_size' ([W, H] per view) and integer "
+                           f"'ioi_offset' ({type(e).__name__}: {e})") from None
+    if width <= 0 or height <= 0:
+        raise DatasetError(f"{path}: subject '{sid}' image_size {[width, height]} must be positive")
+    return (width, height), ioi
+
+
+# ---- One sequence ---------------------------------------------------------------------------------------
+
+@dataclass
+class SequenceLabels:
+    """Per-frame annotations of one sequence: the frames ARCTIC keeps, subsampled by ``frame_step``.
+
+    Hands are stacked (left, right); arrays are float32 except where named. ``K`` is in letterboxed
+    pixels; ``joints2d`` are projected with it and ``dist``.
+    """
+
+    name: str
+    image_paths: list[Path]
+    letterbox: Letterbox
+    K: np.ndarray  # (3, 3)
+    dist: np.ndarray  # (8,)
+    frame_index: np.ndarray  # (N,) int64 annotation indices
+    joints3d: np.ndarray  # (N, 2, 21, 3) camera frame, metres
+    joints2d: np.ndarray  # (N, 2, 21, 2)
+    rotmats: np.ndarray  # (N, 2, 16, 3, 3), [..., 0] global orientation in the camera frame
+    betas: np.ndarray  # (N, 2, 10)
+    hand_valid: np.ndarray  # (N, 2) bool
+    cam_R: np.ndarray  # (N, 3, 3) world-to-camera
+    cam_t: np.ndarray  # (N, 3)
+
+
+def load_sequence(root: str | os.PathLike, name: str, *, mano: Sequence[MANOLayer], img_size: int,
+                  frame_step: int = 1, min_visible_joints: int = 8,
+                  misc: dict[str, Any] | None = None) -> SequenceLabels:
+    """Read and check one sequence's files and compute its per-frame annotations.
+
+    Args:
+        root: ARCTIC ``arctic_data/data`` folder.
+        name: ``"<sid>/<seq>"``.
+        mano: MANO layers for (left, right); the model the annotations were fitted with.
+        img_size: letterboxed side S.
+        frame_step: keep every ``frame_step``-th annotated frame.
+        min_visible_joints: a hand is valid when its wrist and at least this many of its 21 joints are in
+            front of the camera (z > 0.05 m) and project inside the image.
+        misc: parsed ``meta/misc.json`` (read from ``root`` when None).
+
+    Raises:
+        DatasetError: a file is missing, truncated or has wrong keys or shapes (the message names it).
+    """
+    root = Path(root)
+    if [layer.side for layer in mano] != list(HANDS):
+        raise ValueError(f"mano must be layers for {HANDS} in that order, got {[layer.side for layer in mano]}")
+    sid, seq = name.split("/")
+    misc = _read_json(root / MISC_FILE) if misc is None else misc
+    (width, height), ioi = _subject_meta(root, misc, sid)
+
+    mano_path = root / "raw_seqs" / sid / f"{seq}.mano.npy"
+    params = _load_npy_dict(mano_path)
+    sizes: dict[str, int] = {}
+    hands = {}
+    for side in HANDS:
+        if not isinstance(params.get(side), dict):
+            raise DatasetError(f"{mano_path}: missing hand '{side}' (expected keys 'right' and 'left' holding "
+                               f"dicts, has {sorted(map(str, params))})")
+        hands[side] = {key: _field(mano_path, params[side], key, shape, sizes, f"{side}.") for key, shape in (
+            ("rot", ("F", 3)), ("pose", ("F", 45)), ("trans", ("F", 3)), ("shape", (10,)), ("fitting_err", ("F",)))}
+    frames = sizes["F"]
+    cam_path = root / "raw_seqs" / sid / f"{seq}.egocam.dist.npy"
+    cam = _load_npy_dict(cam_path)
+    cam_sizes: dict[str, int] = {}
+    R_all = _field(cam_path, cam, "R_k_cam_np", ("F", 3, 3), cam_sizes)
+    T_all = _field(cam_path, cam, "T_k_cam_np", ("F", 3, 1), cam_sizes)[..., 0]
+    K = _field(cam_path, cam, "intrinsics", (3, 3), cam_sizes)
+    dist = _field(cam_path, cam, "dist8", (8,), cam_sizes)
+    if cam_sizes["F"] != frames:
+        raise DatasetError(f"{cam_path} has {cam_sizes['F']} frames but {mano_path} has {frames}; "
+                           "they must annotate the same frames")
+    if frames <= 2 * SKIP_FRAMES:
+        raise DatasetError(f"{mano_path}: {frames} frames leave none after skipping {SKIP_FRAMES} at each end")
+
+    vidx = np.arange(SKIP_FRAMES, frames - SKIP_FRAMES, frame_step)  # (N,) annotation indices kept
+    image_paths = _image_paths(root, sid, seq, vidx + ioi, ioi)
+    box, K_img = _frame_geometry(root, sid, image_paths[0], K, (width, height), img_size)
+
+    # MANO in the world, then into the camera of each frame.
+    R, T = R_all[vidx], T_all[vidx]  # (N, 3, 3), (N, 3)
+    joints3d, rotmats, betas = [], [], []
+    for side, layer in zip(HANDS, mano):
+        p = hands[side]
+        j, r = _posed_joints(layer, p["rot"][vidx], p["pose"][vidx], p["trans"][vidx], p["shape"])
+        joints3d.append(np.einsum("nij,nkj->nki", R, j) + T[:, None])  # (N, 21, 3)
+        r[:, 0] = R @ r[:, 0]  # global orientation relative to the camera
+        rotmats.append(r)
+        betas.append(np.broadcast_to(p["shape"], (len(vidx), 10)))
+    joints3d = np.stack(joints3d, axis=1)  # (N, 2, 21, 3)
+    K_box = box.transform_K(K_img)
+    joints2d = project_points(torch.from_numpy(joints3d), torch.from_numpy(K_box), torch.from_numpy(dist)).numpy()
+    valid = _hand_valid(joints3d, joints2d, box, K_img, dist, min_visible_joints)
+
+    f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
+    return SequenceLabels(name=name, image_paths=image_paths, letterbox=box, K=f32(K_box), dist=f32(dist),
+                          frame_index=vidx.astype(np.int64), joints3d=f32(joints3d), joints2d=f32(joints2d),
+                          rotmats=f32(np.stack(rotmats, axis=1)), betas=f32(np.stack(betas, axis=1)),
+                          hand_valid=valid, cam_R=f32(R), cam_t=f32(T))
+
+
+def _image_paths(root: Path, sid: str, seq: str, image_idx: np.ndarray, ioi: int) -> list[Path]:
+    folder = root / "images" / sid / seq / str(EGO_VIEW)
+    try:
+        present = set(os.listdir(folder))
+    except FileNotFoundError:
+        raise DatasetError(f"image folder {folder} does not exist (egocentric view of {sid}/{seq})") from None
+    names = [f"{i:05d}.jpg" for i in image_idx]
+    for i, n in zip(image_idx, names):
+        if n not in present:
+            raise DatasetError(f"missing image {folder / n} for annotation frame {i - ioi} of {sid}/{seq} "
+                               f"(image index = frame + ioi_offset {ioi} from {root / MISC_FILE})")
+    return [folder / n for n in names]
+
+
+def _frame_geometry(root: Path, sid: str, first: Path, K: np.ndarray, size: tuple[int, int],
+                    img_size: int) -> tuple[Letterbox, np.ndarray]:
+    """The letterbox of the stored frames and K for their pixels.
+
+    misc.json gives the capture size that K refers to; stored frames may be a uniformly downscaled copy
+    (ARCTIC also ships reduced images), in which case K is scaled with cv2.resize's pixel-centre convention.
+    """
+    image = cv2.imread(str(first), cv2.IMREAD_COLOR)
+    if image is None:
+        raise DatasetError(f"image {first} cannot be decoded (truncated or not an image)")
+    h, w = image.shape[:2]
+    width, height = size
+    sx, sy = w / width, h / height
+    if abs(sx - sy) * max(width, height) > 1.0:  # not the same scale on both axes, up to rounding
+        raise DatasetError(f"image {first} is {w}x{h} pixels but {root / MISC_FILE} gives subject '{sid}' an "
+                           f"image_size of {width}x{height}; frames must be that size or a uniform downscale")
+    K_img = K.copy()
+    K_img[0] *= sx
+    K_img[1] *= sy
+    K_img[0, 2] += 0.5 * sx - 0.5
+    K_img[1, 2] += 0.5 * sy - 0.5
+    return Letterbox(w, h, img_size), K_img
+
+
+def _posed_joints(layer: MANOLayer, rot: np.ndarray, pose: np.ndarray, trans: np.ndarray,
+                  shape: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """World joints (N, 21, 3) and rotation matrices (N, 16, 3, 3) of ARCTIC's MANO parameters.
+
+    float32, like the stored parameters: float64 would double the cost (all vertices are skinned to get
+    the fingertips) for no precision the labels can use.
+    """
+    joints, rotmats = [], []
+    as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
+    with torch.no_grad():
+        for s in range(0, len(rot), _MANO_CHUNK):
+            sl = slice(s, s + _MANO_CHUNK)
+            r = layer.pose_to_rotmats(as_tensor(rot[sl]), as_tensor(pose[sl]), relative_to_mean=True)
+            betas = as_tensor(shape).expand(len(r), -1)
+            joints.append(layer(r, betas, as_tensor(trans[sl])).joints.double().numpy())
+            rotmats.append(r.double().numpy())
+    return np.concatenate(joints), np.concatenate(rotmats)
+
+
+def _hand_valid(joints3d: np.ndarray, joints2d: np.ndarray, box: Letterbox, K_img: np.ndarray, dist: np.ndarray,
+                min_visible: int) -> np.ndarray:
+    """(N, 2) bool: wrist and at least ``min_visible`` joints in front of the camera and inside the image."""
+    z = joints3d[..., 2]
+    # Far outside the field of view a distortion polynomial can fold back into the image; points beyond
+    # the image corners' undistorted radius (plus a margin) are out of view whatever they project to.
+    corners = np.array([[0, 0], [box.width - 1, 0], [0, box.height - 1], [box.width - 1, box.height - 1],
+                        [box.width / 2, 0], [box.width / 2, box.height - 1], [0, box.height / 2],
+                        [box.width - 1, box.height / 2]], dtype=np.float64)
+    undist = cv2.undistortPoints(corners[:, None], K_img, dist, None, None, None,
+                                 (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 100, 1e-12))[:, 0]
+    max_r2 = (1.2**2) * float((undist**2).sum(-1).max()) if np.isfinite(undist).all() else np.inf
+    xy = joints3d[..., :2] / np.maximum(z, 1e-9)[..., None]
+    (w, h), (pad_x, pad_y) = box.resized, box.pad
+    u, v = joints2d[..., 0], joints2d[..., 1]
+    visible = ((z > NEAR_Z) & ((xy**2).sum(-1) <= max_r2)
+               & (u >= pad_x - 0.5) & (u <= pad_x + w - 0.5) & (v >= pad_y - 0.5) & (v <= pad_y + h - 0.5))
+    return visible[..., 0] & (visible.sum(-1) >= min_visible)  # (N, 2)
+
+
+# ---- Clips ----------------------------------------------------------------------------------------------
+
+class ArcticClips(Dataset):
+    """Clips of ``seq_len`` frames from one split, as the batch dicts of the project spec.
+
+    Training clips start every ``stride`` frames; val/test clips do not overlap. The last partial clip of a
+    sequence is dropped. Frames come from the packed frame cache (``cached=True``) or straight from the
+    JPEGs; both give identical pixels.
+
+    Args:
+        root: ARCTIC ``arctic_data/data`` folder.
+        split: 'train', 'val' or 'test'.
+        mano: MANO layers for (left, right); only used while building.
+        seq_len: frames per clip (after subsampling).
+        stride: frames between training clip starts.
+        frame_step: temporal subsampling.
+        img_size: letterboxed side S.
+        min_visible_joints: see :func:`load_sequence`.
+        cache_dir: where frame caches live (default: ``<root>/../cache``).
+        cached: read frames from the cache (built on first use) instead of decoding JPEGs.
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str, *, mano: Sequence[MANOLayer], seq_len: int,
+                 stride: int, frame_step: int = 1, img_size: int = 96, min_visible_joints: int = 8,
+                 cache_dir: str | os.PathLike | None = None, cached: bool = True) -> None:
+        self.root, self.split, self.seq_len = Path(root), split, seq_len
+        self.sequences = read_split(self.root, split)
+        if not self.sequences:
+            raise DatasetError(f"{self.root / SPLITS_FILE}: split '{split}' has no sequences")
+        misc = _read_json(self.root / MISC_FILE)
+        labels = [load_sequence(self.root, name, mano=mano, img_size=img_size, frame_step=frame_step,
+                                min_visible_joints=min_visible_joints, misc=misc) for name in self.sequences]
+        step = stride if split == "train" else seq_len
+        self._clips = [(s, p) for s, lab in enumerate(labels) for p in range(0, len(lab.frame_index) - seq_len + 1, step)]
+        counts = [len(lab.frame_index) for lab in labels]
+        self._offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        keys = ("frame_index", "joints3d", "joints2d", "rotmats", "betas", "hand_valid", "cam_R", "cam_t")
+        # One array per field over all frames of the split: cheap to index, shared by forked workers.
+        self._frames = {k: np.concatenate([getattr(lab, k) for lab in labels]) for k in keys}
+        self._K = np.stack([lab.K for lab in labels])  # (S, 3, 3)
+        self._dist = np.stack([lab.dist for lab in labels])  # (S, 8)
+        self._paths = [p for lab in labels for p in lab.image_paths]
+        self._boxes = [lab.letterbox for lab in labels]
+        self.cache: FrameCache | None = None
+        if cached:
+            sources = [FrameSource(lab.name, tuple(lab.image_paths), lab.letterbox) for lab in labels]
+            cache_dir = Path(cache_dir) if cache_dir else self.root.parent / "cache"
+            self.cache = FrameCache.open_or_build(cache_dir, root=self.root, split=split, size=img_size,
+                                                  sources=sources)
+            if self.cache.names != self.sequences or self.cache.counts != counts:
+                raise DatasetError(f"frame cache {self.cache.folder} does not match split '{split}'; delete it")
+
+    def __len__(self) -> int:
+        return len(self._clips)
+
+    @property
+    def hand_valid(self) -> np.ndarray:
+        """(frames, 2) validity of every frame of the split (for statistics)."""
+        return self._frames["hand_valid"]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        s, p = self._clips[index]
+        sl = slice(int(self._offsets[s]) + p, int(self._offsets[s]) + p + self.seq_len)
+        if self.cache is not None:
+            images = np.array(self.cache.frames[sl])  # (T, 3, S, S) copy out of the read-only map
+        else:
+            images = np.stack([read_frame(path, self._boxes[s]) for path in self._paths[sl]])
+        item = {"images": torch.from_numpy(images), "K": torch.from_numpy(self._K[s].copy()),
+                "dist": torch.from_numpy(self._dist[s].copy())}
+        for key in ("joints3d", "joints2d", "rotmats", "betas", "hand_valid", "cam_R", "cam_t"):
+            item[key] = torch.from_numpy(self._frames[key][sl].copy())
+        item["seq_index"] = torch.tensor(s, dtype=torch.int64)
+        item["frame_index"] = torch.from_numpy(self._frames["frame_index"][sl].copy())
+        return item
+

@@ -1,0 +1,106 @@
+"""A small OpenCV renderer for the synthetic dataset: filled, Lambert-shaded triangles drawn far to near
+(painter's algorithm), so several meshes occlude each other by depth, and cluttered backdrops.
+
+Projection is the caller's job (it owns the lens model); :func:`draw_meshes` takes camera-frame vertices
+for depth and shading and their projected pixels for drawing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+
+# Fixed-point bits for cv2.fillConvexPoly: vertices keep 1/16 pixel precision.
+_SHIFT = 4
+
+
+def box_mesh(size: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A box centred at the origin with outward-facing triangles.
+
+    Args:
+        size: (3,) edge lengths along x, y, z.
+
+    Returns:
+        vertices (8, 3) and faces (12, 3), counter-clockwise seen from outside (normals
+        ``(v1 - v0) x (v2 - v0)`` point out).
+    """
+    corners = np.array([[x, y, z] for x in (-0.5, 0.5) for y in (-0.5, 0.5) for z in (-0.5, 0.5)])
+    vertices = corners * np.asarray(size, dtype=np.float64)
+    quads = [(0, 1, 3, 2), (4, 6, 7, 5), (0, 4, 5, 1), (2, 3, 7, 6), (0, 2, 6, 4), (1, 5, 7, 3)]
+    faces = np.array([tri for a, b, c, d in quads for tri in ((a, b, c), (a, c, d))], dtype=np.int64)
+    return vertices, faces
+
+
+def outward_faces(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Faces reordered, if needed, so that ``(v1 - v0) x (v2 - v0)`` points out of the mesh.
+
+    The sign of the enclosed (signed) volume tells the winding; a mesh open at the wrist, like MANO's,
+    is closed enough for it.
+
+    Args:
+        vertices: (V, 3).
+        faces: (F, 3) vertex indices.
+    """
+    tri = vertices[faces]  # (F, 3, 3)
+    volume = np.einsum("fi,fi->", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])) / 6.0
+    return faces if volume >= 0 else faces[:, [0, 2, 1]]
+
+
+def draw_meshes(image: np.ndarray, vertices: np.ndarray, uv: np.ndarray, faces: np.ndarray,
+                colors: np.ndarray, light: np.ndarray, drawable: np.ndarray, ambient: float = 0.35) -> None:
+    """Draw triangles into ``image`` in place, far to near, back faces culled.
+
+    Args:
+        image: (H, W, 3) uint8 BGR canvas.
+        vertices: (V, 3) camera-frame vertices (z forward), for depth, culling and shading.
+        uv: (V, 2) their projections in pixels.
+        faces: (F, 3) outward-wound triangles (see :func:`outward_faces`) over all meshes.
+        colors: (F, 3) base BGR colour per triangle.
+        light: (3,) unit vector towards the light, camera frame.
+        drawable: (V,) False for vertices whose projection is meaningless (behind the camera or outside
+            the lens model's valid field); triangles touching one are skipped.
+        ambient: share of the colour that unlit faces keep.
+    """
+    tri = vertices[faces]  # (F, 3, 3)
+    normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])  # (F, 3)
+    centre = tri.mean(axis=1)  # (F, 3)
+    # The camera sits at the origin: a face is seen from its front when its normal points back at it.
+    front = np.einsum("fi,fi->f", normal, centre) < 0
+    pix = uv[faces]  # (F, 3, 2)
+    h, w = image.shape[:2]
+    on_screen = ((pix[..., 0].max(1) >= 0) & (pix[..., 0].min(1) < w) & (pix[..., 1].max(1) >= 0)
+                 & (pix[..., 1].min(1) < h))
+    keep = front & on_screen & drawable[faces].all(axis=1)
+    if not keep.any():
+        return
+    normal, centre, pix, colors = normal[keep], centre[keep], pix[keep], colors[keep]
+    unit = normal / np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-12)
+    shade = ambient + (1.0 - ambient) * np.clip(unit @ light, 0.0, 1.0)  # (F,) Lambert
+    shaded = np.clip(colors * shade[:, None], 0, 255).tolist()
+    order = np.argsort(-centre[:, 2], kind="stable")  # far first; near triangles paint over them
+    points = np.round(pix * (1 << _SHIFT)).astype(np.int32)  # (F, 3, 2) fixed point
+    for i in order.tolist():
+        cv2.fillConvexPoly(image, points[i], shaded[i], cv2.LINE_8, _SHIFT)
+
+
+def clutter_background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """A random (H, W, 3) uint8 BGR backdrop: a colour gradient, blotchy noise, rectangles, fine grain."""
+    a, b = rng.uniform(20, 235, (2, 3))
+    angle = rng.uniform(0, 2 * math.pi)
+    y, x = np.mgrid[0:height, 0:width]
+    s = (x * math.cos(angle) + y * math.sin(angle)) / max(width, height)
+    s = (s - s.min()) / max(s.max() - s.min(), 1e-9)
+    image = a + s[..., None] * (b - a)  # (H, W, 3)
+    blotches = cv2.resize(rng.normal(0, 1, (6, 6, 3)), (width, height), interpolation=cv2.INTER_CUBIC)
+    image += 30.0 * blotches
+    for _ in range(int(rng.integers(8, 20))):
+        w, h = rng.uniform(0.05, 0.4, 2) * (width, height)
+        x0, y0 = rng.uniform(0, 1, 2) * (width, height) - (w / 2, h / 2)
+        alpha = rng.uniform(0.4, 0.9)
+        x0i, y0i = max(0, int(x0)), max(0, int(y0))
+        x1i, y1i = min(width, int(x0 + w)), min(height, int(y0 + h))
+        image[y0i:y1i, x0i:x1i] = (1 - alpha) * image[y0i:y1i, x0i:x1i] + alpha * rng.uniform(0, 255, 3)
+    image += rng.normal(0, 5, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)

@@ -1,0 +1,85 @@
+"""Shared test fixtures: a tiny synthetic ARCTIC-layout dataset, generated once per test session.
+
+Use it from any test file::
+
+    def test_something(synthetic_dataset):
+        cfg = synthetic_dataset.config({"train.epochs": 1})
+        loader = build_dataloader(cfg, "train", shuffle=True)
+
+The dataset has 4 subjects (s01-s02 train, s03 val, s04 test) with one 40-frame sequence each (20 frames
+left after ARCTIC's 10-frame skip at both ends), 64x48 frames letterboxed to 32 px; ``config()`` gives
+4-frame clips with stride 2 and batches of 2, and points data.root and the cache into the session's
+temporary folder. ``TINY_MODEL_OVERRIDES`` (``from conftest import TINY_MODEL_OVERRIDES``) adds a model
+small enough to train in tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hawor_tune.config import ExperimentConfig, load_config
+from hawor_tune.data import generate
+
+TINY_DATA_OVERRIDES: dict[str, Any] = {
+    "data.generate": True,
+    "data.img_size": 32,
+    "data.seq_len": 4,
+    "data.stride": 2,
+    "data.frame_step": 1,
+    "data.batch_size": 2,
+    "data.num_workers": 0,
+    "data.min_visible_joints": 8,
+    "data.synthetic.subjects": 4,
+    "data.synthetic.sequences_per_subject": 1,
+    "data.synthetic.frames_per_sequence": 40,
+    "data.synthetic.image_width": 64,
+    "data.synthetic.image_height": 48,
+    "data.synthetic.seed": 0,
+}
+
+# A model small enough for tests to train in seconds on 32 px frames: one ViT block with 16 px patches.
+TINY_MODEL_OVERRIDES: dict[str, Any] = {
+    "model.backbone": "vit_tiny_patch16_224",
+    "model.backbone_kwargs": {"depth": 1, "patch_size": 16},
+    "model.temporal_dim": 32,
+    "model.temporal_layers": 1,
+    "model.temporal_heads": 2,
+    "model.head_hidden": 32,
+    "model.infiller_hidden": 16,
+    "model.dropout": 0.0,
+    "train.device": "cpu",
+}
+
+
+@dataclass
+class SyntheticDataset:
+    """A generated dataset: its root, the generator's ground truth and matching configs.
+
+    Attributes:
+        root: the ARCTIC-layout folder (``data.root``); its frame caches go to ``root.parent / 'cache'``.
+        truth: per ``"<sid>/<seq>"`` the generator's own arrays (see :func:`hawor_tune.data.generate`).
+        overrides: the dotted config overrides that describe it.
+    """
+
+    root: Path
+    truth: dict[str, dict[str, Any]]
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def config(self, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
+        """An ExperimentConfig reading this dataset, with extra dotted ``overrides`` applied on top."""
+        return load_config(None, {**self.overrides, **dict(overrides or {})})
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory: pytest.TempPathFactory) -> SyntheticDataset:
+    """The tiny synthetic dataset, generated once per session into a temporary folder."""
+    root = tmp_path_factory.mktemp("synthetic") / "arctic_synthetic"
+    overrides = {**TINY_DATA_OVERRIDES, "data.root": str(root)}
+    cfg = load_config(None, overrides)
+    truth = generate(root, cfg.data.synthetic, cfg.mano)
+    return SyntheticDataset(root=root, truth=truth, overrides=overrides)

@@ -1,0 +1,284 @@
+"""The ARCTIC reader recovers the generator's ground truth, builds the right clips and names bad files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+import hawor_tune.data as data
+from hawor_tune.data import DatasetError, build_dataset, ensure_dataset, read_split
+
+# conftest's dataset: 64x48 frames letterboxed to 32: scale 1/2, 32x24 content, 4 rows of padding on top.
+SCALE, PAD_X, PAD_Y = 0.5, 0.0, 4.0
+FRAMES, SKIP = 40, 10
+
+
+def _letterboxed_uv(uv: np.ndarray) -> np.ndarray:
+    """Original pixels -> letterboxed pixels (pixel centres at integers, as cv2.resize maps them)."""
+    return SCALE * (uv + 0.5) - 0.5 + np.array([PAD_X, PAD_Y])
+
+
+def _items(ds):
+    return [ds[i] for i in range(len(ds))]
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_labels_match_the_generators_ground_truth(synthetic_dataset, split):
+    ds = build_dataset(synthetic_dataset.config(), split)
+    assert len(ds) > 0
+    for item in _items(ds):
+        truth = synthetic_dataset.truth[ds.sequences[int(item["seq_index"])]]
+        f = item["frame_index"].numpy()
+        np.testing.assert_allclose(item["joints3d"].numpy(), truth["joints_cam"][f], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(item["joints2d"].numpy(), _letterboxed_uv(truth["joints2d"][f]), atol=1e-3, rtol=0)
+        np.testing.assert_allclose(item["rotmats"][:, :, 0].numpy(), truth["global_orient_cam"][f], atol=1e-5)
+        np.testing.assert_allclose(item["betas"].numpy(), np.broadcast_to(truth["betas"], (len(f), 2, 10)), atol=1e-6)
+        np.testing.assert_allclose(item["cam_R"].numpy(), truth["cam_R"][f], atol=1e-6)
+        np.testing.assert_allclose(item["cam_t"].numpy(), truth["cam_t"][f], atol=1e-5)
+        K = truth["K"]
+        expected_K = [[SCALE * K[0, 0], 0, SCALE * (K[0, 2] + 0.5) - 0.5 + PAD_X],
+                      [0, SCALE * K[1, 1], SCALE * (K[1, 2] + 0.5) - 0.5 + PAD_Y], [0, 0, 1]]
+        np.testing.assert_allclose(item["K"].numpy(), expected_K, atol=1e-4)
+        np.testing.assert_allclose(item["dist"].numpy(), truth["dist"], atol=1e-7)
+        # Finger rotations are proper rotations (what the MANO layer was given).
+        R = item["rotmats"].double().numpy()
+        np.testing.assert_allclose(np.linalg.det(R), 1.0, atol=1e-5)
+
+
+def test_batch_has_the_spec_dtypes_and_shapes(synthetic_dataset):
+    cfg = synthetic_dataset.config()
+    batch = next(iter(data.build_dataloader(cfg, "val", shuffle=False)))
+    B, T, S = 2, 4, 32
+    expected = {"images": ((B, T, 3, S, S), "torch.uint8"), "K": ((B, 3, 3), "torch.float32"),
+                "dist": ((B, 8), "torch.float32"), "joints3d": ((B, T, 2, 21, 3), "torch.float32"),
+                "joints2d": ((B, T, 2, 21, 2), "torch.float32"), "rotmats": ((B, T, 2, 16, 3, 3), "torch.float32"),
+                "betas": ((B, T, 2, 10), "torch.float32"), "hand_valid": ((B, T, 2), "torch.bool"),
+                "cam_R": ((B, T, 3, 3), "torch.float32"), "cam_t": ((B, T, 3), "torch.float32"),
+                "seq_index": ((B,), "torch.int64"), "frame_index": ((B, T), "torch.int64")}
+    assert {k: (tuple(v.shape), str(v.dtype)) for k, v in batch.items()} == expected
+
+
+def test_frames_follow_ioi_offset_and_skip_the_ends(synthetic_dataset):
+    cfg = synthetic_dataset.config()
+    misc = json.loads((synthetic_dataset.root / "meta" / "misc.json").read_text())
+    ds = build_dataset(cfg, "val", cached=False)
+    frames = np.concatenate([it["frame_index"].numpy() for it in _items(ds)])
+    assert frames.min() == SKIP and frames.max() == FRAMES - SKIP - 1
+    item = ds[1]
+    sid, seq = ds.sequences[int(item["seq_index"])].split("/")
+    for t, f in enumerate(item["frame_index"].tolist()):
+        # Letterbox the JPEG by hand: image index = annotation index + ioi_offset.
+        image = cv2.imread(str(synthetic_dataset.root / "images" / sid / seq / "0" / f"{f + misc[sid]['ioi_offset']:05d}.jpg"))
+        expected = np.zeros((32, 32, 3), np.uint8)
+        expected[4:28] = cv2.resize(image, (32, 24), interpolation=cv2.INTER_AREA)[..., ::-1]
+        np.testing.assert_array_equal(item["images"][t].permute(1, 2, 0).numpy(), expected)
+
+
+@pytest.mark.parametrize("seq_len,stride,frame_step,expected", [
+    (4, 2, 1, {"train": 2 * 9, "val": 5, "test": 5}),  # 20 frames: starts 0, 2, ..., 16 / 0, 4, ..., 16
+    (8, 3, 1, {"train": 2 * 5, "val": 2, "test": 2}),  # starts 0, 3, ..., 12 / 0, 8
+    (4, 3, 2, {"train": 2 * 3, "val": 2, "test": 2}),  # 10 frames 10, 12, ..., 28: starts 0, 3, 6 / 0, 4
+])
+def test_clip_counts_and_frame_steps(synthetic_dataset, seq_len, stride, frame_step, expected):
+    cfg = synthetic_dataset.config({"data.seq_len": seq_len, "data.stride": stride, "data.frame_step": frame_step})
+    for split, count in expected.items():
+        ds = build_dataset(cfg, split, cached=False)
+        assert len(ds) == count, split
+        for item in _items(ds):
+            assert np.all(np.diff(item["frame_index"].numpy()) == frame_step)
+
+
+@pytest.mark.parametrize("min_visible", [8, 21])
+def test_hand_valid_matches_the_projection_of_the_ground_truth(synthetic_dataset, min_visible):
+    cfg = synthetic_dataset.config({"data.min_visible_joints": min_visible})
+    flags = []
+    for split in ("train", "val", "test"):
+        ds = build_dataset(cfg, split)
+        for item in _items(ds):
+            truth = synthetic_dataset.truth[ds.sequences[int(item["seq_index"])]]
+            f = item["frame_index"].numpy()
+            uv, z = truth["joints2d"][f], truth["joints_cam"][f][..., 2]  # (T, 2, 21, 2), (T, 2, 21)
+            # In front of the camera and inside the 64x48 image (pixel centres at integers).
+            inside = ((z > 0.05) & (uv[..., 0] >= -0.5) & (uv[..., 0] <= 63.5) & (uv[..., 1] >= -0.5)
+                      & (uv[..., 1] <= 47.5))
+            expected = inside[..., 0] & (inside.sum(-1) >= min_visible)
+            np.testing.assert_array_equal(item["hand_valid"].numpy(), expected)
+            flags.append(expected)
+    flags = np.concatenate(flags)
+    assert flags.any() and not flags.all()  # hands leave the view in some sequences
+
+
+def test_train_defaults_to_every_sequence_not_held_out(synthetic_dataset, tmp_path):
+    root = _copy(synthetic_dataset.root, tmp_path)
+    path = root / "splits_json" / "protocol_p2.json"
+    splits = json.loads(path.read_text())
+    full_train = splits["train"]
+    for train in ([], None):
+        modified = {k: v for k, v in splits.items() if k != "train"} | ({"train": train} if train is not None else {})
+        path.write_text(json.dumps(modified))
+        assert read_split(root, "train") == sorted(full_train)
+    with pytest.raises(ValueError, match="split must be one of"):
+        read_split(root, "validation")
+
+
+# ---- Errors name the file and the fault ------------------------------------------------------------------
+
+def _copy(root: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "data"
+    shutil.copytree(root, dst)
+    return dst
+
+
+def _val_sequence(root: Path) -> tuple[str, str]:
+    return tuple(json.loads((root / "splits_json" / "protocol_p2.json").read_text())["val"][0].split("/"))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _edit_npy(path: Path, edit) -> None:
+    d = np.load(path, allow_pickle=True).item()
+    edit(d)
+    np.save(path, d)
+
+
+def _break_truncated_mano(root, sid, seq):
+    _truncate(root / "raw_seqs" / sid / f"{seq}.mano.npy")
+    return [f"{seq}.mano.npy", "truncated or corrupt"]
+
+
+def _break_truncated_egocam(root, sid, seq):
+    _truncate(root / "raw_seqs" / sid / f"{seq}.egocam.dist.npy")
+    return [f"{seq}.egocam.dist.npy", "truncated or corrupt"]
+
+
+def _break_pose_shape(root, sid, seq):
+    _edit_npy(root / "raw_seqs" / sid / f"{seq}.mano.npy", lambda d: d["left"].update(pose=d["left"]["pose"][:, :44]))
+    return [f"{seq}.mano.npy", "'left.pose'", "(40, 44)"]
+
+
+def _break_missing_hand(root, sid, seq):
+    _edit_npy(root / "raw_seqs" / sid / f"{seq}.mano.npy", lambda d: d.pop("right"))
+    return [f"{seq}.mano.npy", "'right'"]
+
+
+def _break_camera_shape(root, sid, seq):
+    _edit_npy(root / "raw_seqs" / sid / f"{seq}.egocam.dist.npy",
+              lambda d: d.update(R_k_cam_np=np.zeros((FRAMES, 3, 4), np.float32)))
+    return [f"{seq}.egocam.dist.npy", "'R_k_cam_np'", "(40, 3, 4)"]
+
+
+def _break_frame_count(root, sid, seq):
+    def cut(d):
+        d["R_k_cam_np"], d["T_k_cam_np"] = d["R_k_cam_np"][:-1], d["T_k_cam_np"][:-1]
+    _edit_npy(root / "raw_seqs" / sid / f"{seq}.egocam.dist.npy", cut)
+    return [f"{seq}.egocam.dist.npy", "39 frames", "40"]
+
+
+def _break_missing_image(root, sid, seq):
+    ioi = json.loads((root / "meta" / "misc.json").read_text())[sid]["ioi_offset"]
+    name = f"{15 + ioi:05d}.jpg"
+    (root / "images" / sid / seq / "0" / name).unlink()
+    return ["missing image", f"{sid}/{seq}/0/{name}"]
+
+
+def _break_corrupt_image(root, sid, seq):
+    ioi = json.loads((root / "meta" / "misc.json").read_text())[sid]["ioi_offset"]
+    name = f"{15 + ioi:05d}.jpg"
+    (root / "images" / sid / seq / "0" / name).write_bytes(b"not a jpeg")
+    return [f"{sid}/{seq}/0/{name}", "cannot be decoded"]
+
+
+def _break_misc_subject(root, sid, seq):
+    path = root / "meta" / "misc.json"
+    misc = json.loads(path.read_text())
+    del misc[sid]
+    path.write_text(json.dumps(misc))
+    return ["misc.json", f"'{sid}'"]
+
+
+def _break_split_entry(root, sid, seq):
+    path = root / "splits_json" / "protocol_p2.json"
+    splits = json.loads(path.read_text())
+    splits["val"].append(f"{sid}/no_such_sequence_01")
+    path.write_text(json.dumps(splits))
+    return ["protocol_p2.json", f"{sid}/no_such_sequence_01"]
+
+
+@pytest.mark.parametrize("break_it", [
+    _break_truncated_mano, _break_truncated_egocam, _break_pose_shape, _break_missing_hand, _break_camera_shape,
+    _break_frame_count, _break_missing_image, _break_corrupt_image, _break_misc_subject, _break_split_entry,
+], ids=lambda f: f.__name__[len("_break_"):])
+def test_bad_files_raise_errors_naming_them(synthetic_dataset, tmp_path, break_it):
+    root = _copy(synthetic_dataset.root, tmp_path)
+    sid, seq = _val_sequence(root)
+    fragments = break_it(root, sid, seq)
+    cfg = synthetic_dataset.config({"data.root": str(root), "data.cache_dir": str(tmp_path / "cache")})
+    with pytest.raises(ValueError) as info:
+        build_dataset(cfg, "val")
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+# ---- ensure_dataset --------------------------------------------------------------------------------------
+
+def test_missing_dataset_without_generation_is_an_error_naming_the_path(synthetic_dataset, tmp_path):
+    root = tmp_path / "nowhere"
+    with pytest.raises(DatasetError, match=str(root)):
+        ensure_dataset(synthetic_dataset.config({"data.root": str(root), "data.generate": False}))
+    assert not root.exists()
+
+
+TINY = {"data.synthetic.subjects": 3, "data.synthetic.frames_per_sequence": 40, "data.synthetic.image_width": 32,
+        "data.synthetic.image_height": 32}
+
+
+def test_concurrent_callers_generate_once_and_atomically(synthetic_dataset, tmp_path, monkeypatch):
+    calls = []
+    real = data.generate
+
+    def counting(root, synth, mano_cfg):
+        calls.append(Path(root))
+        assert not Path(root).name.startswith("arctic")  # written to a temporary sibling, not the root
+        return real(root, synth, mano_cfg)
+
+    monkeypatch.setattr(data, "generate", counting)
+    root = tmp_path / "arctic"
+    cfg = synthetic_dataset.config({**TINY, "data.root": str(root)})
+    results, errors = [], []
+
+    def worker():
+        try:
+            results.append(ensure_dataset(cfg))
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and results == [root] * 3 and len(calls) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["arctic", "arctic.lock"]  # no temporary left
+    assert len(read_split(root, "val")) == 1
+    assert ensure_dataset(cfg) == root and len(calls) == 1  # present: nothing to do
+
+    other = synthetic_dataset.config({**TINY, "data.root": str(root), "data.synthetic.seed": 5})
+    with pytest.raises(DatasetError, match="delete"):
+        ensure_dataset(other)  # generated with other settings than the config asks for
+
+
+def test_ensure_dataset_refuses_a_non_empty_folder_without_a_dataset(synthetic_dataset, tmp_path):
+    root = tmp_path / "arctic"
+    root.mkdir()
+    (root / "notes.txt").write_text("mine")
+    with pytest.raises(DatasetError, match="non-empty"):
+        ensure_dataset(synthetic_dataset.config({**TINY, "data.root": str(root)}))
+    assert (root / "notes.txt").read_text() == "mine"

@@ -1,0 +1,127 @@
+"""The synthetic generator writes ARCTIC's layout, deterministically, with plausible cameras and motion."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from hawor_tune.config import ManoConfig, SyntheticConfig
+from hawor_tune.data import generate
+
+FRAMES = 40  # conftest's frames_per_sequence
+
+
+def _sequences(root: Path) -> list[str]:
+    return sorted(f"{p.parent.name}/{p.name[:-len('.mano.npy')]}" for p in root.glob("raw_seqs/*/*.mano.npy"))
+
+
+def test_files_have_arctic_keys_dtypes_and_shapes(synthetic_dataset):
+    root = synthetic_dataset.root
+    names = _sequences(root)
+    assert [n.split("/")[0] for n in names] == ["s01", "s02", "s03", "s04"]
+    misc = json.loads((root / "meta" / "misc.json").read_text())
+    for name in names:
+        sid, seq = name.split("/")
+        mano = np.load(root / "raw_seqs" / sid / f"{seq}.mano.npy", allow_pickle=True).item()
+        assert set(mano) == {"left", "right"}
+        for hand in mano.values():
+            shapes = {k: (v.shape, v.dtype) for k, v in hand.items()}
+            assert shapes == {"rot": ((FRAMES, 3), np.float32), "pose": ((FRAMES, 45), np.float32),
+                              "trans": ((FRAMES, 3), np.float32), "shape": ((10,), np.float32),
+                              "fitting_err": ((FRAMES,), np.float32)}
+        cam = np.load(root / "raw_seqs" / sid / f"{seq}.egocam.dist.npy", allow_pickle=True).item()
+        assert set(cam) == {"R_k_cam_np", "T_k_cam_np", "intrinsics", "dist8", "R0", "T0", "ego_markers.ref",
+                            "ego_markers.label"}
+        assert cam["R_k_cam_np"].shape == (FRAMES, 3, 3) and cam["T_k_cam_np"].shape == (FRAMES, 3, 1)
+        assert cam["intrinsics"].shape == (3, 3) and cam["dist8"].shape == (8,)
+        R = cam["R_k_cam_np"].astype(np.float64)
+        np.testing.assert_allclose(R @ R.transpose(0, 2, 1), np.broadcast_to(np.eye(3), R.shape), atol=1e-6)
+        np.testing.assert_allclose(np.linalg.det(R), 1.0, atol=1e-6)
+        assert np.load(root / "raw_seqs" / sid / f"{seq}.object.npy").shape == (FRAMES, 7)
+
+        ioi = misc[sid]["ioi_offset"]
+        assert 1 <= ioi <= 3
+        assert misc[sid]["image_size"][0] == [64, 48]
+        images = sorted(p.name for p in (root / "images" / sid / seq / "0").iterdir())
+        assert images == [f"{i + ioi:05d}.jpg" for i in range(FRAMES)]  # image index = annotation + ioi
+        assert cv2.imread(str(root / "images" / sid / seq / "0" / images[0])).shape == (48, 64, 3)
+
+
+def test_split_file_holds_out_the_last_two_subjects(synthetic_dataset):
+    splits = json.loads((synthetic_dataset.root / "splits_json" / "protocol_p2.json").read_text())
+    subjects = {k: sorted({e.split("/")[0] for e in v}) for k, v in splits.items()}
+    assert subjects == {"train": ["s01", "s02"], "val": ["s03"], "test": ["s04"]}
+    assert sorted(sum(splits.values(), [])) == _sequences(synthetic_dataset.root)
+
+
+def test_lens_sees_90_degrees_with_mild_monotonic_distortion(synthetic_dataset):
+    for truth in synthetic_dataset.truth.values():
+        K, dist = truth["K"], truth["dist"]
+        w, h = truth["image_size"]
+        assert -0.1 <= dist[0] <= -0.05 and np.count_nonzero(dist) >= 5
+        # Undistort the middle of the left and right edges: the rays are about 45 degrees off axis.
+        edges = cv2.undistortPoints(np.array([[[-0.5, K[1, 2]]], [[w - 0.5, K[1, 2]]]]), K, dist)[:, 0]
+        angles = np.degrees(np.arctan(np.abs(edges[:, 0])))
+        assert np.all(np.abs(angles - 45.0) < 3.0), angles
+        # Projecting points along a ray out to the corners moves monotonically outwards.
+        r = np.linspace(0.0, 1.8, 200)
+        pts = np.stack([r * 0.8, r * 0.6, np.ones_like(r)], axis=1)
+        uv, _ = cv2.projectPoints(pts, np.zeros(3), np.zeros(3), K, dist)
+        assert np.all(np.diff(np.linalg.norm(uv[:, 0] - K[:2, 2], axis=1)) > 0)
+
+
+def test_hands_move_smoothly_in_front_of_the_camera_with_varied_orientation(synthetic_dataset):
+    for name, truth in synthetic_dataset.truth.items():
+        wrists = truth["joints_cam"][:, :, 0]  # (F, 2, 3)
+        speed = np.linalg.norm(np.diff(wrists, axis=0), axis=-1) * 30.0  # m/s
+        assert speed.max() < 3.0, name
+        accel = np.linalg.norm(np.diff(wrists, 2, axis=0), axis=-1) * 900.0
+        assert accel.max() < 40.0, name
+        depth = wrists[..., 2]
+        assert 0.1 < depth.min() and depth.max() < 0.75 and 0.25 < np.median(depth) < 0.55, name
+    # Orientations (camera frame) spread widely over the dataset: angles from their mean rotation.
+    R = np.concatenate([t["global_orient_cam"].reshape(-1, 3, 3) for t in synthetic_dataset.truth.values()])
+    u, _, vt = np.linalg.svd(R.mean(axis=0))
+    mean = u @ vt
+    angles = np.degrees(np.arccos(np.clip((np.trace(mean.T @ R, axis1=1, axis2=2) - 1) / 2, -1, 1)))
+    assert angles.max() > 40.0 and np.median(angles) > 10.0
+
+
+def test_camera_moves_like_a_head(synthetic_dataset):
+    for name, truth in synthetic_dataset.truth.items():
+        R, t = truth["cam_R"], truth["cam_t"]
+        centres = -np.einsum("fji,fj->fi", R, t)  # camera centres in the world
+        step = np.linalg.norm(np.diff(centres, axis=0), axis=1) * 30.0
+        assert 0 < step.max() < 0.5, name  # metres per second
+        rel = R[1:] @ R[:-1].transpose(0, 2, 1)
+        turn = np.degrees(np.arccos(np.clip((np.trace(rel, axis1=1, axis2=2) - 1) / 2, -1, 1))) * 30.0
+        assert 0 < turn.max() < 30.0, name  # degrees per second
+        forward = R[:, 2]  # optical axis in world coordinates (world z is up)
+        assert np.all(forward[:, 2] < -math.sin(math.radians(20))), name  # looking forward-down
+
+
+def test_same_seed_gives_byte_identical_files(tmp_path):
+    synth = SyntheticConfig(subjects=3, sequences_per_subject=1, frames_per_sequence=40, image_width=32,
+                            image_height=32, seed=7)
+    generate(tmp_path / "a", synth, ManoConfig())
+    generate(tmp_path / "b", synth, ManoConfig())
+    generate(tmp_path / "c", SyntheticConfig(**{**synth.__dict__, "seed": 8}), ManoConfig())
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(files) == 3 * (3 + 40) + 3  # per sequence 3 .npy + 40 frames; misc, splits, marker
+    for rel in files:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+    # Another seed changes every array file.
+    assert {p.read_bytes() for p in (tmp_path / "a").rglob("*.npy")}.isdisjoint(
+        p.read_bytes() for p in (tmp_path / "c").rglob("*.npy"))
+
+
+def test_refuses_to_write_into_a_non_empty_folder(tmp_path):
+    (tmp_path / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match=str(tmp_path)):
+        generate(tmp_path, SyntheticConfig(subjects=3, sequences_per_subject=1, frames_per_sequence=40),
+                 ManoConfig())
