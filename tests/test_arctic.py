@@ -114,6 +114,12 @@ def test_hand_valid_matches_the_projection_of_the_ground_truth(synthetic_dataset
     assert flags.any() and not flags.all()  # hands leave the view in some sequences
 
 
+def test_clips_longer_than_the_sequences_are_an_error(synthetic_dataset):
+    cfg = synthetic_dataset.config({"data.seq_len": 11, "data.frame_step": 2})  # 10 frames per sequence
+    with pytest.raises(DatasetError, match="no clip of 11 frames.*at most 10 frames"):
+        build_dataset(cfg, "val", cached=False)
+
+
 def test_train_defaults_to_every_sequence_not_held_out(synthetic_dataset, tmp_path):
     root = _copy(synthetic_dataset.root, tmp_path)
     path = root / "splits_json" / "protocol_p2.json"

@@ -356,6 +356,10 @@ class ArcticClips(Dataset):
         step = stride if split == "train" else seq_len
         self._clips = [(s, p) for s, lab in enumerate(labels) for p in range(0, len(lab.frame_index) - seq_len + 1, step)]
         counts = [len(lab.frame_index) for lab in labels]
+        if not self._clips:
+            raise DatasetError(f"split '{split}' of {self.root} has no clip of {seq_len} frames: its sequences have "
+                               f"at most {max(counts)} frames after skipping {SKIP_FRAMES} at each end and keeping "
+                               f"every {frame_step}th; lower data.seq_len or data.frame_step")
         self._offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         keys = ("frame_index", "joints3d", "joints2d", "rotmats", "betas", "hand_valid", "cam_R", "cam_t")
         # One array per field over all frames of the split: cheap to index, shared by forked workers.
