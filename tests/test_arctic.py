@@ -288,3 +288,13 @@ def test_ensure_dataset_refuses_a_non_empty_folder_without_a_dataset(synthetic_d
     with pytest.raises(DatasetError, match="non-empty"):
         ensure_dataset(synthetic_dataset.config({**TINY, "data.root": str(root)}))
     assert (root / "notes.txt").read_text() == "mine"
+
+
+def test_generated_data_must_match_the_configured_hand_model(synthetic_dataset, tmp_path):
+    root = _copy(synthetic_dataset.root, tmp_path)
+    marker = root / ".synthetic.json"
+    info = json.loads(marker.read_text())
+    info["mano_kind"] = "official" if info["mano_kind"] == "procedural" else "procedural"
+    marker.write_text(json.dumps(info))
+    with pytest.raises(DatasetError, match="images would not match its labels"):
+        ensure_dataset(synthetic_dataset.config({"data.root": str(root)}))
