@@ -83,3 +83,44 @@ def synthetic_dataset(tmp_path_factory: pytest.TempPathFactory) -> SyntheticData
     cfg = load_config(None, overrides)
     truth = generate(root, cfg.data.synthetic, cfg.mano)
     return SyntheticDataset(root=root, truth=truth, overrides=overrides)
+
+
+def write_search_space(folder: Path, dataset: SyntheticDataset, *, num_samples: int = 4, epochs: int = 3,
+                       **extra: Any) -> Path:
+    """A search-space file over the tiny dataset and model: lr and the 2D keypoint weight, ASHA over epochs."""
+    import yaml
+
+    from hawor_tune.config import save_config
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_config(dataset.config({**TINY_MODEL_OVERRIDES, "train.epochs": epochs}), folder / "base.yaml")
+    space = {
+        "base": "base.yaml", "metric": "val/mpjpe", "mode": "min", "num_samples": num_samples,
+        "max_concurrent": 2, "search": {"algorithm": "optuna", "seed": 0},
+        "scheduler": {"type": "asha", "max_epochs": epochs, "grace_period": 1, "reduction_factor": 2},
+        "resources": {"cpu": 1, "gpu": 0},
+        "params": {"optim.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+                   "loss.keypoint_2d": {"type": "uniform", "low": 0.0, "high": 1.0}},
+        **extra,
+    }
+    path = folder / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_search(tmp_path_factory: pytest.TempPathFactory, synthetic_dataset: SyntheticDataset) -> Path:
+    """A finished 4-trial Optuna + ASHA search on the tiny dataset (embedded Ray); its experiment folder."""
+    import ray
+
+    from hawor_tune.search import run_search
+    from hawor_tune.search_space import load_search_space
+
+    folder = tmp_path_factory.mktemp("search")
+    space = load_search_space(write_search_space(folder, synthetic_dataset))
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        outcome = run_search(space, storage=folder / "results", name="tiny", verbose=0)
+    finally:
+        ray.shutdown()
+    return outcome.experiment_dir

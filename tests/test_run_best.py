@@ -1,0 +1,119 @@
+"""run_best.py end to end on a tiny finished search, and its error cases."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import run_best
+from hawor_tune.results import write_parquet_atomic
+from hawor_tune.retrain import choose_best_trial, load_experiment
+
+# What metrics.json must hold for the test split (issue: per hand, per joint/finger, accel, W/WA, camera, jerk).
+TEST_METRICS = ["mpjpe", "mpjpe_left", "mpjpe_right", "pa_mpjpe", "pa_mpjpe_left", "pa_mpjpe_right",
+                "accel_error", "w_mpjpe", "wa_mpjpe", "cam_trans_error", "cam_rot_error", "jerk",
+                *(f"joint_{j:02d}" for j in range(21)),
+                *(f"finger_{f}" for f in ("thumb", "index", "middle", "ring", "pinky"))]
+
+
+def _exit_code(argv) -> int:
+    try:
+        return run_best.main(argv)
+    except SystemExit as e:
+        return int(e.code)
+
+
+def test_best_trial_is_the_best_in_trials_parquet(tiny_search):
+    exp = load_experiment(experiment=tiny_search)
+    trial, value, epoch = choose_best_trial(exp)
+    trials = pq.read_table(tiny_search / "trials.parquet").to_pylist()
+    best = min((t for t in trials if t["status"] != "ERROR"), key=lambda t: (t["best/val/mpjpe"], t["best_epoch"]))
+    assert trial["trial_id"] == best["trial_id"]
+    assert value == pytest.approx(best["best/val/mpjpe"]) and epoch == best["best_epoch"]
+
+
+def test_ties_go_to_fewer_epochs_and_errors_and_nan_are_ignored(tiny_search, tmp_path):
+    exp = load_experiment(experiment=tiny_search)
+    exp.trials = [{"trial_id": "a", "status": "TERMINATED"}, {"trial_id": "b", "status": "TERMINATED"},
+                  {"trial_id": "c", "status": "ERROR"}]
+    exp.epochs = [{"trial_id": "a", "epoch": 1, "val/mpjpe": 30.0}, {"trial_id": "a", "epoch": 2, "val/mpjpe": 20.0},
+                  {"trial_id": "b", "epoch": 1, "val/mpjpe": 20.0}, {"trial_id": "b", "epoch": 2, "val/mpjpe": math.nan},
+                  {"trial_id": "c", "epoch": 1, "val/mpjpe": 1.0},
+                  {"trial_id": "a", "epoch": 3, "val/mpjpe": -math.inf}]
+    trial, value, epoch = choose_best_trial(exp)
+    assert (trial["trial_id"], value, epoch) == ("b", 20.0, 1)
+
+
+def test_run_best_end_to_end_and_eval_only_reproduces(tiny_search, tmp_path, capsys):
+    out = tmp_path / "best"
+    assert run_best.main(["--experiment", str(tiny_search), "--epochs", "2", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(TEST_METRICS) <= set(metrics["test"])
+    assert all(np.isfinite(metrics["test"][k]) for k in TEST_METRICS)
+    assert metrics["baseline"]["mpjpe"] > 0
+    exp = load_experiment(experiment=tiny_search)
+    trial, value, _ = choose_best_trial(exp)
+    assert metrics["search"]["trial_id"] == trial["trial_id"] and metrics["search"]["val_value"] == pytest.approx(value)
+    # the retrain ran the requested epochs, from scratch, with the chosen trial's parameters
+    from hawor_tune.checkpoint import load_checkpoint
+    state = load_checkpoint(out / "model.pt")
+    assert state["epoch"] == 2 and len(state["history"]) == 2
+    for p in exp.record["params"]:
+        section, key = p.split(".")
+        assert state["config"][section][key] == pytest.approx(trial[f"param/{p}"])
+    assert (out / "config.yaml").is_file()
+    report = (out / "report.md").read_text()
+    assert f"{metrics['test']['mpjpe']:.2f}" in report
+    for name in ("training_curves", "trial_curves", "params_vs_metric", "importance", "per_finger", "skeletons",
+                 "camera_trajectory"):
+        assert name in metrics["figures"], (name, metrics["notes"])
+        path = out / metrics["figures"][name]
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        img = cv2.imread(str(path))
+        assert img is not None and img.shape[0] > 100 and img.std() > 10
+        assert f"]({metrics['figures'][name]})" in report
+    capsys.readouterr()
+    assert run_best.main(["--eval-only", str(out / "model.pt"), "--out", str(tmp_path / "eval")]) == 0
+    again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    for k in TEST_METRICS:
+        assert again["test"][k] == pytest.approx(metrics["test"][k], rel=1e-6, abs=1e-9), k
+
+
+def _one_line_error(capsys, fragment: str) -> None:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0], err
+
+
+def test_no_experiment_found(tmp_path, capsys):
+    assert _exit_code(["--storage", str(tmp_path / "empty")]) == 2
+    _one_line_error(capsys, "no experiment found")
+
+
+def test_experiment_without_a_completed_trial(tiny_search, tmp_path, capsys):
+    exp_dir = tmp_path / "exp"
+    shutil.copytree(tiny_search, exp_dir, ignore=shutil.ignore_patterns("best", "*_0*"))
+    rows = pq.read_table(exp_dir / "trials.parquet").to_pylist()
+    write_parquet_atomic([{**r, "status": "ERROR"} for r in rows], exp_dir / "trials.parquet")
+    assert _exit_code(["--experiment", str(exp_dir)]) == 2
+    _one_line_error(capsys, "no trial completed an epoch")
+
+
+def test_parquet_from_something_else(tmp_path, capsys):
+    write_parquet_atomic([{"a": 1}], tmp_path / "trials.parquet")
+    assert _exit_code(["--trials", str(tmp_path / "trials.parquet")]) == 2
+    _one_line_error(capsys, "not from a hawor-tune search")
+    (tmp_path / "junk.parquet").write_text("definitely not parquet")
+    assert _exit_code(["--trials", str(tmp_path / "junk.parquet")]) == 2
+    _one_line_error(capsys, "not a parquet file")
+
+
+def test_model_file_that_is_not_ours(tmp_path, capsys):
+    (tmp_path / "model.pt").write_bytes(b"\x00" * 64)
+    assert _exit_code(["--eval-only", str(tmp_path / "model.pt")]) == 2
+    _one_line_error(capsys, "not a hawor-tune checkpoint")

@@ -1,0 +1,161 @@
+"""End-to-end searches on the tiny synthetic dataset: parquet contents, resume, a two-node cluster, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+from conftest import write_search_space
+
+import run_search
+from hawor_tune.search import run_search as run_search_fn
+from hawor_tune.search_space import load_search_space
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _reported(trial_dir: Path) -> list[dict]:
+    """What one trial reported, per epoch, as Ray itself recorded it (result.json, a JSON object per line)."""
+    lines = (trial_dir / "result.json").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def test_search_end_to_end_parquet_matches_reports(tiny_search):
+    epochs = pq.read_table(tiny_search / "epochs.parquet").to_pylist()
+    trials = pq.read_table(tiny_search / "trials.parquet").to_pylist()
+    record = json.loads((tiny_search / "search.json").read_text())
+    trial_dirs = [d for d in tiny_search.iterdir() if (d / "result.json").is_file()]
+    assert len(trial_dirs) == 4 and len(trials) == 4
+    space = load_search_space(record["space"])
+
+    by_trial = {r["trial_id"]: r for r in trials}
+    first_params = None
+    for trial_dir in sorted(trial_dirs, key=lambda d: d.name):
+        reported = _reported(trial_dir)
+        trial_id = reported[0]["trial_id"]
+        config = json.loads((trial_dir / "params.json").read_text())
+        first_params = first_params or config
+        rows = sorted((r for r in epochs if r["trial_id"] == trial_id), key=lambda r: r["epoch"])
+        assert [r["epoch"] for r in rows] == [x["training_iteration"] for x in reported]
+        for row, rep in zip(rows, reported):
+            for key in ("val/mpjpe", "val/pa_mpjpe", "train/loss", "lr", "node_id"):
+                assert row[key] == pytest.approx(rep[key], rel=1e-12) if key != "node_id" else row[key] == rep[key]
+        t = by_trial[trial_id]
+        values = [r["val/mpjpe"] for r in rows]
+        assert t["status"] == "TERMINATED"
+        assert t["epochs"] == len(rows)
+        assert t["best/val/mpjpe"] == pytest.approx(min(values))
+        assert t["last/val/mpjpe"] == pytest.approx(values[-1])
+        assert t["best_epoch"] == rows[values.index(min(values))]["epoch"]
+        assert t["stopped_early"] == (len(rows) < 3)
+        for p in space.params:
+            assert t[f"param/{p}"] == pytest.approx(config[p])
+        assert t["checkpoint"] and Path(t["checkpoint"]).is_dir()
+        assert t["wall_time_s"] > 0
+        assert list(trial_dir.glob("events.out.tfevents*"))          # TensorBoard files are kept
+    # Optuna's first point is the base config's own values
+    assert first_params == pytest.approx(space.default_point())
+
+
+def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path, synthetic_dataset):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    try:
+        ray.init(address=cluster.address, logging_level="ERROR")
+        space = load_search_space(write_search_space(tmp_path, synthetic_dataset, num_samples=2, epochs=1,
+                                                     scheduler={"type": "fifo"}))
+        outcome = run_search_fn(space, storage=tmp_path / "results", name="cluster", verbose=0)
+        epochs = pq.read_table(outcome.experiment_dir / "epochs.parquet").to_pylist()
+        nodes = {r["node_id"] for r in epochs}
+        assert len(nodes) == 2, nodes
+        assert nodes == {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, str(REPO / "run_search.py"), *args]
+
+
+def test_interrupted_search_resumes_to_exactly_num_samples(tmp_path, synthetic_dataset):
+    space = write_search_space(tmp_path, synthetic_dataset, num_samples=4, epochs=2)
+    storage = tmp_path / "results"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen(_cli("--space", str(space), "--storage", str(storage), "--name", "r",
+                                 "--dashboard-port", "0"), cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    trials_file = storage / "r" / "trials.parquet"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if trials_file.is_file():
+            rows = pq.read_table(trials_file).to_pylist()
+            if any(r["status"] == "TERMINATED" for r in rows):
+                break
+        time.sleep(0.5)
+    assert proc.poll() is None, "search finished before it could be interrupted:\n" + proc.stdout.read()
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    before = {r["trial_id"]: r for r in pq.read_table(trials_file).to_pylist()}
+    done_before = {t for t, r in before.items() if r["status"] == "TERMINATED"}
+    assert done_before and len(done_before) < 4
+
+    resumed = subprocess.run(_cli("--space", str(space), "--storage", str(storage), "--name", "r", "--resume",
+                                  "--dashboard-port", "0"), cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    after = {r["trial_id"]: r for r in pq.read_table(trials_file).to_pylist()}
+    assert len(after) == 4 and all(r["status"] == "TERMINATED" for r in after.values())
+    epochs = pq.read_table(storage / "r" / "epochs.parquet").to_pylist()
+    for t in done_before:  # finished trials were not run again
+        assert after[t]["epochs"] == before[t]["epochs"]
+        assert sum(r["trial_id"] == t for r in epochs) == before[t]["epochs"]
+    assert "best trial" in resumed.stdout
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--space", "nope.yaml"], "nope.yaml"),
+    (["--space", "{space}", "--set", "optim.lr=-1"], "optim.lr"),
+    (["--space", "{space}", "--num-samples", "0"], "--num-samples"),
+    (["--space", "{space}", "--resume", "--name", "missing"], "missing"),
+])
+def test_cli_bad_input_one_line_exit_2(tmp_path, synthetic_dataset, capsys, args, fragment):
+    space = write_search_space(tmp_path, synthetic_dataset)
+    argv = [a.replace("{space}", str(space)) for a in args] + ["--storage", str(tmp_path / "r")]
+    assert _exit_code(run_search.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and fragment in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+def _exit_code(main, argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse's own errors
+        return int(e.code)
+
+
+def test_summary_counts_asha_stops(tmp_path, capsys):
+    from hawor_tune.results import write_parquet_atomic
+
+    rows = [
+        {"trial_id": "a", "status": "TERMINATED", "epochs": 3, "stopped_early": False, "stopped_at_epoch": None,
+         "diverged": False, "param/optim.lr": 0.001, "best/val/mpjpe": 40.0, "best_epoch": 3},
+        {"trial_id": "b", "status": "TERMINATED", "epochs": 1, "stopped_early": True, "stopped_at_epoch": 1,
+         "diverged": False, "param/optim.lr": 0.01, "best/val/mpjpe": 55.0, "best_epoch": 1},
+    ]
+    write_parquet_atomic(rows, tmp_path / "trials.parquet")
+    run_search.print_summary(tmp_path, "val/mpjpe", "min")
+    out = capsys.readouterr().out
+    assert "best trial a: val/mpjpe = 40.000 at epoch 3" in out
+    assert "ASHA stopped 1 of 2 trials (at epochs [1])" in out

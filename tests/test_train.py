@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_MODEL_OVERRIDES
+
+from hawor_tune import train
+from hawor_tune.checkpoint import export_model, latest_checkpoint, load_checkpoint, load_model
+from hawor_tune.config import save_config
+from hawor_tune.evaluation import evaluate, mean_pose_baseline
+from hawor_tune.train import REPORTED_METRICS, fit, lr_factor
+
+
+@pytest.fixture
+def tiny_cfg(synthetic_dataset, tmp_path):
+    def make(**overrides):
+        return synthetic_dataset.config({**TINY_MODEL_OVERRIDES, "train.out_dir": str(tmp_path / "run"),
+                                         **{k.replace("__", "."): v for k, v in overrides.items()}})
+    return make
+
+
+def test_fit_reports_every_epoch_with_a_checkpoint(tiny_cfg):
+    cfg = tiny_cfg(train__epochs=2)
+    seen = []
+    result = fit(cfg, on_epoch=lambda m, d: seen.append((m, d)))
+    assert result.status == "completed" and result.epochs_run == 2
+    assert [int(m["epoch"]) for m, _ in seen] == [1, 2]
+    for record, ckpt_dir in seen[-1:]:
+        assert set(REPORTED_METRICS) <= set(record)
+        assert all(math.isfinite(record[k]) for k in REPORTED_METRICS)
+        state = load_checkpoint(ckpt_dir)
+        assert state["epoch"] == 2 and state["config"] == cfg.to_dict() and state["optimizer"]
+    # keep_checkpoints (2) bounds what stays on disk; the newest is found for resuming
+    assert latest_checkpoint(cfg.train.out_dir).name == "epoch_0002"
+
+
+def test_resumed_run_ends_with_the_same_weights(tiny_cfg, tmp_path):
+    full = fit(tiny_cfg(train__epochs=3, train__out_dir=str(tmp_path / "full")))
+    part_cfg = tiny_cfg(train__epochs=3, train__out_dir=str(tmp_path / "part"))
+    fit(part_cfg, epochs=1)  # interrupted after epoch 1
+    resumed = fit(part_cfg, resume_from=latest_checkpoint(part_cfg.train.out_dir))
+    assert [h["epoch"] for h in resumed.history] == [1.0, 2.0, 3.0]
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed.history[-1]["val/mpjpe"] == pytest.approx(full.history[-1]["val/mpjpe"], rel=1e-6)
+
+
+def test_non_finite_loss_stops_with_a_reason(tiny_cfg, monkeypatch):
+    real = train.compute_losses
+
+    def poisoned(out, batch, weights):
+        total, terms = real(out, batch, weights)
+        return total * float("nan"), {**terms, "keypoint_3d": float("nan")}
+
+    monkeypatch.setattr(train, "compute_losses", poisoned)
+    result = fit(tiny_cfg(train__epochs=2))
+    assert result.status == "diverged" and result.epochs_run == 0
+    assert "non-finite loss" in result.reason and "keypoint_3d" in result.reason
+
+
+def test_lr_schedule_warmup_then_cosine():
+    kw = dict(warmup_steps=4, total_steps=14, min_ratio=0.1)
+    assert [lr_factor(s, **kw) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, **kw) == pytest.approx(1.0)
+    assert lr_factor(9, **kw) == pytest.approx(0.1 + 0.9 * 0.5)      # half-way down the cosine
+    assert lr_factor(14, **kw) == pytest.approx(0.1)
+    assert lr_factor(40, **kw) == pytest.approx(0.1)
+
+
+def test_evaluate_exported_model_and_baseline(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(train__epochs=1)
+    result = fit(cfg)
+    path = export_model(tmp_path / "model.pt", model=result.model, config=cfg, epoch=1, history=result.history)
+    model, loaded_cfg = load_model(path)
+    assert loaded_cfg == cfg
+    val = evaluate(model, "val", loaded_cfg)
+    assert val["mpjpe"] == pytest.approx(result.history[-1]["val/mpjpe"], rel=1e-6)
+    base = mean_pose_baseline(cfg, "val")
+    assert base["mpjpe"] > 0 and base["cam_rot_error"] >= 0 and "finger_index" in base
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint", None])
+def test_load_checkpoint_rejects_foreign_files(tmp_path, content):
+    path = tmp_path / "x.pt"
+    if content is None:
+        torch.save({"weights": torch.zeros(2)}, path)  # a real torch file, but not ours
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match="not a hawor-tune checkpoint"):
+        load_checkpoint(path)
+
+
+def test_cli_test_only_and_eval_only(tiny_cfg, tmp_path, capsys):
+    cfg = tiny_cfg(train__epochs=1)
+    cfg_path = tmp_path / "cfg.yaml"
+    save_config(cfg, cfg_path)
+    assert train.main(["--config", str(cfg_path), "--test-only"]) == 0
+    assert "test-only OK" in capsys.readouterr().out
+    assert train.main(["--config", str(cfg_path)]) == 0
+    ckpt = latest_checkpoint(cfg.train.out_dir)
+    assert train.main(["--eval-only", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert "val: MPJPE" in out and "test: MPJPE" in out
+
+
+def test_cli_bad_override_exits_2(tmp_path, capsys):
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    assert train.main(["--config", str(tiny), "optim.lr=-3"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr" in err and "-3" in err and len(err.strip().splitlines()) == 1
