@@ -82,8 +82,10 @@ def _searcher(space: SearchSpace) -> Any:
     # trials than Optuna's default 10, or TPE would never act in a 10-16 trial search.
     sampler = optuna.samplers.TPESampler(seed=space.search_seed,
                                          n_startup_trials=max(2, min(10, space.num_samples // 3)))
-    searcher = OptunaSearch(space=space.to_optuna_distributions(), points_to_evaluate=first_point,
-                            sampler=sampler)
+    # Given its space up front, OptunaSearch ignores TuneConfig's metric/mode, so it gets them here too
+    # (both from the one search-space file).
+    searcher = OptunaSearch(space=space.to_optuna_distributions(), metric=space.metric, mode=space.mode,
+                            points_to_evaluate=first_point, sampler=sampler)
     return ConcurrencyLimiter(searcher, max_concurrent=space.max_concurrent)
 
 

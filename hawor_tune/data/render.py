@@ -95,10 +95,12 @@ def clutter_background(rng: np.random.Generator, width: int, height: int) -> np.
     image = a + s[..., None] * (b - a)  # (H, W, 3)
     blotches = cv2.resize(rng.normal(0, 1, (6, 6, 3)), (width, height), interpolation=cv2.INTER_CUBIC)
     image += 30.0 * blotches
-    for _ in range(int(rng.integers(8, 20))):
+    # A few translucent patches (things on a table), not a wall of high-contrast clutter: the hands stay
+    # the most salient thing in view, as in egocentric manipulation footage.
+    for _ in range(int(rng.integers(3, 9))):
         w, h = rng.uniform(0.05, 0.4, 2) * (width, height)
         x0, y0 = rng.uniform(0, 1, 2) * (width, height) - (w / 2, h / 2)
-        alpha = rng.uniform(0.4, 0.9)
+        alpha = rng.uniform(0.2, 0.6)
         x0i, y0i = max(0, int(x0)), max(0, int(y0))
         x1i, y1i = min(width, int(x0 + w)), min(height, int(y0 + h))
         image[y0i:y1i, x0i:x1i] = (1 - alpha) * image[y0i:y1i, x0i:x1i] + alpha * rng.uniform(0, 255, 3)

@@ -38,9 +38,10 @@ FPS = 30.0
 # (a hand leaving the view) are placed between them.
 EDGE_FRAMES = 10
 MARKER = ".synthetic.json"  # written last; records what was generated (not part of ARCTIC's layout)
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 5
 JPEG_QUALITY = 90
 NEAR = 0.05  # metres; nothing closer to the camera is drawn
+EDGE_TAN = 0.55  # tan of the half field of view across the width (about 58 degrees in all)
 
 _OBJECTS = ("box", "capsulemachine", "espressomachine", "ketchup", "laptop", "microwave", "mixer",
             "notebook", "phone", "scissors", "waffleiron")
@@ -52,6 +53,7 @@ _SKIN = np.array([[176, 198, 234], [146, 172, 218], [118, 152, 200], [92, 126, 1
 _FINGER_AMPLITUDE = (0.9, 0.6, 0.5, 0.4, 0.3, 0.3)
 # Orientation swing around the neutral pose: about the finger axis, the palm normal, their cross product.
 _ORIENT_AMPLITUDE = np.radians([60.0, 30.0, 45.0])
+_ORIENT_GAIN = 1.3  # a sum of sines with unit total weight rarely nears 1; this widens the typical swing
 
 
 def generate(root: str | os.PathLike, synth: SyntheticConfig, mano_cfg: ManoConfig) -> dict[str, dict[str, Any]]:
@@ -121,7 +123,7 @@ def _make_subject(rng: np.random.Generator, width: int, height: int) -> dict[str
 
 
 def _make_lens(rng: np.random.Generator, width: int, height: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Intrinsics (90 degrees across the width), OpenCV rational distortion, and the largest squared
+    """Intrinsics (about 58 degrees across the width), OpenCV rational distortion, and the largest squared
     normalised radius whose projection is trusted. Values are float32-exact, as they are stored."""
     while True:  # redraw until the radial map is monotonic well beyond the image corners
         k1 = rng.uniform(-0.10, -0.05)
@@ -132,7 +134,9 @@ def _make_lens(rng: np.random.Generator, width: int, height: int) -> tuple[np.nd
         radial = r * _radial_factor(dist, r * r)
         if np.all(np.diff(radial) > 0.2 * (r[1] - r[0])):
             break
-    fx = 0.5 * width / _radial_factor(dist, 1.0)  # the image's side edges see rays at 45 degrees
+    # The image's side edges see rays at atan(EDGE_TAN): hands at working distance fill a good part of
+    # the frame, as in ARCTIC's egocentric view, instead of a few pixels of the model's small input.
+    fx = 0.5 * width / (EDGE_TAN * _radial_factor(dist, EDGE_TAN**2))
     fy = fx * rng.uniform(0.998, 1.002)
     cx, cy = 0.5 * width + rng.uniform(-0.02, 0.02) * width, 0.5 * height + rng.uniform(-0.02, 0.02) * height
     K = np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]]).astype(np.float32).astype(np.float64)
@@ -255,13 +259,16 @@ def _hand_motion(rng: np.random.Generator, t: np.ndarray, layer: MANOLayer, axes
     """One hand's world joints (F, 21, 3), vertices (F, V, 3), global orientation (F, 3, 3) and its
     ARCTIC parameters; ``away`` (F, 3) is an extra wrist offset that takes the hand out of view."""
     frames, sign = len(t), (-1.0 if layer.side == "left" else 1.0)
-    wrist = np.array([0.13 * sign, 0.09, 0.40]) + _smooth(rng, t, 3) * np.array([0.08, 0.07, 0.12])
+    wrist = np.array([0.09 * sign, 0.06, 0.33]) + _smooth(rng, t, 3) * np.array([0.05, 0.04, 0.06])
     if away is not None:
         wrist = wrist + away * np.array([sign, 1.0, 1.0])
     # Neutral: palm down on the table, fingers away from the body and a little inwards.
     palm = np.array([0.0, math.cos(head.pitch), math.sin(head.pitch)])
     target = _frame(np.array([-0.3 * sign, -math.sin(head.pitch), math.cos(head.pitch)]), palm)
-    swing = _rotmats(_smooth(rng, t, 3) * _ORIENT_AMPLITUDE)  # (F, 3, 3) in the hand's own axes
+    # Brisk swings (up to about 1 Hz, as in manipulation) around the neutral pose: within every sequence
+    # the hand sweeps much of the orientation range, so nothing constant over a sequence (its background,
+    # the subject) tells the orientation; only the hand's appearance does.
+    swing = _rotmats(_smooth(rng, t, 3, (0.3, 1.2)) * _ORIENT_GAIN * _ORIENT_AMPLITUDE)  # (F, 3, 3)
     orient = head.R_wc0 @ target @ swing @ axes.T  # (F, 3, 3) global orientation, world
     comps = layer.hands_components.double().numpy()[: len(_FINGER_AMPLITUDE)]
     comps = comps / np.linalg.norm(comps, axis=1, keepdims=True)
@@ -283,7 +290,7 @@ def _box_motion(rng: np.random.Generator, t: np.ndarray, head: _Head,
 
     Returns world vertices (F, 8, 3), rotations (F, 3, 3) and faces (12, 3).
     """
-    size = rng.uniform([0.06, 0.05, 0.08], [0.12, 0.10, 0.15])
+    size = rng.uniform([0.04, 0.03, 0.05], [0.08, 0.07, 0.10])
     centre = np.array([rng.uniform(-0.08, 0.08), 0.22, 0.50]) + _smooth(rng, t, 3, (0.05, 0.3)) * 0.03
     if rng.random() < 0.5:
         wrist = (wrists[int(rng.integers(2))] - head.position) @ head.R_wc0  # (F, 3) nominal camera frame
