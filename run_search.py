@@ -98,6 +98,10 @@ def print_summary(experiment_dir: Path, metric: str, mode: str) -> None:
     stopped = [r for r in rows if r["stopped_early"]]
     at = sorted(r["stopped_at_epoch"] for r in stopped)
     print(f"ASHA stopped {len(stopped)} of {len(rows)} trials" + (f" (at epochs {at})" if at else ""))
+    unfinished = [r for r in rows if r["status"] not in ("TERMINATED", "ERROR")]
+    if unfinished:
+        print(f"{len(unfinished)} trials did not finish (search interrupted): continue with "
+              f"python run_search.py --space <space> --name {experiment_dir.name} --resume")
     print(f"trials: {experiment_dir / TRIALS_FILE}\nepochs: {experiment_dir / EPOCHS_FILE}")
     print(f"next:   python run_best.py --experiment {experiment_dir}")
 

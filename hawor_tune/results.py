@@ -18,6 +18,8 @@ import pyarrow.parquet as pq
 from ray.tune import Callback
 
 EPOCHS_FILE = "epochs.parquet"
+INTERRUPTED = "INTERRUPTED"
+_FINAL = ("TERMINATED", "ERROR")
 TRIALS_FILE = "trials.parquet"
 # Columns every epoch row carries besides the reported metrics.
 _EPOCH_META = ("trial_id", "epoch", "time_total_s", "timestamp", "node_id", "diverged")
@@ -129,9 +131,15 @@ class ParquetExporter(Callback):
                     "status": r.get("status"), "checkpoint": r.get("checkpoint"), "error": r.get("error"),
                     "params": {p: r.get(f"param/{p}") for p in self.param_paths}}
 
-    def _trial(self, trial: Any) -> dict[str, Any]:
+    def _trial(self, trial: Any, status: str | None = None) -> dict[str, Any]:
+        """The trial's metadata, refreshed. Only on_trial_complete/on_trial_error decide that a trial ended:
+        Ray also marks trials TERMINATED when it stops them because the search was interrupted, and those
+        are resumed later, so its status is not copied then."""
         meta = self._meta.setdefault(trial.trial_id, {})
-        meta["status"] = trial.status
+        if status is not None:
+            meta["status"] = status
+        elif meta.get("status") not in _FINAL and trial.status not in _FINAL:
+            meta["status"] = trial.status
         meta["params"] = {p: trial.config.get(p) for p in self.param_paths}
         return meta
 
@@ -155,18 +163,18 @@ class ParquetExporter(Callback):
         self._trial(trial)["checkpoint"] = getattr(checkpoint, "path", str(checkpoint))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._trial(trial)["status"] = "TERMINATED"
+        self._trial(trial, "TERMINATED")
         self.flush()
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        meta = self._trial(trial)
-        meta["status"] = "ERROR"
-        meta["error"] = str(getattr(trial, "error_file", "") or "")
+        self._trial(trial, "ERROR")["error"] = str(getattr(trial, "error_file", "") or "")
         self.flush()
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         for t in trials:
             meta = self._trial(t)
+            if meta.get("status") not in _FINAL:
+                meta["status"] = INTERRUPTED  # stopped with the search; --resume continues it
             if getattr(t, "checkpoint", None) is not None and getattr(t.checkpoint, "path", None):
                 meta["checkpoint"] = t.checkpoint.path
         self.flush()

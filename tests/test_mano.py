@@ -317,9 +317,11 @@ def test_build_mano_missing_files_names_the_path(tmp_path: Path, monkeypatch: py
 def test_build_mano_logs_source_and_caches_arrays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="hawor_tune.mano")
+    mano._procedural_params.cache_clear()  # the model in use is logged once per process, when first built
     layer = build_mano(ManoConfig(), "right")
+    build_mano(ManoConfig(), "right")
     assert layer.kind == "procedural"
-    assert "MANO: built-in procedural hand (no MANO files configured)" in caplog.text
+    assert caplog.text.count("MANO: built-in procedural hand (no MANO files configured), right hand") == 1
 
     _write_official_pickle(tmp_path / "MANO_RIGHT.pkl", _random_official_params(seed=1))
     calls = []
@@ -328,7 +330,7 @@ def test_build_mano_logs_source_and_caches_arrays(tmp_path: Path, monkeypatch: p
     monkeypatch.setenv(mano.MANO_DIR_ENV, str(tmp_path))
     first, second = build_mano(ManoConfig(), "right"), build_mano(ManoConfig(), "right")
     assert len(calls) == 1 and first.kind == "official"
-    assert f"MANO: official model from {tmp_path.resolve() / 'MANO_RIGHT.pkl'}" in caplog.text
+    assert caplog.text.count(f"MANO: official model from {tmp_path.resolve() / 'MANO_RIGHT.pkl'}") == 1
     torch.testing.assert_close(first.v_template, second.v_template)
     first.v_template.add_(1.0)  # a layer owns its tensors: the cache is not affected
     assert not torch.equal(build_mano(ManoConfig(), "right").v_template, first.v_template)
