@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_MODEL_OVERRIDES
 
 from hawor_tune.config import ExperimentConfig, LossConfig, load_config
 from hawor_tune.geometry import axis_angle_to_matrix
@@ -17,18 +18,7 @@ from hawor_tune.model import MEAN_ROOT_DEPTH, MEAN_ROOT_UV, PARAM_DIM, HaWoR, bu
 from hawor_tune.procedural_hand import make_procedural_hand
 
 S = 32
-TINY = {
-    "model.backbone": "vit_tiny_patch16_224",
-    "model.backbone_kwargs": {"depth": 1, "patch_size": 16},
-    "data.img_size": S,
-    "model.temporal_dim": 32,
-    "model.temporal_layers": 1,
-    "model.temporal_heads": 2,
-    "model.head_hidden": 32,
-    "model.infiller_hidden": 16,
-    "model.dropout": 0.0,
-    "mano.model_dir": "",
-}
+TINY = {**TINY_MODEL_OVERRIDES, "data.img_size": S, "mano.model_dir": ""}
 
 
 @pytest.fixture(scope="module", autouse=True)
