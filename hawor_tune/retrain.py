@@ -107,9 +107,11 @@ def choose_best_trial(exp: Experiment) -> tuple[dict[str, Any], float, int]:
 
 
 def best_config(exp: Experiment, trial: dict[str, Any], *, overrides: dict[str, Any]) -> ExperimentConfig:
-    """The base config of the search with the trial's parameters and the caller's overrides applied."""
+    """The search's base config with the trial's parameters, the base config file's full training budget
+    (train.epochs, train.max_train_batches: a space may shorten trials) and the caller's overrides."""
     params = {p: trial[f"param/{p}"] for p in exp.record["params"] if trial.get(f"param/{p}") is not None}
-    return load_config(exp.record["base_config"], {**params, **overrides})
+    budget = exp.record.get("full_budget", {})  # the base file's epochs, not a search-shortened count
+    return load_config(exp.record["base_config"], {**params, **budget, **overrides})
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from hawor_tune.search_space import SearchSpace
 log = logging.getLogger(__name__)
 
 SEARCH_FILE = "search.json"  # what run_best.py needs to know about the experiment
+BUDGET_KEYS = ("train.epochs", "train.max_train_batches")
 
 
 def train_trial(params: dict[str, Any], base: dict[str, Any], metric: str = "val/mpjpe") -> None:
@@ -130,9 +131,13 @@ def experiment_record(space: SearchSpace, base_cfg: ExperimentConfig, name: str)
     """What ``search.json`` holds: enough for run_best.py to rebuild any trial's config and the space."""
     from optuna.distributions import distribution_to_json
 
+    full = load_config(space.base)
     return {"distributions": {p: distribution_to_json(d) for p, d in space.to_optuna_distributions().items()},
             "name": name, "space": str(space.path), "base_config": base_cfg.to_dict(), "metric": space.metric,
             "mode": space.mode, "params": list(space.params), "max_epochs": space.max_epochs,
+            # The training budget of the base config file itself: a space may shorten trials to fit a search
+            # budget, but the final retrain uses the full one.
+            "full_budget": {k: getattr(full.train, k.split(".")[1]) for k in BUDGET_KEYS},
             "train_epochs": base_cfg.train.epochs, "num_samples": space.num_samples}
 
 

@@ -13,7 +13,7 @@ import pytest
 
 import run_best
 from hawor_tune.results import write_parquet_atomic
-from hawor_tune.retrain import choose_best_trial, load_experiment
+from hawor_tune.retrain import best_config, choose_best_trial, load_experiment
 
 # What metrics.json must hold for the test split (issue: per hand, per joint/finger, accel, W/WA, camera, jerk).
 TEST_METRICS = ["mpjpe", "mpjpe_left", "mpjpe_right", "pa_mpjpe", "pa_mpjpe_left", "pa_mpjpe_right",
@@ -117,3 +117,12 @@ def test_model_file_that_is_not_ours(tmp_path, capsys):
     (tmp_path / "model.pt").write_bytes(b"\x00" * 64)
     assert _exit_code(["--eval-only", str(tmp_path / "model.pt")]) == 2
     _one_line_error(capsys, "not a hawor-tune checkpoint")
+
+
+def test_retrain_budget_is_the_base_files_not_the_search_shortened_one(tiny_search):
+    exp = load_experiment(experiment=tiny_search)
+    assert exp.record["full_budget"] == {"train.epochs": 3, "train.max_train_batches": 0}  # the base file's
+    trial, _, _ = choose_best_trial(exp)
+    exp.record["full_budget"] = {"train.epochs": 7, "train.max_train_batches": 5}  # as if trials were cut to fit
+    assert (best_config(exp, trial, overrides={}).train.epochs, best_config(exp, trial, overrides={}).train.max_train_batches) == (7, 5)
+    assert best_config(exp, trial, overrides={"train.epochs": 2}).train.epochs == 2  # --epochs wins
