@@ -298,3 +298,14 @@ def test_generated_data_must_match_the_configured_hand_model(synthetic_dataset, 
     marker.write_text(json.dumps(info))
     with pytest.raises(DatasetError, match="images would not match its labels"):
         ensure_dataset(synthetic_dataset.config({"data.root": str(root)}))
+
+
+def test_train_on_val_folds_the_validation_sequences_into_training(synthetic_dataset):
+    from hawor_tune.data import build_dataset
+
+    train = build_dataset(synthetic_dataset.config(), "train")
+    val = build_dataset(synthetic_dataset.config(), "val")
+    both = build_dataset(synthetic_dataset.config({"data.train_on_val": True}), "train")
+    assert both.sequences == train.sequences + val.sequences
+    assert len(both) > len(train)
+    assert build_dataset(synthetic_dataset.config({"data.train_on_val": True}), "val").sequences == val.sequences

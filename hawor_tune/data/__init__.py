@@ -105,6 +105,8 @@ def build_dataset(cfg: ExperimentConfig, split: str, *, cached: bool = True) -> 
         cfg: experiment config.
         split: 'train', 'val' or 'test'.
         cached: read frames from the packed frame cache (built on first use) rather than the JPEGs.
+
+    With ``data.train_on_val`` the training split also holds the validation sequences.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
@@ -113,7 +115,8 @@ def build_dataset(cfg: ExperimentConfig, split: str, *, cached: bool = True) -> 
     mano = [build_mano(cfg.mano, side) for side in HANDS]
     return ArcticClips(root, split, mano=mano, seq_len=d.seq_len, stride=d.stride, frame_step=d.frame_step,
                        img_size=d.img_size, min_visible_joints=d.min_visible_joints,
-                       cache_dir=d.cache_dir or None, cached=cached)
+                       cache_dir=d.cache_dir or None, cached=cached,
+                       extra_splits=("val",) if split == "train" and d.train_on_val else ())
 
 
 def build_dataloader(cfg: ExperimentConfig, split: str, *, shuffle: bool, seed: int = 0,

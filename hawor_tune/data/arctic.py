@@ -341,13 +341,15 @@ class ArcticClips(Dataset):
         min_visible_joints: see :func:`load_sequence`.
         cache_dir: where frame caches live (default: ``<root>/../cache``).
         cached: read frames from the cache (built on first use) instead of decoding JPEGs.
+        extra_splits: further splits whose sequences join this one (the final retrain's train + val).
     """
 
     def __init__(self, root: str | os.PathLike, split: str, *, mano: Sequence[MANOLayer], seq_len: int,
                  stride: int, frame_step: int = 1, img_size: int = 96, min_visible_joints: int = 8,
-                 cache_dir: str | os.PathLike | None = None, cached: bool = True) -> None:
+                 cache_dir: str | os.PathLike | None = None, cached: bool = True,
+                 extra_splits: Sequence[str] = ()) -> None:
         self.root, self.split, self.seq_len = Path(root), split, seq_len
-        self.sequences = read_split(self.root, split)
+        self.sequences = [name for s in (split, *extra_splits) for name in read_split(self.root, s)]
         if not self.sequences:
             raise DatasetError(f"{self.root / SPLITS_FILE}: split '{split}' has no sequences")
         misc = _read_json(self.root / MISC_FILE)
