@@ -12,6 +12,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from hawor_tune import report
+from hawor_tune.mano import FINGERS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -87,7 +88,7 @@ PLOTS = {
         search_rows()[1], ["optim.lr", "data.seq_len", "model.flag"], "val/mpjpe", p, log_params={"optim.lr"}),
     "importance": lambda p: report.plot_importance({"optim.lr": 0.7, "data.seq_len": 0.2, "model.flag": 0.1}, p),
     "per_finger": lambda p: report.plot_per_finger(sample_metrics(), p,
-                                                   baseline={f"finger_{f}": 30.0 for f in report.FINGERS}),
+                                                   baseline={f"finger_{f}": 30.0 for f in FINGERS}),
     "per_finger_no_baseline": lambda p: report.plot_per_finger(sample_metrics(), p),
     "skeleton_overlays": _overlays,
     "camera_trajectory": _trajectory,

@@ -1,11 +1,10 @@
-"""The final-retrain report: figures (PNG) and ``report.md`` from plain data.
+"""Report figures (PNG) from plain data: training and search curves, importance bars, per-finger errors,
+2D skeletons over test frames, camera trajectories.
 
 Every plot function takes lists of dicts / numpy arrays and an output path, writes the PNG atomically
 (a temporary file in the same folder, then ``os.replace``), closes its figure and returns the path.
 Inputs follow :mod:`hawor_tune.results` (``trials.parquet`` / ``epochs.parquet`` rows) and
-:func:`hawor_tune.train.compute_metrics` (test metrics keyed without a split prefix, in mm, mm/frame^2,
-degrees and m/s^3). :func:`hyperparameter_importance` rebuilds an in-memory Optuna study from the trial
-rows and scores the parameters with PED-ANOVA.
+:func:`hawor_tune.evaluation.compute_metrics` (test metrics keyed without a split prefix).
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +27,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from hawor_tune.mano import FINGERS, HANDS, NUM_JOINTS  # noqa: E402
 
 if TYPE_CHECKING:
-    from optuna.distributions import BaseDistribution
+    pass
 
 logger = logging.getLogger(__name__)
 
@@ -45,20 +43,8 @@ _UNITS = {"mpjpe": "mm", "pa_mpjpe": "mm", "w_mpjpe": "mm", "wa_mpjpe": "mm", "a
           "jerk": "m/s^3", "jerk_gt": "m/s^3", "cam_trans_error": "mm", "cam_rot_error": "deg",
           "valid_hand_frames": "frames"}
 # Rows of the world/camera/smoothness table: key, description.
-_WORLD_ROWS = (("w_mpjpe", "W-MPJPE (world, aligned on each clip's first two frames)"),
-               ("wa_mpjpe", "WA-MPJPE (world, aligned on the whole clip)"),
-               ("accel_error", "acceleration error (wrist-relative joints)"),
-               ("jerk", "jerk of predicted world joints"),
-               ("jerk_gt", "jerk of ground-truth world joints (reference)"),
-               ("cam_trans_error", "camera translation error"),
-               ("cam_rot_error", "camera rotation error (geodesic)"),
-               ("valid_hand_frames", "hand-frames evaluated"))
 _GT_COLOR = (0, 200, 0)                                  # RGB
 _PRED_COLORS = {"left": (230, 30, 30), "right": (40, 90, 255)}
-# PED-ANOVA compares the top trials with all trials; aim for this many top trials (its default top 10% is
-# a single trial in a 10-trial search, which makes the ranking depend on one point).
-_TOP_TRIALS = 3
-
 
 # ---- Small helpers ---------------------------------------------------------------------------------------
 
@@ -281,127 +267,6 @@ def _trial_kind(row: Mapping[str, Any]) -> str:
     return "stopped by ASHA" if row.get("stopped_early") else "ran all epochs"
 
 
-# ---- Hyperparameter importance ---------------------------------------------------------------------------
-
-def hyperparameter_importance(trial_rows: Sequence[Mapping[str, Any]], params: Sequence[str], metric: str,
-                              mode: str, distributions: Mapping[str, BaseDistribution]) -> dict[str, float]:
-    """How much each searched parameter mattered for reaching the best ``best/<metric>`` values.
-
-    The trials go into an in-memory Optuna study (direction from ``mode``) via
-    ``optuna.trial.create_trial`` and are scored by ``optuna.importance.get_param_importances`` with
-    :class:`optuna.importance.PedAnovaImportanceEvaluator`, whatever is installed. Why PED-ANOVA: it is
-    pure numpy (fANOVA and mean-decrease-impurity need scikit-learn, which is not a dependency) and
-    deterministic (no random forest, so no seed to set and the same rows always give the same
-    numbers); it is also Optuna 5's default. Its top quantile is set so that about three trials count as
-    "top" (between 10% and 50% of the trials): the default 10% is one trial in a 10-trial search.
-
-    A value outside its distribution is handled as follows: float noise within 1e-9 of a bound (or of a
-    ``step`` grid point) is snapped in; anything else, a missing value, or a choice not among the
-    categories drops that trial, with a warning in the log. Parameters that take a single value over the
-    usable trials carry no information; they get importance 0.0 and the others share 1.0.
-
-    Args:
-        trial_rows: rows of ``trials.parquet`` (``param/<p>``, ``best/<metric>``).
-        params: the searched parameters (dotted paths), each a key of ``distributions``.
-        metric: the search metric, e.g. ``val/mpjpe``.
-        mode: ``'min'`` or ``'max'``.
-        distributions: Optuna distribution of each parameter (``SearchSpace.to_optuna_distributions()``).
-
-    Returns:
-        Parameter -> importance (non-negative, summing to 1), most important first.
-
-    Raises:
-        ValueError: an unknown mode or parameter, fewer than 2 usable trials, a metric equal in every
-            usable trial, or no parameter that varies.
-    """
-    import optuna
-    from optuna.importance import PedAnovaImportanceEvaluator, get_param_importances
-
-    if mode not in ("min", "max"):
-        raise ValueError(f"hyperparameter_importance: mode={mode!r}; allowed: 'min', 'max'")
-    if not params:
-        raise ValueError("hyperparameter_importance: params is empty")
-    missing = [p for p in params if p not in distributions]
-    if missing:
-        raise ValueError(f"hyperparameter_importance: no distribution for {missing}; "
-                         f"distributions has {sorted(distributions)}")
-    usable: list[tuple[dict[str, Any], float]] = []
-    for row in trial_rows:
-        value = row.get(f"best/{metric}")
-        if not _finite(value):
-            continue
-        point = {}
-        for p in params:
-            x, problem = _into_distribution(row.get(f"param/{p}"), distributions[p])
-            if problem:
-                logger.warning("hyperparameter importance: trial %s left out: %s = %s",
-                               row.get("trial_id"), p, problem)
-                break
-            point[p] = x
-        else:
-            usable.append((point, float(value)))
-    if len(usable) < 2:
-        raise ValueError(f"hyperparameter importance needs at least 2 trials with a finite best/{metric} and "
-                         f"parameters inside the search space; {len(usable)} of {len(trial_rows)} qualify")
-    if len({v for _, v in usable}) == 1:
-        raise ValueError(f"hyperparameter importance is undefined: best/{metric} has the same value "
-                         f"({usable[0][1]}) in all {len(usable)} usable trials")
-    varying = [p for p in params if len({repr(point[p]) for point, _ in usable}) > 1]
-    if not varying:
-        raise ValueError(f"hyperparameter importance is undefined: every parameter ({', '.join(params)}) "
-                         f"has the same value in all {len(usable)} usable trials")
-
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" line in the report run
-    try:
-        with warnings.catch_warnings():
-            # Experimental-feature and small-sample warnings; the docstring states the caveats.
-            warnings.simplefilter("ignore")
-            study = optuna.create_study(direction="minimize" if mode == "min" else "maximize")
-            for point, value in usable:
-                study.add_trial(optuna.trial.create_trial(
-                    params={p: point[p] for p in varying},
-                    distributions={p: distributions[p] for p in varying}, value=value))
-            quantile = min(0.5, max(0.1, (_TOP_TRIALS - 0.5) / len(usable)))  # ceil(q * n) = 3 top trials
-            evaluator = PedAnovaImportanceEvaluator(target_quantile=quantile)
-            scores = get_param_importances(study, evaluator=evaluator, params=varying)
-    finally:
-        optuna.logging.set_verbosity(verbosity)
-    result = {p: float(scores.get(p, 0.0)) for p in params}
-    return dict(sorted(result.items(), key=lambda kv: -kv[1]))
-
-
-def _into_distribution(value: Any, dist: BaseDistribution) -> tuple[Any, str | None]:
-    """``value`` as a member of ``dist`` (float noise snapped in), or None and why it is not one."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-    if value is None:
-        return None, "missing"
-    if isinstance(dist, CategoricalDistribution):
-        for choice in dist.choices:
-            if value == choice and isinstance(value, bool) == isinstance(choice, bool):
-                return choice, None
-        return None, f"{value!r}, not one of {list(dist.choices)}"
-    if not isinstance(dist, (FloatDistribution, IntDistribution)):
-        raise ValueError(f"hyperparameter_importance: unsupported distribution {dist!r}")
-    if not _finite(value):
-        return None, f"{value!r}, not a finite number"
-    x = float(value)
-    tol = 1e-9 * max(1.0, abs(dist.low), abs(dist.high))
-    if not dist.low - tol <= x <= dist.high + tol:
-        return None, f"{value!r}, outside [{dist.low}, {dist.high}]"
-    x = min(max(x, dist.low), dist.high)
-    if dist.step is not None:
-        k = round((x - dist.low) / dist.step)
-        if abs(dist.low + k * dist.step - x) > tol:
-            return None, f"{value!r}, not on the grid {dist.low} + k * {dist.step}"
-        x = min(dist.low + k * dist.step, dist.high)
-    if isinstance(dist, IntDistribution):
-        if abs(x - round(x)) > tol:
-            return None, f"{value!r}, not an integer"
-        return int(round(x)), None
-    return x, None
-
 
 def plot_importance(importances: Mapping[str, float], path: str | os.PathLike) -> Path:
     """Horizontal bars of parameter importances, the most important at the top."""
@@ -578,122 +443,3 @@ def plot_camera_trajectory(gt_positions: np.ndarray, pred_positions: np.ndarray,
     return _save(fig, path)
 
 
-# ---- report.md -------------------------------------------------------------------------------------------
-
-def _fmt(value: Any) -> str:
-    """A table cell: floats with 2 decimals (3 significant digits when tiny or huge), 'n/a' when missing."""
-    if isinstance(value, (bool, np.bool_)):
-        return str(bool(value))
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if not _finite(value):
-        return "n/a" if value is None or isinstance(value, (float, np.floating)) else str(value)
-    v = float(value)
-    if v != 0 and (abs(v) < 0.01 or abs(v) >= 1e5):
-        return f"{v:.3g}"
-    return f"{v:.2f}"
-
-
-def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
-
-
-def _figure_link(out_dir: Path, path: str) -> str:
-    p = Path(path)
-    return Path(os.path.relpath(p, out_dir)).as_posix() if p.is_absolute() else p.as_posix()
-
-
-def write_report(out_dir: str | os.PathLike, *, metrics: Mapping[str, float],
-                 baseline: Mapping[str, float] | None, search: Mapping[str, Any] | None,
-                 figures: Mapping[str, str], notes: Sequence[str] = ()) -> Path:
-    """Write ``out_dir/report.md`` (atomically) and return its path.
-
-    Args:
-        out_dir: the report folder; figure paths are linked relative to it.
-        metrics: test metrics from :func:`hawor_tune.train.compute_metrics`.
-        baseline: the mean-pose baseline's metrics on the same split (same keys), or None.
-        search: what was retrained: ``experiment``, ``trial_id``, ``params`` (dict), ``metric``,
-            ``val_value`` (the search's validation value of its metric), ``epochs``, ``config_path``;
-            None when no search was used.
-        figures: caption -> PNG path (absolute, or relative to ``out_dir``), in display order.
-        notes: free-text lines listed at the end (e.g. why a figure is missing).
-
-    Missing keys are shown as ``n/a``.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    search = search or {}
-    baseline = baseline or {}
-    lines = [f"# Final retrain report{': ' + str(search['experiment']) if search.get('experiment') else ''}", ""]
-
-    lines += ["## What was trained", ""]
-    if search:
-        lines += [f"- experiment: {search.get('experiment') or 'n/a'}",
-                  f"- trial: {search.get('trial_id') or 'n/a'}",
-                  f"- search metric: {search.get('metric') or 'n/a'}, best trial's validation value "
-                  f"{_fmt(search.get('val_value'))} {_unit(str(search.get('metric', '')))}".rstrip(),
-                  f"- epochs: {_fmt(search.get('epochs'))}",
-                  f"- resolved config: {search.get('config_path') or 'n/a'}", ""]
-        params = search.get("params") or {}
-        if params:
-            lines += _table(("parameter", "value"),
-                            ((f"`{k}`", f"{v:.4g}" if _finite(v) and isinstance(v, float) else _fmt(v))
-                             for k, v in params.items()))
-        else:
-            lines.append("Searched parameters: n/a")
-    else:
-        lines.append("No search result was given: the model was trained from its config as is.")
-    lines.append("")
-
-    val_metric = str(search.get("metric", "")).removeprefix("val/")
-    shown: set[str] = set()
-
-    def cell(key: str, source: Mapping[str, Any]) -> str:
-        value = source.get(key)
-        if _unit(key) == "frames" and _finite(value) and float(value).is_integer():
-            return str(int(value))  # a count
-        return _fmt(value)
-
-    def row(key: str, label: str | None = None) -> list[str]:
-        shown.add(key)
-        cells = [label or key, _unit(key) or "-", cell(key, metrics), cell(key, baseline)]
-        if not search:
-            return cells
-        # The search's validation value sits in the row of the metric it optimised ("-": not that row).
-        return [*cells, _fmt(search.get("val_value")) if key == val_metric else "-"]
-
-    header = ("metric", "unit", "test", "mean-pose baseline (test)", *(("search best (val)",) if search else ()))
-    lines += ["## Results (test split)", ""]
-    lines += _table(header, [row("mpjpe", "MPJPE (wrist-relative)"), row("pa_mpjpe", "PA-MPJPE")]) + [""]
-    lines += ["### Per hand", ""]
-    lines += _table(header, [row(f"{m}_{h}", f"{label}, {h}") for h in HANDS
-                             for m, label in (("mpjpe", "MPJPE"), ("pa_mpjpe", "PA-MPJPE"))]) + [""]
-    fingers = _finger_names(metrics, baseline) or list(FINGERS)
-    lines += ["### Per finger (mean over its 4 joints, both hands)", ""]
-    lines += _table(("finger", "test (mm)", "mean-pose baseline (mm)"),
-                    ([f, _fmt(metrics.get(f"finger_{f}")), _fmt(baseline.get(f"finger_{f}"))]
-                     for f in fingers)) + [""]
-    shown.update(f"finger_{f}" for f in fingers)
-    lines += ["### Per joint (both hands)", ""]
-    lines += _table(("joint", "name", "test (mm)", "mean-pose baseline (mm)"),
-                    ([f"{j:02d}", JOINT_NAMES[j], _fmt(metrics.get(f"joint_{j:02d}")),
-                      _fmt(baseline.get(f"joint_{j:02d}"))] for j in range(NUM_JOINTS))) + [""]
-    shown.update(f"joint_{j:02d}" for j in range(NUM_JOINTS))
-    lines += ["## World, camera and smoothness", ""]
-    lines += _table(header, [row(k, label) for k, label in _WORLD_ROWS]) + [""]
-    others = [k for k in dict.fromkeys([*metrics, *baseline]) if k not in shown]
-    if others:
-        lines += ["### Other metrics", ""] + _table(header, [row(k) for k in others]) + [""]
-
-    lines += ["## Figures", ""]
-    if figures:
-        for caption, fig_path in figures.items():
-            lines += [f"### {caption}", "", f"![{caption}]({_figure_link(out_dir, str(fig_path))})", ""]
-    else:
-        lines += ["No figures were written.", ""]
-    if notes:
-        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
-    path = out_dir / "report.md"
-    _write_text_atomic("\n".join(lines), path)
-    return path
