@@ -124,3 +124,24 @@ def tiny_search(tmp_path_factory: pytest.TempPathFactory, synthetic_dataset: Syn
     finally:
         ray.shutdown()
     return outcome.experiment_dir
+
+
+def run_concurrently(fn: Any, n: int = 3) -> tuple[list[Any], list[BaseException]]:
+    """Call ``fn()`` from ``n`` threads at once; its results and the exceptions it raised."""
+    import threading
+
+    results: list[Any] = []
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            results.append(fn())
+        except Exception as e:  # surfaced to the caller
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, errors

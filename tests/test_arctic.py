@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from conftest import run_concurrently
 
 import hawor_tune.data as data
 from hawor_tune.data import DatasetError, build_dataset, ensure_dataset, read_split
@@ -258,19 +258,7 @@ def test_concurrent_callers_generate_once_and_atomically(synthetic_dataset, tmp_
     monkeypatch.setattr(data, "generate", counting)
     root = tmp_path / "arctic"
     cfg = synthetic_dataset.config({**TINY, "data.root": str(root)})
-    results, errors = [], []
-
-    def worker():
-        try:
-            results.append(ensure_dataset(cfg))
-        except Exception as e:  # surfaced below
-            errors.append(e)
-
-    threads = [threading.Thread(target=worker) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results, errors = run_concurrently(lambda: ensure_dataset(cfg))
     assert not errors and results == [root] * 3 and len(calls) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["arctic", "arctic.lock"]  # no temporary left
     assert len(read_split(root, "val")) == 1

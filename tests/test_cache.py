@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pickle
-import threading
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import run_concurrently
 
 from hawor_tune.data import Letterbox, build_dataloader, build_dataset, read_frame
 
@@ -46,19 +46,8 @@ def test_cache_sits_beside_the_dataset_is_reused_and_read_only(synthetic_dataset
 
 def test_concurrent_builders_build_one_cache(synthetic_dataset, tmp_path):
     cfg = synthetic_dataset.config({"data.cache_dir": str(tmp_path)})
-    datasets, errors = [], []
 
-    def build():
-        try:
-            datasets.append(build_dataset(cfg, "test"))
-        except Exception as e:  # surfaced below
-            errors.append(e)
-
-    threads = [threading.Thread(target=build) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    datasets, errors = run_concurrently(lambda: build_dataset(cfg, "test"))
     assert not errors and len({ds.cache.folder for ds in datasets}) == 1
     assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == [datasets[0].cache.folder.name]
     uncached = build_dataset(cfg, "test", cached=False)
