@@ -97,7 +97,7 @@ def test_full_space_is_the_union_of_the_other_two():
     spaces = {n: load_search_space(REPO / "search_spaces" / f"{n}.yaml") for n in ("loss_weights", "lr_seq", "full")}
     assert set(spaces["loss_weights"].params) == {f"loss.{f.name}" for f in dataclasses.fields(LossConfig)}
     assert spaces["full"].params == {**spaces["loss_weights"].params, **spaces["lr_seq"].params}
-    assert spaces["loss_weights"].num_samples == 10
+    assert spaces["loss_weights"].num_samples == 8  # the issue asks for at least 8; sized to fit 10 minutes
 
 
 # --- defaults and field values ------------------------------------------------------------------------
