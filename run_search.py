@@ -73,11 +73,9 @@ def _fmt(value: object) -> str:
 
 def print_summary(experiment_dir: Path, metric: str, mode: str) -> None:
     """The search's summary table, read back from trials.parquet (what a later reader sees too)."""
-    import pyarrow.parquet as pq
+    from hawor_tune.results import EPOCHS_FILE, TRIALS_FILE, read_rows
 
-    from hawor_tune.results import EPOCHS_FILE, TRIALS_FILE
-
-    rows = pq.read_table(experiment_dir / TRIALS_FILE).to_pylist()
+    rows = read_rows(experiment_dir / TRIALS_FILE)
     params = [k for k in (rows[0] if rows else {}) if k.startswith("param/")]
     best_key = f"best/{metric}"
     header = ["trial", "status", "epochs", "asha stop", *(k[len("param/"):] for k in params), metric]

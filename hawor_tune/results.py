@@ -39,6 +39,18 @@ def write_parquet_atomic(rows: list[dict[str, Any]], path: str | os.PathLike,
     os.replace(tmp, path)
 
 
+def read_table(path: str | os.PathLike) -> pa.Table:
+    """Read a parquet file through one open handle: a path-based read stats the file and opens it again, so
+    a concurrent atomic replace (the exporter refreshes the files while a search runs) could tear it."""
+    with open(path, "rb") as f:
+        return pq.read_table(f)
+
+
+def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a parquet file as dicts (see :func:`read_table`)."""
+    return read_table(path).to_pylist()
+
+
 def _ordered_keys(rows: list[dict[str, Any]]) -> list[str]:
     seen: dict[str, None] = {}
     for r in rows:
@@ -123,10 +135,10 @@ class ParquetExporter(Callback):
         epochs_path = Path(self.experiment_dir) / EPOCHS_FILE
         trials_path = Path(self.experiment_dir) / TRIALS_FILE
         if epochs_path.is_file():
-            for r in pq.read_table(epochs_path).to_pylist():
+            for r in read_rows(epochs_path):
                 self._epochs[(str(r["trial_id"]), int(r["epoch"]))] = r
         if trials_path.is_file():
-            for r in pq.read_table(trials_path).to_pylist():
+            for r in read_rows(trials_path):
                 self._meta[str(r["trial_id"])] = {
                     "status": r.get("status"), "checkpoint": r.get("checkpoint"), "error": r.get("error"),
                     "params": {p: r.get(f"param/{p}") for p in self.param_paths}}

@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from hawor_tune import report
 from hawor_tune.config import ExperimentConfig, load_config, save_config
-from hawor_tune.results import EPOCHS_FILE, TRIALS_FILE
+from hawor_tune.results import EPOCHS_FILE, TRIALS_FILE, read_rows, read_table
 from hawor_tune.search import SEARCH_FILE
 
 log = logging.getLogger(__name__)
@@ -70,7 +69,7 @@ def load_experiment(*, experiment: str | os.PathLike | None = None,
     if not trials_path.is_file():
         raise SelectionError(f"{trials_path}: no such file (an experiment folder holds {TRIALS_FILE})")
     try:
-        table = pq.read_table(trials_path)
+        table = read_table(trials_path)
     except Exception as e:  # pyarrow raises several types for a file that is not parquet
         raise SelectionError(f"{trials_path}: not a parquet file ({str(e).splitlines()[0][:120]})") from None
     record_path = directory / SEARCH_FILE
@@ -82,7 +81,7 @@ def load_experiment(*, experiment: str | os.PathLike | None = None,
     if missing:
         raise SelectionError(f"{trials_path}: not a hawor-tune trials file (missing columns {sorted(missing)})")
     epochs_path = directory / EPOCHS_FILE
-    epochs = pq.read_table(epochs_path).to_pylist() if epochs_path.is_file() else []
+    epochs = read_rows(epochs_path) if epochs_path.is_file() else []
     return Experiment(directory, record, table.to_pylist(), epochs)
 
 

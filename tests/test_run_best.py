@@ -8,11 +8,10 @@ import shutil
 
 import cv2
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 import run_best
-from hawor_tune.results import write_parquet_atomic
+from hawor_tune.results import read_rows, write_parquet_atomic
 from hawor_tune.retrain import best_config, choose_best_trial, load_experiment
 
 # What metrics.json must hold for the test split (issue: per hand, per joint/finger, accel, W/WA, camera, jerk).
@@ -32,7 +31,7 @@ def _exit_code(argv) -> int:
 def test_best_trial_is_the_best_in_trials_parquet(tiny_search):
     exp = load_experiment(experiment=tiny_search)
     trial, value, epoch = choose_best_trial(exp)
-    trials = pq.read_table(tiny_search / "trials.parquet").to_pylist()
+    trials = read_rows(tiny_search / "trials.parquet")
     best = min((t for t in trials if t["status"] != "ERROR"), key=lambda t: (t["best/val/mpjpe"], t["best_epoch"]))
     assert trial["trial_id"] == best["trial_id"]
     assert value == pytest.approx(best["best/val/mpjpe"]) and epoch == best["best_epoch"]
@@ -98,7 +97,7 @@ def test_no_experiment_found(tmp_path, capsys):
 def test_experiment_without_a_completed_trial(tiny_search, tmp_path, capsys):
     exp_dir = tmp_path / "exp"
     shutil.copytree(tiny_search, exp_dir, ignore=shutil.ignore_patterns("best", "*_0*"))
-    rows = pq.read_table(exp_dir / "trials.parquet").to_pylist()
+    rows = read_rows(exp_dir / "trials.parquet")
     write_parquet_atomic([{**r, "status": "ERROR"} for r in rows], exp_dir / "trials.parquet")
     assert _exit_code(["--experiment", str(exp_dir)]) == 2
     _one_line_error(capsys, "no trial completed an epoch")

@@ -10,12 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import ray
 from conftest import write_search_space
 
 import run_search
+from hawor_tune.results import read_rows
 from hawor_tune.search import run_search as run_search_fn
 from hawor_tune.search_space import load_search_space
 
@@ -29,8 +29,8 @@ def _reported(trial_dir: Path) -> list[dict]:
 
 
 def test_search_end_to_end_parquet_matches_reports(tiny_search):
-    epochs = pq.read_table(tiny_search / "epochs.parquet").to_pylist()
-    trials = pq.read_table(tiny_search / "trials.parquet").to_pylist()
+    epochs = read_rows(tiny_search / "epochs.parquet")
+    trials = read_rows(tiny_search / "trials.parquet")
     record = json.loads((tiny_search / "search.json").read_text())
     trial_dirs = [d for d in tiny_search.iterdir() if (d / "result.json").is_file()]
     assert len(trial_dirs) == 4 and len(trials) == 4
@@ -38,7 +38,8 @@ def test_search_end_to_end_parquet_matches_reports(tiny_search):
 
     by_trial = {r["trial_id"]: r for r in trials}
     first_params = None
-    for trial_dir in sorted(trial_dirs, key=lambda d: d.name):
+    # Trial folders are train_trial_<id>_<n>_<params>...: n counts trials in the order Optuna proposed them.
+    for trial_dir in sorted(trial_dirs, key=lambda d: int(d.name.split("_")[3])):
         reported = _reported(trial_dir)
         trial_id = reported[0]["trial_id"]
         config = json.loads((trial_dir / "params.json").read_text())
@@ -75,7 +76,7 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path, synthetic_dataset)
         space = load_search_space(write_search_space(tmp_path, synthetic_dataset, num_samples=2, epochs=1,
                                                      scheduler={"type": "fifo"}))
         outcome = run_search_fn(space, storage=tmp_path / "results", name="cluster", verbose=0)
-        epochs = pq.read_table(outcome.experiment_dir / "epochs.parquet").to_pylist()
+        epochs = read_rows(outcome.experiment_dir / "epochs.parquet")
         nodes = {r["node_id"] for r in epochs}
         assert len(nodes) == 2, nodes
         assert nodes == {n["NodeID"] for n in ray.nodes() if n["Alive"]}
@@ -99,14 +100,14 @@ def test_interrupted_search_resumes_to_exactly_num_samples(tmp_path, synthetic_d
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if trials_file.is_file():
-            rows = pq.read_table(trials_file).to_pylist()
+            rows = read_rows(trials_file)
             if any(r["status"] == "TERMINATED" for r in rows):
                 break
         time.sleep(0.5)
     assert proc.poll() is None, "search finished before it could be interrupted:\n" + proc.stdout.read()
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
-    before = {r["trial_id"]: r for r in pq.read_table(trials_file).to_pylist()}
+    before = {r["trial_id"]: r for r in read_rows(trials_file)}
     done_before = {t for t, r in before.items() if r["status"] == "TERMINATED"}
     assert done_before and len(done_before) < 4
 
@@ -114,9 +115,9 @@ def test_interrupted_search_resumes_to_exactly_num_samples(tmp_path, synthetic_d
                                   "--dashboard-port", "0"), cwd=tmp_path, env=env, capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    after = {r["trial_id"]: r for r in pq.read_table(trials_file).to_pylist()}
+    after = {r["trial_id"]: r for r in read_rows(trials_file)}
     assert len(after) == 4 and all(r["status"] == "TERMINATED" for r in after.values())
-    epochs = pq.read_table(storage / "r" / "epochs.parquet").to_pylist()
+    epochs = read_rows(storage / "r" / "epochs.parquet")
     for t in done_before:  # finished trials were not run again
         assert after[t]["epochs"] == before[t]["epochs"]
         assert sum(r["trial_id"] == t for r in epochs) == before[t]["epochs"]
