@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from hawor_tune.config import parse_override
+    from hawor_tune.config import load_config, parse_override
     from hawor_tune.retrain import (
         SelectionError,
         best_config,
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         exp = chosen = None
         if args.config:
             out = Path(args.out or "runs/best").resolve()
-            cfg = load_config_with_out(args.config, overrides, out)
+            cfg = load_config(args.config, {**overrides, "train.out_dir": str(out / "run")})
         else:
             exp = load_experiment(experiment=args.experiment, trials=args.trials) if (args.experiment or args.trials) \
                 else load_experiment(experiment=find_latest_experiment(args.storage))
@@ -103,12 +103,6 @@ def main(argv: list[str] | None = None) -> int:
           f"WA-MPJPE {t['wa_mpjpe']:.1f} mm, camera {t['cam_trans_error']:.1f} mm / {t['cam_rot_error']:.2f} deg")
     print(f"model: {out / 'model.pt'}\nreport: {out / 'report.md'}")
     return 0
-
-
-def load_config_with_out(path: str, overrides: dict, out: Path):
-    from hawor_tune.config import load_config
-
-    return load_config(path, {**overrides, "train.out_dir": str(out / "run")})
 
 
 if __name__ == "__main__":

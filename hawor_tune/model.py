@@ -420,13 +420,10 @@ def build_model(cfg: ExperimentConfig) -> HaWoR:
     """Build the model described by ``cfg.model`` for ``cfg.data.img_size`` inputs and ``cfg.mano`` hands.
 
     Raises:
-        ValueError: unknown backbone, or temporal_dim not divisible by temporal_heads.
+        ValueError: unknown backbone. (temporal_dim vs temporal_heads is checked when the config loads.)
         FileNotFoundError: model.pretrained_path names a file that does not exist.
     """
     m = cfg.model
-    if m.temporal_dim % m.temporal_heads:
-        raise ValueError(f"config key 'model.temporal_dim' ({m.temporal_dim}) must be divisible by "
-                         f"'model.temporal_heads' ({m.temporal_heads})")
     backbone = _create_backbone(m.backbone, cfg.data.img_size, dict(m.backbone_kwargs))
     if m.pretrained_path:
         _load_backbone_weights(backbone, m.pretrained_path)
