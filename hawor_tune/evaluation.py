@@ -85,6 +85,9 @@ def compute_metrics(p: Predictions, *, fps: float = 30.0) -> dict[str, float]:
     Hand metrics use the frames where the hand is valid; acceleration, jerk and world metrics use clips in
     which the hand is valid in every frame. World metrics place both hands in the clip's first camera
     frame with the predicted (resp. ground-truth) camera motion, one chunk per clip.
+
+    Camera smoothness (``cam_accel_error`` in mm/frame^2, ``cam_jerk`` and ``cam_jerk_gt`` in m/s^3) uses
+    every clip; it is nan when clips are shorter than 3 (acceleration) or 4 (jerk) frames.
     """
     out: dict[str, float] = {}
     mm = 1000.0
@@ -136,6 +139,18 @@ def compute_metrics(p: Predictions, *, fps: float = 30.0) -> dict[str, float]:
         out["cam_trans_error"], out["cam_rot_error"] = float(te.mean() * mm), float(np.degrees(re.mean()))
     else:
         out["cam_trans_error"] = out["cam_rot_error"] = float("nan")
+    # (cam_R, cam_t) take camera t's coordinates into camera 0's (X_0 = R X_t + t, relative_camera_pose), so
+    # camera t's centre in camera 0 is t itself; -R^T t is the centre only for world-to-camera poses.
+    if T >= 3:
+        accel = [metrics.camera_accel_error(pc, gc) for pc, gc in zip(p.pred_cam_t, p.gt_cam_t)]  # C x (T-2,)
+        out["cam_accel_error"] = float(np.mean(accel) * mm)
+    else:
+        out["cam_accel_error"] = float("nan")
+    if T >= 4:
+        out["cam_jerk"] = float(np.mean([metrics.camera_jerk(pc, fps=fps) for pc in p.pred_cam_t]))
+        out["cam_jerk_gt"] = float(np.mean([metrics.camera_jerk(gc, fps=fps) for gc in p.gt_cam_t]))
+    else:
+        out["cam_jerk"] = out["cam_jerk_gt"] = float("nan")
     out["valid_hand_frames"] = float(total_valid)
     return out
 

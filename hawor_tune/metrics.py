@@ -143,6 +143,36 @@ def camera_translation_error(t_pred: ArrayLike, t_gt: ArrayLike) -> np.ndarray:
     return _joint_errors(p, g)
 
 
+def camera_accel_error(c_pred: ArrayLike, c_gt: ArrayLike) -> np.ndarray:
+    """Acceleration error of a camera trajectory: :func:`accel_error` of its centre positions.
+
+    Per frame, like the hands' acceleration error: in input units per frame^2 (metres in: multiply by 1000
+    for mm/frame^2, and by fps^2 for per second squared).
+
+    Args:
+        c_pred: (T, 3) predicted camera centres, T >= 3.
+        c_gt: (T, 3) ground-truth camera centres in the same frame.
+
+    Returns:
+        (T-2,) error for each interior frame.
+    """
+    p, g = _pair(c_pred, c_gt, ("T", 3), {0: 3}, names=("c_pred", "c_gt"))
+    return accel_error(p[:, None], g[:, None])  # the camera as a one-joint trajectory
+
+
+def camera_jerk(c: ArrayLike, fps: float = 30.0) -> np.ndarray:
+    """Jerk magnitude of a camera trajectory: :func:`jerk` of its centre positions.
+
+    Args:
+        c: (T, 3) camera centres, T >= 4.
+        fps: frame rate; the result is in input units per second cubed (metres in: m/s^3).
+
+    Returns:
+        (T-3,) jerk magnitude for each frame that has a third difference.
+    """
+    return jerk(_to_f64("c", c, ("T", 3), {0: 4})[:, None], fps=fps)
+
+
 def camera_rotation_error(R_pred: ArrayLike, R_gt: ArrayLike) -> np.ndarray:
     """Geodesic angle of R_pred^T R_gt.
 

@@ -48,7 +48,7 @@ LOSS_TERMS = ("mano_params", "keypoint_3d", "keypoint_2d", "temporal", "camera",
 REPORTED_METRICS = (
     "val/mpjpe", "val/mpjpe_left", "val/mpjpe_right",
     "val/pa_mpjpe", "val/pa_mpjpe_left", "val/pa_mpjpe_right",
-    "val/accel_error", "val/cam_trans_error", "val/cam_rot_error",
+    "val/accel_error", "val/cam_trans_error", "val/cam_rot_error", "val/cam_accel_error", "val/cam_jerk",
     "train/loss", *(f"train/{t}" for t in LOSS_TERMS),
     "lr", "epoch", "time/epoch_s",
 )

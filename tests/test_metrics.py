@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from hawor_tune.evaluation import Predictions, compute_metrics
+from hawor_tune.geometry import relative_camera_pose
 from hawor_tune.metrics import (
     accel_error,
+    camera_accel_error,
+    camera_jerk,
     camera_rotation_error,
     camera_translation_error,
     jerk,
@@ -204,6 +208,66 @@ def test_jerk_of_a_cubic_trajectory(conv) -> None:
     _assert_f64(jerk(to(x), fps=1.0), np.full(4, 6 * a), atol)
 
 
+def test_camera_accel_error_of_constant_accelerations(conv) -> None:
+    to, atol = conv
+    t = np.arange(6, dtype=np.float64)[:, None]  # (T, 1) frame index
+    start, gt_accel = np.array([0.1, -0.2, 1.0]), np.array([0.0, 0.0, 0.2])
+    # The second difference of 0.5 a t^2 + v t + c is a; accelerations differing by (0.3, 0.4, 0) are 0.5 apart.
+    gt = start + 0.05 * t + 0.5 * gt_accel * t**2
+    pred = start - 0.3 * t + 0.5 * (gt_accel + OFFSET / 10) * t**2
+    _assert_f64(camera_accel_error(to(pred), to(gt)), np.full(4, 0.5), 10 * atol)
+    _assert_f64(camera_accel_error(to(gt + 0.7 * t), to(gt)), np.zeros(4), 10 * atol)  # velocity only
+
+
+def test_camera_jerk_of_a_cubic_trajectory(conv) -> None:
+    to, atol = conv
+    fps, k = 30.0, 1e-3
+    t = np.arange(6, dtype=np.float64)[:, None]  # (T, 1) frame index
+    c = np.array([0.2, 0.0, 1.0]) + (OFFSET / 5) * (k * t**3 - 0.04 * t**2 + 0.1 * t)  # unit direction
+    _assert_f64(camera_jerk(to(c), fps=fps), np.full(3, 6 * k * fps**3), 1e3 * atol)
+    _assert_f64(camera_jerk(to(c), fps=1.0), np.full(3, 6 * k), atol)
+
+
+def _rotating_camera(T: int, accel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """World-to-camera poses (T, 3, 3), (T, 3) of a camera turning about z whose centre accelerates uniformly."""
+    centre = np.array([0.3, -0.1, 0.5]) + 0.5 * accel * np.arange(T, dtype=np.float64)[:, None] ** 2  # (T, 3)
+    R = np.stack([_rot_z(0.4 * f) @ _rot_x(0.1) for f in range(T)])
+    return R, -np.einsum("tij,tj->ti", R, centre)  # x_cam = R (x_world - centre)
+
+
+@pytest.mark.parametrize("T", [2, 3, 5])
+def test_compute_metrics_camera_smoothness(T: int) -> None:
+    """Camera centres are the relative translations (not -R^T t): a uniformly accelerating centre has constant
+    acceleration there even while the camera turns. A static prediction is off by that acceleration; adding
+    k t^3 along a unit direction to the truth gives jerk 6 k fps^3 and acceleration error 6 k f at frame f."""
+    C, fps, k, accel = 2, 10.0, 2e-3, np.array([0.0, 0.003, 0.004])  # |accel| = 5 mm/frame^2
+    R, t = _rotating_camera(T, accel)
+    gt_R, gt_t = (x.numpy() for x in relative_camera_pose(torch.from_numpy(R), torch.from_numpy(t)))
+    cubic = (OFFSET / 5) * k * np.arange(T, dtype=np.float64)[:, None] ** 3  # (T, 3)
+
+    def predictions(pred_t: np.ndarray) -> Predictions:
+        zeros = np.zeros((C, T, 2, 21, 3))
+        return Predictions(pred_joints=zeros, gt_joints=zeros, valid=np.zeros((C, T, 2), bool),
+                           pred_cam_R=np.broadcast_to(gt_R, (C, T, 3, 3)), pred_cam_t=np.broadcast_to(pred_t, (C, T, 3)),
+                           gt_cam_R=np.broadcast_to(gt_R, (C, T, 3, 3)), gt_cam_t=np.broadcast_to(gt_t, (C, T, 3)),
+                           world_to_cam_R=np.broadcast_to(R, (C, T, 3, 3)), world_to_cam_t=np.broadcast_to(t, (C, T, 3)),
+                           seq_index=np.arange(C), frame_index=np.broadcast_to(np.arange(T), (C, T)))
+
+    static = compute_metrics(predictions(np.zeros((T, 3))), fps=fps)
+    cubic_off = compute_metrics(predictions(gt_t + cubic), fps=fps)
+    if T < 3:
+        assert all(math.isnan(static[name]) for name in ("cam_accel_error", "cam_jerk", "cam_jerk_gt"))
+        return
+    assert static["cam_accel_error"] == pytest.approx(5.0)
+    interior = np.arange(1, T - 1)  # frames with a second difference
+    assert cubic_off["cam_accel_error"] == pytest.approx(6 * k * interior.mean() * 1000.0)
+    if T < 4:
+        assert math.isnan(cubic_off["cam_jerk"]) and math.isnan(cubic_off["cam_jerk_gt"])
+        return
+    assert cubic_off["cam_jerk"] == pytest.approx(6 * k * fps**3)
+    assert cubic_off["cam_jerk_gt"] == pytest.approx(0.0, abs=1e-9) and static["cam_jerk"] == 0.0
+
+
 @pytest.mark.parametrize(("call", "match"), [
     (lambda: mpjpe(np.zeros((2, 4, 2)), np.zeros((2, 4, 2))), r"pred must have shape \(N, J, 3\)"),
     (lambda: mpjpe(np.zeros((2, 4, 3)), np.zeros((3, 4, 3))), "pred and gt must have the same shape"),
@@ -216,6 +280,10 @@ def test_jerk_of_a_cubic_trajectory(conv) -> None:
     (lambda: wa_mpjpe(np.zeros((3, 1, 3)), np.zeros((3, 1, 3)), chunk=2), "needs >= 3 points"),
     (lambda: jerk(np.zeros((3, 4, 3))), "T >= 4"),
     (lambda: jerk(np.zeros((5, 4, 3)), fps=0.0), "fps must be a positive number"),
+    (lambda: camera_accel_error(np.zeros((2, 3)), np.zeros((2, 3))), "T >= 3"),
+    (lambda: camera_accel_error(np.zeros((4, 3)), np.zeros((5, 3))), "c_pred and c_gt must have the same shape"),
+    (lambda: camera_jerk(np.zeros((3, 3))), "T >= 4"),
+    (lambda: camera_jerk(np.zeros((5, 1, 3))), r"c must have shape \(T, 3\)"),
     (lambda: mpjpe("abc", np.zeros((2, 4, 3))), "pred must be a numeric"),
 ])
 def test_bad_input_raises_a_clear_error(call: Callable[[], object], match: str) -> None:

@@ -22,6 +22,9 @@ _WORLD_ROWS = (("w_mpjpe", "W-MPJPE (world, aligned on each clip's first two fra
                ("jerk_gt", "jerk of ground-truth world joints (reference)"),
                ("cam_trans_error", "camera translation error"),
                ("cam_rot_error", "camera rotation error (geodesic)"),
+               ("cam_accel_error", "camera acceleration error (centres in each clip's first camera)"),
+               ("cam_jerk", "jerk of the predicted camera trajectory"),
+               ("cam_jerk_gt", "jerk of the ground-truth camera trajectory (reference)"),
                ("valid_hand_frames", "hand-frames evaluated"))
 
 # ---- report.md -------------------------------------------------------------------------------------------
