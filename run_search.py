@@ -73,7 +73,7 @@ def _fmt(value: object) -> str:
 
 def print_summary(experiment_dir: Path, metric: str, mode: str) -> None:
     """The search's summary table, read back from trials.parquet (what a later reader sees too)."""
-    from hawor_tune.results import EPOCHS_FILE, TRIALS_FILE, read_rows
+    from hawor_tune.results import EPOCHS_FILE, TRIALS_FILE, best_trial, read_rows
 
     rows = read_rows(experiment_dir / TRIALS_FILE)
     params = [k for k in (rows[0] if rows else {}) if k.startswith("param/")]
@@ -87,12 +87,14 @@ def print_summary(experiment_dir: Path, metric: str, mode: str) -> None:
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
-    scored = [r for r in rows if isinstance(r.get(best_key), float) and math.isfinite(r[best_key])]
-    if scored:
-        best = (min if mode == "min" else max)(scored, key=lambda r: r[best_key])
-        print(f"\nbest trial {best['trial_id']}: {metric} = {best[best_key]:.3f} at epoch {best['best_epoch']}")
+    best = best_trial(rows, metric, mode)  # the trial run_best.py retrains
+    if best is not None:
+        print(f"\nbest trial {best['trial_id']}: {metric} = {best[best_key]:.3f} at epoch {best['best_epoch']} "
+              f"(errored and diverged trials skipped)")
         for k in params:
             print(f"  {k[len('param/'):]} = {_fmt(best[k])}")
+    else:
+        print(f"\nno trial completed an epoch with a finite {metric} (errored and diverged trials skipped)")
     stopped = [r for r in rows if r["stopped_early"]]
     at = sorted(r["stopped_at_epoch"] for r in stopped)
     print(f"ASHA stopped {len(stopped)} of {len(rows)} trials" + (f" (at epochs {at})" if at else ""))

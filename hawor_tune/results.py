@@ -2,7 +2,8 @@
 
 :class:`ParquetExporter` is a Ray Tune callback on the driver that refreshes both files atomically after every
 reported epoch, so a killed search still leaves everything up to its last finished epoch; on resume it reloads
-what the files already hold. :func:`summarize_trials` (pure) turns epoch rows into trial rows.
+what the files already hold. :func:`summarize_trials` (pure) turns epoch rows into trial rows and
+:func:`best_trial` picks the best of them.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def summarize_trials(epoch_rows: list[Mapping[str, Any]], trial_meta: Mapping[st
     Returns:
         Rows with: trial_id, status, param/<path>..., epochs, stopped_early, stopped_at_epoch, diverged,
         best/<m> and last/<m> for every reported metric m (best = min, or the search's mode for its metric),
-        best_epoch (of the search metric), wall_time_s, checkpoint.
+        best_epoch (the first epoch that reached best/<metric>), wall_time_s, checkpoint.
     """
     by_trial: dict[str, list[Mapping[str, Any]]] = {}
     for r in epoch_rows:
@@ -117,6 +118,36 @@ def summarize_trials(epoch_rows: list[Mapping[str, Any]], trial_meta: Mapping[st
         row["error"] = meta.get("error")
         out.append(row)
     return out
+
+
+def best_trial(rows: Iterable[Mapping[str, Any]], metric: str, mode: str) -> Mapping[str, Any] | None:
+    """The search's best trial, by the one rule every report and the final retrain use.
+
+    A trial counts unless it errored (``status`` ERROR), diverged (``diverged``; retraining its configuration
+    would likely diverge again) or has no finite ``best/<metric>``. Of those, the best ``best/<metric>`` wins
+    (the lowest for ``mode='min'``, the highest for ``'max'``); a tie goes to the trial that reached it in
+    fewer epochs (``best_epoch``), then to the smaller ``trial_id``, so the choice never depends on row order.
+    Unfinished (interrupted) trials count with the epochs they completed.
+
+    Args:
+        rows: trial rows as :func:`summarize_trials` makes them (``trials.parquet``).
+        metric: the search metric, e.g. ``val/mpjpe``.
+        mode: ``min`` or ``max``.
+
+    Returns:
+        The best row, or None when no trial counts.
+    """
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+    sign = 1.0 if mode == "min" else -1.0
+    usable = [r for r in rows
+              if r.get("status") != "ERROR" and not r.get("diverged") and _finite(r.get(f"best/{metric}"))]
+
+    def rank(r: Mapping[str, Any]) -> tuple[float, float, str]:
+        epoch = r.get("best_epoch")
+        return sign * r[f"best/{metric}"], epoch if _finite(epoch) else math.inf, str(r["trial_id"])
+
+    return min(usable, key=rank, default=None)
 
 
 class ParquetExporter(Callback):

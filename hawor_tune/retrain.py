@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 
 from hawor_tune import report
 from hawor_tune.config import ExperimentConfig, load_config, save_config
-from hawor_tune.results import EPOCHS_FILE, TRIALS_FILE, read_rows, read_table
+from hawor_tune.results import EPOCHS_FILE, TRIALS_FILE, best_trial, read_rows, read_table
 from hawor_tune.search import SEARCH_FILE
 
 log = logging.getLogger(__name__)
@@ -86,23 +85,18 @@ def load_experiment(*, experiment: str | os.PathLike | None = None,
 
 
 def choose_best_trial(exp: Experiment) -> tuple[dict[str, Any], float, int]:
-    """The trial with the best metric over its completed epochs; errored trials and non-finite values are
-    ignored, and a tie goes to the result reached in fewer epochs.
+    """The experiment's best trial by :func:`hawor_tune.results.best_trial`, the rule the search summary
+    prints too (errored and diverged trials and non-finite values skipped; ties to fewer epochs, then the
+    smaller trial id).
 
     Returns:
         (trial row, best value, epoch at which it was reached)
     """
-    usable = {t["trial_id"]: t for t in exp.trials if t["status"] != "ERROR"}
-    candidates = []
-    for r in exp.epochs:
-        v = r.get(exp.metric)
-        if r["trial_id"] in usable and not r.get("diverged") and isinstance(v, (int, float)) and math.isfinite(v):
-            key = v if exp.mode == "min" else -v
-            candidates.append((key, int(r["epoch"]), str(r["trial_id"]), float(v)))
-    if not candidates:
-        raise SelectionError(f"{exp.directory}: no trial completed an epoch with a finite {exp.metric}")
-    _, epoch, trial_id, value = min(candidates)
-    return usable[trial_id], value, epoch
+    best = best_trial(exp.trials, exp.metric, exp.mode)
+    if best is None:
+        raise SelectionError(f"{exp.directory}: no trial completed an epoch with a finite {exp.metric} "
+                             f"(errored and diverged trials are skipped)")
+    return dict(best), float(best[f"best/{exp.metric}"]), int(best["best_epoch"])
 
 
 def best_config(exp: Experiment, trial: dict[str, Any], *, overrides: dict[str, Any]) -> ExperimentConfig:

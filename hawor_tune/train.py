@@ -311,9 +311,15 @@ def main(argv: list[str] | None = None) -> int:
     if result.status != "completed":
         print(f"run {result.status}: {result.reason}", file=sys.stderr)
         return 1
-    best = min(result.history, key=lambda r: r["val/mpjpe"])
-    print(f"done: best val MPJPE {best['val/mpjpe']:.1f} mm at epoch {int(best['epoch'])}; "
-          f"checkpoint {result.checkpoint_dir}")
+    from hawor_tune.results import best_trial, summarize_trials
+
+    # The run as a one-trial search, so that its best epoch follows the search's rule (non-finite values
+    # skipped, a tie to the earlier epoch).
+    (run,) = summarize_trials([{**r, "trial_id": "run"} for r in result.history], {"run": {"status": "TERMINATED"}},
+                              metric="val/mpjpe", mode="min", max_epochs=cfg.train.epochs, param_paths=())
+    best = best_trial([run], "val/mpjpe", "min")
+    where = f"{best['best/val/mpjpe']:.1f} mm at epoch {best['best_epoch']}" if best else "n/a (no finite value)"
+    print(f"done: best val MPJPE {where}; checkpoint {result.checkpoint_dir}")
     return 0
 
 

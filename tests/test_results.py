@@ -5,7 +5,7 @@ import math
 import pyarrow.parquet as pq
 import pytest
 
-from hawor_tune.results import summarize_trials, write_parquet_atomic
+from hawor_tune.results import best_trial, summarize_trials, write_parquet_atomic
 
 
 def _epochs(trial_id, values, **extra):
@@ -61,3 +61,56 @@ def test_write_parquet_atomic_round_trip(tmp_path, rows):
     back = pq.read_table(path).to_pylist()
     assert back == [{"a": r.get("a"), "b": r.get("b")} for r in rows]
     assert not list(tmp_path.glob(".*tmp"))  # no temporary file left behind
+
+
+def _trial(trial_id, best, best_epoch=1, status="TERMINATED", diverged=False):
+    return {"trial_id": trial_id, "status": status, "diverged": diverged, "best/val/mpjpe": best,
+            "best_epoch": best_epoch}
+
+
+@pytest.mark.parametrize(("rows", "mode", "expected"), [
+    ([_trial("a", 30.0), _trial("b", 20.0), _trial("c", 25.0)], "min", "b"),
+    ([_trial("a", 30.0), _trial("b", 20.0), _trial("c", 25.0)], "max", "a"),
+    ([_trial("a", 10.0, status="ERROR"), _trial("b", 20.0)], "min", "b"),              # errored
+    ([_trial("a", 10.0, diverged=True), _trial("b", 20.0)], "min", "b"),               # diverged
+    ([_trial("a", math.nan), _trial("b", None), _trial("c", 20.0)], "min", "c"),       # no finite value
+    ([_trial("a", 20.0, best_epoch=3), _trial("b", 20.0, best_epoch=2)], "min", "b"),  # tie: fewer epochs
+    ([_trial("b", 20.0), _trial("a", 20.0)], "min", "a"),                              # then trial id
+    ([_trial("a", 20.0, status="INTERRUPTED"), _trial("b", 25.0)], "min", "a"),        # unfinished counts
+])
+def test_best_trial_rule(rows, mode, expected):
+    assert best_trial(rows, "val/mpjpe", mode)["trial_id"] == expected
+    assert best_trial(rows[::-1], "val/mpjpe", mode)["trial_id"] == expected  # row order does not matter
+
+
+def test_best_trial_without_a_usable_trial_and_with_a_bad_mode():
+    assert best_trial([_trial("a", 1.0, status="ERROR"), _trial("b", math.inf)], "val/mpjpe", "min") is None
+    assert best_trial([], "val/mpjpe", "min") is None
+    with pytest.raises(ValueError, match="mode must be 'min' or 'max', got 'minimum'"):
+        best_trial([_trial("a", 1.0)], "val/mpjpe", "minimum")
+
+
+def test_search_summary_and_run_best_choose_the_same_trial(tmp_path, capsys):
+    """Trials on which the earlier rules disagreed: the summary took the errored trial (lowest value) and broke
+    the a/b tie by row order (a), run_best broke it by epochs (b) and both took the diverged trial's early epochs."""
+    import json
+
+    import run_search
+    from hawor_tune.retrain import choose_best_trial, load_experiment
+    from hawor_tune.search import SEARCH_FILE
+
+    rows = (_epochs("a", [30.0, 20.0, 25.0]) + _epochs("b", [20.0]) + _epochs("c", [26.0, math.nan])
+            + _epochs("err", [10.0]) + _epochs("div", [15.0])
+            + [{"trial_id": "div", "epoch": 2, "val/mpjpe": math.nan, "diverged": True}])
+    meta = {t: {"status": "TERMINATED", "params": {"optim.lr": 1e-3}} for t in ("a", "b", "c", "div")}
+    meta["err"] = {"status": "ERROR", "params": {"optim.lr": 1e-3}}
+    trials = summarize_trials(rows, meta, metric="val/mpjpe", mode="min", max_epochs=3, param_paths=["optim.lr"])
+    write_parquet_atomic(rows, tmp_path / "epochs.parquet")
+    write_parquet_atomic(trials, tmp_path / "trials.parquet")
+    (tmp_path / SEARCH_FILE).write_text(json.dumps({"metric": "val/mpjpe", "mode": "min", "params": ["optim.lr"]}))
+
+    run_search.print_summary(tmp_path, "val/mpjpe", "min")
+    assert "best trial b: val/mpjpe = 20.000 at epoch 1" in capsys.readouterr().out
+    trial, value, epoch = choose_best_trial(load_experiment(experiment=tmp_path))
+    assert (trial["trial_id"], value, epoch) == ("b", 20.0, 1)
+    assert best_trial(trials, "val/mpjpe", "min")["trial_id"] == "b"

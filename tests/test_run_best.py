@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 
 import run_best
-from hawor_tune.results import read_rows, write_parquet_atomic
-from hawor_tune.retrain import best_config, choose_best_trial, load_experiment
+from hawor_tune.results import read_rows, summarize_trials, write_parquet_atomic
+from hawor_tune.retrain import Experiment, best_config, choose_best_trial, load_experiment
 
 # What metrics.json must hold for the test split (issue: per hand, per joint/finger, accel, W/WA, camera, jerk).
 TEST_METRICS = ["mpjpe", "mpjpe_left", "mpjpe_right", "pa_mpjpe", "pa_mpjpe_left", "pa_mpjpe_right",
                 "accel_error", "w_mpjpe", "wa_mpjpe", "cam_trans_error", "cam_rot_error", "jerk",
+                "cam_accel_error", "cam_jerk", "cam_jerk_gt",
                 *(f"joint_{j:02d}" for j in range(21)),
                 *(f"finger_{f}" for f in ("thumb", "index", "middle", "ring", "pinky"))]
 
@@ -32,19 +33,21 @@ def test_best_trial_is_the_best_in_trials_parquet(tiny_search):
     exp = load_experiment(experiment=tiny_search)
     trial, value, epoch = choose_best_trial(exp)
     trials = read_rows(tiny_search / "trials.parquet")
-    best = min((t for t in trials if t["status"] != "ERROR"), key=lambda t: (t["best/val/mpjpe"], t["best_epoch"]))
+    usable = [t for t in trials if t["status"] != "ERROR" and not t["diverged"]
+              and t["best/val/mpjpe"] is not None and math.isfinite(t["best/val/mpjpe"])]
+    best = min(usable, key=lambda t: (t["best/val/mpjpe"], t["best_epoch"], t["trial_id"]))
     assert trial["trial_id"] == best["trial_id"]
     assert value == pytest.approx(best["best/val/mpjpe"]) and epoch == best["best_epoch"]
 
 
-def test_ties_go_to_fewer_epochs_and_errors_and_nan_are_ignored(tiny_search, tmp_path):
-    exp = load_experiment(experiment=tiny_search)
-    exp.trials = [{"trial_id": "a", "status": "TERMINATED"}, {"trial_id": "b", "status": "TERMINATED"},
-                  {"trial_id": "c", "status": "ERROR"}]
-    exp.epochs = [{"trial_id": "a", "epoch": 1, "val/mpjpe": 30.0}, {"trial_id": "a", "epoch": 2, "val/mpjpe": 20.0},
-                  {"trial_id": "b", "epoch": 1, "val/mpjpe": 20.0}, {"trial_id": "b", "epoch": 2, "val/mpjpe": math.nan},
-                  {"trial_id": "c", "epoch": 1, "val/mpjpe": 1.0},
-                  {"trial_id": "a", "epoch": 3, "val/mpjpe": -math.inf}]
+def test_ties_go_to_fewer_epochs_and_errors_and_nan_are_ignored(tmp_path):
+    epochs = [{"trial_id": "a", "epoch": 1, "val/mpjpe": 30.0}, {"trial_id": "a", "epoch": 2, "val/mpjpe": 20.0},
+              {"trial_id": "b", "epoch": 1, "val/mpjpe": 20.0}, {"trial_id": "b", "epoch": 2, "val/mpjpe": math.nan},
+              {"trial_id": "c", "epoch": 1, "val/mpjpe": 1.0},
+              {"trial_id": "a", "epoch": 3, "val/mpjpe": -math.inf}]
+    meta = {"a": {"status": "TERMINATED"}, "b": {"status": "TERMINATED"}, "c": {"status": "ERROR"}}
+    trials = summarize_trials(epochs, meta, metric="val/mpjpe", mode="min", max_epochs=3, param_paths=[])
+    exp = Experiment(tmp_path, {"metric": "val/mpjpe", "mode": "min"}, trials, epochs)
     trial, value, epoch = choose_best_trial(exp)
     assert (trial["trial_id"], value, epoch) == ("b", 20.0, 1)
 
