@@ -1,7 +1,7 @@
 """Self-describing checkpoints: weights + resolved config + epoch + optimiser, scheduler and RNG state.
 
-Writes are atomic (a temporary file or folder, then a rename); loading needs nothing else and uses
-``torch.load(..., weights_only=True)``.
+Writes are atomic (:mod:`hawor_tune.atomic`: a temporary file or folder, then a rename); loading needs nothing
+else and uses ``torch.load(..., weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hawor_tune.atomic import atomic_replace_dir, atomic_write
 from hawor_tune.config import ExperimentConfig, config_from_dict, save_config
 from hawor_tune.runtime import rng_state
 
@@ -25,11 +26,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 def save_checkpoint(directory: str | os.PathLike, *, model: nn.Module, config: ExperimentConfig, epoch: int,
                     optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
                     history: list[dict[str, float]] | None = None) -> Path:
-    """Write a self-describing checkpoint folder atomically (temporary folder, then rename)."""
-    directory = Path(directory)
-    tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """Write a self-describing checkpoint folder atomically (:func:`atomic_replace_dir`)."""
     state = {
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": epoch,
         "config": config.to_dict(), "model": model.state_dict(),
@@ -37,25 +34,21 @@ def save_checkpoint(directory: str | os.PathLike, *, model: nn.Module, config: E
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "rng": rng_state(), "history": history or [],
     }
-    torch.save(state, tmp / CHECKPOINT_FILE)
-    save_config(config, tmp / "config.yaml")
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
-    return directory
+
+    def write(folder: Path) -> None:
+        torch.save(state, folder / CHECKPOINT_FILE)
+        save_config(config, folder / "config.yaml")
+
+    return atomic_replace_dir(directory, write)
 
 
 def export_model(path: str | os.PathLike, *, model: nn.Module, config: ExperimentConfig, epoch: int,
                  history: list[dict[str, float]] | None = None) -> Path:
     """Write a single-file, self-describing model (weights + resolved config + history), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": epoch,
-                "config": config.to_dict(), "model": model.state_dict(), "optimizer": None, "scheduler": None,
-                "history": history or []}, tmp)
-    os.replace(tmp, path)
-    return path
+    state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": epoch,
+             "config": config.to_dict(), "model": model.state_dict(), "optimizer": None, "scheduler": None,
+             "history": history or []}
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

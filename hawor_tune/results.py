@@ -18,6 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.tune import Callback
 
+from hawor_tune.atomic import atomic_write
+
 EPOCHS_FILE = "epochs.parquet"
 INTERRUPTED = "INTERRUPTED"
 _FINAL = ("TERMINATED", "ERROR")
@@ -30,14 +32,11 @@ _NO_BEST = ("epoch", "lr", "time/epoch_s", "diverged")
 
 def write_parquet_atomic(rows: list[dict[str, Any]], path: str | os.PathLike,
                          columns: Iterable[str] | None = None) -> None:
-    """Write rows (dicts; missing keys become nulls) to a parquet file via a temporary file and a rename."""
-    path = Path(path)
+    """Write rows (dicts; missing keys become nulls) to a parquet file atomically (:func:`atomic_write`)."""
     names = list(columns) if columns is not None else _ordered_keys(rows)
     table = pa.Table.from_pylist([{k: r.get(k) for k in names} for r in rows],
                                  schema=None) if rows else pa.table({k: pa.array([], pa.null()) for k in names})
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def read_table(path: str | os.PathLike) -> pa.Table:

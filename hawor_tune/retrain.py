@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from hawor_tune import report
+from hawor_tune.atomic import atomic_write_text
 from hawor_tune.config import ExperimentConfig, load_config, save_config
 from hawor_tune.results import EPOCHS_FILE, TRIALS_FILE, best_trial, read_rows, read_table
 from hawor_tune.search import SEARCH_FILE
@@ -196,15 +197,9 @@ def evaluate_and_report(model: torch.nn.Module, cfg: ExperimentConfig, out_dir: 
                   "config_path": str(out_dir / "config.yaml"), "importance": importance}
     result = {"test": test, "baseline": baseline, "search": search,
               "model": str(out_dir / MODEL_FILE), "figures": figures, "notes": notes}
-    _write_json(out_dir / METRICS_FILE, result)
+    atomic_write_text(out_dir / METRICS_FILE, json.dumps(result, indent=2, default=_json_default, allow_nan=True))
     report.write_report(out_dir, metrics=test, baseline=baseline, search=search, figures=figures, notes=notes)
     return result
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default, allow_nan=True))
-    os.replace(tmp, path)
 
 
 def _json_default(x: Any) -> Any:

@@ -2,7 +2,7 @@
 2D skeletons over test frames, camera trajectories.
 
 Every plot function takes lists of dicts / numpy arrays and an output path, writes the PNG atomically
-(a temporary file in the same folder, then ``os.replace``), closes its figure and returns the path.
+(:mod:`hawor_tune.atomic`), closes its figure and returns the path.
 Inputs follow :mod:`hawor_tune.results` (``trials.parquet`` / ``epochs.parquet`` rows) and
 :func:`hawor_tune.evaluation.compute_metrics` (test metrics keyed without a split prefix).
 """
@@ -14,7 +14,7 @@ import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import cv2
 import matplotlib
@@ -24,10 +24,8 @@ matplotlib.use("Agg")  # headless: reports are written by workers and CI without
 from matplotlib import pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
+from hawor_tune.atomic import atomic_write, atomic_write_text  # noqa: E402
 from hawor_tune.mano import FINGERS, HANDS, NUM_JOINTS  # noqa: E402
-
-if TYPE_CHECKING:
-    pass
 
 logger = logging.getLogger(__name__)
 
@@ -68,23 +66,15 @@ def _label(metric: str) -> str:
 
 
 def _save(fig: Any, path: str | os.PathLike) -> Path:
-    """Write ``fig`` as a PNG via a temporary file in the same folder, then close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write ``fig`` as a PNG atomically (:func:`atomic_write`), then close it."""
     try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def _write_text_atomic(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def _array(name: str, x: Any, shape: tuple[int | None, ...], dtype: Any = np.float64) -> np.ndarray:

@@ -1,0 +1,119 @@
+"""Atomic writes: write under a temporary name in the same folder, then ``os.replace`` it into place.
+
+A reader, a concurrent writer or a crash sees the old file or the new one, never a torn one: a rename within
+one file system replaces the name in one step. Everything a running search, a resume or a report may read
+(parquet results, checkpoints, configs, figures, metrics) is written through here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write(path: str | os.PathLike, writer: Callable[[Path], Any]) -> Path:
+    """Write the file ``path`` through ``writer``, atomically.
+
+    ``writer(tmp)`` must create the file ``tmp``, a name unique to this call in ``path``'s folder
+    (``.<name>.tmp-<hex>``), so concurrent writers never share one. The file is flushed to disk and renamed to
+    ``path``. If ``writer`` raises, the temporary file is removed and the error propagates: ``path`` keeps its
+    old content.
+
+    Args:
+        path: the file to write; its folder is created if missing.
+        writer: called once with the temporary path, e.g. ``lambda tmp: torch.save(state, tmp)``.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(path, "tmp")
+    try:
+        writer(tmp)
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # gone after the rename; left only when the writer or the rename failed
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding=encoding))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_replace_dir(path: str | os.PathLike, writer: Callable[[Path], Any]) -> Path:
+    """Write the folder ``path`` through ``writer``, then swap it in whole.
+
+    ``writer(tmp)`` fills ``tmp``, an empty folder beside ``path``. An existing ``path`` is renamed aside and
+    removed only once the new folder is in place, so ``path`` holds the old folder complete, the new one
+    complete, or (for an instant between the two renames) nothing; never a mix. If ``writer`` raises, the
+    temporary folder is removed and ``path`` is untouched.
+
+    Args:
+        path: the folder to write; its parent is created if missing.
+        writer: called once with the temporary folder.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(path, "tmp")
+    try:
+        tmp.mkdir()
+        writer(tmp)
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                _fsync_file(file)
+        if not path.exists():
+            os.replace(tmp, path)
+        else:  # os.replace cannot overwrite a non-empty folder: move the old one aside first
+            old = _temp_path(path, "old")
+            os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                os.replace(old, path)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _fsync_dir(path.parent)
+    return path
+
+
+def _temp_path(path: Path, tag: str) -> Path:
+    # Hidden, beside the target (a rename across file systems is not atomic), unique per call and per process.
+    return path.with_name(f".{path.name}.{tag}-{uuid.uuid4().hex[:12]}")
+
+
+def _fsync_file(path: Path) -> None:
+    # Without this a crash soon after the rename can leave the new name pointing at an empty file.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable. Best effort: Windows cannot open a folder, some file systems refuse.
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

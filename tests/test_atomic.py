@@ -1,0 +1,129 @@
+"""Tests for hawor_tune.atomic: writes land whole, a failed write changes nothing, concurrent writes never tear."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import run_concurrently
+
+from hawor_tune.atomic import atomic_replace_dir, atomic_write, atomic_write_bytes, atomic_write_text
+
+OLD = b"old content\n"
+
+
+class WriterFailed(RuntimeError):
+    pass
+
+
+def _write_with_writer(path: str | Path, data: bytes) -> Path:
+    def writer(tmp: Path) -> None:
+        assert tmp.parent == Path(path).parent and not tmp.exists()  # beside the target (same file system), fresh
+        tmp.write_bytes(data)
+
+    return atomic_write(path, writer)
+
+
+WRITERS: dict[str, Callable[[str | Path, bytes], Path]] = {
+    "atomic_write": _write_with_writer,
+    "atomic_write_bytes": atomic_write_bytes,
+    "atomic_write_text": lambda path, data: atomic_write_text(path, data.decode("utf-8")),
+}
+
+
+@pytest.mark.parametrize("exists", [False, True])
+@pytest.mark.parametrize("write", WRITERS.values(), ids=WRITERS.keys())
+def test_write_lands_and_leaves_nothing_else(tmp_path: Path, write: Callable[[str | Path, bytes], Path],
+                                            exists: bool) -> None:
+    path = tmp_path / "new" / "folder" / "out.txt"
+    if exists:
+        path.parent.mkdir(parents=True)
+        path.write_bytes(OLD)
+    data = "new content, ünïcode\n".encode()
+    assert write(str(path), data) == path
+    assert path.read_bytes() == data
+    assert list(path.parent.iterdir()) == [path]
+
+
+def _fail_before_writing(tmp: Path) -> None:
+    raise WriterFailed("nothing written")
+
+
+def _fail_half_way(tmp: Path) -> None:
+    tmp.write_bytes(b"half a fi")
+    raise WriterFailed("half written")
+
+
+@pytest.mark.parametrize("writer", [_fail_before_writing, _fail_half_way])
+def test_failing_writer_keeps_the_old_file_and_no_temp_file(tmp_path: Path, writer: Callable[[Path], None]) -> None:
+    path = tmp_path / "out.bin"
+    path.write_bytes(OLD)
+    with pytest.raises(WriterFailed):
+        atomic_write(path, writer)
+    assert path.read_bytes() == OLD
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_concurrent_writers_never_leave_a_torn_file(tmp_path: Path) -> None:
+    path = tmp_path / "shared.bin"
+    size, rounds, writers = 1 << 20, 8, 4
+    payloads = [bytes([i]) * size for i in range(writers)]  # each writer's file is one byte value throughout
+    atomic_write_bytes(path, payloads[0])
+    ids = iter(range(writers))
+    stop, torn = threading.Event(), []
+
+    def read_until_stopped() -> None:
+        while not stop.is_set():
+            with open(path, "rb") as f:  # one handle: sees one file, whatever is renamed meanwhile
+                data = f.read()
+            if len(data) != size or data.count(data[:1]) != size:
+                torn.append((len(data), set(data)))
+
+    def write_rounds() -> None:
+        payload = payloads[next(ids)]
+        for _ in range(rounds):
+            atomic_write_bytes(path, payload)
+
+    reader = threading.Thread(target=read_until_stopped)
+    reader.start()
+    try:
+        _, errors = run_concurrently(write_rounds, n=writers)
+    finally:
+        stop.set()
+        reader.join()
+    assert not errors and not torn
+    assert path.read_bytes() in payloads
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def _fill(folder: Path, names: tuple[str, ...]) -> None:
+    for name in names:
+        (folder / name).write_text(name)
+
+
+@pytest.mark.parametrize("exists", [False, True])
+def test_replace_dir_swaps_the_whole_folder(tmp_path: Path, exists: bool) -> None:
+    path = tmp_path / "ckpt" / "epoch_0001"
+    if exists:
+        path.mkdir(parents=True)
+        _fill(path, ("old_a", "old_b"))
+    assert atomic_replace_dir(path, lambda tmp: _fill(tmp, ("new",))) == path
+    assert sorted(p.name for p in path.iterdir()) == ["new"]
+    assert list(path.parent.iterdir()) == [path]
+
+
+def test_replace_dir_failing_writer_keeps_the_old_folder(tmp_path: Path) -> None:
+    path = tmp_path / "epoch_0001"
+    path.mkdir()
+    _fill(path, ("old_a", "old_b"))
+
+    def writer(tmp: Path) -> None:
+        _fill(tmp, ("new",))
+        raise WriterFailed("half written")
+
+    with pytest.raises(WriterFailed):
+        atomic_replace_dir(path, writer)
+    assert {p.name: p.read_text() for p in path.iterdir()} == {"old_a": "old_a", "old_b": "old_b"}
+    assert list(tmp_path.iterdir()) == [path]
