@@ -79,7 +79,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
 
     state = load_checkpoint(path)
     config = config_from_dict(state["config"])
-    model = build_model(config)
+    model = build_model(config, pretrained=False)  # the checkpoint holds every weight
     model.load_state_dict(state["model"])
     return model.to(device), config
 

@@ -37,9 +37,9 @@ def _spec(default: Any, *, low: float | None = None, high: float | None = None,
 class SyntheticConfig:
     """Size of the generated stand-in dataset (written in ARCTIC's on-disk layout)."""
 
-    subjects: int = _spec(4, low=3, high=10, doc="subjects s01..sNN; the last two are val and test")
-    sequences_per_subject: int = _spec(3, low=1, high=50)
-    frames_per_sequence: int = _spec(100, low=40, high=5000, doc="annotated frames, before ARCTIC's 10+10 skip")
+    subjects: int = _spec(8, low=3, high=10, doc="subjects s01..sNN; the last two are val and test")
+    sequences_per_subject: int = _spec(20, low=1, high=50)
+    frames_per_sequence: int = _spec(50, low=40, high=5000, doc="annotated frames, before ARCTIC's 10+10 skip")
     image_width: int = _spec(224, low=32, high=2800)
     image_height: int = _spec(224, low=32, high=2000)
     seed: int = _spec(0, low=0)
@@ -47,12 +47,23 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
+    """Where the clips come from and how each frame becomes the model's inputs.
+
+    Every frame is letterboxed once into the frame cache at ``frame_size``; from it each hand gets a square
+    ``crop_size`` crop around its 2D keypoints (HaMeR's and HaWoR's input, left hands mirrored) and the
+    whole frame is resized to ``img_size`` for the camera branch.
+    """
+
     root: str = _spec("data/arctic_synthetic", doc="ARCTIC 'arctic_data/data' folder (real or generated)")
     generate: bool = _spec(True, doc="generate the synthetic dataset at root when it is missing")
     seq_len: int = _spec(8, low=1, high=256, doc="frames per clip")
     stride: int = _spec(4, low=1, high=256, doc="frames between the starts of consecutive training clips")
     frame_step: int = _spec(1, low=1, high=30, doc="temporal subsampling of the 30 fps sequences")
-    img_size: int = _spec(96, low=32, high=1024, doc="square model input; frames are letterboxed to it")
+    frame_size: int = _spec(224, low=32, high=4096, doc="side of the letterboxed frames in the cache; crops are cut from them")
+    crop_size: int = _spec(64, low=16, high=1024, doc="side of each hand's square crop (the backbone's input)")
+    crop_scale: float = _spec(1.3, low=1.0, high=4.0, doc="crop side over the extent of the hand's visible 2D keypoints")
+    crop_jitter: float = _spec(0.1, low=0.0, high=0.5, doc="training only: random crop shift (fraction of the side) and scale (1 +- this)")
+    img_size: int = _spec(32, low=16, high=1024, doc="side of the whole-frame input of the camera branch")
     batch_size: int = _spec(4, low=1, high=4096, doc="clips per batch")
     num_workers: int = _spec(0, low=0, high=64)
     cache_dir: str = _spec("", doc="frame cache folder; '' puts it in <root>/../cache")
@@ -68,9 +79,14 @@ class ManoConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = _spec("vit_tiny_r_s16_p8_224", doc="timm model name (hybrid ViT: ResNet stem + transformer)")
+    """Crop backbone -> spatial head -> hand fusion -> temporal transformer -> heads -> infiller."""
+
+    backbone: str = _spec("resnet10t", doc="timm model reading each hand crop")
     backbone_kwargs: dict = _spec({}, doc="extra keyword arguments for timm.create_model")
-    pretrained_path: str = _spec("", doc="local weights file for the backbone; never downloaded")
+    camera_backbone: str = _spec("resnet10t", doc="timm model reading the whole low-resolution frame")
+    pretrained_path: str = _spec("", doc="local weights: a hawor-tune model file, a timm backbone state dict "
+                                 "or a HaMeR checkpoint; never downloaded")
+    hand_fusion: bool = _spec(True, doc="per frame, the two hands and the camera attend to each other")
     temporal_dim: int = _spec(128, low=8, high=4096)
     temporal_layers: int = _spec(2, low=0, high=24)
     temporal_heads: int = _spec(4, low=1, high=64)
@@ -79,6 +95,18 @@ class ModelConfig:
     infiller_hidden: int = _spec(128, low=8, high=4096)
     infiller_layers: int = _spec(1, low=1, high=8)
     infill_mask_prob: float = _spec(0.15, low=0.0, high=0.9, doc="training-time rate of hiding observed hand frames")
+
+
+@dataclass
+class PretrainConfig:
+    """One-time per-frame pretraining of the hand branch, cached beside the data (HaWoR fine-tunes a
+    hand-pretrained backbone; with no such weights on a laptop, this makes one). Used when
+    model.pretrained_path is empty and epochs > 0."""
+
+    epochs: int = _spec(3, low=0, high=1000, doc="0 disables pretraining")
+    batch_size: int = _spec(32, low=1, high=4096, doc="single frames per batch")
+    max_train_batches: int = _spec(0, low=0, doc="cap per epoch; 0 = the whole split")
+    lr: float = _spec(1e-3, low=1e-8, high=1.0)
 
 
 @dataclass
@@ -126,6 +154,7 @@ class ExperimentConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -15,6 +15,7 @@ from hawor_tune import metrics
 from hawor_tune.config import ExperimentConfig
 from hawor_tune.geometry import relative_camera_pose
 from hawor_tune.mano import FINGERS, HANDS
+from hawor_tune.model import run_model
 from hawor_tune.runtime import autocast, autocast_dtype, capped, to_device
 
 
@@ -51,7 +52,8 @@ def gather(predictor: Predictor, loader: Iterable, device: torch.device, *, max_
         joints, cam_R, cam_t = predictor(batch)
         gt_R, gt_t = relative_camera_pose(batch["cam_R"].double(), batch["cam_t"].double())
         items = {
-            "pred_joints": joints, "gt_joints": batch["joints3d"], "valid": batch["hand_valid"],
+            # Each frame is scored in exactly one clip (see ArcticClips), whatever the clip length.
+            "pred_joints": joints, "gt_joints": batch["joints3d"], "valid": batch["hand_valid"] & batch["scored"][..., None],
             "pred_cam_R": cam_R, "pred_cam_t": cam_t, "gt_cam_R": gt_R, "gt_cam_t": gt_t,
             "world_to_cam_R": batch["cam_R"], "world_to_cam_t": batch["cam_t"],
             "seq_index": batch["seq_index"], "frame_index": batch["frame_index"],
@@ -73,7 +75,7 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, *, precisi
 
     def run(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with autocast(device, amp):
-            out = model(batch["images"], batch["K"], batch["hand_valid"])
+            out = run_model(model, batch)
         return out.joints, out.cam_R, out.cam_t
 
     return gather(run, loader, device, max_batches=max_batches, desc=desc)

@@ -68,19 +68,23 @@ def keypoint_3d_loss(pred_joints: torch.Tensor, gt_joints: torch.Tensor, mask: t
     return _mean_over(_mask_out(pred - gt, mask).abs().sum(dim=(-2, -1)), mask)
 
 
-def keypoint_2d_loss(pred_joints: torch.Tensor, gt_joints2d: torch.Tensor, K: torch.Tensor,
-                     dist: torch.Tensor | None, img_size: int, mask: torch.Tensor) -> torch.Tensor:
-    """L1 of projected joints in units of the image size, summed over joints and uv, averaged over valid.
+def keypoint_2d_loss(pred_joints: torch.Tensor, gt_joints2d: torch.Tensor, crop_K: torch.Tensor,
+                     dist: torch.Tensor | None, crop_size: int, visible: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
+    """L1 of projected joints in each hand's crop, in units of the crop side, weighted per joint.
 
-    Predicted camera-frame joints are projected with the intrinsics and distortion (depth clamped to
-    MIN_PROJECTION_DEPTH); both projections and ground truth are divided by the image size S.
+    Predicted camera-frame joints are projected with the crop's intrinsics and the lens distortion (depth
+    clamped to MIN_PROJECTION_DEPTH). Only joints in view count (HaMeR's ``Keypoint2DLoss`` weights joints
+    by their confidence): a joint far outside the image has a distorted projection that can fold back into
+    it. Summed over joints and uv, averaged over valid hand-frames.
 
     Args:
         pred_joints: (B, T, 2, 21, 3) camera frame, metres.
-        gt_joints2d: (B, T, 2, 21, 2) input pixels.
-        K: (B, 3, 3) intrinsics in input pixels.
+        gt_joints2d: (B, T, 2, 21, 2) crop pixels (unmirrored crop).
+        crop_K: (B, T, 2, 3, 3) intrinsics of each unmirrored crop.
         dist: (B, 8) OpenCV rational distortion, or None.
-        img_size: S.
+        crop_size: C.
+        visible: (B, T, 2, 21) bool, joints in view.
         mask: (B, T, 2) bool.
 
     Returns:
@@ -89,8 +93,10 @@ def keypoint_2d_loss(pred_joints: torch.Tensor, gt_joints2d: torch.Tensor, K: to
     depth = pred_joints[..., 2:].clamp(min=MIN_PROJECTION_DEPTH)  # (B, T, 2, 21, 1)
     points = torch.cat([pred_joints[..., :2], depth], dim=-1)
     dist = dist[:, None, None] if dist is not None else None  # (B, 1, 1, 8)
-    uv = project_points(points, K[:, None, None], dist)  # (B, T, 2, 21, 2)
-    return _mean_over(_mask_out((uv - gt_joints2d) / img_size, mask).abs().sum(dim=(-2, -1)), mask)
+    uv = project_points(points, crop_K, dist)  # (B, T, 2, 21, 2)
+    err = _mask_out((uv - gt_joints2d) / crop_size, mask)  # (B, T, 2, 21, 2)
+    err = torch.where(visible[..., None], err, torch.zeros_like(err))
+    return _mean_over(err.abs().sum(dim=(-2, -1)), mask)
 
 
 def temporal_loss(pred_joints: torch.Tensor, gt_joints: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -166,21 +172,21 @@ def compute_losses(out: HaWoROutput, batch: dict[str, torch.Tensor], weights: Lo
 
     Args:
         out: model predictions.
-        batch: a data batch (see hawor_tune.data); uses joints3d, joints2d, rotmats, betas, K, dist,
-            images (for S), hand_valid, cam_R, cam_t.
+        batch: a data batch (see hawor_tune.data); uses joints3d, crop_joints2d, crop_K, crops (for C),
+            joints_visible, rotmats, betas, dist, hand_valid, cam_R, cam_t.
         weights: one weight per term.
 
     Returns:
         total: scalar tensor to backpropagate; terms: detached float per LossConfig field (0.0 when skipped).
     """
     mask = batch["hand_valid"]
-    img_size = batch["images"].shape[-1]
+    crop_size = batch["crops"].shape[-1]
     # Lambdas so that a skipped term costs nothing (and the functions are looked up at call time).
     term_fns = {
         "mano_params": lambda: mano_params_loss(out.rotmats, out.betas, batch["rotmats"], batch["betas"], mask),
         "keypoint_3d": lambda: keypoint_3d_loss(out.joints, batch["joints3d"], mask),
-        "keypoint_2d": lambda: keypoint_2d_loss(out.joints, batch["joints2d"], batch["K"], batch.get("dist"),
-                                                img_size, mask),
+        "keypoint_2d": lambda: keypoint_2d_loss(out.joints, batch["crop_joints2d"], batch["crop_K"],
+                                                batch.get("dist"), crop_size, batch["joints_visible"], mask),
         "temporal": lambda: temporal_loss(out.joints, batch["joints3d"], mask),
         "camera": lambda: camera_loss(out.cam_R, out.cam_t, batch["cam_R"], batch["cam_t"]),
         "hand_world": lambda: hand_world_loss(out.root, out.cam_R, out.cam_t, batch["joints3d"],

@@ -1,18 +1,24 @@
-"""HaWoR-style video hand regressor (the seed's simplified HaWoR, REFERENCE.md section 1).
+"""HaWoR-style video hand regressor: per-hand crops, spatial tokens, hand fusion, time, MANO.
 
-The forward pass keeps the four stages apart:
+The forward pass keeps the stages apart:
 
-1. features: a timm backbone gives one pooled feature per frame;
-2. temporal: a transformer encoder mixes the frames of a clip;
-3. heads: a left and a right hand head regress MANO parameters (16 x 6D rotations, 10 betas, a
-   weak-perspective camera turned into a camera-frame wrist position) and a camera head regresses the
-   pose of every frame's camera in the first frame's camera;
-4. infiller: a bidirectional LSTM per hand rewrites the parameters of the frames in which the hand is
-   not observed; observed frames keep the regressor's output.
+1. features: a timm backbone reads each hand's crop (left hands arrive mirrored, so one right-hand network
+   serves both, as in HaMeR and HaWoR); a spatial head lets a learned query attend to the backbone's
+   spatial tokens (HaMeR's transformer decoder head, ``hamer/models/heads/mano_head.py``), giving one
+   token per hand and frame. A second, small backbone reads the whole frame at low resolution for the
+   camera: camera motion is in the background, not in the hand crops.
+2. fusion: per frame, the left-hand, right-hand and camera tokens attend to each other; a hand that is not
+   observed is masked out as a key, so it contributes nothing.
+3. temporal: a transformer over time per hand (shared by both hands) and one for the camera.
+4. heads: one hand head regresses MANO parameters in the (mirrored) crop's frame (16 x 6D rotations,
+   10 betas, a weak-perspective camera turned into a camera-frame wrist through the crop's intrinsics);
+   left-hand outputs are mirrored back. A camera head regresses each frame's camera in the first frame's.
+5. infiller: a bidirectional LSTM per hand rewrites the parameters of the frames in which the hand is not
+   observed; observed frames keep the regressor's output.
 
 The MANO layers (one per hand) turn the parameters into joints and vertices. Every regressed quantity is
-an offset from a mean value, and the last layers start small, so an untrained model predicts the mean hand
-about 0.4 m in front of the camera.
+an offset from a mean value and the last layers start small, so an untrained model predicts the mean hand
+filling its crop.
 """
 
 from __future__ import annotations
@@ -46,18 +52,21 @@ MAX_FRAMES = 256
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Mean global orientation: a hand lying palm-down, fingers pointing away, seen by a head camera pitched
-# 45 degrees down: in camera coordinates (x right, y down, z forward) the fingers point along
-# (0, -1, 1)/sqrt(2) and the palm faces (0, 1, 1)/sqrt(2).
+# Mean global orientation of the canonical (right, or mirrored left) hand: palm-down, fingers pointing
+# away, seen by a head camera pitched 45 degrees down: in camera coordinates (x right, y down, z forward)
+# the fingers point along (0, -1, 1)/sqrt(2) and the palm faces (0, 1, 1)/sqrt(2).
 MEAN_FINGER_DIRECTION = (0.0, -math.sqrt(0.5), math.sqrt(0.5))
 MEAN_PALM_NORMAL = (0.0, math.sqrt(0.5), math.sqrt(0.5))
-# Mean wrist position: ~0.4 m in front of the camera (arm's length seen from the head), in the lower half
-# of the image, the left hand on the left. (u, v) are normalised image coordinates in [-1, 1].
-MEAN_ROOT_DEPTH = 0.4
-MEAN_ROOT_UV = ((-0.3, 0.3), (0.3, 0.3))  # (left, right)
+# Weak-perspective camera (HaMeR): a scale s means the crop spans 2 / s metres at the wrist's depth, so
+# tz = 2 f / (C s) with f the crop's focal length in crop pixels and C its side. At the mean scale the
+# crop spans CROP_METRES: a 1.3 x box around a hand about 0.19 m across.
+CROP_METRES = 0.25
 # Gain of the last layer of every head: small, so training starts at the mean parameters, but not zero,
 # so that the backbone and the temporal module receive gradient from the first step.
 LAST_LAYER_GAIN = 0.01
+# Mirroring x -> -x maps a rotation R to D R D (D = diag(-1, 1, 1)); on the 6D representation (its first
+# two columns) that is a sign per entry, and it commutes with the Gram-Schmidt of rot6d_to_matrix.
+MIRROR_ROT6D = (1.0, -1.0, -1.0, -1.0, 1.0, 1.0)
 
 
 @dataclass
@@ -87,15 +96,13 @@ class HaWoROutput:
     observed: torch.Tensor
 
 
-def _mean_global_orient(side: str) -> torch.Tensor:
-    """(3, 3) rotation taking MANO's rest hand to MEAN_FINGER_DIRECTION / MEAN_PALM_NORMAL.
+def _mean_global_orient() -> torch.Tensor:
+    """(3, 3) rotation taking MANO's right rest hand to MEAN_FINGER_DIRECTION / MEAN_PALM_NORMAL.
 
-    MANO's rest frame has the fingers along -x for the right hand (+x for the left, its mirror image) and
-    the palm facing -y.
+    MANO's right rest frame has the fingers along -x and the palm facing -y.
     """
     fingers, palm = torch.tensor(MEAN_FINGER_DIRECTION), torch.tensor(MEAN_PALM_NORMAL)
-    x_axis = -fingers if side == "right" else fingers  # where the rest frame's +x goes
-    y_axis = -palm
+    x_axis, y_axis = -fingers, -palm  # where the rest frame's +x and +y go
     return torch.stack([x_axis, y_axis, torch.linalg.cross(x_axis, y_axis)], dim=-1)
 
 
@@ -106,6 +113,69 @@ def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
     nn.init.xavier_uniform_(mlp[-1].weight, gain=LAST_LAYER_GAIN)
     nn.init.zeros_(mlp[-1].bias)
     return mlp
+
+
+def spatial_tokens(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(N, 3, C, C) normalised crops -> (N, L, F) the backbone's spatial tokens.
+
+    CNNs give a feature map (N, F, h, w), flattened to h*w tokens; ViTs give their token sequence
+    (prefix tokens included).
+    """
+    feats = backbone.forward_features(x)
+    return feats.flatten(2).transpose(1, 2) if feats.dim() == 4 else feats
+
+
+class SpatialHead(nn.Module):
+    """A learned query cross-attends to a crop's spatial tokens (one transformer-decoder layer).
+
+    Args:
+        in_dim: F, channels of the backbone's tokens.
+        dim: D, output width.
+        num_tokens: L, tokens per crop (a learned position each).
+        heads: attention heads.
+        dropout: dropout in the decoder layer.
+    """
+
+    def __init__(self, *, in_dim: int, dim: int, num_tokens: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_dim, dim)
+        self.pos_embed = nn.Parameter(torch.zeros(num_tokens, dim))
+        self.query = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.query, std=0.02)
+        self.decoder = nn.TransformerDecoderLayer(dim, heads, dim_feedforward=4 * dim, dropout=dropout,
+                                                  activation="gelu", batch_first=True, norm_first=True)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(N, L, F) -> (N, D)."""
+        memory = self.proj(tokens) + self.pos_embed  # (N, L, D)
+        query = self.query.expand(tokens.shape[0], -1, -1)  # (N, 1, D)
+        return self.norm(self.decoder(query, memory))[:, 0]
+
+
+class HandFusion(nn.Module):
+    """Per frame, the left-hand, right-hand and camera tokens attend to each other (one pre-norm block).
+
+    A hand that is not observed is masked out as a key: it contributes nothing to the other tokens.
+    """
+
+    def __init__(self, *, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.type_embed = nn.Parameter(torch.zeros(3, dim))  # left, right, camera
+        nn.init.trunc_normal_(self.type_embed, std=0.02)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * dim, dim))
+
+    def forward(self, tokens: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+        """tokens (N, 3, D) [left, right, camera], observed (N, 2) bool -> (N, 3, D)."""
+        x = tokens + self.type_embed
+        ignore = torch.cat([~observed, observed.new_zeros(observed.shape[0], 1)], dim=1)  # (N, 3), camera always seen
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, key_padding_mask=ignore, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
 
 
 class TemporalEncoder(nn.Module):
@@ -161,103 +231,121 @@ class MotionInfiller(nn.Module):
 
 
 class HaWoR(nn.Module):
-    """Backbone -> temporal transformer -> hand and camera heads -> LSTM infiller -> MANO.
+    """Crop backbone -> spatial head -> hand fusion -> temporal transformers -> heads -> infiller -> MANO.
 
     Build it from a config with :func:`build_model`; the constructor takes explicit arguments.
 
     Args:
-        backbone: timm model returning one pooled (N, F) feature per image.
-        feature_dim: F.
-        img_size: S, the side of the square input images in pixels.
+        backbone: timm model with ``forward_features`` (spatial tokens of one hand crop).
+        feature_dim: F, channels of its tokens.
+        num_tokens: L, tokens per crop.
+        crop_size: C, side of the square hand crops in pixels.
+        camera_backbone: timm model returning one pooled feature per whole frame.
+        camera_feature_dim: its width.
+        img_size: S, side of the whole-frame input.
         mano_layers: one MANO layer per hand, in HANDS order (left, right).
-        temporal_dim, temporal_layers, temporal_heads, dropout: temporal transformer.
+        hand_fusion: let the hands and the camera attend to each other per frame.
+        temporal_dim, temporal_layers, temporal_heads, dropout: token width and temporal transformers.
         head_hidden: hidden width of the hand and camera heads.
         infiller_hidden, infiller_layers: LSTM infiller.
         infill_mask_prob: training-time rate at which valid hand frames are hidden from the infiller.
     """
 
-    def __init__(self, *, backbone: nn.Module, feature_dim: int, img_size: int,
-                 mano_layers: tuple[MANOLayer, MANOLayer], temporal_dim: int, temporal_layers: int,
-                 temporal_heads: int, head_hidden: int, dropout: float, infiller_hidden: int,
-                 infiller_layers: int, infill_mask_prob: float) -> None:
+    def __init__(self, *, backbone: nn.Module, feature_dim: int, num_tokens: int, crop_size: int,
+                 camera_backbone: nn.Module, camera_feature_dim: int, img_size: int,
+                 mano_layers: tuple[MANOLayer, MANOLayer], hand_fusion: bool, temporal_dim: int,
+                 temporal_layers: int, temporal_heads: int, head_hidden: int, dropout: float,
+                 infiller_hidden: int, infiller_layers: int, infill_mask_prob: float) -> None:
         super().__init__()
         if [layer.side for layer in mano_layers] != list(HANDS):
             raise ValueError(f"mano_layers must be sides {HANDS} in that order, got "
                              f"{[layer.side for layer in mano_layers]}")
-        self.img_size = img_size
+        self.crop_size, self.img_size = crop_size, img_size
         self.infill_mask_prob = infill_mask_prob
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mirror_rot6d", torch.tensor(MIRROR_ROT6D).repeat(NUM_ROTATIONS), persistent=False)
 
+        D = temporal_dim
         self.backbone = backbone
-        self.temporal = TemporalEncoder(in_dim=feature_dim, dim=temporal_dim, layers=temporal_layers,
-                                        heads=temporal_heads, dropout=dropout)
-        self.hand_heads = nn.ModuleList(_mlp(temporal_dim, head_hidden, PARAM_DIM) for _ in HANDS)
+        self.spatial_head = SpatialHead(in_dim=feature_dim, dim=D, num_tokens=num_tokens, heads=temporal_heads,
+                                        dropout=dropout)
+        self.camera_backbone = camera_backbone
+        self.camera_proj = nn.Sequential(nn.Linear(camera_feature_dim, D), nn.LayerNorm(D))
+        self.fusion = HandFusion(dim=D, heads=temporal_heads, dropout=dropout) if hand_fusion else None
+        temporal = dict(in_dim=D, dim=D, layers=temporal_layers, heads=temporal_heads, dropout=dropout)
+        self.hand_temporal = TemporalEncoder(**temporal)  # shared by both hands (left ones are mirrored)
+        self.camera_temporal = TemporalEncoder(**temporal)
+        self.hand_head = _mlp(D, head_hidden, PARAM_DIM)
         # Camera head reads frame t and frame 0: the pose of t relative to 0 (6D rotation + translation).
-        self.camera_head = _mlp(2 * temporal_dim, head_hidden, 9)
+        self.camera_head = _mlp(2 * D, head_hidden, 9)
         self.infillers = nn.ModuleList(MotionInfiller(hidden=infiller_hidden, layers=infiller_layers)
                                        for _ in HANDS)
         self.mano = nn.ModuleList(mano_layers)
 
-        # Mean rotations per hand: the egocentric global orientation and MANO's mean finger pose (absolute
-        # finger rotations = hands_mean when the relative pose is zero).
-        mean_rot6d = []
-        for layer in mano_layers:
-            fingers = axis_angle_to_matrix(layer.hands_mean.detach().float().cpu().view(15, 3))  # (15, 3, 3)
-            mats = torch.cat([_mean_global_orient(layer.side)[None], fingers], dim=0)  # (16, 3, 3)
-            mean_rot6d.append(matrix_to_rot6d(mats))
-        self.register_buffer("mean_rot6d", torch.stack(mean_rot6d), persistent=False)  # (2, 16, 6)
-        # Mean weak-perspective camera per hand: (log-scale offset, u, v); log-scale 0 = MEAN_ROOT_DEPTH.
-        mean_cam = torch.tensor([[0.0, u, v] for u, v in MEAN_ROOT_UV])
-        self.register_buffer("mean_cam", mean_cam, persistent=False)  # (2, 3)
-        self.register_buffer("mean_betas", torch.zeros(2, NUM_BETAS), persistent=False)  # (2, 10)
+        # Mean rotations of the canonical (right) hand: the egocentric global orientation and MANO's mean
+        # finger pose (absolute finger rotations = hands_mean when the relative pose is zero).
+        right = mano_layers[HANDS.index("right")]
+        fingers = axis_angle_to_matrix(right.hands_mean.detach().float().cpu().view(15, 3))  # (15, 3, 3)
+        mats = torch.cat([_mean_global_orient()[None], fingers], dim=0)  # (16, 3, 3)
+        self.register_buffer("mean_rot6d", matrix_to_rot6d(mats).flatten(), persistent=False)  # (96,)
+        self.register_buffer("mean_betas", torch.zeros(NUM_BETAS), persistent=False)  # (10,)
 
     # ----- stage 1: features -------------------------------------------------------------------------
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> ImageNet-normalised float."""
+        return (images.to(self.pixel_mean.dtype) / 255.0 - self.pixel_mean) / self.pixel_std
+
+    def encode_hands(self, crops: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, T, 2, 3, C, C) -> (B, T, 2, D) one token per hand crop."""
+        B, T = crops.shape[:2]
+        tokens = spatial_tokens(self.backbone, self._normalise(crops.flatten(0, 2)))  # (B*T*2, L, F)
+        return self.spatial_head(tokens).view(B, T, 2, -1)
+
     def encode_frames(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, T, 3, S, S) -> (B, T, F) pooled backbone features."""
+        """uint8 (B, T, 3, S, S) -> (B, T, D) one token per whole frame."""
         B, T = images.shape[:2]
-        x = images.flatten(0, 1).to(self.pixel_mean.dtype) / 255.0  # (B*T, 3, S, S)
-        x = (x - self.pixel_mean) / self.pixel_std
-        return self.backbone(x).view(B, T, -1)
+        return self.camera_proj(self.camera_backbone(self._normalise(images.flatten(0, 1)))).view(B, T, -1)
 
-    # ----- stage 3: heads ----------------------------------------------------------------------------
-    def weak_perspective_to_root(self, cam: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
-        """Weak-perspective camera (log-scale offset, u, v) -> camera-frame wrist position (metres).
+    # ----- stage 4: heads ----------------------------------------------------------------------------
+    def weak_perspective_to_root(self, cam: torch.Tensor, crop_K: torch.Tensor) -> torch.Tensor:
+        """Weak-perspective camera (log-scale offset, u, v) in a crop -> camera-frame wrist (metres).
 
-        The scale is s = s0 * exp(offset) with s0 = 2 fx / (S * MEAN_ROOT_DEPTH), so that the depth
-        tz = 2 fx / (S * s) (HaMeR's conversion with the whole image as the crop) is MEAN_ROOT_DEPTH at
-        offset 0 whatever the focal length, and stays positive. (u, v) in [-1, 1] is the wrist's position
-        in the image; x and y follow from the pixel, the depth and K.
+        The scale is s = (2 / CROP_METRES) * exp(offset): the depth tz = 2 f / (C s) (HaMeR's conversion,
+        f the crop's focal length in crop pixels, so the box size tells the distance) is
+        f * CROP_METRES / C at offset 0. (u, v) in [-1, 1] is the wrist's position in the crop; x and y
+        follow from that pixel, the depth and the crop's intrinsics.
 
         Args:
-            cam: (B, T, 2, 3).
-            K: (B, 3, 3) intrinsics in input pixels.
+            cam: (B, T, 2, 3) in the unmirrored crop.
+            crop_K: (B, T, 2, 3, 3) intrinsics of each (unmirrored) crop.
 
         Returns:
             (B, T, 2, 3).
         """
-        S = self.img_size
-        K = K[:, None, None]  # (B, 1, 1, 3, 3)
-        fx, fy, cx, cy = K[..., 0, 0], K[..., 1, 1], K[..., 0, 2], K[..., 1, 2]  # (B, 1, 1)
-        s = 2 * fx / (S * MEAN_ROOT_DEPTH) * torch.exp(cam[..., 0])  # (B, T, 2)
-        tz = 2 * fx / (S * s)
-        px = (cam[..., 1] + 1) * S / 2  # (B, T, 2) pixels
-        py = (cam[..., 2] + 1) * S / 2
+        C = self.crop_size
+        fx, fy, cx, cy = crop_K[..., 0, 0], crop_K[..., 1, 1], crop_K[..., 0, 2], crop_K[..., 1, 2]
+        tz = fx * CROP_METRES / C * torch.exp(-cam[..., 0])  # (B, T, 2)
+        px = (cam[..., 1] + 1) * C / 2 - 0.5  # pixel centres at integers
+        py = (cam[..., 2] + 1) * C / 2 - 0.5
         return torch.stack([(px - cx) / fx * tz, (py - cy) / fy * tz, tz], dim=-1)
 
-    def mean_params(self, K: torch.Tensor) -> torch.Tensor:
-        """(B, 3, 3) -> (B, 1, 2, PARAM_DIM) mean parameter vector (rot6d, betas, root) per hand."""
-        root = self.weak_perspective_to_root(self.mean_cam.expand(K.shape[0], 1, 2, 3), K)  # (B, 1, 2, 3)
-        rest = torch.cat([self.mean_rot6d.flatten(1), self.mean_betas], dim=-1)  # (2, 106)
-        return torch.cat([rest.expand(K.shape[0], 1, 2, -1), root], dim=-1)
+    def _to_hand_frame(self, canonical: torch.Tensor, crop_K: torch.Tensor) -> torch.Tensor:
+        """(B, T, 2, P) offsets regressed in the (mirrored for the left hand) crop -> per-hand parameters
+        (rot6d, betas, root in metres) in the camera frame, the left hand mirrored back."""
+        rot6d = self.mean_rot6d + canonical[..., :ROT6D_DIM]  # (B, T, 2, 96)
+        betas = self.mean_betas + canonical[..., ROT6D_DIM:-3]  # (B, T, 2, 10)
+        cam = canonical[..., -3:]  # (B, T, 2, 3), mean (0, 0, 0): crop-filling hand at the crop centre
+        left = HANDS.index("left")
+        rot6d = torch.stack([rot6d[:, :, h] * self.mirror_rot6d if h == left else rot6d[:, :, h]
+                             for h in range(2)], dim=2)
+        sign = torch.tensor([1.0, -1.0, 1.0], device=cam.device, dtype=cam.dtype)
+        cam = torch.stack([cam[:, :, h] * sign if h == left else cam[:, :, h] for h in range(2)], dim=2)
+        return torch.cat([rot6d, betas, self.weak_perspective_to_root(cam, crop_K)], dim=-1)
 
-    def regress_hands(self, h: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) temporal features -> (B, T, 2, PARAM_DIM) per-hand parameters (rot6d, betas, root)."""
-        delta = torch.stack([head(h) for head in self.hand_heads], dim=2)  # (B, T, 2, P)
-        rot6d = self.mean_rot6d.flatten(1) + delta[..., :ROT6D_DIM]  # (B, T, 2, 96)
-        betas = self.mean_betas + delta[..., ROT6D_DIM:-3]  # (B, T, 2, 10)
-        root = self.weak_perspective_to_root(self.mean_cam + delta[..., -3:], K)  # (B, T, 2, 3)
-        return torch.cat([rot6d, betas, root], dim=-1)
+    def mean_params(self, crop_K: torch.Tensor) -> torch.Tensor:
+        """(B, T, 2, 3, 3) -> (B, T, 2, PARAM_DIM) the mean parameters of every hand-frame."""
+        return self._to_hand_frame(crop_K.new_zeros(*crop_K.shape[:3], PARAM_DIM), crop_K)
 
     def regress_camera(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, D) -> cam_R (B, T, 3, 3), cam_t (B, T, 3): pose of camera t in camera 0."""
@@ -274,7 +362,7 @@ class HaWoR(nn.Module):
         cam_t = torch.cat([zero, delta[..., 6:]], dim=1)  # (B, T, 3)
         return cam_R, cam_t
 
-    # ----- stage 4: infiller -------------------------------------------------------------------------
+    # ----- stage 5: infiller -------------------------------------------------------------------------
     def observed_mask(self, hand_valid: torch.Tensor) -> torch.Tensor:
         """(B, T, 2) bool -> (B, T, 2) bool frames treated as observed.
 
@@ -296,7 +384,7 @@ class HaWoR(nn.Module):
 
         Args:
             params: (B, T, 2, P) regressed parameters.
-            mean: (B, 1, 2, P) mean parameters.
+            mean: (B, T, 2, P) mean parameters.
             observed: (B, T, 2) bool.
 
         Returns:
@@ -322,30 +410,37 @@ class HaWoR(nn.Module):
             vertices.append((out.vertices + offset).view(B, T, -1, 3))
         return torch.stack(joints, dim=2), torch.stack(vertices, dim=2)
 
-    def forward(self, images: torch.Tensor, K: torch.Tensor, hand_valid: torch.Tensor) -> HaWoROutput:
+    def forward(self, crops: torch.Tensor, crop_K: torch.Tensor, images: torch.Tensor,
+                hand_valid: torch.Tensor) -> HaWoROutput:
         """Predict hands and camera motion for a batch of clips.
 
         Args:
-            images: uint8 (B, T, 3, S, S).
-            K: (B, 3, 3) intrinsics in input pixels.
+            crops: uint8 (B, T, 2, 3, C, C) hand crops (left mirrored), as the data module gives them.
+            crop_K: (B, T, 2, 3, 3) intrinsics of each unmirrored crop.
+            images: uint8 (B, T, 3, S, S) whole frames.
             hand_valid: bool (B, T, 2), hands (left, right) visible in each frame.
 
         Returns:
             HaWoROutput.
         """
-        self._check_inputs(images, K, hand_valid)
-        feats = self.encode_frames(images)  # (B, T, F)
-        h = self.temporal(feats)  # (B, T, D)
-        K = K.to(self.pixel_mean.dtype)  # full precision even under autocast
-        params = self.regress_hands(h, K)  # (B, T, 2, P)
-        cam_R, cam_t = self.regress_camera(h)
+        self._check_inputs(crops, crop_K, images, hand_valid)
+        B, T = crops.shape[:2]
         observed = self.observed_mask(hand_valid)
-        params = self.infill(params, self.mean_params(K), observed)
+        hands = self.encode_hands(crops)  # (B, T, 2, D)
+        camera = self.encode_frames(images)  # (B, T, D)
+        if self.fusion is not None:
+            tokens = self.fusion(torch.cat([hands, camera[:, :, None]], dim=2).flatten(0, 1),
+                                 observed.flatten(0, 1)).view(B, T, 3, -1)
+            hands, camera = tokens[:, :, :2], tokens[:, :, 2]
+        h = self.hand_temporal(hands.transpose(1, 2).flatten(0, 1)).view(B, 2, T, -1).transpose(1, 2)  # (B, T, 2, D)
+        crop_K = crop_K.to(self.pixel_mean.dtype)  # full precision even under autocast
+        params = self._to_hand_frame(self.hand_head(h).to(crop_K.dtype), crop_K)  # (B, T, 2, P)
+        cam_R, cam_t = self.regress_camera(self.camera_temporal(camera))
+        params = self.infill(params, self.mean_params(crop_K), observed)
 
-        B, T = params.shape[:2]
         # MANO in float32 even under autocast: bf16's 8-bit mantissa alone would move a wrist 0.4 m away
         # by ~1.5 mm.
-        with torch.autocast(device_type=images.device.type, enabled=False):
+        with torch.autocast(device_type=crops.device.type, enabled=False):
             params = params.float()
             rot6d = params[..., :ROT6D_DIM].reshape(B, T, 2, NUM_ROTATIONS, 6)
             betas = params[..., ROT6D_DIM:-3]
@@ -356,17 +451,28 @@ class HaWoR(nn.Module):
         return HaWoROutput(rot6d=rot6d, rotmats=rotmats, betas=betas, root=root, joints=joints,
                            vertices=vertices, cam_R=cam_R, cam_t=cam_t, observed=observed)
 
-    def _check_inputs(self, images: torch.Tensor, K: torch.Tensor, hand_valid: torch.Tensor) -> None:
-        S = self.img_size
-        if images.dtype != torch.uint8 or images.dim() != 5 or tuple(images.shape[2:]) != (3, S, S):
-            raise ValueError(f"images must be uint8 (B, T, 3, {S}, {S}), got {images.dtype} "
+    def _check_inputs(self, crops: torch.Tensor, crop_K: torch.Tensor, images: torch.Tensor,
+                      hand_valid: torch.Tensor) -> None:
+        C, S = self.crop_size, self.img_size
+        if crops.dtype != torch.uint8 or crops.dim() != 6 or tuple(crops.shape[2:]) != (2, 3, C, C):
+            raise ValueError(f"crops must be uint8 (B, T, 2, 3, {C}, {C}), got {crops.dtype} {tuple(crops.shape)}")
+        B, T = crops.shape[:2]
+        if images.dtype != torch.uint8 or tuple(images.shape) != (B, T, 3, S, S):
+            raise ValueError(f"images must be uint8 ({B}, {T}, 3, {S}, {S}), got {images.dtype} "
                              f"{tuple(images.shape)}")
-        B, T = images.shape[:2]
-        if tuple(K.shape) != (B, 3, 3):
-            raise ValueError(f"K must be ({B}, 3, 3), got {tuple(K.shape)}")
+        if tuple(crop_K.shape) != (B, T, 2, 3, 3):
+            raise ValueError(f"crop_K must be ({B}, {T}, 2, 3, 3), got {tuple(crop_K.shape)}")
         if hand_valid.dtype != torch.bool or tuple(hand_valid.shape) != (B, T, 2):
             raise ValueError(f"hand_valid must be bool ({B}, {T}, 2), got {hand_valid.dtype} "
                              f"{tuple(hand_valid.shape)}")
+
+
+MODEL_INPUTS = ("crops", "crop_K", "images", "hand_valid")
+
+
+def run_model(model: nn.Module, batch: dict[str, torch.Tensor]) -> HaWoROutput:
+    """The model's forward pass on a data batch (the one place that knows which batch keys it reads)."""
+    return model(*(batch[k] for k in MODEL_INPUTS))
 
 
 def _create_backbone(name: str, img_size: int, kwargs: dict) -> nn.Module:
@@ -385,21 +491,12 @@ def _create_backbone(name: str, img_size: int, kwargs: dict) -> nn.Module:
         raise
 
 
-def _load_backbone_weights(backbone: nn.Module, path: str) -> None:
-    """Load a local state dict into the backbone (never downloads).
+def _load_backbone_weights(backbone: nn.Module, state: dict, path: str) -> None:
+    """Load a state dict into the backbone.
 
     Classifier weights are ignored; timm's own checkpoint filter of the model family (when it has one)
     adapts the file, e.g. resamples ViT position embeddings to another input size.
     """
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"config key 'model.pretrained_path': backbone weights file {path!r} "
-                                "does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict (mapping of tensors), got {type(state).__name__}")
     filter_fn = getattr(sys.modules[type(backbone).__module__], "checkpoint_filter_fn", None)
     if filter_fn is not None and len(inspect.signature(filter_fn).parameters) >= 2:
         state = filter_fn(state, backbone)
@@ -416,20 +513,95 @@ def _load_backbone_weights(backbone: nn.Module, path: str) -> None:
     log.info("loaded backbone weights from %s", path)
 
 
-def build_model(cfg: ExperimentConfig) -> HaWoR:
-    """Build the model described by ``cfg.model`` for ``cfg.data.img_size`` inputs and ``cfg.mano`` hands.
+def hamer_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map a HaMeR checkpoint's ViT backbone onto timm's ``VisionTransformer`` keys.
+
+    HaMeR (``hamer/models/backbones/vit.py``, the ViTPose ViT) stores ``backbone.*`` with the same block
+    names as timm (``blocks.N.attn.qkv``, ``blocks.N.mlp.fc1``, ``patch_embed.proj``), its final norm as
+    ``last_norm`` (timm: ``norm``), and a ``pos_embed`` of 1 + N positions whose first one it adds to every
+    patch instead of keeping a class token (``x + pos_embed[:, 1:] + pos_embed[:, :1]``). Build the timm
+    ViT with ``class_token: false, global_pool: avg`` to receive it; position embeddings are resampled
+    to the crop's patch grid by timm's own filter when sizes differ.
+    """
+    out = {}
+    for key, value in state.items():
+        if not key.startswith("backbone."):
+            continue
+        key = key[len("backbone."):]
+        if key.startswith("last_norm."):
+            key = "norm." + key[len("last_norm."):]
+        if key == "pos_embed":
+            value = value[:, 1:] + value[:, :1]
+        out[key] = value
+    return out
+
+
+def _load_pretrained(model: HaWoR, path: str) -> None:
+    """Load ``model.pretrained_path`` into a freshly built model (never downloads).
+
+    Three kinds of file are understood:
+
+    - a hawor-tune model or checkpoint (the per-frame pretraining's output, or any earlier run): every
+      tensor whose name and shape match is loaded (backbone, spatial head, hand head, ...);
+    - a HaMeR checkpoint (``state_dict`` with ``backbone.*`` and ``mano_head.*`` keys): its ViT backbone,
+      mapped by :func:`hamer_to_timm`;
+    - a plain backbone state dict (timm keys), optionally under ``state_dict`` or ``model``.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"config key 'model.pretrained_path': weights file {path!r} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and state.get("format") == "hawor-tune-checkpoint":
+        own = model.state_dict()
+        fits = {k: v for k, v in state["model"].items() if k in own and own[k].shape == v.shape}
+        model.load_state_dict(fits, strict=False)
+        if not any(k.startswith("backbone.") for k in fits):
+            raise ValueError(f"{path}: a hawor-tune model whose backbone does not fit this model's "
+                             f"({model.backbone.__class__.__name__}); retrain it or clear model.pretrained_path")
+        log.info("loaded %d of %d tensors from the hawor-tune model %s", len(fits), len(own), path)
+        return
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict (mapping of tensors), got {type(state).__name__}")
+    if any(k.startswith("backbone.") for k in state):
+        state = hamer_to_timm(state)
+    _load_backbone_weights(model.backbone, state, path)
+
+
+def _token_count(backbone: nn.Module, size: int) -> int:
+    """Spatial tokens the backbone gives for one ``size`` x ``size`` crop."""
+    was_training = backbone.training
+    with torch.no_grad():
+        n = spatial_tokens(backbone.eval(), torch.zeros(1, 3, size, size)).shape[1]
+    backbone.train(was_training)
+    return n
+
+
+def build_model(cfg: ExperimentConfig, *, pretrained: bool = True) -> HaWoR:
+    """Build the model described by ``cfg.model`` for ``cfg.data``'s crops and frames and ``cfg.mano``'s hands.
+
+    Args:
+        cfg: experiment config.
+        pretrained: load ``model.pretrained_path`` when it is set (a checkpoint being restored does not
+            need it).
 
     Raises:
-        ValueError: unknown backbone. (temporal_dim vs temporal_heads is checked when the config loads.)
+        ValueError: unknown backbone, or weights that do not fit it.
         FileNotFoundError: model.pretrained_path names a file that does not exist.
     """
-    m = cfg.model
-    backbone = _create_backbone(m.backbone, cfg.data.img_size, dict(m.backbone_kwargs))
-    if m.pretrained_path:
-        _load_backbone_weights(backbone, m.pretrained_path)
+    m, d = cfg.model, cfg.data
+    backbone = _create_backbone(m.backbone, d.crop_size, dict(m.backbone_kwargs))
+    camera_backbone = _create_backbone(m.camera_backbone, d.img_size, dict(m.backbone_kwargs)
+                                       if m.camera_backbone == m.backbone else {})
     mano_layers = tuple(build_mano(cfg.mano, side) for side in HANDS)
-    return HaWoR(backbone=backbone, feature_dim=backbone.num_features, img_size=cfg.data.img_size,
-                 mano_layers=mano_layers, temporal_dim=m.temporal_dim, temporal_layers=m.temporal_layers,
-                 temporal_heads=m.temporal_heads, head_hidden=m.head_hidden, dropout=m.dropout,
-                 infiller_hidden=m.infiller_hidden, infiller_layers=m.infiller_layers,
-                 infill_mask_prob=m.infill_mask_prob)
+    model = HaWoR(backbone=backbone, feature_dim=backbone.num_features,
+                  num_tokens=_token_count(backbone, d.crop_size), crop_size=d.crop_size,
+                  camera_backbone=camera_backbone, camera_feature_dim=camera_backbone.num_features,
+                  img_size=d.img_size, mano_layers=mano_layers, hand_fusion=m.hand_fusion,
+                  temporal_dim=m.temporal_dim, temporal_layers=m.temporal_layers, temporal_heads=m.temporal_heads,
+                  head_hidden=m.head_hidden, dropout=m.dropout, infiller_hidden=m.infiller_hidden,
+                  infiller_layers=m.infiller_layers, infill_mask_prob=m.infill_mask_prob)
+    if pretrained and m.pretrained_path:
+        _load_pretrained(model, m.pretrained_path)
+    return model

@@ -20,7 +20,9 @@ import torch
 from hawor_tune import report
 from hawor_tune.atomic import atomic_write_text
 from hawor_tune.config import ExperimentConfig, load_config, save_config
+from hawor_tune.model import run_model
 from hawor_tune.results import EPOCHS_FILE, TRIALS_FILE, best_trial, read_rows, read_table
+from hawor_tune.runtime import to_device
 from hawor_tune.search import SEARCH_FILE
 
 log = logging.getLogger(__name__)
@@ -121,7 +123,7 @@ def _overlay_frames(model: torch.nn.Module, cfg: ExperimentConfig, n: int = 6) -
     batch = next(iter(build_dataloader(cfg, "test", shuffle=False)))
     model.eval()
     with torch.no_grad():
-        out = model(batch["images"].to(device), batch["K"].to(device), batch["hand_valid"].to(device))
+        out = run_model(model, to_device(batch, device))
     B, T = batch["hand_valid"].shape[:2]
     K = batch["K"][:, None, None].expand(B, T, 2, 3, 3)
     dist = batch["dist"][:, None, None].expand(B, T, 2, 8)

@@ -31,6 +31,7 @@ from hawor_tune.cli import ArgumentParser, fail
 from hawor_tune.config import ConfigError, ExperimentConfig, load_config, save_config
 from hawor_tune.evaluation import evaluate
 from hawor_tune.losses import compute_losses
+from hawor_tune.model import run_model
 from hawor_tune.runtime import (
     autocast,
     autocast_dtype,
@@ -132,7 +133,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         for step, batch in enumerate(bar):
             batch = to_device(batch, device)
             with autocast(device, amp):
-                out = model(batch["images"], batch["K"], batch["hand_valid"])
+                out = run_model(model, batch)
             loss, terms = compute_losses(out, batch, cfg.loss)
             if not torch.isfinite(loss):
                 bad = {k: v for k, v in terms.items() if not math.isfinite(v)}
@@ -191,9 +192,13 @@ def fit(config: ExperimentConfig, on_epoch: EpochHook | None = None,
     from hawor_tune.data import build_dataloader
     from hawor_tune.model import build_model
 
+    from hawor_tune.pretrain import ensure_pretrained
+
     cfg = config
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    if resume_from is None:
+        cfg = ensure_pretrained(cfg)  # the hand-pretrained start (made once, cached); recorded in config.yaml
     device = select_device(cfg.train.device)
     seed_everything(cfg.train.seed)
     out_dir = Path(cfg.train.out_dir)
@@ -203,7 +208,7 @@ def fit(config: ExperimentConfig, on_epoch: EpochHook | None = None,
 
     train_loader = build_dataloader(cfg, "train", shuffle=True, seed=cfg.train.seed)
     val_loader = build_dataloader(cfg, "val", shuffle=False)
-    model = build_model(cfg).to(device)
+    model = build_model(cfg, pretrained=resume_from is None).to(device)
     optimizer = build_optimizer(model, cfg)
     steps = len(train_loader) if not cfg.train.max_train_batches else min(len(train_loader), cfg.train.max_train_batches)
     scheduler = build_scheduler(optimizer, cfg, steps)

@@ -7,7 +7,8 @@ Use it from any test file::
         loader = build_dataloader(cfg, "train", shuffle=True)
 
 The dataset has 4 subjects (s01-s02 train, s03 val, s04 test) with one 40-frame sequence each (20 frames
-left after ARCTIC's 10-frame skip at both ends), 64x48 frames letterboxed to 32 px; ``config()`` gives
+left after ARCTIC's 10-frame skip at both ends), 64x48 frames letterboxed to 64 px, 32 px hand crops
+and 32 px whole frames; ``config()`` gives
 4-frame clips with stride 2 and batches of 2, and points data.root and the cache into the session's
 temporary folder. ``TINY_MODEL_OVERRIDES`` (``from conftest import TINY_MODEL_OVERRIDES``) adds a model
 small enough to train in tests.
@@ -27,6 +28,8 @@ from hawor_tune.data import generate
 
 TINY_DATA_OVERRIDES: dict[str, Any] = {
     "data.generate": True,
+    "data.frame_size": 64,
+    "data.crop_size": 32,
     "data.img_size": 32,
     "data.seq_len": 4,
     "data.stride": 2,
@@ -46,6 +49,7 @@ TINY_DATA_OVERRIDES: dict[str, Any] = {
 TINY_MODEL_OVERRIDES: dict[str, Any] = {
     "model.backbone": "vit_tiny_patch16_224",
     "model.backbone_kwargs": {"depth": 1, "patch_size": 16},
+    "model.camera_backbone": "vit_tiny_patch16_224",
     "model.temporal_dim": 32,
     "model.temporal_layers": 1,
     "model.temporal_heads": 2,

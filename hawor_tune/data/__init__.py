@@ -114,7 +114,8 @@ def build_dataset(cfg: ExperimentConfig, split: str, *, cached: bool = True) -> 
     root = ensure_dataset(cfg)
     mano = [build_mano(cfg.mano, side) for side in HANDS]
     return ArcticClips(root, split, mano=mano, seq_len=d.seq_len, stride=d.stride, frame_step=d.frame_step,
-                       img_size=d.img_size, min_visible_joints=d.min_visible_joints,
+                       frame_size=d.frame_size, crop_size=d.crop_size, crop_scale=d.crop_scale,
+                       crop_jitter=d.crop_jitter, img_size=d.img_size, min_visible_joints=d.min_visible_joints,
                        cache_dir=d.cache_dir or None, cached=cached,
                        extra_splits=("val",) if split == "train" and d.train_on_val else ())
 

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from hawor_tune.data.cache import FrameCache, FrameSource, Letterbox, read_frame
+from hawor_tune.data.crop import crop_matrix, hand_boxes, jitter_boxes, map_points, unflip_matrix, warp_crop
 from hawor_tune.geometry import project_points
 from hawor_tune.mano import HANDS, MANOLayer
 
@@ -165,11 +166,12 @@ class SequenceLabels:
     rotmats: np.ndarray  # (N, 2, 16, 3, 3), [..., 0] global orientation in the camera frame
     betas: np.ndarray  # (N, 2, 10)
     hand_valid: np.ndarray  # (N, 2) bool
+    joints_visible: np.ndarray  # (N, 2, 21) bool: in front of the camera and inside the image
     cam_R: np.ndarray  # (N, 3, 3) world-to-camera
     cam_t: np.ndarray  # (N, 3)
 
 
-def load_sequence(root: str | os.PathLike, name: str, *, mano: Sequence[MANOLayer], img_size: int,
+def load_sequence(root: str | os.PathLike, name: str, *, mano: Sequence[MANOLayer], frame_size: int,
                   frame_step: int = 1, min_visible_joints: int = 8,
                   misc: dict[str, Any] | None = None) -> SequenceLabels:
     """Read and check one sequence's files and compute its per-frame annotations.
@@ -178,7 +180,7 @@ def load_sequence(root: str | os.PathLike, name: str, *, mano: Sequence[MANOLaye
         root: ARCTIC ``arctic_data/data`` folder.
         name: ``"<sid>/<seq>"``.
         mano: MANO layers for (left, right); the model the annotations were fitted with.
-        img_size: letterboxed side S.
+        frame_size: letterboxed side S of the frames (``K`` and ``joints2d`` are in its pixels).
         frame_step: keep every ``frame_step``-th annotated frame.
         min_visible_joints: a hand is valid when its wrist and at least this many of its 21 joints are in
             front of the camera (z > 0.05 m) and project inside the image.
@@ -220,7 +222,7 @@ def load_sequence(root: str | os.PathLike, name: str, *, mano: Sequence[MANOLaye
 
     vidx = np.arange(SKIP_FRAMES, frames - SKIP_FRAMES, frame_step)  # (N,) annotation indices kept
     image_paths = _image_paths(root, sid, seq, vidx + ioi, ioi)
-    box, K_img = _frame_geometry(root, sid, image_paths[0], K, (width, height), img_size)
+    box, K_img = _frame_geometry(root, sid, image_paths[0], K, (width, height), frame_size)
 
     # MANO in the world, then into the camera of each frame.
     R, T = R_all[vidx], T_all[vidx]  # (N, 3, 3), (N, 3)
@@ -235,13 +237,14 @@ def load_sequence(root: str | os.PathLike, name: str, *, mano: Sequence[MANOLaye
     joints3d = np.stack(joints3d, axis=1)  # (N, 2, 21, 3)
     K_box = box.transform_K(K_img)
     joints2d = project_points(torch.from_numpy(joints3d), torch.from_numpy(K_box), torch.from_numpy(dist)).numpy()
-    valid = _hand_valid(joints3d, joints2d, box, K_img, dist, min_visible_joints)
+    visible = _joints_visible(joints3d, joints2d, box, K_img, dist)  # (N, 2, 21)
+    valid = visible[..., 0] & (visible.sum(-1) >= min_visible_joints)  # (N, 2)
 
     f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
     return SequenceLabels(name=name, image_paths=image_paths, letterbox=box, K=f32(K_box), dist=f32(dist),
                           frame_index=vidx.astype(np.int64), joints3d=f32(joints3d), joints2d=f32(joints2d),
                           rotmats=f32(np.stack(rotmats, axis=1)), betas=f32(np.stack(betas, axis=1)),
-                          hand_valid=valid, cam_R=f32(R), cam_t=f32(T))
+                          hand_valid=valid, joints_visible=visible, cam_R=f32(R), cam_t=f32(T))
 
 
 def _image_paths(root: Path, sid: str, seq: str, image_idx: np.ndarray, ioi: int) -> list[Path]:
@@ -259,7 +262,7 @@ def _image_paths(root: Path, sid: str, seq: str, image_idx: np.ndarray, ioi: int
 
 
 def _frame_geometry(root: Path, sid: str, first: Path, K: np.ndarray, size: tuple[int, int],
-                    img_size: int) -> tuple[Letterbox, np.ndarray]:
+                    frame_size: int) -> tuple[Letterbox, np.ndarray]:
     """The letterbox of the stored frames and K for their pixels.
 
     misc.json gives the capture size that K refers to; stored frames may be a uniformly downscaled copy
@@ -279,7 +282,7 @@ def _frame_geometry(root: Path, sid: str, first: Path, K: np.ndarray, size: tupl
     K_img[1] *= sy
     K_img[0, 2] += 0.5 * sx - 0.5
     K_img[1, 2] += 0.5 * sy - 0.5
-    return Letterbox(w, h, img_size), K_img
+    return Letterbox(w, h, frame_size), K_img
 
 
 def _posed_joints(layer: MANOLayer, rot: np.ndarray, pose: np.ndarray, trans: np.ndarray,
@@ -301,9 +304,9 @@ def _posed_joints(layer: MANOLayer, rot: np.ndarray, pose: np.ndarray, trans: np
     return np.concatenate(joints), np.concatenate(rotmats)
 
 
-def _hand_valid(joints3d: np.ndarray, joints2d: np.ndarray, box: Letterbox, K_img: np.ndarray, dist: np.ndarray,
-                min_visible: int) -> np.ndarray:
-    """(N, 2) bool: wrist and at least ``min_visible`` joints in front of the camera and inside the image."""
+def _joints_visible(joints3d: np.ndarray, joints2d: np.ndarray, box: Letterbox, K_img: np.ndarray,
+                    dist: np.ndarray) -> np.ndarray:
+    """(N, 2, 21) bool: joints in front of the camera, inside the lens's field of view and the image."""
     z = joints3d[..., 2]
     # Far outside the field of view a distortion polynomial can fold back into the image; points beyond
     # the image corners' undistorted radius (plus a margin) are out of view whatever they project to.
@@ -316,9 +319,8 @@ def _hand_valid(joints3d: np.ndarray, joints2d: np.ndarray, box: Letterbox, K_im
     xy = joints3d[..., :2] / np.maximum(z, 1e-9)[..., None]
     (w, h), (pad_x, pad_y) = box.resized, box.pad
     u, v = joints2d[..., 0], joints2d[..., 1]
-    visible = ((z > NEAR_Z) & ((xy**2).sum(-1) <= max_r2)
-               & (u >= pad_x - 0.5) & (u <= pad_x + w - 0.5) & (v >= pad_y - 0.5) & (v <= pad_y + h - 0.5))
-    return visible[..., 0] & (visible.sum(-1) >= min_visible)  # (N, 2)
+    return ((z > NEAR_Z) & ((xy**2).sum(-1) <= max_r2)
+            & (u >= pad_x - 0.5) & (u <= pad_x + w - 0.5) & (v >= pad_y - 0.5) & (v <= pad_y + h - 0.5))
 
 
 # ---- Clips ----------------------------------------------------------------------------------------------
@@ -326,9 +328,15 @@ def _hand_valid(joints3d: np.ndarray, joints2d: np.ndarray, box: Letterbox, K_im
 class ArcticClips(Dataset):
     """Clips of ``seq_len`` frames from one split, as the batch dicts of the project spec.
 
-    Training clips start every ``stride`` frames; val/test clips do not overlap. The last partial clip of a
-    sequence is dropped. Frames come from the packed frame cache (``cached=True``) or straight from the
-    JPEGs; both give identical pixels.
+    Each frame gives one ``crop_size`` crop per hand, centred on the hand's visible 2D keypoints (box side
+    ``crop_scale`` x their extent; left hands mirrored), and the whole frame at ``img_size`` for the camera
+    branch. Training crops are jittered (``crop_jitter``); val/test use the unjittered box, the
+    ground-truth-box protocol of hand-pose benchmarks (HaMeR, HaWoR).
+
+    Training clips start every ``stride`` frames. Val/test clips do not overlap and the last one is aligned
+    to the sequence's end, so every kept frame is evaluated whatever ``seq_len`` is; ``scored`` marks each
+    frame in exactly one clip. Frames come from the packed frame cache (``cached=True``) or straight from
+    the JPEGs; both give identical pixels.
 
     Args:
         root: ARCTIC ``arctic_data/data`` folder.
@@ -337,7 +345,11 @@ class ArcticClips(Dataset):
         seq_len: frames per clip (after subsampling).
         stride: frames between training clip starts.
         frame_step: temporal subsampling.
-        img_size: letterboxed side S.
+        frame_size: letterboxed side of the cached frames the crops are cut from.
+        crop_size: side of each hand crop.
+        crop_scale: box side over the keypoints' extent.
+        crop_jitter: random shift (fraction of the side) and scale (1 +- this) of training boxes.
+        img_size: side of the whole-frame input.
         min_visible_joints: see :func:`load_sequence`.
         cache_dir: where frame caches live (default: ``<root>/../cache``).
         cached: read frames from the cache (built on first use) instead of decoding JPEGs.
@@ -345,36 +357,45 @@ class ArcticClips(Dataset):
     """
 
     def __init__(self, root: str | os.PathLike, split: str, *, mano: Sequence[MANOLayer], seq_len: int,
-                 stride: int, frame_step: int = 1, img_size: int = 96, min_visible_joints: int = 8,
-                 cache_dir: str | os.PathLike | None = None, cached: bool = True,
+                 stride: int, frame_step: int = 1, frame_size: int = 224, crop_size: int = 64,
+                 crop_scale: float = 1.3, crop_jitter: float = 0.0, img_size: int = 64,
+                 min_visible_joints: int = 8, cache_dir: str | os.PathLike | None = None, cached: bool = True,
                  extra_splits: Sequence[str] = ()) -> None:
         self.root, self.split, self.seq_len = Path(root), split, seq_len
+        self.frame_size, self.crop_size, self.img_size = frame_size, crop_size, img_size
+        self.crop_scale, self.crop_jitter = crop_scale, crop_jitter if split == "train" else 0.0
         self.sequences = [name for s in (split, *extra_splits) for name in read_split(self.root, s)]
         if not self.sequences:
             raise DatasetError(f"{self.root / SPLITS_FILE}: split '{split}' has no sequences")
         misc = _read_json(self.root / MISC_FILE)
-        labels = [load_sequence(self.root, name, mano=mano, img_size=img_size, frame_step=frame_step,
+        labels = [load_sequence(self.root, name, mano=mano, frame_size=frame_size, frame_step=frame_step,
                                 min_visible_joints=min_visible_joints, misc=misc) for name in self.sequences]
-        step = stride if split == "train" else seq_len
-        self._clips = [(s, p) for s, lab in enumerate(labels) for p in range(0, len(lab.frame_index) - seq_len + 1, step)]
         counts = [len(lab.frame_index) for lab in labels]
+        self._clips = [(s, p, first) for s, n in enumerate(counts) for p, first in _clip_starts(n, seq_len, stride, split)]
         if not self._clips:
             raise DatasetError(f"split '{split}' of {self.root} has no clip of {seq_len} frames: its sequences have "
                                f"at most {max(counts)} frames after skipping {SKIP_FRAMES} at each end and keeping "
                                f"every {frame_step}th; lower data.seq_len or data.frame_step")
         self._offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        keys = ("frame_index", "joints3d", "joints2d", "rotmats", "betas", "hand_valid", "cam_R", "cam_t")
+        keys = ("frame_index", "joints3d", "joints2d", "rotmats", "betas", "hand_valid", "joints_visible",
+                "cam_R", "cam_t")
         # One array per field over all frames of the split: cheap to index, shared by forked workers.
         self._frames = {k: np.concatenate([getattr(lab, k) for lab in labels]) for k in keys}
-        self._K = np.stack([lab.K for lab in labels])  # (S, 3, 3)
+        self._box_centre, self._box_side = hand_boxes(self._frames["joints2d"], self._frames["joints_visible"],
+                                                      scale=crop_scale, frame_size=frame_size)  # (N, 2, 2), (N, 2)
+        self._seq_of_frame = np.repeat(np.arange(len(labels)), counts)
+        self._K = np.stack([lab.K for lab in labels]).astype(np.float64)  # (S, 3, 3) frame pixels
         self._dist = np.stack([lab.dist for lab in labels])  # (S, 8)
         self._paths = [p for lab in labels for p in lab.image_paths]
         self._boxes = [lab.letterbox for lab in labels]
+        # The whole frame at img_size: a plain resize of the square frame (cv2's pixel-centre convention).
+        r = img_size / frame_size
+        self._resize = np.array([[r, 0.0, 0.5 * r - 0.5], [0.0, r, 0.5 * r - 0.5], [0.0, 0.0, 1.0]])
         self.cache: FrameCache | None = None
         if cached:
             sources = [FrameSource(lab.name, tuple(lab.image_paths), lab.letterbox) for lab in labels]
             cache_dir = Path(cache_dir) if cache_dir else self.root.parent / "cache"
-            self.cache = FrameCache.open_or_build(cache_dir, root=self.root, split=split, size=img_size,
+            self.cache = FrameCache.open_or_build(cache_dir, root=self.root, split=split, size=frame_size,
                                                   sources=sources)
             if self.cache.names != self.sequences or self.cache.counts != counts:
                 raise DatasetError(f"frame cache {self.cache.folder} does not match split '{split}'; delete it")
@@ -387,18 +408,62 @@ class ArcticClips(Dataset):
         """(frames, 2) validity of every frame of the split (for statistics)."""
         return self._frames["hand_valid"]
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        s, p = self._clips[index]
-        sl = slice(int(self._offsets[s]) + p, int(self._offsets[s]) + p + self.seq_len)
+    def _frame(self, i: int) -> np.ndarray:
+        """(S, S, 3) uint8 RGB frame ``i`` of the split at frame_size."""
         if self.cache is not None:
-            images = np.array(self.cache.frames[sl])  # (T, 3, S, S) copy out of the read-only map
-        else:
-            images = np.stack([read_frame(path, self._boxes[s]) for path in self._paths[sl]])
-        item = {"images": torch.from_numpy(images), "K": torch.from_numpy(self._K[s].copy()),
-                "dist": torch.from_numpy(self._dist[s].copy())}
-        for key in ("joints3d", "joints2d", "rotmats", "betas", "hand_valid", "cam_R", "cam_t"):
+            return np.ascontiguousarray(self.cache.frames[i].transpose(1, 2, 0))
+        return np.ascontiguousarray(read_frame(self._paths[i], self._boxes[self._seq_of_frame[i]]).transpose(1, 2, 0))
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        s, p, first_scored = self._clips[index]
+        T, C = self.seq_len, self.crop_size
+        start = int(self._offsets[s]) + p
+        sl = slice(start, start + T)
+        centre, side = self._box_centre[sl], self._box_side[sl]  # (T, 2, 2), (T, 2)
+        if self.crop_jitter:
+            centre, side = jitter_boxes(centre, side, self.crop_jitter, np.random.default_rng(
+                int(torch.randint(0, 2**31 - 1, ()).item())))  # drawn from torch's RNG: seeded and checkpointed
+        K = self._K[s]
+        crops = np.empty((T, 2, 3, C, C), dtype=np.uint8)
+        crop_K = np.empty((T, 2, 3, 3), dtype=np.float32)
+        crop_joints2d = np.empty((T, 2, 21, 2), dtype=np.float32)
+        images = np.empty((T, 3, self.img_size, self.img_size), dtype=np.uint8)
+        for t in range(T):
+            frame = self._frame(start + t)
+            images[t] = cv2.resize(frame, (self.img_size, self.img_size), interpolation=cv2.INTER_AREA).transpose(2, 0, 1)
+            for h, side_name in enumerate(HANDS):
+                A = crop_matrix(centre[t, h], float(side[t, h]), C, flip=side_name == "left")
+                crops[t, h] = warp_crop(frame, A, C)
+                # Intrinsics and keypoints of the unmirrored crop: the model mirrors its left-hand output back.
+                A_cam = unflip_matrix(C) @ A if side_name == "left" else A
+                crop_K[t, h] = A_cam @ K
+                crop_joints2d[t, h] = map_points(A_cam, self._frames["joints2d"][start + t, h])
+        scored = np.arange(T) >= first_scored
+        item = {"crops": torch.from_numpy(crops), "crop_K": torch.from_numpy(crop_K),
+                "crop_joints2d": torch.from_numpy(crop_joints2d), "images": torch.from_numpy(images),
+                "K": torch.from_numpy((self._resize @ K).astype(np.float32)),
+                "joints2d": torch.from_numpy(map_points(self._resize, self._frames["joints2d"][sl]).astype(np.float32)),
+                "dist": torch.from_numpy(self._dist[s].copy()), "scored": torch.from_numpy(scored)}
+        for key in ("joints3d", "rotmats", "betas", "hand_valid", "joints_visible", "cam_R", "cam_t"):
             item[key] = torch.from_numpy(self._frames[key][sl].copy())
         item["seq_index"] = torch.tensor(s, dtype=torch.int64)
         item["frame_index"] = torch.from_numpy(self._frames["frame_index"][sl].copy())
         return item
 
+
+def _clip_starts(frames: int, seq_len: int, stride: int, split: str) -> list[tuple[int, int]]:
+    """(start, first scored frame) of each clip of one sequence.
+
+    Training clips start every ``stride`` frames and every frame counts. Evaluation clips do not overlap;
+    when ``seq_len`` does not divide the sequence, one more clip is aligned to its end and scores only
+    the frames no earlier clip covered, so each frame is scored exactly once.
+    """
+    if frames < seq_len:
+        return []
+    if split == "train":
+        return [(p, 0) for p in range(0, frames - seq_len + 1, stride)]
+    starts = [(p, 0) for p in range(0, frames - seq_len + 1, seq_len)]
+    covered = starts[-1][0] + seq_len
+    if covered < frames:
+        starts.append((frames - seq_len, seq_len - (frames - covered)))
+    return starts

@@ -1,0 +1,100 @@
+"""A hand-pretrained start for every run: one per-frame pretraining of the hand branch, cached.
+
+HaWoR fine-tunes a hand-pretrained backbone (HaMeR's) and never trains from scratch. With no such weights
+on a laptop, :func:`ensure_pretrained` makes one: the same model trained on single frames of the training
+split (wrist-relative 3D keypoints, 2D keypoints and MANO parameters; no temporal or camera terms) by the
+project's one training loop, :func:`hawor_tune.train.fit`. The result is cached beside the frame cache
+under a key of everything it depends on (the data, the hand model, the model architecture, the
+pretraining settings, the seed), built once under a file lock however many trials ask at the same time,
+and re-used, never re-trained, while nothing changed. With ``model.pretrained_path`` set (e.g. HaMeR's
+weights on the GPU profile) nothing is pretrained.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from filelock import FileLock
+
+from hawor_tune.config import ExperimentConfig, LossConfig, OptimConfig
+
+log = logging.getLogger(__name__)
+
+# Bump when what the pretraining does changes, so that old cached weights are not re-used.
+PRETRAIN_VERSION = 1
+# Per-frame hand terms only: a one-frame clip has no motion, and the searched loss weights must not change
+# the shared start (or every trial would pretrain its own).
+PRETRAIN_LOSS = LossConfig(mano_params=0.1, keypoint_3d=1.0, keypoint_2d=0.5, temporal=0.0, camera=0.0,
+                           hand_world=0.0)
+# Data keys that only shape clips or batches, not what a single frame shows.
+_CLIP_KEYS = ("seq_len", "stride", "batch_size", "num_workers", "train_on_val", "cache_dir")
+
+
+def pretrain_config(cfg: ExperimentConfig, out_dir: str | Path) -> ExperimentConfig:
+    """The per-frame training run that makes ``cfg``'s start: same data, hand model and architecture."""
+    p = cfg.pretrain
+    pcfg = copy.deepcopy(cfg)
+    pcfg.data = dataclasses.replace(cfg.data, seq_len=1, stride=1, batch_size=p.batch_size, train_on_val=False)
+    pcfg.model = dataclasses.replace(cfg.model, pretrained_path="", infill_mask_prob=0.0)
+    pcfg.loss = copy.deepcopy(PRETRAIN_LOSS)
+    pcfg.optim = OptimConfig(lr=p.lr, warmup_epochs=0.25)  # not the run's (searched) optimiser settings
+    pcfg.train = dataclasses.replace(cfg.train, epochs=p.epochs, max_train_batches=p.max_train_batches,
+                                     max_eval_batches=0, keep_checkpoints=1, out_dir=str(out_dir))
+    pcfg.pretrain = dataclasses.replace(p, epochs=0)
+    return pcfg
+
+
+def pretrain_key(cfg: ExperimentConfig) -> str:
+    """Hash of everything the pretrained weights depend on."""
+    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in _CLIP_KEYS}
+    marker = Path(cfg.data.root) / ".synthetic.json"
+    spec = {"version": PRETRAIN_VERSION, "data": data, "mano": dataclasses.asdict(cfg.mano),
+            "model": {k: v for k, v in dataclasses.asdict(cfg.model).items()
+                      if k not in ("pretrained_path", "infill_mask_prob")},
+            "pretrain": dataclasses.asdict(cfg.pretrain),
+            "seed": cfg.train.seed, "precision": cfg.train.precision,
+            "dataset": marker.read_text() if marker.is_file() else None}
+    return hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def pretrained_file(cfg: ExperimentConfig) -> Path:
+    """Where ``cfg``'s pretrained weights are cached (beside the frame cache)."""
+    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.data.root).parent / "cache"
+    return cache / "pretrained" / f"hand-{pretrain_key(cfg)}.pt"
+
+
+def ensure_pretrained(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with ``model.pretrained_path`` pointing at its hand-pretrained start, made once if needed.
+
+    Returns ``cfg`` itself when it names its own weights or disables pretraining (``pretrain.epochs: 0``).
+    """
+    if cfg.model.pretrained_path or cfg.pretrain.epochs == 0:
+        return cfg
+    from hawor_tune.checkpoint import export_model
+    from hawor_tune.train import fit
+
+    path = pretrained_file(cfg)
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock"):
+            if not path.is_file():  # another process may have made it while we waited
+                run_dir = path.with_name(f".{path.stem}.run")
+                shutil.rmtree(run_dir, ignore_errors=True)  # left by a killed pretraining
+                pcfg = pretrain_config(cfg, run_dir)
+                log.warning("pretraining the hand branch once on single frames (%d epochs); cached at %s",
+                            pcfg.train.epochs, path)
+                result = fit(pcfg)
+                if result.status != "completed":
+                    raise RuntimeError(f"pretraining {result.status}: {result.reason}")
+                export_model(path, model=result.model, config=pcfg, epoch=result.epochs_run,
+                             history=result.history)
+                shutil.rmtree(run_dir, ignore_errors=True)
+    out = copy.deepcopy(cfg)
+    out.model.pretrained_path = str(path)
+    return out
