@@ -144,8 +144,8 @@ def load_mano_pickle(path: str | os.PathLike) -> dict[str, np.ndarray]:
     Returns:
         ``v_template`` (V, 3), ``shapedirs`` (V, 3, 10), ``posedirs`` (V, 3, 135), dense ``J_regressor``
         (16, V), ``weights`` (V, 16), ``hands_components`` (45, 45), ``hands_mean`` (45,) as float64 and
-        ``kintree_table`` (2, 16), ``f`` (F, 3) as int64. Left-hand files are returned as stored: the
-        shapedirs fix is applied by :class:`MANOLayer`.
+        ``kintree_table`` (2, 16), ``f`` (F, 3) as int64. Left-hand files are returned as stored:
+        :class:`MANOLayer` applies the shapedirs fix where the file needs it.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -223,6 +223,33 @@ def _fk_levels(parents: list[int]) -> tuple[list[tuple[list[int], list[int]]], l
     return levels, [order.index(j) for j in range(len(parents))]
 
 
+def _left_shapedirs(left: np.ndarray, right: np.ndarray | None, *, fix: bool,
+                    source: str) -> tuple[np.ndarray, str]:
+    """The shapedirs (V, 3, B) an official left model uses, and which case of the fix applied.
+
+    Mirroring the right hand in x negates the x-component of every shape direction, but the official
+    MANO_LEFT.pkl carries the right model's unchanged (smplx issue 48). Files patched by hand already hold
+    the mirror, so the check, not the side alone, decides: negating those again would break them.
+    """
+    if not fix:
+        return left, "off"
+    if right is None:
+        raise ValueError(f"{source}: the left shapedirs fix compares against the right model: pass "
+                         "right_shapedirs (MANO_RIGHT.pkl's shapedirs), or fix_left_shapedirs=False to use "
+                         "the shapedirs as stored")
+    right = np.asarray(right, dtype=np.float64)
+    if right.shape != left.shape:
+        raise ValueError(f"{source}: right_shapedirs has shape {right.shape}, expected {left.shape} "
+                         "(the left model's shapedirs)")
+    if np.allclose(left[:, 0], right[:, 0]):
+        fixed = left.copy()
+        fixed[:, 0] *= -1.0  # (V, B) x-components
+        return fixed, "fixed"
+    if np.allclose(left[:, 0], -right[:, 0]):
+        return left, "already fixed"
+    return left, "unrecognised"
+
+
 class MANOLayer(nn.Module):
     """Differentiable MANO: vertices and 21 OpenPose-ordered joints from rotation matrices and betas.
 
@@ -233,12 +260,22 @@ class MANOLayer(nn.Module):
         params: model arrays as returned by :func:`load_mano_pickle` or
             :func:`hawor_tune.procedural_hand.make_procedural_hand`; an optional ``tip_vertex_ids`` (5,)
             (thumb, index, middle, ring, pinky) overrides the official fingertip vertices.
-        side: ``"left"`` or ``"right"``. An official left model gets ``shapedirs[:, 0, :] *= -1`` (the
-            x-component of the official left shapedirs is mirrored wrongly; smplx issue 48).
+        side: ``"left"`` or ``"right"``.
         kind: ``"official"`` or ``"procedural"``.
+        fix_left_shapedirs: for an official left model, negate the x-component of ``shapedirs`` when it
+            still equals the right model's (the official MANO_LEFT.pkl was not mirrored there; smplx issue 48);
+            a file fixed already is used as stored. False uses the shapedirs as stored, as smplx does.
+        right_shapedirs: (V, 3, B) the right model's ``shapedirs``, which that check compares against;
+            required for an official left model with ``fix_left_shapedirs``, unused otherwise.
+
+    Attributes:
+        shapedirs_fix: for an official left model, which case applied: ``"fixed"``, ``"already fixed"``,
+            ``"off"`` or ``"unrecognised"`` (the x-component matches neither the right model's nor its
+            mirror, and is used as stored); None for other models.
     """
 
-    def __init__(self, params: dict[str, Any], side: str, kind: str) -> None:
+    def __init__(self, params: dict[str, Any], side: str, kind: str, *, fix_left_shapedirs: bool = True,
+                 right_shapedirs: np.ndarray | None = None) -> None:
         super().__init__()
         if side not in HANDS:
             raise ValueError(f"MANO side must be one of {list(HANDS)}, got {side!r}")
@@ -253,8 +290,10 @@ class MANOLayer(nn.Module):
 
         v_template, shapedirs, posedirs = f64("v_template"), f64("shapedirs"), f64("posedirs")
         regressor, weights = f64("J_regressor"), f64("weights")
+        self.shapedirs_fix: str | None = None
         if kind == "official" and side == "left":
-            shapedirs[:, 0, :] *= -1.0
+            shapedirs, self.shapedirs_fix = _left_shapedirs(shapedirs, right_shapedirs, fix=fix_left_shapedirs,
+                                                            source=source)
         self.num_vertices, self.num_betas = v_template.shape[0], shapedirs.shape[-1]
 
         tips = params.get("tip_vertex_ids")
@@ -302,7 +341,8 @@ class MANOLayer(nn.Module):
         buffer("_weights_t", weights.T.copy())  # (16, V)
 
     def extra_repr(self) -> str:
-        return f"side={self.side}, kind={self.kind}, vertices={self.num_vertices}, betas={self.num_betas}"
+        fix = f", shapedirs_fix={self.shapedirs_fix}" if self.shapedirs_fix else ""
+        return f"side={self.side}, kind={self.kind}, vertices={self.num_vertices}, betas={self.num_betas}{fix}"
 
     def pose_to_rotmats(self, global_orient: torch.Tensor, hand_pose: torch.Tensor,
                         relative_to_mean: bool) -> torch.Tensor:
@@ -408,19 +448,41 @@ def _procedural_params(side: str) -> dict[str, np.ndarray]:
     return _read_only(make_procedural_hand(side))
 
 
-def build_mano(cfg: ManoConfig, side: str) -> MANOLayer:
+_LEFT_FIX_LOG = {
+    "fixed": "x-component equalled the right model's (smplx issue 48), negated",
+    "already fixed": "x-component already mirrors the right model's, used as stored",
+    "off": "fix_left_shapedirs=False, used as stored",
+    "unrecognised": "x-component matches neither the right model's nor its mirror, used as stored",
+}
+
+
+@functools.cache
+def _log_left_shapedirs(path: str, case: str) -> None:
+    # Cached: said once per file and case, however often the layers are built.
+    level = logging.WARNING if case == "unrecognised" else logging.INFO
+    logger.log(level, "MANO: %s: left-hand shapedirs %s (%s)", path, case, _LEFT_FIX_LOG[case])
+
+
+def build_mano(cfg: ManoConfig, side: str, *, fix_left_shapedirs: bool = True) -> MANOLayer:
     """The MANO layer for one hand: official files when configured, else the built-in procedural hand.
 
     The model folder is ``cfg.model_dir``, else ``$HAWOR_MANO_DIR``; with neither set the procedural hand
-    is used. Loaded arrays are cached per file and side, so building again is cheap.
+    is used. Loaded arrays are cached per file as stored (the shapedirs fix is applied to the layer's own
+    copy), so building again is cheap, with either setting of ``fix_left_shapedirs``.
 
     Args:
         cfg: the ``mano`` config section.
         side: ``"left"`` or ``"right"``.
+        fix_left_shapedirs: for official files, fix MANO_LEFT.pkl's shapedirs where it still needs it (see
+            :class:`MANOLayer`; MANO_RIGHT.pkl in the same folder is read to decide). False uses the file as
+            stored: right for ARCTIC's labels, which were made with smplx's MANO layer and no fix
+            (zc-alexfan/arctic, ``common/body_models.py``, ``build_mano_aa``). No effect on the right hand
+            or the procedural hand, which is built mirrored.
 
     Raises:
         ValueError: ``side`` is not "left" or "right", or the file is not a MANO pickle.
-        FileNotFoundError: a folder is configured but has no MANO_LEFT.pkl / MANO_RIGHT.pkl.
+        FileNotFoundError: a folder is configured but has no MANO_LEFT.pkl / MANO_RIGHT.pkl (a left layer
+            with ``fix_left_shapedirs`` needs both).
     """
     if side not in HANDS:
         raise ValueError(f"MANO side must be one of {list(HANDS)}, got {side!r}")
@@ -429,10 +491,21 @@ def build_mano(cfg: ManoConfig, side: str) -> MANOLayer:
         model_dir, key = os.environ.get(MANO_DIR_ENV, ""), f"${MANO_DIR_ENV}"
     if not model_dir:
         return MANOLayer(_procedural_params(side), side, "procedural")
-    path = Path(model_dir).expanduser().resolve() / MANO_FILENAMES[side]
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"MANO file {path} not found ({key}={model_dir!r}). Download MANO_RIGHT.pkl and MANO_LEFT.pkl "
-            f"from https://mano.is.tue.mpg.de into that folder, or set mano.model_dir='' and unset "
-            f"{MANO_DIR_ENV} to use the built-in procedural hand.")
-    return MANOLayer(_official_params(str(path), path.stat().st_mtime_ns), side, "official")
+    folder = Path(model_dir).expanduser().resolve()
+
+    def load(hand: str) -> dict[str, np.ndarray]:
+        path = folder / MANO_FILENAMES[hand]
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"MANO file {path} not found ({key}={model_dir!r}). Download MANO_RIGHT.pkl and MANO_LEFT.pkl "
+                f"from https://mano.is.tue.mpg.de into that folder, or set mano.model_dir='' and unset "
+                f"{MANO_DIR_ENV} to use the built-in procedural hand.")
+        return _official_params(str(path), path.stat().st_mtime_ns)
+
+    params = load(side)
+    right_shapedirs = load("right")["shapedirs"] if side == "left" and fix_left_shapedirs else None
+    layer = MANOLayer(params, side, "official", fix_left_shapedirs=fix_left_shapedirs,
+                      right_shapedirs=right_shapedirs)
+    if layer.shapedirs_fix is not None:
+        _log_left_shapedirs(str(folder / MANO_FILENAMES[side]), layer.shapedirs_fix)
+    return layer

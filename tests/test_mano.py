@@ -77,7 +77,7 @@ def _reference(params: dict, side: str, kind: str, rotmats: np.ndarray, betas: n
     """One hand in float64: vertices (V, 3) and OpenPose joints (21, 3)."""
     shapedirs = np.array(params["shapedirs"], dtype=np.float64)
     if kind == "official" and side == "left":
-        shapedirs[:, 0, :] *= -1  # smplx issue 48
+        shapedirs[:, 0, :] *= -1  # smplx issue 48; _model's left and right share shapedirs, so the fix applies
     v_shaped = params["v_template"] + shapedirs @ betas
     J = params["J_regressor"] @ v_shaped
     v_posed = v_shaped + params["posedirs"] @ (rotmats[1:] - np.eye(3)).ravel()
@@ -134,8 +134,11 @@ def _layer_out(layer: MANOLayer, rotmats: np.ndarray, betas: np.ndarray, transl:
 
 
 def _model(kind: str, side: str) -> tuple[dict, MANOLayer]:
-    params = make_procedural_hand(side) if kind == "procedural" else _random_official_params(seed=3)
-    return params, MANOLayer(params, side, kind)
+    if kind == "procedural":
+        params = make_procedural_hand(side)
+        return params, MANOLayer(params, side, kind)
+    params = _random_official_params(seed=3)
+    return params, MANOLayer(params, side, kind, right_shapedirs=params["shapedirs"])
 
 
 # ---- A pickle in the official format -------------------------------------------------------------------
@@ -259,17 +262,73 @@ def test_official_pickle_loads_without_chumpy_or_scipy(tmp_path: Path, protocol:
                                   _layer_out(MANOLayer(params, "right", "official"), rotmats, betas)[1])
 
 
-def test_build_mano_official_applies_left_shapedirs_fix(tmp_path: Path) -> None:
+def _write_official_pair(folder: Path, left_x: str) -> dict[str, dict[str, np.ndarray]]:
+    """MANO_RIGHT.pkl and MANO_LEFT.pkl whose left shapedirs x-component is ``left_x``: ``"right"`` (as in
+    the official files), ``"-right"`` (fixed already) or ``"other"`` (neither); returns what was written."""
     params = {side: _random_official_params(seed=i) for i, side in enumerate(HANDS)}
+    right_x = params["right"]["shapedirs"][:, 0]  # (V, B)
+    if left_x != "other":
+        params["left"]["shapedirs"][:, 0] = right_x if left_x == "right" else -right_x
     for side in HANDS:
-        _write_official_pickle(tmp_path / mano.MANO_FILENAMES[side], params[side])
-    layers = {side: build_mano(ManoConfig(model_dir=str(tmp_path)), side) for side in HANDS}
-    assert all(layer.kind == "official" and layer.tip_vertex_ids == [744, 320, 443, 554, 671]
-               for layer in layers.values())
-    raw = {side: params[side]["shapedirs"] for side in HANDS}
-    np.testing.assert_allclose(layers["right"].shapedirs.numpy(), raw["right"], atol=1e-7)
-    np.testing.assert_allclose(layers["left"].shapedirs[:, 0].numpy(), -raw["left"][:, 0], atol=1e-7)
-    np.testing.assert_allclose(layers["left"].shapedirs[:, 1:].numpy(), raw["left"][:, 1:], atol=1e-7)
+        _write_official_pickle(folder / mano.MANO_FILENAMES[side], params[side])
+    return params
+
+
+@pytest.mark.parametrize(("stored", "fix", "case", "used"), [
+    ("right", True, "fixed", "-right"),  # the official files: negated once
+    ("-right", True, "already fixed", "-right"),  # fixed by hand already: not negated twice
+    ("other", True, "unrecognised", "other"),
+    ("right", False, "off", "right"),  # option off (ARCTIC's labels): used as stored
+    ("-right", False, "off", "-right"),
+])
+def test_build_mano_left_shapedirs_fix(tmp_path: Path, caplog: pytest.LogCaptureFixture, stored: str, fix: bool,
+                                       case: str, used: str) -> None:
+    caplog.set_level(logging.INFO, logger="hawor_tune.mano")
+    mano._log_left_shapedirs.cache_clear()
+    params = _write_official_pair(tmp_path, stored)
+    cfg = ManoConfig(model_dir=str(tmp_path))
+    left, right = (build_mano(cfg, side, fix_left_shapedirs=fix) for side in HANDS)
+    assert left.kind == right.kind == "official" and left.tip_vertex_ids == OFFICIAL_TIP_VERTEX_IDS
+    assert (left.shapedirs_fix, right.shapedirs_fix) == (case, None)
+    right_x = params["right"]["shapedirs"][:, 0]  # (V, B)
+    shapedirs = params["left"]["shapedirs"].copy()  # (V, 3, B)
+    shapedirs[:, 0] = {"right": right_x, "-right": -right_x, "other": shapedirs[:, 0]}[used]
+    np.testing.assert_allclose(left.shapedirs.numpy(), shapedirs, atol=1e-7)
+    np.testing.assert_allclose(right.shapedirs.numpy(), params["right"]["shapedirs"], atol=1e-7)
+    # The forward pass uses them: at the zero pose, betas move vertices by shapedirs @ betas.
+    zero_pose, betas = np.tile(np.eye(3), (1, 16, 1, 1)), np.random.default_rng(0).normal(size=(1, 10))
+    (v0, j0), (v1, j1) = (_layer_out(left, zero_pose, b) for b in (np.zeros((1, 10)), betas))
+    dv = shapedirs @ betas[0]  # (V, 3)
+    np.testing.assert_allclose(v1[0] - v0[0], dv, atol=1e-6)
+    np.testing.assert_allclose(j1[0] - j0[0], _openpose(params["left"]["J_regressor"] @ dv,
+                                                        dv[OFFICIAL_TIP_VERTEX_IDS]), atol=1e-6)
+
+    # The cache holds the files as stored: the other setting, built in between, does not leak into this one.
+    build_mano(cfg, "left", fix_left_shapedirs=not fix)
+    again = build_mano(cfg, "left", fix_left_shapedirs=fix)
+    assert again.shapedirs_fix == case
+    torch.testing.assert_close(again.shapedirs, left.shapedirs)
+    assert caplog.text.count(f"left-hand shapedirs {case} (") == 1  # said once per file and case
+    record = next(r for r in caplog.records if f"shapedirs {case} (" in r.getMessage())
+    assert record.levelno == (logging.WARNING if case == "unrecognised" else logging.INFO)
+
+
+@pytest.mark.parametrize("fix", [True, False])
+def test_build_mano_left_fix_needs_the_right_file(tmp_path: Path, fix: bool) -> None:
+    _write_official_pickle(tmp_path / "MANO_LEFT.pkl", _random_official_params(seed=0))
+    cfg = ManoConfig(model_dir=str(tmp_path))
+    if not fix:
+        assert build_mano(cfg, "left", fix_left_shapedirs=False).shapedirs_fix == "off"
+        return
+    with pytest.raises(FileNotFoundError, match="MANO_RIGHT.pkl not found"):
+        build_mano(cfg, "left")
+
+
+@pytest.mark.parametrize("fix", [True, False])
+def test_left_shapedirs_fix_leaves_the_procedural_hand_alone(fix: bool) -> None:
+    layer = build_mano(ManoConfig(), "left", fix_left_shapedirs=fix)
+    assert layer.kind == "procedural" and layer.shapedirs_fix is None
+    np.testing.assert_allclose(layer.shapedirs.numpy(), make_procedural_hand("left")["shapedirs"], atol=1e-7)
 
 
 def _pickle_calling_os_system(path: Path) -> None:
@@ -341,6 +400,11 @@ def test_invalid_side_and_kind_are_rejected() -> None:
         build_mano(ManoConfig(), "middle")
     with pytest.raises(ValueError, match="kind must be one of"):
         MANOLayer(make_procedural_hand("right"), "right", "smplx")
+    params = _random_official_params(seed=0)
+    with pytest.raises(ValueError, match="pass right_shapedirs .* or fix_left_shapedirs=False"):
+        MANOLayer(params, "left", "official")
+    with pytest.raises(ValueError, match=r"right_shapedirs has shape \(778, 3, 9\), expected \(778, 3, 10\)"):
+        MANOLayer(params, "left", "official", right_shapedirs=params["shapedirs"][..., :9])
 
 
 # ---- Pose conventions, shape, gradients, rigid motion --------------------------------------------------
