@@ -14,7 +14,8 @@ from hawor_tune import losses
 from hawor_tune.config import LossConfig
 from hawor_tune.model import HaWoROutput
 
-S = 64  # image size of the constructed cases
+S = 64  # whole-frame size of the constructed cases
+C = 32  # hand crop size
 FX = FY = 50.0
 CX, CY = 31.0, 33.0
 TERMS = [f.name for f in dataclasses.fields(LossConfig)]
@@ -25,9 +26,22 @@ def _rotz(theta: float) -> np.ndarray:
     return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
 
 
+def _crop_K(K: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Intrinsics of a random C-pixel crop of the frame: crop pixels = a * frame pixels + (tx, ty)."""
+    a = rng.uniform(0.5, 2.0)
+    tx, ty = rng.uniform(-40.0, 10.0, 2)
+    return np.array([[a, 0.0, tx], [0.0, a, ty], [0.0, 0.0, 1.0]]) @ K
+
+
+def _project(points: np.ndarray, K: np.ndarray, dist8: np.ndarray) -> np.ndarray:
+    """(N, 3) camera-frame points -> (N, 2) pixels, with OpenCV."""
+    return cv2.projectPoints(points.reshape(-1, 3), np.zeros(3), np.zeros(3), K, dist8)[0].reshape(-1, 2)
+
+
 def _case(B: int = 2, T: int = 3, seed: int = 0, dist: bool = False) -> tuple[HaWoROutput, dict]:
     """A batch and a prediction that equals it exactly (every loss 0), built with numpy and cv2.
 
+    Every hand-frame has its own crop intrinsics; its 2D keypoints are the cv2 projection with them.
     Ground-truth cameras rotate about z only (so that a z offset of a wrist keeps its L1 norm after the
     mapping to camera 0); the predicted relative poses are worked out here from the definition
     R_rel = R_0 R_t^T, t_rel = t_0 - R_rel t_t.
@@ -37,8 +51,9 @@ def _case(B: int = 2, T: int = 3, seed: int = 0, dist: bool = False) -> tuple[Ha
     joints3d[..., 2] += 0.45  # in front of the camera
     K = np.array([[FX, 0.0, CX], [0.0, FY, CY], [0.0, 0.0, 1.0]])
     dist8 = np.array([0.05, -0.01, 0.001, -0.002, 0.002, 0.01, 0.0, 0.001]) if dist else np.zeros(8)
-    joints2d = cv2.projectPoints(joints3d.reshape(-1, 3), np.zeros(3), np.zeros(3), K, dist8)[0]
-    joints2d = joints2d.reshape(B, T, 2, 21, 2)
+    crop_K = np.stack([_crop_K(K, rng) for _ in range(B * T * 2)]).reshape(B, T, 2, 3, 3)
+    crop_joints2d = np.stack([_project(joints3d[b, t, h], crop_K[b, t, h], dist8)
+                              for b in range(B) for t in range(T) for h in range(2)]).reshape(B, T, 2, 21, 2)
     rotmats = np.stack([cv2.Rodrigues(rng.uniform(-1, 1, 3))[0] for _ in range(B * T * 2 * 16)])
     rotmats = rotmats.reshape(B, T, 2, 16, 3, 3)
     betas = rng.normal(0, 1, (B, T, 2, 10))
@@ -56,10 +71,12 @@ def _case(B: int = 2, T: int = 3, seed: int = 0, dist: bool = False) -> tuple[Ha
 
     batch = {
         "images": torch.zeros(B, T, 3, S, S, dtype=torch.uint8),
-        "K": f32(np.broadcast_to(K, (B, 3, 3)).copy()),
+        "crops": torch.zeros(B, T, 2, 3, C, C, dtype=torch.uint8),
+        "crop_K": f32(crop_K),
         "dist": f32(np.broadcast_to(dist8, (B, 8)).copy()),
         "joints3d": f32(joints3d),
-        "joints2d": f32(joints2d),
+        "crop_joints2d": f32(crop_joints2d),
+        "joints_visible": torch.ones(B, T, 2, 21, dtype=torch.bool),
         "rotmats": f32(rotmats),
         "betas": f32(betas),
         "hand_valid": torch.ones(B, T, 2, dtype=torch.bool),
@@ -78,7 +95,7 @@ def _invalidate(batch: dict, frames: list[tuple[int, int, int]]) -> None:
     """Mark (b, t, hand) invalid and fill its ground truth with NaN: it must affect neither value nor grad."""
     for b, t, h in frames:
         batch["hand_valid"][b, t, h] = False
-        for key in ("joints3d", "joints2d", "rotmats", "betas"):
+        for key in ("joints3d", "crop_joints2d", "rotmats", "betas"):
             batch[key][b, t, h] = float("nan")
 
 
@@ -98,14 +115,25 @@ def test_every_term_is_zero_when_prediction_equals_ground_truth(T: int, dist: bo
     assert float(total) == pytest.approx(0.0, abs=1e-5)
 
 
+def _keypoint_2d(joints: torch.Tensor, batch: dict, *, with_dist: bool = True) -> torch.Tensor:
+    """keypoint_2d_loss of ``joints`` against the batch's crop keypoints."""
+    return losses.keypoint_2d_loss(joints, batch["crop_joints2d"], batch["crop_K"],
+                                   batch["dist"] if with_dist else None, C, batch["joints_visible"],
+                                   batch["hand_valid"])
+
+
 def test_keypoint_2d_uses_the_distortion() -> None:
     # Ground truth projected with distortion; dropping it from the loss must leave an error.
     out, batch = _case(dist=True)
-    with_dist = losses.keypoint_2d_loss(out.joints, batch["joints2d"], batch["K"], batch["dist"], S,
-                                        batch["hand_valid"])
-    without = losses.keypoint_2d_loss(out.joints, batch["joints2d"], batch["K"], None, S, batch["hand_valid"])
-    assert float(with_dist) == pytest.approx(0.0, abs=1e-5)
-    assert float(without) > 1e-3
+    assert float(_keypoint_2d(out.joints, batch)) == pytest.approx(0.0, abs=1e-5)
+    assert float(_keypoint_2d(out.joints, batch, with_dist=False)) > 1e-3
+
+
+def test_keypoint_2d_uses_each_hand_frames_crop() -> None:
+    # The same ground truth against the intrinsics of another hand-frame's crop must leave an error.
+    out, batch = _case()
+    batch["crop_K"] = batch["crop_K"].flip(2)  # left and right crops swapped
+    assert float(_keypoint_2d(out.joints, batch)) > 1e-2
 
 
 def test_mano_params_known_offset_and_mask() -> None:
@@ -134,16 +162,42 @@ def test_keypoint_3d_known_offset_and_mask(offset: str, expected: float) -> None
     assert _grad_is_finite(value, joints)
 
 
+def _shifted_2px(out: HaWoROutput, batch: dict) -> torch.Tensor:
+    """The predicted joints moved by dx = 2 z / fx, fx of each hand-frame's crop: without distortion the
+    pinhole projection in that crop moves by exactly 2 px in u."""
+    joints = out.joints.clone()
+    fx = batch["crop_K"][..., 0, 0]  # (B, T, 2)
+    joints[..., 0] += 2.0 * joints[..., 2] / fx[..., None]
+    return joints.requires_grad_()
+
+
 def test_keypoint_2d_known_pixel_offset_and_mask() -> None:
     out, batch = _case()
     _invalidate(batch, [(0, 2, 0)])
-    # Moving a point by dx = 2 z / fx along x moves its pinhole projection by exactly 2 px in u.
-    joints = out.joints.clone()
-    joints[..., 0] += 2.0 * joints[..., 2] / FX
-    joints.requires_grad_()
-    value = losses.keypoint_2d_loss(joints, batch["joints2d"], batch["K"], batch["dist"], S, batch["hand_valid"])
-    assert value.item() == pytest.approx(21 * 2.0 / S, rel=1e-4)
+    joints = _shifted_2px(out, batch)
+    value = _keypoint_2d(joints, batch)
+    assert value.item() == pytest.approx(21 * 2.0 / C, rel=1e-4)  # 21 joints x 2 px, in crop sides
     assert _grad_is_finite(value, joints)
+
+
+def test_keypoint_2d_invisible_joint_contributes_nothing() -> None:
+    out, batch = _case()
+    hidden = [(0, 1, 0, 4), (1, 2, 1, 0), (1, 2, 1, 20)]  # (b, t, hand, joint)
+    for b, t, h, j in hidden:
+        batch["joints_visible"][b, t, h, j] = False
+        batch["crop_joints2d"][b, t, h, j] = float("nan")  # out of view: its label means nothing
+    joints = _shifted_2px(out, batch)
+    with torch.no_grad():
+        for b, t, h, j in hidden:
+            joints[b, t, h, j] += torch.tensor([3.0, -2.0, 0.5])  # garbage where the joint is not seen
+    value = _keypoint_2d(joints, batch)
+    # Every visible joint is off by 2 px; the mean is still over all 2 x 3 x 2 = 12 hand-frames.
+    assert value.item() == pytest.approx((12 * 21 - len(hidden)) * 2.0 / C / 12, rel=1e-4)
+    (grad,) = torch.autograd.grad(value, joints)
+    assert torch.isfinite(grad).all()
+    for b, t, h, j in hidden:
+        assert float(grad[b, t, h, j].abs().sum()) == 0.0
+    assert float(grad[0, 1, 0, 5].abs().sum()) > 0.0
 
 
 def test_keypoint_2d_is_finite_for_points_behind_the_camera() -> None:
@@ -151,7 +205,7 @@ def test_keypoint_2d_is_finite_for_points_behind_the_camera() -> None:
     joints = out.joints.clone()
     joints[..., 2] = torch.linspace(-0.5, 0.0, 21)  # behind the camera and on its plane
     joints.requires_grad_()
-    value = losses.keypoint_2d_loss(joints, batch["joints2d"], batch["K"], batch["dist"], S, batch["hand_valid"])
+    value = _keypoint_2d(joints, batch)
     assert torch.isfinite(value)
     assert _grad_is_finite(value, joints)
 

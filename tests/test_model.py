@@ -7,18 +7,22 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+import timm
 import torch
 from conftest import TINY_MODEL_OVERRIDES
 
+from hawor_tune.checkpoint import export_model
 from hawor_tune.config import ExperimentConfig, LossConfig, load_config
 from hawor_tune.geometry import axis_angle_to_matrix
 from hawor_tune.losses import compute_losses
 from hawor_tune.mano import HANDS, MANOLayer
-from hawor_tune.model import MEAN_ROOT_DEPTH, MEAN_ROOT_UV, PARAM_DIM, HaWoR, build_model
+from hawor_tune.model import CROP_METRES, MIRROR_ROT6D, PARAM_DIM, HaWoR, HaWoROutput, build_model, run_model
 from hawor_tune.procedural_hand import make_procedural_hand
 
-S = 32
-TINY = {**TINY_MODEL_OVERRIDES, "data.img_size": S, "mano.model_dir": ""}
+S = 32  # side of the whole frames
+C = 32  # side of the hand crops
+TINY = {**TINY_MODEL_OVERRIDES, "data.img_size": S, "data.crop_size": C, "mano.model_dir": ""}
+MIRROR_X = torch.tensor([-1.0, 1.0, 1.0])
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -38,37 +42,57 @@ def _model(seed: int = 0, **overrides: object) -> HaWoR:
     return build_model(_config(**overrides))
 
 
+def _lively(model: HaWoR) -> HaWoR:
+    """Give the hand head's last layer full-size weights and a random bias, so that its offsets from the mean
+    are about 0.3, as after training: symmetries are then tested on predictions far from the mean hand, not
+    on the tiny offsets of an untrained head."""
+    last = model.hand_head[-1]
+    with torch.no_grad():
+        torch.nn.init.xavier_uniform_(last.weight)
+        last.bias.copy_(torch.randn(last.bias.shape, generator=torch.Generator().manual_seed(0)) * 0.3)
+    return model
+
+
 @pytest.fixture(scope="module")
 def eval_model() -> HaWoR:
     return _model().eval()
 
 
 def _batch(B: int = 2, T: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A hand-made batch in the data module's layout: hands 0.3-0.6 m in front, random cameras."""
+    """A hand-made batch in the data module's layout: hands 0.3-0.6 m in front, random cameras.
+
+    Frames are pinhole views with fx = S and the principal point at the centre; each hand's crop is the
+    square box 1.3 times the extent of its projected joints, so its intrinsics are crop_K = A K with A the
+    frame-to-crop map (scale a = C / side, box centre onto the crop centre).
+    """
     gen = torch.Generator().manual_seed(seed)
-    K = torch.tensor([[float(S), 0.0, S / 2], [0.0, float(S), S / 2], [0.0, 0.0, 1.0]]).expand(B, 3, 3)
+    K = torch.tensor([[float(S), 0.0, S / 2], [0.0, float(S), S / 2], [0.0, 0.0, 1.0]])
     joints3d = (torch.rand(B, T, 2, 21, 3, generator=gen) - 0.5) * 0.15
     joints3d[..., 2] += torch.rand(B, T, 2, 1, generator=gen) * 0.3 + 0.3
-    # Pinhole projection written out (dist is zero here).
-    joints2d = joints3d[..., :2] / joints3d[..., 2:] * S + S / 2
+    joints2d = joints3d[..., :2] / joints3d[..., 2:] * S + S / 2  # (B, T, 2, 21, 2), pinhole written out
+    lo, hi = joints2d.amin(dim=-2), joints2d.amax(dim=-2)  # (B, T, 2, 2)
+    a = C / (1.3 * (hi - lo).amax(dim=-1))  # (B, T, 2)
+    shift = (C - 1) / 2 - a[..., None] * (lo + hi) / 2  # (B, T, 2, 2)
+    A = torch.zeros(B, T, 2, 3, 3)
+    A[..., 0, 0], A[..., 1, 1], A[..., :2, 2], A[..., 2, 2] = a, a, shift, 1.0
     hand_valid = torch.rand(B, T, 2, generator=gen) > 0.25
     hand_valid[:, 0] = True  # every clip and hand has a valid frame
     return {
+        "crops": torch.randint(0, 256, (B, T, 2, 3, C, C), generator=gen, dtype=torch.uint8),
+        "crop_K": A @ K,
+        "crop_joints2d": a[..., None, None] * joints2d + shift[..., None, :],
         "images": torch.randint(0, 256, (B, T, 3, S, S), generator=gen, dtype=torch.uint8),
-        "K": K.clone(),
+        "K": K.expand(B, 3, 3).clone(),
         "dist": torch.zeros(B, 8),
         "joints3d": joints3d,
         "joints2d": joints2d,
+        "joints_visible": torch.ones(B, T, 2, 21, dtype=torch.bool),
         "rotmats": axis_angle_to_matrix(torch.rand(B, T, 2, 16, 3, generator=gen) - 0.5),
         "betas": torch.randn(B, T, 2, 10, generator=gen),
         "hand_valid": hand_valid,
         "cam_R": axis_angle_to_matrix((torch.rand(B, T, 3, generator=gen) - 0.5) * 0.4),
         "cam_t": torch.rand(B, T, 3, generator=gen) * 0.2,
     }
-
-
-def _forward(model: HaWoR, batch: dict[str, torch.Tensor]):
-    return model(batch["images"], batch["K"], batch["hand_valid"])
 
 
 @pytest.mark.parametrize("T", [1, 8])
@@ -79,7 +103,7 @@ def test_output_shapes_and_values(eval_model: HaWoR, T: int, training: bool) -> 
     eval_model.train(training)
     try:
         with torch.no_grad():
-            out = _forward(eval_model, batch)
+            out = run_model(eval_model, batch)
     finally:
         eval_model.eval()
     V = eval_model.mano[0].num_vertices
@@ -110,7 +134,7 @@ def test_joints_are_the_mano_hand_moved_onto_the_root() -> None:
         shifted.append(MANOLayer(params, side, "procedural"))
     model.mano = torch.nn.ModuleList(shifted)
     with torch.no_grad():
-        out = _forward(model, _batch(2, 3))
+        out = run_model(model, _batch(2, 3))
     torch.testing.assert_close(out.joints[..., 0, :], out.root)
     for i, layer in enumerate(shifted):
         ref = layer(out.rotmats[:, :, i].reshape(-1, 16, 3, 3), out.betas[:, :, i].reshape(-1, 10))
@@ -119,29 +143,51 @@ def test_joints_are_the_mano_hand_moved_onto_the_root() -> None:
         torch.testing.assert_close(out.vertices[:, :, i].reshape(ref.vertices.shape), ref.vertices + offset)
 
 
+def _pinhole(points: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """(..., 3) camera-frame points and (..., 3, 3) intrinsics -> (..., 2) pixels, written out."""
+    x, y, z = points.unbind(-1)
+    return torch.stack([K[..., 0, 0] * x / z + K[..., 0, 2], K[..., 1, 1] * y / z + K[..., 1, 2]], dim=-1)
+
+
+def test_mean_parameters_put_a_crop_filling_wrist_at_the_crop_centre(eval_model: HaWoR) -> None:
+    crop_K = _batch(2, 3)["crop_K"]  # (B, T, 2, 3, 3)
+    root = eval_model.mean_params(crop_K)[..., -3:]  # (B, T, 2, 3)
+    # Weak-perspective camera (0, 0, 0): scale 2 / CROP_METRES, so depth = fx * CROP_METRES / C, and the
+    # wrist at the crop centre (pixel (C - 1) / 2 with pixel centres at integers), for both hands.
+    torch.testing.assert_close(root[..., 2], crop_K[..., 0, 0] * CROP_METRES / C)
+    torch.testing.assert_close(_pinhole(root, crop_K), torch.full_like(root[..., :2], (C - 1) / 2))
+
+
 def test_untrained_model_predicts_the_mean_hand(eval_model: HaWoR) -> None:
     batch = _batch(2, 4)
     with torch.no_grad():
-        out = _forward(eval_model, batch)
+        out = run_model(eval_model, batch)
+    crop_K = batch["crop_K"]
     depth = out.root[..., 2]
-    assert torch.allclose(depth, torch.full_like(depth, MEAN_ROOT_DEPTH), atol=0.03)
-    # The wrist projects near its mean image position; K here is fx = S, cx = S / 2.
-    uv = out.root[..., :2] / out.root[..., 2:] * S + S / 2  # (B, T, 2, 2) pixels
-    mean_px = (torch.tensor(MEAN_ROOT_UV) + 1) * S / 2  # (2, 2)
-    assert torch.allclose(uv, mean_px.expand_as(uv), atol=0.1 * S)
+    torch.testing.assert_close(depth, crop_K[..., 0, 0] * CROP_METRES / C, rtol=0.01, atol=0)
+    uv = _pinhole(out.root, crop_K)  # (B, T, 2, 2) crop pixels
+    torch.testing.assert_close(uv, torch.full_like(uv, (C - 1) / 2), atol=0.5, rtol=0)
+    # Both hands' fingers point forward-down, (0, -1, 1) / sqrt(2) in the camera frame: the right rest
+    # hand's fingers lie along -x, the (mirrored) left one's along +x.
+    rest_fingers = torch.tensor([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]])  # (left, right)
+    fingers = (out.rotmats[..., 0, :, :] @ rest_fingers[:, :, None])[..., 0]  # (B, T, 2, 3)
+    expected = torch.tensor([0.0, -(0.5**0.5), 0.5**0.5])
+    torch.testing.assert_close(fingers, expected.expand_as(fingers), atol=0.01, rtol=0)
 
 
 def test_gradients_reach_every_stage() -> None:
     model = _model(**{"model.infill_mask_prob": 0.5}).train()
     torch.manual_seed(1)
     batch = _batch(2, 8)
-    out = _forward(model, batch)
+    out = run_model(model, batch)
     hidden = batch["hand_valid"] & ~out.observed  # valid frames hidden from the infiller
     assert hidden.any(dim=(0, 1)).all(), "precondition: both hands have hidden valid frames"
     total, _ = compute_losses(out, batch, LossConfig(**{f.name: 1.0 for f in dataclasses.fields(LossConfig)}))
     total.backward()
-    stages = {"backbone": model.backbone, "temporal": model.temporal, "left head": model.hand_heads[0],
-              "right head": model.hand_heads[1], "camera head": model.camera_head,
+    stages = {"backbone": model.backbone, "spatial head": model.spatial_head,
+              "camera backbone": model.camera_backbone, "camera projection": model.camera_proj,
+              "fusion": model.fusion, "hand temporal": model.hand_temporal, "camera temporal": model.camera_temporal,
+              "hand head": model.hand_head, "camera head": model.camera_head,
               "left infiller": model.infillers[0], "right infiller": model.infillers[1]}
     for name, module in stages.items():
         grads = [p.grad for p in module.parameters()]
@@ -149,19 +195,81 @@ def test_gradients_reach_every_stage() -> None:
         assert any(float(g.abs().sum()) > 0 for g in grads), name
 
 
-def test_infiller_only_overwrites_unobserved_frames(eval_model: HaWoR) -> None:
+def test_infiller_only_overwrites_unobserved_frames() -> None:
+    # Without fusion, what counts as observed only changes the infiller (with it, also who attends to whom).
+    model = _model(**{"model.hand_fusion": False}).eval()
     batch = _batch(2, 8, seed=3)
     valid = batch["hand_valid"]
     assert (~valid).any()
     with torch.no_grad():
-        out = _forward(eval_model, batch)
+        out = run_model(model, batch)
         # All observed: the infiller's output is used nowhere, so this is the regressor alone.
-        regressed = eval_model(batch["images"], batch["K"], torch.ones_like(valid))
+        regressed = run_model(model, {**batch, "hand_valid": torch.ones_like(valid)})
     assert torch.equal(out.observed, valid)
     for name in ("rot6d", "betas", "root", "joints"):
         a, b = getattr(out, name), getattr(regressed, name)
         torch.testing.assert_close(a[valid], b[valid], msg=name)
         assert not torch.allclose(a[~valid], b[~valid]), name
+
+
+def _hand_params(out: HaWoROutput, hand: int) -> torch.Tensor:
+    """(B, T, 109) one hand's regressed rot6d, betas and root."""
+    return torch.cat([out.rot6d[:, :, hand].flatten(2), out.betas[:, :, hand], out.root[:, :, hand]], dim=-1)
+
+
+@pytest.mark.parametrize("changed", [0, 1], ids=HANDS)
+@pytest.mark.parametrize("fusion, changed_observed, sees_it", [
+    (True, True, True),  # the hand tokens attend to each other
+    (True, False, False),  # an unobserved hand is masked out as a key
+    (False, True, False),  # without fusion the hands are independent
+])
+def test_a_hand_sees_the_other_hand_only_through_fusion(changed: int, fusion: bool, changed_observed: bool,
+                                                         sees_it: bool) -> None:
+    model = _lively(_model(**{"model.hand_fusion": fusion})).eval()
+    batch = _batch(1, 4, seed=2)
+    batch["hand_valid"][:] = True
+    batch["hand_valid"][..., changed] = changed_observed
+    crops = batch["crops"].clone()
+    crops[:, :, changed] = 255 - crops[:, :, changed]  # another crop of the changed hand, in every frame
+    with torch.no_grad():
+        before = _hand_params(run_model(model, batch), 1 - changed)
+        after = _hand_params(run_model(model, {**batch, "crops": crops}), 1 - changed)
+    if sees_it:
+        assert float((after - before).abs().amax()) > 1e-3
+    else:
+        torch.testing.assert_close(after, before)
+
+
+def _mirror_crop_K(crop_K: torch.Tensor) -> torch.Tensor:
+    """(..., 3, 3) intrinsics of the mirror image (u -> C - 1 - u) of a crop, for the mirrored scene
+    (x -> -x): u' = C - 1 - (fx x / z + cx) = fx (-x) / z + (C - 1 - cx)."""
+    out = crop_K.clone()
+    out[..., 0, 2] = C - 1 - crop_K[..., 0, 2]
+    return out
+
+
+def test_mirrored_hands_give_mirrored_predictions() -> None:
+    # Mirror the world (x -> -x): the left hand becomes a right hand and vice versa. The new right hand's
+    # crop is the old mirrored left crop and the new left hand's mirrored crop is the old right crop, so the
+    # crops only swap slots; each crop's intrinsics become those of its mirror image. Without fusion (whose
+    # type embedding tells the hands apart) and with every frame observed (no per-hand infiller), the
+    # prediction must be the mirror image: rotations D R D (a sign per 6D entry), the same betas, wrists,
+    # joints and vertices with x negated (the procedural left hand is the exact mirror of the right one).
+    model = _lively(_model(**{"model.hand_fusion": False})).eval()
+    batch = _batch(2, 3, seed=4)
+    batch["hand_valid"][:] = True
+    mirrored = {**batch, "crops": batch["crops"].flip(2), "crop_K": _mirror_crop_K(batch["crop_K"].flip(2))}
+    with torch.no_grad():
+        out, mirror = run_model(model, batch), run_model(model, mirrored)
+    swap = lambda x: x.flip(2)  # noqa: E731 - hands are dim 2
+    torch.testing.assert_close(swap(mirror.rot6d), out.rot6d * torch.tensor(MIRROR_ROT6D))
+    torch.testing.assert_close(swap(mirror.rotmats), torch.diag(MIRROR_X) @ out.rotmats @ torch.diag(MIRROR_X))
+    torch.testing.assert_close(swap(mirror.betas), out.betas)
+    torch.testing.assert_close(swap(mirror.root), out.root * MIRROR_X)
+    torch.testing.assert_close(swap(mirror.joints), out.joints * MIRROR_X)
+    torch.testing.assert_close(swap(mirror.vertices), out.vertices * MIRROR_X)
+    mean_root = model.mean_params(batch["crop_K"])[..., -3:]
+    assert float((out.root - mean_root).abs().amax()) > 0.05  # a prediction far from the mean hand
 
 
 def test_infiller_never_reads_unobserved_regressions(eval_model: HaWoR) -> None:
@@ -205,10 +313,75 @@ def test_pretrained_weights_adapt_to_another_input_size(tmp_path) -> None:
     source = _model(seed=1)
     path = tmp_path / "backbone.pt"
     torch.save({"state_dict": source.backbone.state_dict()}, path)
-    loaded = _model(seed=2, **{"model.pretrained_path": str(path), "data.img_size": 48})
+    loaded = _model(seed=2, **{"model.pretrained_path": str(path), "data.crop_size": 48})
     # Same blocks; the position embedding is resampled from a 2x2 to a 3x3 patch grid.
     torch.testing.assert_close(loaded.backbone.blocks[0].attn.qkv.weight, source.backbone.blocks[0].attn.qkv.weight)
     assert loaded.backbone.pos_embed.shape[1] == 1 + 9
+
+
+def test_a_hawor_tune_model_loads_every_tensor_that_fits(tmp_path) -> None:
+    # The source's heads are narrower: their hidden layers do not fit and keep the fresh initialisation.
+    narrow = {"model.head_hidden": 16}
+    source = _model(seed=1, **narrow)
+    path = export_model(tmp_path / "model.pt", model=source, config=_config(**narrow), epoch=3)
+    fresh = _model(seed=2).state_dict()
+    loaded = _model(seed=2, **{"model.pretrained_path": str(path)}).state_dict()
+    src = source.state_dict()
+    assert loaded.keys() == src.keys()
+    misfits = {name for name, value in loaded.items() if src[name].shape != value.shape}
+    assert misfits and all(name.startswith(("hand_head.", "camera_head.")) for name in misfits)
+    for name, value in loaded.items():
+        assert torch.equal(value, fresh[name] if name in misfits else src[name]), name
+
+
+def test_a_hawor_tune_model_with_another_backbone_is_refused(tmp_path) -> None:
+    other = {"model.backbone": "test_resnet", "model.backbone_kwargs": {}}
+    path = export_model(tmp_path / "model.pt", model=_model(**other), config=_config(**other), epoch=1)
+    with pytest.raises(ValueError, match="backbone does not fit"):
+        _model(**{"model.pretrained_path": str(path)})
+
+
+# A HaMeR-style ViT (ViTPose): no class token, a token-wise final norm (timm's ``norm``, HaMeR's
+# ``last_norm``), spatial tokens averaged only by the heads.
+HAMER_VIT = {"depth": 1, "patch_size": 16, "class_token": False, "global_pool": "avg", "fc_norm": False}
+
+
+def _hamer_checkpoint(path) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """A HaMeR-structured checkpoint around a random timm ViT without class token.
+
+    Returns the timm ViT's state dict (the weights that must arrive) and HaMeR's (1, 1 + N, D) position
+    embedding, whose first entry HaMeR adds to every patch's.
+    """
+    torch.manual_seed(7)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=C, **HAMER_VIT)
+    weights = {k: v.clone() for k, v in vit.state_dict().items()}
+    hamer_pos = torch.randn(1, 1 + weights["pos_embed"].shape[1], weights["pos_embed"].shape[2])
+    state = {"backbone." + k.replace("norm.", "last_norm.") if k.startswith("norm.") else "backbone." + k: v
+             for k, v in weights.items() if k != "pos_embed"}
+    state["backbone.pos_embed"] = hamer_pos
+    state["mano_head.decpose.weight"] = torch.randn(96, 1024)  # HaMeR's head: not ours, ignored
+    torch.save({"state_dict": state, "epoch": 10}, path)
+    return weights, hamer_pos
+
+
+@pytest.mark.parametrize("backbone_kwargs", [
+    HAMER_VIT,
+    pytest.param({k: v for k, v in HAMER_VIT.items() if k != "fc_norm"}, marks=pytest.mark.xfail(
+        strict=True, raises=ValueError,
+        reason="model.hamer_to_timm's docstring asks for class_token: false, global_pool: avg; timm then "
+               "builds fc_norm (after pooling) and no token-wise norm, so HaMeR's last_norm has no home")),
+])
+def test_hamer_checkpoint_loads_into_a_timm_vit(tmp_path, backbone_kwargs: dict) -> None:
+    path = tmp_path / "hamer.ckpt"
+    weights, hamer_pos = _hamer_checkpoint(path)
+    model = _model(**{"model.pretrained_path": str(path), "model.backbone_kwargs": backbone_kwargs})
+    loaded = model.backbone.state_dict()
+    assert loaded.keys() == weights.keys()
+    for name, value in weights.items():
+        if name != "pos_embed":
+            assert torch.equal(loaded[name], value), name
+    # HaMeR adds position 0 to every patch position: x + pos[:, 1:] + pos[:, :1].
+    torch.testing.assert_close(loaded["pos_embed"], hamer_pos[:, 1:] + hamer_pos[:, :1], rtol=0, atol=0)
 
 
 def test_missing_pretrained_file_is_named(tmp_path) -> None:
@@ -220,7 +393,7 @@ def test_missing_pretrained_file_is_named(tmp_path) -> None:
 def test_cnn_backbone_without_img_size() -> None:
     model = _model(**{"model.backbone": "test_resnet", "model.backbone_kwargs": {}}).eval()
     with torch.no_grad():
-        out = _forward(model, _batch(1, 2))
+        out = run_model(model, _batch(1, 2))
     assert out.joints.shape == (1, 2, 2, 21, 3)
 
 
@@ -233,11 +406,19 @@ def test_bad_config_is_named(overrides: dict, match: str) -> None:
         _model(**overrides)
 
 
-def test_bad_inputs_are_rejected(eval_model: HaWoR) -> None:
+@pytest.mark.parametrize("key, corrupt", [
+    ("crops", lambda x: x.float()),
+    ("crops", lambda x: x[..., : C // 2, : C // 2]),  # another crop size
+    ("crops", lambda x: x[:, :, :1]),  # one hand
+    ("images", lambda x: x.float()),
+    ("images", lambda x: x[:, :1]),  # fewer frames than the crops
+    ("images", lambda x: x[..., : S // 2]),
+    ("crop_K", lambda x: x[:, :, 0]),  # one K per frame instead of per hand
+    ("crop_K", lambda x: x[:, 0]),  # one K per clip
+    ("hand_valid", lambda x: x.float()),
+    ("hand_valid", lambda x: x[..., :1]),
+])
+def test_bad_inputs_are_rejected_naming_the_argument(eval_model: HaWoR, key: str, corrupt) -> None:
     batch = _batch(1, 2)
-    with pytest.raises(ValueError, match="uint8"):
-        eval_model(batch["images"].float(), batch["K"], batch["hand_valid"])
-    with pytest.raises(ValueError, match="hand_valid"):
-        eval_model(batch["images"], batch["K"], batch["hand_valid"].float())
-    with pytest.raises(ValueError, match="K"):
-        eval_model(batch["images"], batch["K"][:, :2], batch["hand_valid"])
+    with pytest.raises(ValueError, match=f"^{key} must be"):
+        run_model(eval_model, {**batch, key: corrupt(batch[key])})
