@@ -9,23 +9,45 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from conftest import run_concurrently
 
 import hawor_tune.data as data
 from hawor_tune.data import DatasetError, build_dataset, ensure_dataset, read_split
+from hawor_tune.mano import HANDS
 
-# conftest's dataset: 64x48 frames letterboxed to 32: scale 1/2, 32x24 content, 4 rows of padding on top.
-SCALE, PAD_X, PAD_Y = 0.5, 0.0, 4.0
+# conftest's dataset: 64x48 frames letterboxed to 64 (scale 1, 8 rows of padding on top), 32 px hand crops,
+# and the whole frame resized to 32 px (scale 1/2).
+FRAME_SIZE, PAD_Y, CROP, IMG = 64, 8.0, 32, 32
+SCALE = IMG / FRAME_SIZE
 FRAMES, SKIP = 40, 10
+CROP_SCALE = 1.3  # data.crop_scale's default: box side over the visible keypoints' extent
 
 
-def _letterboxed_uv(uv: np.ndarray) -> np.ndarray:
-    """Original pixels -> letterboxed pixels (pixel centres at integers, as cv2.resize maps them)."""
-    return SCALE * (uv + 0.5) - 0.5 + np.array([PAD_X, PAD_Y])
+def _frame_uv(uv: np.ndarray) -> np.ndarray:
+    """Original pixels -> letterboxed frame pixels (scale 1: only the padding moves them)."""
+    return uv + np.array([0.0, PAD_Y])
+
+
+def _image_uv(uv: np.ndarray) -> np.ndarray:
+    """Original pixels -> pixels of the whole-frame input (cv2.resize's pixel-centre convention)."""
+    return SCALE * (_frame_uv(uv) + 0.5) - 0.5
+
+
+def _frame_K(K: np.ndarray) -> np.ndarray:
+    """Intrinsics of the original image -> of the letterboxed frame."""
+    return K + np.array([[0.0, 0.0, 0.0], [0.0, 0.0, PAD_Y], [0.0, 0.0, 0.0]])
 
 
 def _items(ds):
     return [ds[i] for i in range(len(ds))]
+
+
+def _letterboxed_frame(path: Path) -> np.ndarray:
+    """(64, 64, 3) RGB: a 64x48 JPEG between 8 black rows above and below, written out by hand."""
+    frame = np.zeros((FRAME_SIZE, FRAME_SIZE, 3), np.uint8)
+    frame[int(PAD_Y):int(PAD_Y) + 48] = cv2.imread(str(path))[..., ::-1]
+    return frame
 
 
 @pytest.mark.parametrize("split", ["train", "val", "test"])
@@ -36,14 +58,14 @@ def test_labels_match_the_generators_ground_truth(synthetic_dataset, split):
         truth = synthetic_dataset.truth[ds.sequences[int(item["seq_index"])]]
         f = item["frame_index"].numpy()
         np.testing.assert_allclose(item["joints3d"].numpy(), truth["joints_cam"][f], atol=1e-5, rtol=0)
-        np.testing.assert_allclose(item["joints2d"].numpy(), _letterboxed_uv(truth["joints2d"][f]), atol=1e-3, rtol=0)
+        np.testing.assert_allclose(item["joints2d"].numpy(), _image_uv(truth["joints2d"][f]), atol=1e-3, rtol=0)
         np.testing.assert_allclose(item["rotmats"][:, :, 0].numpy(), truth["global_orient_cam"][f], atol=1e-5)
         np.testing.assert_allclose(item["betas"].numpy(), np.broadcast_to(truth["betas"], (len(f), 2, 10)), atol=1e-6)
         np.testing.assert_allclose(item["cam_R"].numpy(), truth["cam_R"][f], atol=1e-6)
         np.testing.assert_allclose(item["cam_t"].numpy(), truth["cam_t"][f], atol=1e-5)
-        K = truth["K"]
-        expected_K = [[SCALE * K[0, 0], 0, SCALE * (K[0, 2] + 0.5) - 0.5 + PAD_X],
-                      [0, SCALE * K[1, 1], SCALE * (K[1, 2] + 0.5) - 0.5 + PAD_Y], [0, 0, 1]]
+        K = _frame_K(truth["K"])
+        expected_K = [[SCALE * K[0, 0], 0, SCALE * (K[0, 2] + 0.5) - 0.5],
+                      [0, SCALE * K[1, 1], SCALE * (K[1, 2] + 0.5) - 0.5], [0, 0, 1]]
         np.testing.assert_allclose(item["K"].numpy(), expected_K, atol=1e-4)
         np.testing.assert_allclose(item["dist"].numpy(), truth["dist"], atol=1e-7)
         # Finger rotations are proper rotations (what the MANO layer was given).
@@ -54,8 +76,11 @@ def test_labels_match_the_generators_ground_truth(synthetic_dataset, split):
 def test_batch_has_the_spec_dtypes_and_shapes(synthetic_dataset):
     cfg = synthetic_dataset.config()
     batch = next(iter(data.build_dataloader(cfg, "val", shuffle=False)))
-    B, T, S = 2, 4, 32
-    expected = {"images": ((B, T, 3, S, S), "torch.uint8"), "K": ((B, 3, 3), "torch.float32"),
+    B, T, S, C = 2, 4, IMG, CROP
+    expected = {"crops": ((B, T, 2, 3, C, C), "torch.uint8"), "crop_K": ((B, T, 2, 3, 3), "torch.float32"),
+                "crop_joints2d": ((B, T, 2, 21, 2), "torch.float32"),
+                "joints_visible": ((B, T, 2, 21), "torch.bool"), "scored": ((B, T), "torch.bool"),
+                "images": ((B, T, 3, S, S), "torch.uint8"), "K": ((B, 3, 3), "torch.float32"),
                 "dist": ((B, 8), "torch.float32"), "joints3d": ((B, T, 2, 21, 3), "torch.float32"),
                 "joints2d": ((B, T, 2, 21, 2), "torch.float32"), "rotmats": ((B, T, 2, 16, 3, 3), "torch.float32"),
                 "betas": ((B, T, 2, 10), "torch.float32"), "hand_valid": ((B, T, 2), "torch.bool"),
@@ -73,17 +98,144 @@ def test_frames_follow_ioi_offset_and_skip_the_ends(synthetic_dataset):
     item = ds[1]
     sid, seq = ds.sequences[int(item["seq_index"])].split("/")
     for t, f in enumerate(item["frame_index"].tolist()):
-        # Letterbox the JPEG by hand: image index = annotation index + ioi_offset.
-        image = cv2.imread(str(synthetic_dataset.root / "images" / sid / seq / "0" / f"{f + misc[sid]['ioi_offset']:05d}.jpg"))
-        expected = np.zeros((32, 32, 3), np.uint8)
-        expected[4:28] = cv2.resize(image, (32, 24), interpolation=cv2.INTER_AREA)[..., ::-1]
+        # Image index = annotation index + ioi_offset; the whole-frame input is the letterboxed frame resized.
+        frame = _letterboxed_frame(synthetic_dataset.root / "images" / sid / seq / "0" / f"{f + misc[sid]['ioi_offset']:05d}.jpg")
+        expected = cv2.resize(frame, (IMG, IMG), interpolation=cv2.INTER_AREA)
         np.testing.assert_array_equal(item["images"][t].permute(1, 2, 0).numpy(), expected)
+
+
+# ---- Hand crops -------------------------------------------------------------------------------------------
+
+def _box_map(uv: np.ndarray, visible: np.ndarray) -> np.ndarray:
+    """(3, 3) frame-to-crop map of one hand's unjittered box, by the documented rule: a square around the
+    visible keypoints (frame pixels) CROP_SCALE times their larger extent (at least 8 px), the whole frame
+    when fewer than two joints are visible; its centre goes to the crop centre (C - 1) / 2."""
+    if visible.sum() < 2:
+        centre, side = np.full(2, (FRAME_SIZE - 1) / 2), float(FRAME_SIZE)
+    else:
+        lo, hi = uv[visible].min(axis=0), uv[visible].max(axis=0)
+        centre, side = (lo + hi) / 2, max(CROP_SCALE * float((hi - lo).max()), 8.0)
+    a = CROP / side
+    return np.array([[a, 0.0, (CROP - 1) / 2 - a * centre[0]], [0.0, a, (CROP - 1) / 2 - a * centre[1]],
+                     [0.0, 0.0, 1.0]])
+
+
+def _crop_maps(item: dict, truth: dict) -> np.ndarray:
+    """(T, 2, 3, 3) unjittered frame-to-crop maps of a clip, from the generator's 2D keypoints."""
+    uv = _frame_uv(truth["joints2d"][item["frame_index"].numpy()])  # (T, 2, 21, 2)
+    visible = item["joints_visible"].numpy()
+    return np.stack([[_box_map(uv[t, h], visible[t, h]) for h in range(2)] for t in range(len(uv))])
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_crop_keypoints_are_the_lens_projection_with_the_crop_intrinsics(synthetic_dataset, split):
+    ds = build_dataset(synthetic_dataset.config(), split)
+    for item in _items(ds):
+        truth = synthetic_dataset.truth[ds.sequences[int(item["seq_index"])]]
+        joints = truth["joints_cam"][item["frame_index"].numpy()]  # (T, 2, 21, 3)
+        crop_K = item["crop_K"].double().numpy()
+        for t, h in np.ndindex(joints.shape[:2]):
+            uv, _ = cv2.projectPoints(joints[t, h], np.zeros(3), np.zeros(3), crop_K[t, h], truth["dist"])
+            np.testing.assert_allclose(item["crop_joints2d"][t, h].numpy(), uv[:, 0], atol=1e-3)
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_evaluation_crops_are_boxes_around_the_visible_keypoints(synthetic_dataset, split):
+    ds = build_dataset(synthetic_dataset.config(), split)
+    for item in _items(ds):
+        truth = synthetic_dataset.truth[ds.sequences[int(item["seq_index"])]]
+        A = _crop_maps(item, truth)  # (T, 2, 3, 3)
+        uv = _frame_uv(truth["joints2d"][item["frame_index"].numpy()])  # (T, 2, 21, 2)
+        # The crop's camera is the frame's with the crop map applied after the intrinsics (the unmirrored
+        # crop, also for the left hand), and its keypoints are the generator's mapped through the crop.
+        np.testing.assert_allclose(item["crop_K"].numpy(), A @ _frame_K(truth["K"]), rtol=1e-5, atol=1e-3)
+        expected = np.einsum("thij,thkj->thki", A[..., :2, :2], uv) + A[..., None, :2, 2]
+        np.testing.assert_allclose(item["crop_joints2d"].numpy(), expected, atol=1e-3)
+
+
+def _bilinear(image: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Sample (H, W, 3) ``image`` at float pixel positions (pixel centres at integers), black outside."""
+    padded = np.pad(image.astype(np.float64), ((1, 1), (1, 1), (0, 0)))  # a black border
+    h, w = image.shape[:2]
+    x0, y0 = np.floor(x), np.floor(y)
+    fx, fy = (x - x0)[..., None], (y - y0)[..., None]
+
+    def at(yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+        return padded[np.clip(yy + 1, 0, h + 1).astype(int), np.clip(xx + 1, 0, w + 1).astype(int)]
+
+    return ((1 - fy) * ((1 - fx) * at(y0, x0) + fx * at(y0, x0 + 1))
+            + fy * ((1 - fx) * at(y0 + 1, x0) + fx * at(y0 + 1, x0 + 1)))
+
+
+def test_crop_pixels_are_the_frames_pixels_under_the_crop_map(synthetic_dataset):
+    ds = build_dataset(synthetic_dataset.config(), "val")
+    misc = json.loads((synthetic_dataset.root / "meta" / "misc.json").read_text())
+    item = ds[1]
+    name = ds.sequences[int(item["seq_index"])]
+    sid, seq = name.split("/")
+    A = _crop_maps(item, synthetic_dataset.truth[name])
+    v, u = np.mgrid[0:CROP, 0:CROP].astype(np.float64)  # crop pixel grid
+    for t, f in enumerate(item["frame_index"].tolist()):
+        frame = _letterboxed_frame(synthetic_dataset.root / "images" / sid / seq / "0"
+                                   / f"{f + misc[sid]['ioi_offset']:05d}.jpg")
+        for h in range(2):
+            a, (tx, ty) = A[t, h, 0, 0], A[t, h, :2, 2]
+            expected = _bilinear(frame, (u - tx) / a, (v - ty) / a)  # (C, C, 3) the unmirrored crop
+            crop = item["crops"][t, h].permute(1, 2, 0).numpy().astype(np.float64)
+            if HANDS[h] == "left":
+                crop = crop[:, ::-1]  # left crops arrive mirrored: u -> C - 1 - u
+            # Up to uint8 rounding (cv2.warpAffine's 1/32 px positions add no more on these frames).
+            np.testing.assert_allclose(crop, expected, atol=1.0, rtol=0, err_msg=f"frame {t}, {HANDS[h]} hand")
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_every_frame_is_scored_once_whatever_the_clip_length(synthetic_dataset, split):
+    scored = {}
+    for seq_len in (4, 6):  # 20 frames per sequence: 6 leaves an end-aligned clip overlapping the one before
+        ds = build_dataset(synthetic_dataset.config({"data.seq_len": seq_len}), split)
+        frames = [(ds.sequences[int(item["seq_index"])], f)
+                  for item in _items(ds)
+                  for f, counts in zip(item["frame_index"].tolist(), item["scored"].tolist(), strict=True) if counts]
+        assert len(frames) == len(set(frames)), seq_len
+        scored[seq_len] = set(frames)
+    every_frame = {(name, f) for name in ds.sequences for f in range(SKIP, FRAMES - SKIP)}
+    assert scored[4] == scored[6] == every_frame
+
+
+def test_training_crops_are_jittered_and_evaluation_crops_are_not(synthetic_dataset):
+    cfg = synthetic_dataset.config()
+    jitter = cfg.data.crop_jitter
+    assert jitter > 0
+    train = build_dataset(cfg, "train")
+    torch.manual_seed(0)
+    draws = [train[3] for _ in range(20)]
+    assert not torch.equal(draws[0]["crop_K"], draws[1]["crop_K"])
+    assert not torch.equal(draws[0]["crops"], draws[1]["crops"])
+    torch.manual_seed(0)
+    assert torch.equal(train[3]["crops"], draws[0]["crops"])  # drawn from torch's seeded RNG
+    # Each box stays within the jitter of the unjittered one: centre shift up to jitter x side on each axis,
+    # side scaled by 1 +- jitter.
+    truth = synthetic_dataset.truth[train.sequences[int(draws[0]["seq_index"])]]
+    A0 = _crop_maps(draws[0], truth)  # (T, 2, 3, 3)
+    K_inv = np.linalg.inv(_frame_K(truth["K"]))
+    side0 = CROP / A0[..., 0, 0]  # (T, 2)
+    centre0 = ((CROP - 1) / 2 - A0[..., :2, 2]) / A0[..., :1, 0]  # (T, 2, 2)
+    for item in draws:
+        A = item["crop_K"].double().numpy() @ K_inv
+        side = CROP / A[..., 0, 0]
+        centre = ((CROP - 1) / 2 - A[..., :2, 2]) / A[..., :1, 0]
+        assert np.all(np.abs(side / side0 - 1) <= jitter + 1e-4)
+        assert np.all(np.abs(centre - centre0) <= jitter * side0[..., None] + 1e-3)
+
+    val = build_dataset(cfg, "val")
+    first, again = val[1], val[1]
+    assert torch.equal(first["crops"], again["crops"]) and torch.equal(first["crop_K"], again["crop_K"])
 
 
 @pytest.mark.parametrize("seq_len,stride,frame_step,expected", [
     (4, 2, 1, {"train": 2 * 9, "val": 5, "test": 5}),  # 20 frames: starts 0, 2, ..., 16 / 0, 4, ..., 16
-    (8, 3, 1, {"train": 2 * 5, "val": 2, "test": 2}),  # starts 0, 3, ..., 12 / 0, 8
-    (4, 3, 2, {"train": 2 * 3, "val": 2, "test": 2}),  # 10 frames 10, 12, ..., 28: starts 0, 3, 6 / 0, 4
+    (8, 3, 1, {"train": 2 * 5, "val": 3, "test": 3}),  # starts 0, 3, ..., 12 / 0, 8 and 12 (the end)
+    (4, 3, 2, {"train": 2 * 3, "val": 3, "test": 3}),  # 10 frames 10, 12, ..., 28: 0, 3, 6 / 0, 4 and 6
 ])
 def test_clip_counts_and_frame_steps(synthetic_dataset, seq_len, stride, frame_step, expected):
     cfg = synthetic_dataset.config({"data.seq_len": seq_len, "data.stride": stride, "data.frame_step": frame_step})

@@ -18,11 +18,18 @@ def _batches_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _seeded_batches(loader) -> list[dict]:
+    """Every batch of a single-process loader, with torch's RNG (which draws the training crops' jitter)
+    seeded first."""
+    torch.manual_seed(0)
+    return list(loader)
+
+
 @pytest.mark.parametrize("split,shuffle", [("train", True), ("val", False), ("test", False)])
 def test_cached_and_uncached_loaders_give_identical_batches(synthetic_dataset, split, shuffle):
     cfg = synthetic_dataset.config()
-    cached = list(build_dataloader(cfg, split, shuffle=shuffle, seed=3))
-    uncached = list(build_dataloader(cfg, split, shuffle=shuffle, seed=3, cached=False))
+    cached = _seeded_batches(build_dataloader(cfg, split, shuffle=shuffle, seed=3))
+    uncached = _seeded_batches(build_dataloader(cfg, split, shuffle=shuffle, seed=3, cached=False))
     assert len(cached) == len(uncached) > 0
     assert all(_batches_equal(a, b) for a, b in zip(cached, uncached))
 
@@ -37,8 +44,11 @@ def test_cache_sits_beside_the_dataset_is_reused_and_read_only(synthetic_dataset
     again = build_dataset(cfg, "val").cache
     assert again.folder == first.folder and (again.folder / "frames.npy").stat().st_mtime_ns == mtime
     assert not again.frames.flags.writeable
-    assert again.frames.shape == (20, 3, 32, 32) and again.names == build_dataset(cfg, "val").sequences
-    other = build_dataset(synthetic_dataset.config({"data.img_size": 40}), "val").cache
+    assert again.frames.shape == (20, 3, 64, 64) and again.names == build_dataset(cfg, "val").sequences
+    # Crops and the whole-frame input are cut from the cached frames: only frame_size makes another cache.
+    inputs = build_dataset(synthetic_dataset.config({"data.img_size": 16, "data.crop_size": 24}), "val").cache
+    assert inputs.folder == first.folder
+    other = build_dataset(synthetic_dataset.config({"data.frame_size": 40}), "val").cache
     assert other.folder != first.folder and other.frames.shape == (20, 3, 40, 40)
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # nothing written into the dataset
     assert not list((root.parent / "cache").glob(".*tmp*"))
@@ -56,14 +66,16 @@ def test_concurrent_builders_build_one_cache(synthetic_dataset, tmp_path):
 
 
 def test_dataset_pickles_without_pixels_and_works_in_worker_processes(synthetic_dataset):
-    cfg = synthetic_dataset.config()
+    # Without crop jitter: it draws from each process's torch RNG, so jittered crops depend on the workers.
+    cfg = synthetic_dataset.config({"data.crop_jitter": 0.0})
     ds = build_dataset(cfg, "train")
     blob = pickle.dumps(ds)
     assert len(blob) < ds.cache.frames.nbytes  # the mapped frames are not copied into the pickle
     clone = pickle.loads(blob)
     assert _batches_equal(clone[3], ds[3])
     single = list(build_dataloader(cfg, "train", shuffle=True, seed=1))
-    workers = build_dataloader(synthetic_dataset.config({"data.num_workers": 2}), "train", shuffle=True, seed=1)
+    workers = build_dataloader(synthetic_dataset.config({"data.crop_jitter": 0.0, "data.num_workers": 2}), "train",
+                               shuffle=True, seed=1)
     assert workers.persistent_workers and not build_dataloader(cfg, "train", shuffle=True).persistent_workers
     assert all(_batches_equal(a, b) for a, b in zip(single, workers, strict=True))
 
