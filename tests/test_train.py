@@ -11,6 +11,7 @@ from hawor_tune import train
 from hawor_tune.checkpoint import export_model, latest_checkpoint, load_checkpoint, load_model
 from hawor_tune.config import save_config
 from hawor_tune.evaluation import evaluate, mean_pose_baseline
+from hawor_tune.pretrain import ensure_pretrained
 from hawor_tune.train import REPORTED_METRICS, fit, lr_factor
 
 
@@ -28,11 +29,13 @@ def test_fit_reports_every_epoch_with_a_checkpoint(tiny_cfg):
     result = fit(cfg, on_epoch=lambda m, d: seen.append((m, d)))
     assert result.status == "completed" and result.epochs_run == 2
     assert [int(m["epoch"]) for m, _ in seen] == [1, 2]
+    # The checkpoint records the config the run trained: with its hand-pretrained start when pretraining is on.
+    resolved = ensure_pretrained(cfg)
     for record, ckpt_dir in seen[-1:]:
         assert set(REPORTED_METRICS) <= set(record)
         assert all(math.isfinite(record[k]) for k in REPORTED_METRICS)
         state = load_checkpoint(ckpt_dir)
-        assert state["epoch"] == 2 and state["config"] == cfg.to_dict() and state["optimizer"]
+        assert state["epoch"] == 2 and state["config"] == resolved.to_dict() and state["optimizer"]
     # keep_checkpoints (2) bounds what stays on disk; the newest is found for resuming
     assert latest_checkpoint(cfg.train.out_dir).name == "epoch_0002"
 
