@@ -83,7 +83,7 @@ class ModelConfig:
 
     backbone: str = _spec("resnet10t", doc="timm model reading each hand crop")
     backbone_kwargs: dict = _spec({}, doc="extra keyword arguments for timm.create_model")
-    camera_backbone: str = _spec("resnet10t", doc="timm model reading the whole low-resolution frame")
+    camera_backbone: str = _spec("", doc="timm model reading the whole low-resolution frame; '' shares the hand backbone")
     pretrained_path: str = _spec("", doc="local weights: a hawor-tune model file, a timm backbone state dict "
                                  "or a HaMeR checkpoint; never downloaded")
     hand_fusion: bool = _spec(True, doc="per frame, the two hands and the camera attend to each other")
@@ -394,9 +394,7 @@ def config_from_dict(data: Mapping[str, Any]) -> ExperimentConfig:
 
 
 def save_config(cfg: ExperimentConfig, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML, atomically (write to a temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    os.replace(tmp, path)
+    """Write the resolved config as YAML, atomically (hawor_tune.atomic)."""
+    from hawor_tune.atomic import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -240,8 +240,9 @@ class HaWoR(nn.Module):
         feature_dim: F, channels of its tokens.
         num_tokens: L, tokens per crop.
         crop_size: C, side of the square hand crops in pixels.
-        camera_backbone: timm model returning one pooled feature per whole frame.
-        camera_feature_dim: its width.
+        camera_backbone: timm model returning one pooled feature per whole frame, or None to let the
+            hand backbone read the frame too (its spatial tokens averaged).
+        camera_feature_dim: the width of that feature.
         img_size: S, side of the whole-frame input.
         mano_layers: one MANO layer per hand, in HANDS order (left, right).
         hand_fusion: let the hands and the camera attend to each other per frame.
@@ -252,7 +253,7 @@ class HaWoR(nn.Module):
     """
 
     def __init__(self, *, backbone: nn.Module, feature_dim: int, num_tokens: int, crop_size: int,
-                 camera_backbone: nn.Module, camera_feature_dim: int, img_size: int,
+                 camera_backbone: nn.Module | None, camera_feature_dim: int, img_size: int,
                  mano_layers: tuple[MANOLayer, MANOLayer], hand_fusion: bool, temporal_dim: int,
                  temporal_layers: int, temporal_heads: int, head_hidden: int, dropout: float,
                  infiller_hidden: int, infiller_layers: int, infill_mask_prob: float) -> None:
@@ -305,7 +306,9 @@ class HaWoR(nn.Module):
     def encode_frames(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, T, 3, S, S) -> (B, T, D) one token per whole frame."""
         B, T = images.shape[:2]
-        return self.camera_proj(self.camera_backbone(self._normalise(images.flatten(0, 1)))).view(B, T, -1)
+        x = self._normalise(images.flatten(0, 1))  # (B*T, 3, S, S)
+        feats = self.camera_backbone(x) if self.camera_backbone is not None else spatial_tokens(self.backbone, x).mean(1)
+        return self.camera_proj(feats).view(B, T, -1)
 
     # ----- stage 4: heads ----------------------------------------------------------------------------
     def weak_perspective_to_root(self, cam: torch.Tensor, crop_K: torch.Tensor) -> torch.Tensor:
@@ -592,12 +595,13 @@ def build_model(cfg: ExperimentConfig, *, pretrained: bool = True) -> HaWoR:
     """
     m, d = cfg.model, cfg.data
     backbone = _create_backbone(m.backbone, d.crop_size, dict(m.backbone_kwargs))
-    camera_backbone = _create_backbone(m.camera_backbone, d.img_size, dict(m.backbone_kwargs)
-                                       if m.camera_backbone == m.backbone else {})
+    camera_backbone = (_create_backbone(m.camera_backbone, d.img_size, dict(m.backbone_kwargs)
+                                        if m.camera_backbone == m.backbone else {}) if m.camera_backbone else None)
     mano_layers = tuple(build_mano(cfg.mano, side) for side in HANDS)
     model = HaWoR(backbone=backbone, feature_dim=backbone.num_features,
                   num_tokens=_token_count(backbone, d.crop_size), crop_size=d.crop_size,
-                  camera_backbone=camera_backbone, camera_feature_dim=camera_backbone.num_features,
+                  camera_backbone=camera_backbone,
+                  camera_feature_dim=(camera_backbone or backbone).num_features,
                   img_size=d.img_size, mano_layers=mano_layers, hand_fusion=m.hand_fusion,
                   temporal_dim=m.temporal_dim, temporal_layers=m.temporal_layers, temporal_heads=m.temporal_heads,
                   head_hidden=m.head_hidden, dropout=m.dropout, infiller_hidden=m.infiller_hidden,

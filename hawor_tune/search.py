@@ -59,14 +59,19 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], metric: str = "val
 
 
 def prepare_data(cfg: ExperimentConfig) -> None:
-    """Generate the dataset (if configured) and build the frame caches once, before trials start."""
+    """Generate the dataset (if configured), build the frame caches and the hand-pretrained start once,
+    before trials start (each is cached; a later search re-uses them)."""
     from hawor_tune.data import build_dataset, ensure_dataset
+    from hawor_tune.pretrain import ensure_pretrained
 
     t0 = time.perf_counter()
     ensure_dataset(cfg)
     for split in ("train", "val"):
         build_dataset(cfg, split)
     log.info("data ready in %.1f s", time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    ensure_pretrained(cfg)
+    log.info("pretrained start ready in %.1f s", time.perf_counter() - t0)
 
 
 def _searcher(space: SearchSpace) -> Any:

@@ -43,6 +43,7 @@ TINY_DATA_OVERRIDES: dict[str, Any] = {
     "data.synthetic.image_width": 64,
     "data.synthetic.image_height": 48,
     "data.synthetic.seed": 0,
+    "pretrain.epochs": 0,  # tests that need the pretrained start turn it on (tests/test_pretrain.py)
 }
 
 # A model small enough for tests to train in seconds on 32 px frames: one ViT block with 16 px patches.

@@ -112,7 +112,10 @@ def build_dataset(cfg: ExperimentConfig, split: str, *, cached: bool = True) -> 
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
     d = cfg.data
     root = ensure_dataset(cfg)
-    mano = [build_mano(cfg.mano, side) for side in HANDS]
+    # Labels come from the hand model the annotations were fitted with: ARCTIC builds its MANO layers with
+    # plain smplx and never flips the left shapedirs (zc-alexfan/arctic, common/body_models.py,
+    # build_mano_aa), so neither do the label layers. The network's own layers do (hawor_tune.model).
+    mano = [build_mano(cfg.mano, side, fix_left_shapedirs=False) for side in HANDS]
     return ArcticClips(root, split, mano=mano, seq_len=d.seq_len, stride=d.stride, frame_step=d.frame_step,
                        frame_size=d.frame_size, crop_size=d.crop_size, crop_scale=d.crop_scale,
                        crop_jitter=d.crop_jitter, img_size=d.img_size, min_visible_joints=d.min_visible_joints,

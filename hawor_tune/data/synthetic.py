@@ -38,7 +38,7 @@ FPS = 30.0
 # (a hand leaving the view) are placed between them.
 EDGE_FRAMES = 10
 MARKER = ".synthetic.json"  # written last; records what was generated (not part of ARCTIC's layout)
-GENERATOR_VERSION = 5
+GENERATOR_VERSION = 6
 JPEG_QUALITY = 90
 NEAR = 0.05  # metres; nothing closer to the camera is drawn
 EDGE_TAN = 0.55  # tan of the half field of view across the width (about 58 degrees in all)
@@ -74,7 +74,8 @@ def generate(root: str | os.PathLike, synth: SyntheticConfig, mano_cfg: ManoConf
     root = Path(root)
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"cannot generate a synthetic dataset into {root}: the folder is not empty")
-    layers = tuple(build_mano(mano_cfg, side) for side in HANDS)
+    # Annotations in ARCTIC's convention: its MANO layers never flip the left shapedirs (see data.build_dataset).
+    layers = tuple(build_mano(mano_cfg, side, fix_left_shapedirs=False) for side in HANDS)
     axes = [_hand_axes(layer) for layer in layers]
     n = synth.subjects
     misc: dict[str, Any] = {}

@@ -1,0 +1,70 @@
+"""Tests for hawor_tune.pretrain: the cached per-frame pretraining that every run fine-tunes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY_MODEL_OVERRIDES, run_concurrently
+
+from hawor_tune.checkpoint import load_checkpoint
+from hawor_tune.model import build_model
+from hawor_tune.pretrain import ensure_pretrained, pretrain_config, pretrain_key, pretrained_file
+
+PRETRAIN = {"pretrain.epochs": 1, "pretrain.max_train_batches": 2, "pretrain.batch_size": 4}
+
+
+@pytest.fixture()
+def cfg(synthetic_dataset, tmp_path):
+    return synthetic_dataset.config({**TINY_MODEL_OVERRIDES, **PRETRAIN, "data.cache_dir": str(tmp_path / "cache"),
+                                     "train.out_dir": str(tmp_path / "run")})
+
+
+@pytest.mark.parametrize("key, value", [
+    ("optim.lr", 0.123), ("optim.weight_decay", 0.5), ("loss.keypoint_3d", 7.0), ("data.seq_len", 2),
+    ("data.batch_size", 3), ("train.seed", 5), ("train.epochs", 9), ("model.infill_mask_prob", 0.5),
+])
+def test_the_key_ignores_what_a_run_may_vary(synthetic_dataset, key, value):
+    base = synthetic_dataset.config({**TINY_MODEL_OVERRIDES, **PRETRAIN})
+    assert pretrain_key(synthetic_dataset.config({**TINY_MODEL_OVERRIDES, **PRETRAIN, key: value})) == pretrain_key(base)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("model.temporal_dim", 64), ("model.backbone_kwargs", {"depth": 2, "patch_size": 16}), ("data.crop_size", 48),
+    ("data.crop_scale", 1.5), ("pretrain.epochs", 2), ("pretrain.lr", 0.01),
+])
+def test_the_key_follows_what_the_weights_depend_on(synthetic_dataset, key, value):
+    base = synthetic_dataset.config({**TINY_MODEL_OVERRIDES, **PRETRAIN})
+    assert pretrain_key(synthetic_dataset.config({**TINY_MODEL_OVERRIDES, **PRETRAIN, key: value})) != pretrain_key(base)
+
+
+def test_pretraining_is_single_frame_hand_terms_only(cfg, tmp_path):
+    p = pretrain_config(cfg, tmp_path / "p")
+    assert (p.data.seq_len, p.train.epochs, p.pretrain.epochs) == (1, 1, 0)
+    assert p.loss.temporal == p.loss.camera == p.loss.hand_world == 0.0
+    assert p.loss.keypoint_3d > 0
+
+
+def test_built_once_then_reused_and_loaded(cfg):
+    assert not pretrained_file(cfg).exists()
+    results, errors = run_concurrently(lambda: ensure_pretrained(cfg), n=2)
+    assert not errors
+    path = pretrained_file(cfg)
+    assert {r.model.pretrained_path for r in results} == {str(path)}
+    stamp = path.stat().st_mtime_ns
+    again = ensure_pretrained(cfg)
+    assert again.model.pretrained_path == str(path) and path.stat().st_mtime_ns == stamp  # re-used, not re-made
+    assert cfg.model.pretrained_path == ""  # the caller's config is not changed
+    # The file is a self-describing hawor-tune model whose weights a fresh model starts from.
+    state = load_checkpoint(path)
+    assert state["config"]["data"]["seq_len"] == 1
+    model = build_model(again)
+    for name in ("backbone", "spatial_head", "hand_head"):
+        for key, value in getattr(model, name).state_dict().items():
+            torch.testing.assert_close(value, state["model"][f"{name}.{key}"], msg=f"{name}.{key}")
+
+
+def test_disabled_or_own_weights_need_no_pretraining(cfg, synthetic_dataset):
+    off = synthetic_dataset.config({**TINY_MODEL_OVERRIDES, "pretrain.epochs": 0})
+    assert ensure_pretrained(off) is off
+    own = synthetic_dataset.config({**TINY_MODEL_OVERRIDES, **PRETRAIN, "model.pretrained_path": "/x/y.pt"})
+    assert ensure_pretrained(own) is own
