@@ -60,7 +60,7 @@ class DataConfig:
     stride: int = _spec(4, low=1, high=256, doc="frames between the starts of consecutive training clips")
     frame_step: int = _spec(1, low=1, high=30, doc="temporal subsampling of the 30 fps sequences")
     frame_size: int = _spec(224, low=32, high=4096, doc="side of the letterboxed frames in the cache; crops are cut from them")
-    crop_size: int = _spec(64, low=16, high=1024, doc="side of each hand's square crop (the backbone's input)")
+    crop_size: int = _spec(48, low=16, high=1024, doc="side of each hand's square crop (the backbone's input)")
     crop_scale: float = _spec(1.3, low=1.0, high=4.0, doc="crop side over the extent of the hand's visible 2D keypoints")
     crop_jitter: float = _spec(0.1, low=0.0, high=0.5, doc="training only: random crop shift (fraction of the side) and scale (1 +- this)")
     img_size: int = _spec(32, low=16, high=1024, doc="side of the whole-frame input of the camera branch")

@@ -344,7 +344,27 @@ class HaWoR(nn.Module):
                              for h in range(2)], dim=2)
         sign = torch.tensor([1.0, -1.0, 1.0], device=cam.device, dtype=cam.dtype)
         cam = torch.stack([cam[:, :, h] * sign if h == left else cam[:, :, h] for h in range(2)], dim=2)
+        # The global orientation is regressed as seen along the crop's central ray: the same crop shows the
+        # same hand pose whether it was cut from the image's centre or its edge, where the camera sees it
+        # from a direction up to half the field of view away. Rotate it into the camera's frame.
+        ray = self.crop_ray_rotation(crop_K)  # (B, T, 2, 3, 3)
+        orient = (ray @ rot6d[..., :6].unflatten(-1, (2, 3))[..., None]).squeeze(-1).flatten(-2)  # (B, T, 2, 6)
+        rot6d = torch.cat([orient, rot6d[..., 6:]], dim=-1)
         return torch.cat([rot6d, betas, self.weak_perspective_to_root(cam, crop_K)], dim=-1)
+
+    def crop_ray_rotation(self, crop_K: torch.Tensor) -> torch.Tensor:
+        """(..., 3, 3) crop intrinsics -> (..., 3, 3) the smallest rotation taking the optical axis onto the
+        ray through the crop's centre pixel (Rodrigues: R = I + [v]x + [v]x^2 / (1 + c), v = z x d, c = z . d)."""
+        centre = (self.crop_size - 1) / 2
+        d = torch.stack([(centre - crop_K[..., 0, 2]) / crop_K[..., 0, 0],
+                         (centre - crop_K[..., 1, 2]) / crop_K[..., 1, 1], torch.ones_like(crop_K[..., 0, 0])], dim=-1)
+        d = d / d.norm(dim=-1, keepdim=True)  # (..., 3)
+        zero = torch.zeros_like(d[..., 0])
+        # v = (0, 0, 1) x d = (-d_y, d_x, 0)
+        vx = torch.stack([torch.stack([zero, zero, d[..., 0]], -1), torch.stack([zero, zero, d[..., 1]], -1),
+                          torch.stack([-d[..., 0], -d[..., 1], zero], -1)], dim=-2)  # (..., 3, 3) = [v]x
+        eye = torch.eye(3, dtype=d.dtype, device=d.device)
+        return eye + vx + vx @ vx / (1 + d[..., 2])[..., None, None]
 
     def mean_params(self, crop_K: torch.Tensor) -> torch.Tensor:
         """(B, T, 2, 3, 3) -> (B, T, 2, PARAM_DIM) the mean parameters of every hand-frame."""
@@ -523,8 +543,9 @@ def hamer_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     names as timm (``blocks.N.attn.qkv``, ``blocks.N.mlp.fc1``, ``patch_embed.proj``), its final norm as
     ``last_norm`` (timm: ``norm``), and a ``pos_embed`` of 1 + N positions whose first one it adds to every
     patch instead of keeping a class token (``x + pos_embed[:, 1:] + pos_embed[:, :1]``). Build the timm
-    ViT with ``class_token: false, global_pool: avg`` to receive it; position embeddings are resampled
-    to the crop's patch grid by timm's own filter when sizes differ.
+    ViT with ``class_token: false, global_pool: avg, fc_norm: false`` to receive it (``last_norm``
+    normalises every token, as timm's ``norm`` does; ``fc_norm`` would normalise only the pooled one);
+    position embeddings are resampled to the crop's patch grid by timm's own filter when sizes differ.
     """
     out = {}
     for key, value in state.items():

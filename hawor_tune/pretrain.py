@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 PRETRAIN_VERSION = 1
 # Per-frame hand terms only: a one-frame clip has no motion, and the searched loss weights must not change
 # the shared start (or every trial would pretrain its own).
-PRETRAIN_LOSS = LossConfig(mano_params=0.1, keypoint_3d=1.0, keypoint_2d=0.5, temporal=0.0, camera=0.0,
+PRETRAIN_LOSS = LossConfig(mano_params=0.1, keypoint_3d=1.0, keypoint_2d=0.1, temporal=0.0, camera=0.0,
                            hand_world=0.0)
 # One start shared by every run whatever its seed, as a released checkpoint is: run-to-run noise is then
 # the fine-tuning's, which is what a search compares.

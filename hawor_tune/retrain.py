@@ -115,24 +115,31 @@ def best_config(exp: Experiment, trial: dict[str, Any], *, overrides: dict[str, 
 # ----------------------------------------------------------------------------------------------------------
 
 def _overlay_frames(model: torch.nn.Module, cfg: ExperimentConfig, n: int = 6) -> dict[str, np.ndarray]:
-    """A few test frames with predicted and ground-truth 2D skeletons (model-input pixels)."""
-    from hawor_tune.data import build_dataloader
+    """A few test frames at the cache's full resolution (``data.frame_size``) with predicted and
+    ground-truth 2D skeletons, spread over the first test clips."""
+    from torch.utils.data import default_collate
+
+    from hawor_tune.data import build_dataset
     from hawor_tune.geometry import project_points
 
     device = next(model.parameters()).device
-    batch = next(iter(build_dataloader(cfg, "test", shuffle=False)))
+    dataset = build_dataset(cfg, "test")
+    clips = np.unique(np.linspace(0, len(dataset) - 1, num=min(n, len(dataset))).astype(int))
+    batch = default_collate([dataset[int(i)] for i in clips])
     model.eval()
     with torch.no_grad():
         out = run_model(model, to_device(batch, device))
-    B, T = batch["hand_valid"].shape[:2]
-    K = batch["K"][:, None, None].expand(B, T, 2, 3, 3)
-    dist = batch["dist"][:, None, None].expand(B, T, 2, 8)
-    pred2d = project_points(out.joints.cpu().float(), K, dist)             # (B, T, 2, 21, 2)
-    take = np.linspace(0, B * T - 1, num=min(n, B * T)).astype(int)
-    images = batch["images"].permute(0, 1, 3, 4, 2).reshape(B * T, *batch["images"].shape[-2:], 3)
-    return {"images": images.numpy()[take], "pred2d": pred2d.reshape(B * T, 2, 21, 2).numpy()[take],
-            "gt2d": batch["joints2d"].reshape(B * T, 2, 21, 2).numpy()[take],
-            "valid": batch["hand_valid"].reshape(B * T, 2).numpy()[take]}
+    images, pred2d, gt2d, valid = [], [], [], []
+    for c, clip in enumerate(clips):
+        t = c % cfg.data.seq_len  # a different frame of each clip
+        frame, K = dataset.frame_with_intrinsics(int(clip), t)
+        K = torch.as_tensor(K, dtype=torch.float32).expand(2, 3, 3)
+        dist = batch["dist"][c].expand(2, 8)
+        pred2d.append(project_points(out.joints[c, t].cpu().float(), K, dist).numpy())  # (2, 21, 2)
+        gt2d.append(project_points(batch["joints3d"][c, t].float(), K, dist).numpy())
+        images.append(frame)
+        valid.append(batch["hand_valid"][c, t].numpy())
+    return {"images": np.stack(images), "pred2d": np.stack(pred2d), "gt2d": np.stack(gt2d), "valid": np.stack(valid)}
 
 
 def _trajectory(preds: Any) -> dict[str, np.ndarray]:

@@ -127,7 +127,10 @@ def build_dataloader(cfg: ExperimentConfig, split: str, *, shuffle: bool, seed: 
                      cached: bool = True) -> DataLoader:
     """A DataLoader of batch dicts (see the project spec) over one split.
 
-    ``data.num_workers`` worker processes (kept alive between epochs when > 0); pinned memory only when
+    ``data.num_workers`` worker processes, started anew every epoch: their random state (the crop
+    jitter) is then seeded from ``generator``, which the training loop re-seeds per epoch, so a resumed
+    run draws the same crops as an uninterrupted one (persistent workers would keep their first seed);
+    pinned memory only when
     CUDA is available; shuffling from a generator seeded with ``seed``; the last incomplete batch dropped
     for training when the split holds more than one batch.
     """
@@ -136,5 +139,5 @@ def build_dataloader(cfg: ExperimentConfig, split: str, *, shuffle: bool, seed: 
     workers = d.num_workers
     return DataLoader(dataset, batch_size=d.batch_size, shuffle=shuffle,
                       generator=torch.Generator().manual_seed(seed), num_workers=workers,
-                      persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=False, pin_memory=torch.cuda.is_available(),
                       drop_last=split == "train" and len(dataset) > d.batch_size)

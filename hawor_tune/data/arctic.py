@@ -414,6 +414,11 @@ class ArcticClips(Dataset):
             return np.ascontiguousarray(self.cache.frames[i].transpose(1, 2, 0))
         return np.ascontiguousarray(read_frame(self._paths[i], self._boxes[self._seq_of_frame[i]]).transpose(1, 2, 0))
 
+    def frame_with_intrinsics(self, index: int, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """Frame ``t`` of clip ``index`` at frame_size, (S, S, 3) uint8 RGB, and its (3, 3) intrinsics."""
+        s, p, _ = self._clips[index]
+        return self._frame(int(self._offsets[s]) + p + t), self._K[s].copy()
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         s, p, first_scored = self._clips[index]
         T, C = self.seq_len, self.crop_size

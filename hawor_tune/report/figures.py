@@ -39,8 +39,8 @@ JOINT_NAMES: tuple[str, ...] = ("wrist", *(
 # Units of the test metrics (compute_metrics) for axis labels and tables.
 _UNITS = {"mpjpe": "mm", "pa_mpjpe": "mm", "w_mpjpe": "mm", "wa_mpjpe": "mm", "accel_error": "mm/frame^2",
           "jerk": "m/s^3", "jerk_gt": "m/s^3", "cam_trans_error": "mm", "cam_rot_error": "deg",
+          "cam_accel_error": "mm/frame^2", "cam_jerk": "m/s^3", "cam_jerk_gt": "m/s^3",
           "valid_hand_frames": "frames"}
-# Rows of the world/camera/smoothness table: key, description.
 _GT_COLOR = (0, 200, 0)                                  # RGB
 _PRED_COLORS = {"left": (230, 30, 30), "right": (40, 90, 255)}
 
