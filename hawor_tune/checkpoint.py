@@ -16,11 +16,16 @@ from torch import nn
 
 from hawor_tune.atomic import atomic_replace_dir, atomic_write
 from hawor_tune.config import ExperimentConfig, config_from_dict, save_config
+from hawor_tune.errors import HaworTuneError
 from hawor_tune.runtime import rng_state
 
 CHECKPOINT_FORMAT = "hawor-tune-checkpoint"
 CHECKPOINT_VERSION = 1
 CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class CheckpointError(HaworTuneError, ValueError):
+    """A checkpoint or model file is missing, is not ours, or is from a newer hawor-tune."""
 
 
 def save_checkpoint(directory: str | os.PathLike, *, model: nn.Module, config: ExperimentConfig, epoch: int,
@@ -55,21 +60,21 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Load a checkpoint file or folder written by :func:`save_checkpoint` (``weights_only=True``).
 
     Raises:
-        ValueError: the file is missing or is not a hawor-tune checkpoint.
+        CheckpointError: the file is missing, is not a hawor-tune checkpoint or is from a newer version.
     """
     path = Path(path)
     file = path / CHECKPOINT_FILE if path.is_dir() else path
     if not file.is_file():
-        raise ValueError(f"{path}: no checkpoint here (expected a {CHECKPOINT_FILE} file or a folder holding one)")
+        raise CheckpointError(f"{path}: no checkpoint here (expected a {CHECKPOINT_FILE} file or a folder holding one)")
     try:
         state = torch.load(file, map_location=map_location, weights_only=True)
     except Exception as e:  # a zip/pickle error from a file that is not ours
-        raise ValueError(f"{file}: not a hawor-tune checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"{file}: not a hawor-tune checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{file}: not a hawor-tune checkpoint (no '{CHECKPOINT_FORMAT}' format marker)")
+        raise CheckpointError(f"{file}: not a hawor-tune checkpoint (no '{CHECKPOINT_FORMAT}' format marker)")
     if state.get("version", 0) > CHECKPOINT_VERSION:
-        raise ValueError(f"{file}: checkpoint version {state['version']} is newer than this hawor-tune "
-                         f"({CHECKPOINT_VERSION}); upgrade hawor-tune")
+        raise CheckpointError(f"{file}: checkpoint version {state['version']} is newer than this hawor-tune "
+                              f"({CHECKPOINT_VERSION}); upgrade hawor-tune")
     return state
 
 

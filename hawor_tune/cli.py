@@ -1,5 +1,7 @@
-"""The command-line convention shared by run_search.py, run_best.py and ``python -m hawor_tune.train``:
-bad input prints ONE line (what is wrong, the value, what is allowed) on stderr and exits with status 2."""
+"""The command-line convention shared by run_search.py, run_best.py and ``python -m hawor_tune.train``: a fault
+in the user's input (a :class:`~hawor_tune.errors.HaworTuneError`, or a bad flag) prints ONE line on stderr (what
+is wrong, the value, what is allowed) and exits with status 2; any other exception is a bug and keeps its
+traceback."""
 
 from __future__ import annotations
 
@@ -7,7 +9,13 @@ import argparse
 import sys
 from typing import NoReturn
 
+from hawor_tune.errors import HaworTuneError
+
 EXIT_USAGE = 2
+
+
+class UsageError(HaworTuneError):
+    """A command-line argument is wrong in a way argparse cannot check (a name taken, nothing to resume)."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -18,7 +26,12 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
-def fail(message: object) -> int:
-    """Print one error line and return the exit status for bad input."""
-    print(f"error: {str(message).splitlines()[0] if str(message) else type(message).__name__}", file=sys.stderr)
+def fail(error: HaworTuneError | str) -> int:
+    """Print one error line and return the exit status for bad input.
+
+    Catch only :class:`HaworTuneError` for it (``except HaworTuneError as e: return fail(e)``), so that a bug
+    keeps its traceback.
+    """
+    message = str(error)
+    print(f"error: {message.splitlines()[0] if message else type(error).__name__}", file=sys.stderr)
     return EXIT_USAGE

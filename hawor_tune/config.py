@@ -19,8 +19,10 @@ from typing import Any
 
 import yaml
 
+from hawor_tune.errors import HaworTuneError
 
-class ConfigError(ValueError):
+
+class ConfigError(HaworTuneError, ValueError):
     """A configuration value or key is invalid; the message names the key, the value and what is allowed."""
 
 
@@ -105,17 +107,18 @@ class PretrainConfig:
 
     epochs: int = _spec(3, low=0, high=1000, doc="0 disables pretraining")
     batch_size: int = _spec(32, low=1, high=4096, doc="single frames per batch")
-    max_train_batches: int = _spec(0, low=0, doc="cap per epoch; 0 = the whole split")
+    max_train_batches: int = _spec(60, low=0, doc="random batches per epoch (of 180 on the CPU profile); 0 = the whole split")
     lr: float = _spec(1e-3, low=1e-8, high=1.0)
 
 
 @dataclass
 class LossConfig:
-    """Weights of the six loss terms; a weight of 0 skips the term."""
+    """Weights of the six loss terms; a weight of 0 skips the term. The hand terms keep HaMeR's ratio of
+    MANO parameters to 3D keypoints (1 : 50, both summed per hand-frame; hamer/configs_hydra)."""
 
-    mano_params: float = _spec(0.1, low=0.0)
+    mano_params: float = _spec(0.02, low=0.0)
     keypoint_3d: float = _spec(1.0, low=0.0)
-    keypoint_2d: float = _spec(0.5, low=0.0)
+    keypoint_2d: float = _spec(0.1, low=0.0)
     temporal: float = _spec(0.5, low=0.0)
     camera: float = _spec(0.5, low=0.0)
     hand_world: float = _spec(0.2, low=0.0)
@@ -134,14 +137,14 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = _spec(8, low=1, high=100000)
+    epochs: int = _spec(6, low=1, high=100000)
     seed: int = _spec(0, low=0)
     device: str = _spec("auto", choices=("auto", "cpu", "cuda", "mps"))
     precision: str = _spec("auto", choices=("auto", "fp32", "bf16", "fp16"),
                            doc="auto: bf16 autocast on CUDA, fp32 elsewhere")
     threads: int = _spec(0, low=0, high=1024, doc="torch CPU threads; 0 keeps torch's default")
     out_dir: str = _spec("runs/default", doc="checkpoints and logs of a single run")
-    max_train_batches: int = _spec(0, low=0, doc="cap per epoch; 0 = the whole split")
+    max_train_batches: int = _spec(60, low=0, doc="random batches per epoch (of 180 on the CPU profile); 0 = the whole split")
     max_eval_batches: int = _spec(0, low=0, doc="cap per evaluation; 0 = the whole split")
     keep_checkpoints: int = _spec(2, low=1, high=1000, doc="epoch checkpoints kept in out_dir")
 

@@ -2,7 +2,7 @@
 
 Hand terms are masked by ``batch["hand_valid"]`` (B, T, 2) and follow HaMeR's conventions: keypoint
 errors are summed over joints and coordinates and averaged over the valid hand-frames; parameter errors
-are mean squared errors per hand-frame, averaged the same way. An empty mask gives a zero that is still
+are squared errors summed per hand-frame, averaged the same way. An empty mask gives a zero that is still
 connected to the graph, and masked-out samples contribute neither value nor gradient.
 """
 
@@ -16,6 +16,8 @@ from hawor_tune.config import LossConfig
 from hawor_tune.geometry import project_points, relative_camera_pose
 from hawor_tune.model import HaWoROutput
 
+# Weight of the betas inside the MANO-parameter term, relative to the rotations (HaMeR: 0.0005 / 0.001).
+BETAS_SHARE = 0.5
 # Points closer than this (or behind the camera) are projected as if at this depth, so a bad early
 # prediction gives a large but finite 2D error instead of inf/NaN.
 MIN_PROJECTION_DEPTH = 1e-2
@@ -38,7 +40,9 @@ def _mean_over(per_sample: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def mano_params_loss(pred_rotmats: torch.Tensor, pred_betas: torch.Tensor, gt_rotmats: torch.Tensor,
                      gt_betas: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """MSE of the 16 rotation matrices plus MSE of the betas, averaged over valid hand-frames.
+    """Squared errors of the 16 rotation matrices and of the betas, summed per hand-frame (HaMeR's
+    reduction, ``hamer/models/losses.py`` ``ParameterLoss``), averaged over valid hand-frames. The betas
+    count half, HaMeR's ratio of its betas and pose weights (0.0005 : 0.001).
 
     Args:
         pred_rotmats, gt_rotmats: (B, T, 2, 16, 3, 3).
@@ -48,9 +52,9 @@ def mano_params_loss(pred_rotmats: torch.Tensor, pred_betas: torch.Tensor, gt_ro
     Returns:
         Scalar.
     """
-    rot = _mask_out(pred_rotmats - gt_rotmats, mask).square().mean(dim=(-3, -2, -1))  # (B, T, 2)
-    betas = _mask_out(pred_betas - gt_betas, mask).square().mean(dim=-1)  # (B, T, 2)
-    return _mean_over(rot + betas, mask)
+    rot = _mask_out(pred_rotmats - gt_rotmats, mask).square().sum(dim=(-3, -2, -1))  # (B, T, 2)
+    betas = _mask_out(pred_betas - gt_betas, mask).square().sum(dim=-1)  # (B, T, 2)
+    return _mean_over(rot + BETAS_SHARE * betas, mask)
 
 
 def keypoint_3d_loss(pred_joints: torch.Tensor, gt_joints: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

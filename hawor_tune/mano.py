@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from hawor_tune.config import ManoConfig
+from hawor_tune.errors import MissingFileError
 from hawor_tune.geometry import axis_angle_to_matrix
 from hawor_tune.procedural_hand import make_procedural_hand
 
@@ -148,12 +149,12 @@ def load_mano_pickle(path: str | os.PathLike) -> dict[str, np.ndarray]:
         :class:`MANOLayer` applies the shapedirs fix where the file needs it.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
+        MissingFileError: ``path`` does not exist.
         ValueError: the file is not a MANO pickle (the message names the file and the problem).
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"MANO file {path} does not exist")
+        raise MissingFileError(f"MANO file {path} does not exist")
     try:
         with path.open("rb") as fh:
             raw = _MANOUnpickler(fh, encoding="latin1").load()
@@ -481,7 +482,7 @@ def build_mano(cfg: ManoConfig, side: str, *, fix_left_shapedirs: bool = True) -
 
     Raises:
         ValueError: ``side`` is not "left" or "right", or the file is not a MANO pickle.
-        FileNotFoundError: a folder is configured but has no MANO_LEFT.pkl / MANO_RIGHT.pkl (a left layer
+        MissingFileError: a folder is configured but has no MANO_LEFT.pkl / MANO_RIGHT.pkl (a left layer
             with ``fix_left_shapedirs`` needs both).
     """
     if side not in HANDS:
@@ -496,7 +497,7 @@ def build_mano(cfg: ManoConfig, side: str, *, fix_left_shapedirs: bool = True) -
     def load(hand: str) -> dict[str, np.ndarray]:
         path = folder / MANO_FILENAMES[hand]
         if not path.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"MANO file {path} not found ({key}={model_dir!r}). Download MANO_RIGHT.pkl and MANO_LEFT.pkl "
                 f"from https://mano.is.tue.mpg.de into that folder, or set mano.model_dir='' and unset "
                 f"{MANO_DIR_ENV} to use the built-in procedural hand.")

@@ -34,7 +34,8 @@ import timm
 import torch
 from torch import nn
 
-from hawor_tune.config import ExperimentConfig
+from hawor_tune.config import ConfigError, ExperimentConfig
+from hawor_tune.errors import MissingFileError
 from hawor_tune.geometry import axis_angle_to_matrix, matrix_to_rot6d, rot6d_to_matrix
 from hawor_tune.mano import HANDS, MANOLayer, build_mano
 
@@ -348,7 +349,7 @@ class HaWoR(nn.Module):
         # same hand pose whether it was cut from the image's centre or its edge, where the camera sees it
         # from a direction up to half the field of view away. Rotate it into the camera's frame.
         ray = self.crop_ray_rotation(crop_K)  # (B, T, 2, 3, 3)
-        orient = (ray @ rot6d[..., :6].unflatten(-1, (2, 3))[..., None]).squeeze(-1).flatten(-2)  # (B, T, 2, 6)
+        orient = (ray[..., None, :, :] @ rot6d[..., :6].unflatten(-1, (2, 3))[..., None]).squeeze(-1).flatten(-2)  # (B, T, 2, 6)
         rot6d = torch.cat([orient, rot6d[..., 6:]], dim=-1)
         return torch.cat([rot6d, betas, self.weak_perspective_to_root(cam, crop_K)], dim=-1)
 
@@ -509,8 +510,8 @@ def _create_backbone(name: str, img_size: int, kwargs: dict) -> nn.Module:
         return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
-            raise ValueError(f"config key 'model.backbone': unknown timm model {name!r} "
-                             "(see timm.list_models())") from None
+            raise ConfigError(f"config key 'model.backbone': unknown timm model {name!r} "
+                              "(see timm.list_models())") from None
         raise
 
 
@@ -526,10 +527,10 @@ def _load_backbone_weights(backbone: nn.Module, state: dict, path: str) -> None:
     try:
         result = backbone.load_state_dict(state, strict=False)
     except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not fit backbone {type(backbone).__name__}: {e}") from None
+        raise ConfigError(f"{path}: weights do not fit backbone {type(backbone).__name__}: {e}") from None
     if result.missing_keys:
-        raise ValueError(f"{path}: weights do not fit the backbone, {len(result.missing_keys)} missing keys "
-                         f"(first: {result.missing_keys[:3]})")
+        raise ConfigError(f"{path}: weights do not fit the backbone, {len(result.missing_keys)} missing keys "
+                          f"(first: {result.missing_keys[:3]})")
     if result.unexpected_keys:
         log.info("%s: ignored %d keys not in the backbone (e.g. the classifier): %s", path,
                  len(result.unexpected_keys), result.unexpected_keys[:3])
@@ -572,22 +573,22 @@ def _load_pretrained(model: HaWoR, path: str) -> None:
     - a plain backbone state dict (timm keys), optionally under ``state_dict`` or ``model``.
     """
     if not Path(path).is_file():
-        raise FileNotFoundError(f"config key 'model.pretrained_path': weights file {path!r} does not exist")
+        raise MissingFileError(f"config key 'model.pretrained_path': weights file {path!r} does not exist")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and state.get("format") == "hawor-tune-checkpoint":
         own = model.state_dict()
         fits = {k: v for k, v in state["model"].items() if k in own and own[k].shape == v.shape}
         model.load_state_dict(fits, strict=False)
         if not any(k.startswith("backbone.") for k in fits):
-            raise ValueError(f"{path}: a hawor-tune model whose backbone does not fit this model's "
-                             f"({model.backbone.__class__.__name__}); retrain it or clear model.pretrained_path")
+            raise ConfigError(f"{path}: a hawor-tune model whose backbone does not fit this model's "
+                              f"({model.backbone.__class__.__name__}); retrain it or clear model.pretrained_path")
         log.info("loaded %d of %d tensors from the hawor-tune model %s", len(fits), len(own), path)
         return
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict (mapping of tensors), got {type(state).__name__}")
+        raise ConfigError(f"{path}: expected a state dict (mapping of tensors), got {type(state).__name__}")
     if any(k.startswith("backbone.") for k in state):
         state = hamer_to_timm(state)
     _load_backbone_weights(model.backbone, state, path)
@@ -611,8 +612,8 @@ def build_model(cfg: ExperimentConfig, *, pretrained: bool = True) -> HaWoR:
             need it).
 
     Raises:
-        ValueError: unknown backbone, or weights that do not fit it.
-        FileNotFoundError: model.pretrained_path names a file that does not exist.
+        ConfigError: unknown backbone, or weights that do not fit it.
+        MissingFileError: model.pretrained_path names a file that does not exist.
     """
     m, d = cfg.model, cfg.data
     backbone = _create_backbone(m.backbone, d.crop_size, dict(m.backbone_kwargs))

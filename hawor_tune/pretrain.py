@@ -30,8 +30,7 @@ log = logging.getLogger(__name__)
 PRETRAIN_VERSION = 1
 # Per-frame hand terms only: a one-frame clip has no motion, and the searched loss weights must not change
 # the shared start (or every trial would pretrain its own).
-PRETRAIN_LOSS = LossConfig(mano_params=0.1, keypoint_3d=1.0, keypoint_2d=0.1, temporal=0.0, camera=0.0,
-                           hand_world=0.0)
+PRETRAIN_LOSS = dataclasses.replace(LossConfig(), temporal=0.0, camera=0.0, hand_world=0.0)
 # One start shared by every run whatever its seed, as a released checkpoint is: run-to-run noise is then
 # the fine-tuning's, which is what a search compares.
 PRETRAIN_SEED = 0
@@ -61,7 +60,7 @@ def pretrain_key(cfg: ExperimentConfig) -> str:
     spec = {"version": PRETRAIN_VERSION, "data": data, "mano": dataclasses.asdict(cfg.mano),
             "model": {k: v for k, v in dataclasses.asdict(cfg.model).items()
                       if k not in ("pretrained_path", "infill_mask_prob")},
-            "pretrain": dataclasses.asdict(cfg.pretrain),
+            "pretrain": dataclasses.asdict(cfg.pretrain), "loss": dataclasses.asdict(PRETRAIN_LOSS),
             "precision": cfg.train.precision,
             "dataset": marker.read_text() if marker.is_file() else None}
     return hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]

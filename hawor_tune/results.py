@@ -1,29 +1,37 @@
-"""Search results as parquet: ``epochs.parquet`` (a row per trial per epoch) and ``trials.parquet`` (a row per trial).
+"""What a search leaves in its experiment folder, and the one code that writes and reads it.
 
-:class:`ParquetExporter` is a Ray Tune callback on the driver that refreshes both files atomically after every
-reported epoch, so a killed search still leaves everything up to its last finished epoch; on resume it reloads
-what the files already hold. :func:`summarize_trials` (pure) turns epoch rows into trial rows and
-:func:`best_trial` picks the best of them.
+``epochs.parquet`` (a row per trial per epoch) and ``trials.parquet`` (a row per trial): the search's
+exporter (:mod:`hawor_tune.search`) refreshes both atomically after every reported epoch;
+:func:`summarize_trials` (pure) turns epoch rows into trial rows and :func:`best_trial` picks the best of
+them. ``search.json`` is the :class:`ExperimentRecord`: the checked search space and the base file's full
+training budget, enough for run_best.py to rebuild any trial's config. Nothing here needs Ray.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from ray.tune import Callback
 
-from hawor_tune.atomic import atomic_write
+from hawor_tune.atomic import atomic_write, atomic_write_text
+from hawor_tune.config import load_config
+from hawor_tune.errors import HaworTuneError
+from hawor_tune.search_space import SearchSpace
 
 EPOCHS_FILE = "epochs.parquet"
-INTERRUPTED = "INTERRUPTED"
-_FINAL = ("TERMINATED", "ERROR")
 TRIALS_FILE = "trials.parquet"
+RECORD_FILE = "search.json"
+# 1: an untyped dict without a version key (read no more); 2: ExperimentRecord.
+RECORD_VERSION = 2
+# What the final retrain takes from the base file itself rather than from the (maybe shortened) trials.
+BUDGET_KEYS = ("train.epochs", "train.max_train_batches")
 # Columns every epoch row carries besides the reported metrics.
 _EPOCH_META = ("trial_id", "epoch", "time_total_s", "timestamp", "node_id", "diverged")
 # Reported values for which "best" has no meaning; only their last value is kept.
@@ -149,84 +157,73 @@ def best_trial(rows: Iterable[Mapping[str, Any]], metric: str, mode: str) -> Map
     return min(usable, key=rank, default=None)
 
 
-class ParquetExporter(Callback):
-    """Tune callback that keeps ``epochs.parquet`` and ``trials.parquet`` in the experiment folder current."""
+class RecordError(HaworTuneError, ValueError):
+    """An experiment's ``search.json`` is missing, malformed or of a version this hawor-tune does not read."""
 
-    def __init__(self, experiment_dir: str | os.PathLike, *, metric: str, mode: str, max_epochs: int,
-                 param_paths: Iterable[str]) -> None:
-        self.experiment_dir = str(experiment_dir)
-        self.metric, self.mode, self.max_epochs = metric, mode, max_epochs
-        self.param_paths = list(param_paths)
-        self._epochs: dict[tuple[str, int], dict[str, Any]] = {}
-        self._meta: dict[str, dict[str, Any]] = {}
 
-    # Tune calls setup() on a fresh and on a restored run: reload what an earlier run wrote.
-    def setup(self, **info: Any) -> None:
-        epochs_path = Path(self.experiment_dir) / EPOCHS_FILE
-        trials_path = Path(self.experiment_dir) / TRIALS_FILE
-        if epochs_path.is_file():
-            for r in read_rows(epochs_path):
-                self._epochs[(str(r["trial_id"]), int(r["epoch"]))] = r
-        if trials_path.is_file():
-            for r in read_rows(trials_path):
-                self._meta[str(r["trial_id"])] = {
-                    "status": r.get("status"), "checkpoint": r.get("checkpoint"), "error": r.get("error"),
-                    "params": {p: r.get(f"param/{p}") for p in self.param_paths}}
+@dataclass
+class ExperimentRecord:
+    """What a search writes to ``search.json`` and run_best.py reads back (:meth:`save`, :meth:`load`).
 
-    def _trial(self, trial: Any, status: str | None = None) -> dict[str, Any]:
-        """The trial's metadata, refreshed. Only on_trial_complete/on_trial_error decide that a trial ended:
-        Ray also marks trials TERMINATED when it stops them because the search was interrupted, and those
-        are resumed later, so its status is not copied then."""
-        meta = self._meta.setdefault(trial.trial_id, {})
-        if status is not None:
-            meta["status"] = status
-        elif meta.get("status") not in _FINAL and trial.status not in _FINAL:
-            meta["status"] = trial.status
-        meta["params"] = {p: trial.config.get(p) for p in self.param_paths}
-        return meta
+    ``space`` is the checked search space, holding the resolved base config every trial started from, so
+    :meth:`SearchSpace.trial_config` rebuilds any trial's config without the original files.
+    ``full_budget`` holds the base file's own ``train.epochs`` and ``train.max_train_batches``: a space may
+    shorten trials to fit a search budget, but the final retrain trains in full.
+    """
 
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._trial(trial)
-        self.flush()
+    name: str
+    space: SearchSpace
+    full_budget: dict[str, Any]
+    version: int = RECORD_VERSION
 
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        epoch = int(result.get("training_iteration", result.get("epoch", 0)))
-        row = {"trial_id": trial.trial_id, "epoch": epoch,
-               "time_total_s": result.get("time_total_s"), "timestamp": result.get("timestamp"),
-               "node_id": result.get("node_id"), "diverged": bool(result.get("diverged", False))}
-        for k, v in result.items():
-            if "/" in k or k in ("lr",):
-                row[k] = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
-        self._epochs[(trial.trial_id, epoch)] = row
-        self._trial(trial)
-        self.flush()
+    @classmethod
+    def of_search(cls, space: SearchSpace, name: str) -> ExperimentRecord:
+        """The record of a search named ``name`` over ``space`` (reads the base file for its budget)."""
+        full = load_config(space.base)
+        return cls(name=name, space=space,
+                   full_budget={key: getattr(full.train, key.split(".")[1]) for key in BUDGET_KEYS})
 
-    def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
-        self._trial(trial)["checkpoint"] = getattr(checkpoint, "path", str(checkpoint))
+    def to_json(self) -> str:
+        return json.dumps({"version": self.version, "name": self.name, "full_budget": self.full_budget,
+                           "space": self.space.to_dict()}, indent=2)
 
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._trial(trial, "TERMINATED")
-        self.flush()
+    @classmethod
+    def from_json(cls, text: str, source: str = RECORD_FILE) -> ExperimentRecord:
+        """Read :meth:`to_json` output; ``source`` names the file in errors.
 
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._trial(trial, "ERROR")["error"] = str(getattr(trial, "error_file", "") or "")
-        self.flush()
+        Raises:
+            RecordError: not JSON, not a record, or a version other than :data:`RECORD_VERSION`.
+        """
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise RecordError(f"{source}: not valid JSON ({e})") from None
+        version = data.get("version") if isinstance(data, dict) else None
+        if version is None:
+            raise RecordError(f"{source}: written by an earlier hawor-tune (no record version); run the search "
+                              f"again, or retrain a configuration with run_best.py --config FILE")
+        if version != RECORD_VERSION:
+            newer = isinstance(version, int) and version > RECORD_VERSION
+            fix = "upgrade hawor-tune" if newer else "run the search again"
+            raise RecordError(f"{source}: record version {version!r}, this hawor-tune reads {RECORD_VERSION}; {fix}")
+        try:
+            return cls(name=data["name"], space=SearchSpace.from_dict(data["space"]),
+                       full_budget=dict(data["full_budget"]), version=version)
+        except (KeyError, TypeError, ValueError) as e:
+            raise RecordError(f"{source}: malformed search record ({type(e).__name__}: {e})") from None
 
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
-        for t in trials:
-            meta = self._trial(t)
-            if meta.get("status") not in _FINAL:
-                meta["status"] = INTERRUPTED  # stopped with the search; --resume continues it
-            if getattr(t, "checkpoint", None) is not None and getattr(t.checkpoint, "path", None):
-                meta["checkpoint"] = t.checkpoint.path
-        self.flush()
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``<directory>/search.json`` atomically."""
+        return atomic_write_text(Path(directory) / RECORD_FILE, self.to_json())
 
-    def flush(self) -> None:
-        """Rewrite both parquet files (atomically) from the rows held."""
-        directory = Path(self.experiment_dir)
-        directory.mkdir(parents=True, exist_ok=True)
-        epochs = [self._epochs[k] for k in sorted(self._epochs)]
-        write_parquet_atomic(epochs, directory / EPOCHS_FILE)
-        trials = summarize_trials(epochs, self._meta, metric=self.metric, mode=self.mode,
-                                  max_epochs=self.max_epochs, param_paths=self.param_paths)
-        write_parquet_atomic(trials, directory / TRIALS_FILE)
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> ExperimentRecord:
+        """Read ``<directory>/search.json``.
+
+        Raises:
+            RecordError: the file is missing or unreadable as a record.
+        """
+        path = Path(directory) / RECORD_FILE
+        if not path.is_file():
+            raise RecordError(f"{directory}: not a hawor-tune experiment ({RECORD_FILE} is missing)")
+        return cls.from_json(path.read_text(), source=str(path))

@@ -1,6 +1,7 @@
 """The final retrain: pick a search's best trial, train its configuration in full, judge it once on test.
 
-Used by ``run_best.py``. :func:`choose_best_trial` reads ``trials.parquet``/``epochs.parquet``;
+Used by ``run_best.py``. :func:`load_experiment` reads the search's record and parquet files
+(:mod:`hawor_tune.results`), :func:`choose_best_trial` picks the trial and :func:`best_config` rebuilds its config;
 :func:`retrain` calls the shared :func:`hawor_tune.train.fit`; :func:`evaluate_and_report` evaluates on the
 test split and writes ``model.pt``, ``metrics.json``, ``report.md`` and the figures.
 """
@@ -19,11 +20,19 @@ import torch
 
 from hawor_tune import report
 from hawor_tune.atomic import atomic_write_text
-from hawor_tune.config import ExperimentConfig, load_config, save_config
+from hawor_tune.config import ExperimentConfig, save_config
+from hawor_tune.errors import HaworTuneError
 from hawor_tune.model import run_model
-from hawor_tune.results import EPOCHS_FILE, TRIALS_FILE, best_trial, read_rows, read_table
+from hawor_tune.results import (
+    EPOCHS_FILE,
+    RECORD_FILE,
+    TRIALS_FILE,
+    ExperimentRecord,
+    best_trial,
+    read_rows,
+    read_table,
+)
 from hawor_tune.runtime import to_device
-from hawor_tune.search import SEARCH_FILE
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +40,7 @@ MODEL_FILE = "model.pt"
 METRICS_FILE = "metrics.json"
 
 
-class SelectionError(ValueError):
+class SelectionError(HaworTuneError, ValueError):
     """No usable experiment, trial or file; the message says which and why."""
 
 
@@ -40,23 +49,23 @@ class Experiment:
     """What run_best needs from a finished (or interrupted) search."""
 
     directory: Path
-    record: dict[str, Any]          # search.json: base_config, metric, mode, params, distributions, ...
+    record: ExperimentRecord        # search.json: the search space and the full training budget
     trials: list[dict[str, Any]]    # trials.parquet rows
     epochs: list[dict[str, Any]]    # epochs.parquet rows
 
     @property
     def metric(self) -> str:
-        return self.record["metric"]
+        return self.record.space.metric
 
     @property
     def mode(self) -> str:
-        return self.record["mode"]
+        return self.record.space.mode
 
 
 def find_latest_experiment(storage: str | os.PathLike) -> Path:
     """The most recently written experiment (a folder with search.json and trials.parquet) under storage."""
     storage = Path(storage)
-    found = [d for d in storage.glob("*") if (d / SEARCH_FILE).is_file() and (d / TRIALS_FILE).is_file()]
+    found = [d for d in storage.glob("*") if (d / RECORD_FILE).is_file() and (d / TRIALS_FILE).is_file()]
     if not found:
         raise SelectionError(f"no experiment found under {storage} (run run_search.py first, or pass "
                              f"--experiment DIR / --trials FILE.parquet / --config FILE)")
@@ -74,11 +83,10 @@ def load_experiment(*, experiment: str | os.PathLike | None = None,
         table = read_table(trials_path)
     except Exception as e:  # pyarrow raises several types for a file that is not parquet
         raise SelectionError(f"{trials_path}: not a parquet file ({str(e).splitlines()[0][:120]})") from None
-    record_path = directory / SEARCH_FILE
-    if not record_path.is_file():
-        raise SelectionError(f"{trials_path}: not from a hawor-tune search ({SEARCH_FILE} is missing beside it)")
-    record = json.loads(record_path.read_text())
-    needed = {"trial_id", "status", "epochs", f"best/{record['metric']}"}
+    if not (directory / RECORD_FILE).is_file():
+        raise SelectionError(f"{trials_path}: not from a hawor-tune search ({RECORD_FILE} is missing beside it)")
+    record = ExperimentRecord.load(directory)
+    needed = {"trial_id", "status", "epochs", f"best/{record.space.metric}"}
     missing = needed - set(table.column_names)
     if missing:
         raise SelectionError(f"{trials_path}: not a hawor-tune trials file (missing columns {sorted(missing)})")
@@ -103,11 +111,12 @@ def choose_best_trial(exp: Experiment) -> tuple[dict[str, Any], float, int]:
 
 
 def best_config(exp: Experiment, trial: dict[str, Any], *, overrides: dict[str, Any]) -> ExperimentConfig:
-    """The search's base config with the trial's parameters, the base config file's full training budget
-    (train.epochs, train.max_train_batches: a space may shorten trials) and the caller's overrides."""
-    params = {p: trial[f"param/{p}"] for p in exp.record["params"] if trial.get(f"param/{p}") is not None}
-    budget = exp.record.get("full_budget", {})  # the base file's epochs, not a search-shortened count
-    return load_config(exp.record["base_config"], {**params, **budget, **overrides})
+    """The trial's config (:meth:`SearchSpace.trial_config`, as its trainable built it) with the base config
+    file's full training budget (train.epochs, train.max_train_batches: a space may shorten trials) and the
+    caller's overrides on top."""
+    space = exp.record.space
+    params = {p: trial[f"param/{p}"] for p in space.params if trial.get(f"param/{p}") is not None}
+    return space.trial_config(params, {**exp.record.full_budget, **overrides})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -187,15 +196,14 @@ def evaluate_and_report(model: torch.nn.Module, cfg: ExperimentConfig, out_dir: 
     figure("camera_trajectory", report.plot_camera_trajectory, traj["gt"], traj["pred"], segments=traj["segments"])
     search = None
     if exp is not None and chosen is not None:
-        metric, params = exp.metric, list(exp.record["params"])
+        space = exp.record.space
+        metric, params = exp.metric, list(space.params)
         figure("trial_curves", report.plot_trial_curves, exp.epochs, exp.trials, metric,
                best_trial_id=chosen["trial_id"])
-        log_params = {p for p, d in exp.record.get("distributions", {}).items() if '"log": true' in d}
+        log_params = {p for p, spec in space.params.items() if spec.type == "loguniform"}
         figure("params_vs_metric", report.plot_params_vs_metric, exp.trials, params, metric, log_params=log_params)
         try:
-            import optuna
-            dists = {p: optuna.distributions.json_to_distribution(d)
-                     for p, d in exp.record.get("distributions", {}).items()}
+            dists = space.to_optuna_distributions()
             importance = report.hyperparameter_importance(exp.trials, params, metric, exp.mode, dists)
             figure("importance", report.plot_importance, importance)
         except ValueError as e:

@@ -1,35 +1,44 @@
 """The search service: Ray Tune trials of full HaWoR training runs, proposed by Optuna, stopped by ASHA.
 
 :func:`train_trial` is the trainable, a thin adapter over :func:`hawor_tune.train.fit`; :func:`run_search`
-prepares the data once, starts or joins Ray, builds the Tuner (or restores it) and returns the results.
+prepares the data once, starts or joins Ray, builds the Tuner (or restores it) and returns the results;
+:class:`ParquetExporter` keeps the experiment's parquet files (:mod:`hawor_tune.results`) current.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
 from ray import tune
+from ray.tune import Callback
 
-from hawor_tune.config import ExperimentConfig, load_config, save_config
-from hawor_tune.results import TRIALS_FILE, ParquetExporter
+from hawor_tune.config import ExperimentConfig, save_config
+from hawor_tune.results import (
+    EPOCHS_FILE,
+    TRIALS_FILE,
+    ExperimentRecord,
+    read_rows,
+    summarize_trials,
+    write_parquet_atomic,
+)
 from hawor_tune.search_space import SearchSpace
 
 log = logging.getLogger(__name__)
 
-SEARCH_FILE = "search.json"  # what run_best.py needs to know about the experiment
-BUDGET_KEYS = ("train.epochs", "train.max_train_batches")
+INTERRUPTED = "INTERRUPTED"
+_FINAL = ("TERMINATED", "ERROR")
 
 
-def train_trial(params: dict[str, Any], base: dict[str, Any], metric: str = "val/mpjpe") -> None:
-    """Ray Tune function trainable: one full training run of ``base`` with the trial's ``params`` applied.
+def train_trial(params: dict[str, Any], space: SearchSpace) -> None:
+    """Ray Tune function trainable: one full training run of the trial's config (:meth:`SearchSpace.trial_config`).
 
     Resumes from ``tune.get_checkpoint()`` (a retried or restored trial) and reports every epoch's
     metrics with that epoch's checkpoint. Torch uses as many threads as the trial has CPUs.
@@ -39,8 +48,8 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], metric: str = "val
     ctx = tune.get_context()
     cpus = ctx.get_trial_resources().required_resources.get("CPU", 1) if ctx.get_trial_resources() else 1
     threads = max(1, math.ceil(cpus))
-    cfg = load_config(base, {**params, "train.out_dir": os.path.join(ctx.get_trial_dir(), "run"),
-                             "train.threads": threads, "train.keep_checkpoints": 1})
+    cfg = space.trial_config(params, {"train.out_dir": os.path.join(ctx.get_trial_dir(), "run"),
+                                      "train.threads": threads, "train.keep_checkpoints": 1})
     node_id = ray.get_runtime_context().get_node_id()
 
     def report(record: dict[str, float], checkpoint_dir: str) -> None:
@@ -55,7 +64,7 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], metric: str = "val
     if result.status == "diverged":
         # An infinite objective tells ASHA and Optuna this configuration is bad; the row is flagged diverged.
         tune.report({"diverged": True, "epoch": float(result.epochs_run + 1), "node_id": node_id,
-                     metric: math.inf})
+                     space.metric: math.inf})
 
 
 def prepare_data(cfg: ExperimentConfig) -> None:
@@ -104,9 +113,11 @@ def _scheduler(space: SearchSpace) -> Any:
                          grace_period=space.grace_period, reduction_factor=space.reduction_factor)
 
 
-def _trainable(space: SearchSpace, base_tree: dict[str, Any]) -> Any:
+def _trainable(space: SearchSpace) -> Any:
+    # The space travels to the workers whole (a small pickle): it holds the resolved base config, so a
+    # worker on another node needs none of the driver's files.
     resources = {"cpu": space.resources_cpu, "gpu": space.resources_gpu}
-    return tune.with_resources(tune.with_parameters(train_trial, base=base_tree, metric=space.metric), resources)
+    return tune.with_resources(tune.with_parameters(train_trial, space=space), resources)
 
 
 @dataclass
@@ -132,18 +143,89 @@ def start_ray(address: str | None, dashboard_port: int, num_cpus: int | None = N
     return f"http://{url}" if url and not url.startswith("http") else url
 
 
-def experiment_record(space: SearchSpace, base_cfg: ExperimentConfig, name: str) -> dict[str, Any]:
-    """What ``search.json`` holds: enough for run_best.py to rebuild any trial's config and the space."""
-    from optuna.distributions import distribution_to_json
+class ParquetExporter(Callback):
+    """Tune callback on the driver that keeps ``epochs.parquet`` and ``trials.parquet`` in the experiment folder
+    current: it rewrites both atomically after every reported epoch, so a killed search still leaves everything
+    up to its last finished epoch, and on resume it reloads what the files already hold."""
 
-    full = load_config(space.base)
-    return {"distributions": {p: distribution_to_json(d) for p, d in space.to_optuna_distributions().items()},
-            "name": name, "space": str(space.path), "base_config": base_cfg.to_dict(), "metric": space.metric,
-            "mode": space.mode, "params": list(space.params), "max_epochs": space.max_epochs,
-            # The training budget of the base config file itself: a space may shorten trials to fit a search
-            # budget, but the final retrain uses the full one.
-            "full_budget": {k: getattr(full.train, k.split(".")[1]) for k in BUDGET_KEYS},
-            "train_epochs": base_cfg.train.epochs, "num_samples": space.num_samples}
+    def __init__(self, experiment_dir: str | os.PathLike, *, metric: str, mode: str, max_epochs: int,
+                 param_paths: Iterable[str]) -> None:
+        self.experiment_dir = str(experiment_dir)
+        self.metric, self.mode, self.max_epochs = metric, mode, max_epochs
+        self.param_paths = list(param_paths)
+        self._epochs: dict[tuple[str, int], dict[str, Any]] = {}
+        self._meta: dict[str, dict[str, Any]] = {}
+
+    # Tune calls setup() on a fresh and on a restored run: reload what an earlier run wrote.
+    def setup(self, **info: Any) -> None:
+        epochs_path = Path(self.experiment_dir) / EPOCHS_FILE
+        trials_path = Path(self.experiment_dir) / TRIALS_FILE
+        if epochs_path.is_file():
+            for r in read_rows(epochs_path):
+                self._epochs[(str(r["trial_id"]), int(r["epoch"]))] = r
+        if trials_path.is_file():
+            for r in read_rows(trials_path):
+                self._meta[str(r["trial_id"])] = {
+                    "status": r.get("status"), "checkpoint": r.get("checkpoint"), "error": r.get("error"),
+                    "params": {p: r.get(f"param/{p}") for p in self.param_paths}}
+
+    def _trial(self, trial: Any, status: str | None = None) -> dict[str, Any]:
+        """The trial's metadata, refreshed. Only on_trial_complete/on_trial_error decide that a trial ended:
+        Ray also marks trials TERMINATED when it stops them because the search was interrupted, and those
+        are resumed later, so its status is not copied then."""
+        meta = self._meta.setdefault(trial.trial_id, {})
+        if status is not None:
+            meta["status"] = status
+        elif meta.get("status") not in _FINAL and trial.status not in _FINAL:
+            meta["status"] = trial.status
+        meta["params"] = {p: trial.config.get(p) for p in self.param_paths}
+        return meta
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._trial(trial)
+        self.flush()
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        epoch = int(result.get("training_iteration", result.get("epoch", 0)))
+        row = {"trial_id": trial.trial_id, "epoch": epoch,
+               "time_total_s": result.get("time_total_s"), "timestamp": result.get("timestamp"),
+               "node_id": result.get("node_id"), "diverged": bool(result.get("diverged", False))}
+        for k, v in result.items():
+            if "/" in k or k in ("lr",):
+                row[k] = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+        self._epochs[(trial.trial_id, epoch)] = row
+        self._trial(trial)
+        self.flush()
+
+    def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
+        self._trial(trial)["checkpoint"] = getattr(checkpoint, "path", str(checkpoint))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._trial(trial, "TERMINATED")
+        self.flush()
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._trial(trial, "ERROR")["error"] = str(getattr(trial, "error_file", "") or "")
+        self.flush()
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        for t in trials:
+            meta = self._trial(t)
+            if meta.get("status") not in _FINAL:
+                meta["status"] = INTERRUPTED  # stopped with the search; --resume continues it
+            if getattr(t, "checkpoint", None) is not None and getattr(t.checkpoint, "path", None):
+                meta["checkpoint"] = t.checkpoint.path
+        self.flush()
+
+    def flush(self) -> None:
+        """Rewrite both parquet files (atomically) from the rows held."""
+        directory = Path(self.experiment_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        epochs = [self._epochs[k] for k in sorted(self._epochs)]
+        write_parquet_atomic(epochs, directory / EPOCHS_FILE)
+        trials = summarize_trials(epochs, self._meta, metric=self.metric, mode=self.mode,
+                                  max_epochs=self.max_epochs, param_paths=self.param_paths)
+        write_parquet_atomic(trials, directory / TRIALS_FILE)
 
 
 def run_search(space: SearchSpace, *, storage: str | os.PathLike, name: str, resume: bool = False,
@@ -160,20 +242,19 @@ def run_search(space: SearchSpace, *, storage: str | os.PathLike, name: str, res
     """
     storage = Path(storage).expanduser().resolve()
     exp_dir = storage / name
-    base_cfg = space.base_config()
-    prepare_data(base_cfg)
+    prepare_data(space.base_config)
 
     if not ray.is_initialized():
         start_ray(address, dashboard_port)
-    trainable = _trainable(space, base_cfg.to_dict())
-    exporter = ParquetExporter(exp_dir, metric=space.metric, mode=space.mode, max_epochs=base_cfg.train.epochs,
-                               param_paths=list(space.params))
+    trainable = _trainable(space)
+    exporter = ParquetExporter(exp_dir, metric=space.metric, mode=space.mode,
+                               max_epochs=space.base_config.train.epochs, param_paths=list(space.params))
     if resume:
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
     else:
         exp_dir.mkdir(parents=True, exist_ok=True)
-        (exp_dir / SEARCH_FILE).write_text(json.dumps(experiment_record(space, base_cfg, name), indent=2))
-        save_config(base_cfg, exp_dir / "base_config.yaml")
+        ExperimentRecord.of_search(space, name).save(exp_dir)
+        save_config(space.base_config, exp_dir / "base_config.yaml")
         tuner = tune.Tuner(
             trainable,
             param_space=space.to_tune_param_space() if space.search_algorithm == "random" else {},

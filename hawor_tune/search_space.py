@@ -21,8 +21,8 @@ fixed dotted ``overrides``, the ``metric`` every trial reports and its ``mode``,
 :func:`load_search_space` checks everything against the typed config (each param's type, bounds and
 choices must fit its field, and the config must build at the corners of the space) and against the
 metrics the trainer reports, so that a mistake fails in a second with one line naming the file, the key
-and the fix, instead of inside a Ray worker. :class:`SearchSpace` then maps the params onto Ray Tune
-sampling objects and Optuna distributions.
+and the fix, instead of inside a Ray worker. :class:`SearchSpace` then builds every trial's config
+(:meth:`SearchSpace.trial_config`) and maps the params onto Ray Tune sampling objects and Optuna distributions.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import math
 import numbers
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from functools import reduce
 from pathlib import Path
@@ -41,7 +41,15 @@ from typing import Any
 
 import yaml
 
-from hawor_tune.config import ConfigError, ExperimentConfig, field_info, load_config, parse_override
+from hawor_tune.config import (
+    ConfigError,
+    ExperimentConfig,
+    config_from_dict,
+    field_info,
+    load_config,
+    parse_override,
+)
+from hawor_tune.errors import HaworTuneError
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +74,7 @@ _UNSEARCHABLE = {
 _SCALARS = (bool, int, float, str)
 
 
-class SearchSpaceError(ValueError):
+class SearchSpaceError(HaworTuneError, ValueError):
     """A search-space file is invalid; the single-line message names the file, the key and the fix."""
 
 
@@ -97,16 +105,18 @@ class SearchSpace:
     """A checked search-space file; build it with :func:`load_search_space`.
 
     ``overrides`` holds the file's overrides with the command line's ``--set`` values on top.
-    ``max_epochs`` is the most epochs a trial runs (ASHA's ``max_t``); trials are configured for
-    ``train.epochs`` (from the base config and overrides), which is never below it. ``grace_period`` and
-    ``reduction_factor`` are None for the fifo scheduler. ``workdir`` is the working directory at load
-    time: relative paths in the training config resolve against it, also inside Ray workers, whose
-    working directory is their trial folder.
+    ``base_config`` is the base file with those overrides applied, its relative paths resolved against the
+    working directory at load time: every trial starts from it, and it travels with the space (into Ray
+    workers, whose working directory is their trial folder, and into the experiment record), so that
+    neither needs the files again. ``max_epochs`` is the most epochs a trial runs (ASHA's ``max_t``);
+    trials are configured for ``train.epochs`` (from the base config and overrides), which is never below
+    it. ``grace_period`` and ``reduction_factor`` are None for the fifo scheduler.
     """
 
     path: Path
     base: Path
     overrides: dict[str, Any]
+    base_config: ExperimentConfig
     metric: str
     mode: str
     num_samples: int
@@ -120,18 +130,22 @@ class SearchSpace:
     resources_cpu: float
     resources_gpu: float
     params: dict[str, ParamSpec]
-    workdir: Path = field(default_factory=Path.cwd)
 
-    def base_config(self, params: Mapping[str, Any] | None = None) -> ExperimentConfig:
-        """The training config of one trial: base file, then overrides, then the given parameter values.
+    def trial_config(self, params: Mapping[str, Any] | None = None,
+                     overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
+        """The training config of one trial: base file, then the space's overrides (both held in
+        ``base_config``), then the trial's parameter values, then ``overrides``.
 
         Args:
-            params: values of searched parameters keyed by dotted path (a Tune trial's config). Values
-                must lie in the space; float noise from quantised sampling (``0.30000000000000004``) is
-                snapped onto the ``q`` grid and clipped into the bounds.
+            params: values of searched parameters keyed by dotted path (a Tune trial's config, or a row of
+                trials.parquet). Values must lie in the space; float noise from quantised sampling
+                (``0.30000000000000004``) is snapped onto the ``q`` grid and clipped into the bounds.
+            overrides: dotted keys set last: the trainable's trial folder and threads, or the final
+                retrain's full budget and command-line values.
 
         Raises:
-            SearchSpaceError: a key that is not searched here, or a value outside the space.
+            SearchSpaceError: a key that is not searched here, a value outside the space, or a config that
+                does not build.
         """
         values = {}
         for key, value in (params or {}).items():
@@ -141,7 +155,7 @@ class SearchSpace:
                                        f"parameters are {', '.join(self.params)} (fix others in overrides)")
             values[key] = _into_space(spec, value, f"{self.path}: params.{key}")
         try:
-            return load_config(self.base, {**self.overrides, **values}, base_dir=self.workdir)
+            return load_config(self.base_config.to_dict(), {**values, **(overrides or {})})
         except ConfigError as e:
             raise SearchSpaceError(f"{self.path}: {e}") from None
 
@@ -153,7 +167,7 @@ class SearchSpace:
         ``q``); a choice falls back to the numerically nearest value, or to the first value when the values
         are not numbers. So the point is always valid for :meth:`to_optuna_distributions`.
         """
-        cfg = self.base_config()
+        cfg = self.base_config
         point = {}
         for key, spec in self.params.items():
             own = _get(cfg, key)
@@ -162,6 +176,25 @@ class SearchSpace:
                 logger.info("default point: %s = %r from the base config is outside the space; using %r",
                             key, own, point[key])
         return point
+
+    def to_dict(self) -> dict[str, Any]:
+        """The space as JSON values (the experiment record's ``space``); :meth:`from_dict` reads it back."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data.update(path=str(self.path), base=str(self.base), base_config=self.base_config.to_dict(),
+                    params={key: dataclasses.asdict(spec) for key, spec in self.params.items()})
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SearchSpace:
+        """Rebuild a space from :meth:`to_dict` output, without reading or checking its files again.
+
+        Raises:
+            KeyError, TypeError, ConfigError: ``data`` is not :meth:`to_dict` output.
+        """
+        params = {key: ParamSpec(**{**spec, "values": None if spec["values"] is None else tuple(spec["values"])})
+                  for key, spec in data["params"].items()}
+        return cls(**{**data, "path": Path(data["path"]), "base": Path(data["base"]),
+                      "base_config": config_from_dict(data["base_config"]), "params": params})
 
     def to_tune_param_space(self) -> dict[str, Any]:
         """Ray Tune sampling objects keyed by dotted path, with the same inclusive bounds as the file."""
@@ -303,11 +336,11 @@ def load_search_space(path: str | os.PathLike, *, extra_overrides: Iterable[str]
     gpu = check.number("resources.gpu", res.get("gpu", 0), low=0)
 
     params = check.buildable(base, fixed, workdir, check.params(raw["params"], fixed))
-    return SearchSpace(path=file, base=base, overrides=fixed, metric=metric, mode=raw["mode"],
+    return SearchSpace(path=file, base=base, overrides=fixed, base_config=cfg, metric=metric, mode=raw["mode"],
                        num_samples=num_samples, max_concurrent=max_concurrent, search_algorithm=algorithm,
                        search_seed=seed, scheduler_type=sched_type, max_epochs=max_epochs,
                        grace_period=grace_period, reduction_factor=reduction_factor, resources_cpu=cpu,
-                       resources_gpu=gpu, params=params, workdir=workdir)
+                       resources_gpu=gpu, params=params)
 
 
 def _reported_metrics() -> tuple[str, ...]:

@@ -7,6 +7,7 @@ hawor_tune.evaluation's ``evaluate``, usable on its own. Run ``python -m hawor_t
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import os
@@ -28,7 +29,8 @@ from hawor_tune.checkpoint import (
     save_checkpoint,
 )
 from hawor_tune.cli import ArgumentParser, fail
-from hawor_tune.config import ConfigError, ExperimentConfig, load_config, save_config
+from hawor_tune.config import ExperimentConfig, load_config, save_config
+from hawor_tune.errors import HaworTuneError
 from hawor_tune.evaluation import evaluate
 from hawor_tune.losses import compute_losses
 from hawor_tune.model import run_model
@@ -298,25 +300,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.resume or args.eval_only:
-            ckpt = args.resume or args.eval_only
-            state = load_checkpoint(ckpt)
-            cfg = load_config(state["config"], args.overrides)
-        else:
-            cfg = load_config(args.config, args.overrides)
-        if args.eval_only:
-            model, _ = load_model(ckpt, select_device(cfg.train.device))
-            for split in ("val", "test"):
-                m = evaluate(model, split, cfg)
-                print(f"{split}: MPJPE {m['mpjpe']:.1f} mm, PA-MPJPE {m['pa_mpjpe']:.1f} mm, "
-                      f"accel {m['accel_error']:.2f}, cam {m['cam_trans_error']:.1f} mm / {m['cam_rot_error']:.2f} deg")
-            return 0
-        if args.test_only:
-            _test_only(cfg)
-            return 0
-        result = fit(cfg, resume_from=args.resume, anomaly=args.debug)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+        return _run(args)
+    except HaworTuneError as e:
         return fail(e)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.resume or args.eval_only:
+        ckpt = args.resume or args.eval_only
+        state = load_checkpoint(ckpt)
+        cfg = load_config(state["config"], args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
+    if args.eval_only:
+        model, _ = load_model(ckpt, select_device(cfg.train.device))
+        for split in ("val", "test"):
+            m = evaluate(model, split, cfg)
+            print(f"{split}: MPJPE {m['mpjpe']:.1f} mm, PA-MPJPE {m['pa_mpjpe']:.1f} mm, "
+                  f"accel {m['accel_error']:.2f}, cam {m['cam_trans_error']:.1f} mm / {m['cam_rot_error']:.2f} deg")
+        return 0
+    if args.test_only:
+        _test_only(cfg)
+        return 0
+    result = fit(cfg, resume_from=args.resume, anomaly=args.debug)
     if result.status != "completed":
         print(f"run {result.status}: {result.reason}", file=sys.stderr)
         return 1

@@ -139,10 +139,10 @@ def test_keypoint_2d_uses_each_hand_frames_crop() -> None:
 def test_mano_params_known_offset_and_mask() -> None:
     out, batch = _case()
     _invalidate(batch, [(0, 1, 0), (1, 2, 1)])
-    rotmats = (out.rotmats + 0.1).requires_grad_()  # every entry off by 0.1 -> MSE 0.01
-    betas = out.betas + 0.2  # -> MSE 0.04
+    rotmats = (out.rotmats + 0.1).requires_grad_()  # 144 entries off by 0.1 -> sum 1.44
+    betas = out.betas + 0.2  # 10 entries off by 0.2 -> sum 0.4, counted at half weight
     value = losses.mano_params_loss(rotmats, betas, batch["rotmats"], batch["betas"], batch["hand_valid"])
-    assert value.item() == pytest.approx(0.01 + 0.04, rel=1e-4)
+    assert value.item() == pytest.approx(144 * 0.01 + 0.5 * 10 * 0.04, rel=1e-4)
     assert _grad_is_finite(value, rotmats)
 
 

@@ -167,12 +167,21 @@ def test_untrained_model_predicts_the_mean_hand(eval_model: HaWoR) -> None:
     torch.testing.assert_close(depth, crop_K[..., 0, 0] * CROP_METRES / C, rtol=0.01, atol=0)
     uv = _pinhole(out.root, crop_K)  # (B, T, 2, 2) crop pixels
     torch.testing.assert_close(uv, torch.full_like(uv, (C - 1) / 2), atol=0.5, rtol=0)
-    # Both hands' fingers point forward-down, (0, -1, 1) / sqrt(2) in the camera frame: the right rest
-    # hand's fingers lie along -x, the (mirrored) left one's along +x.
+    # Both hands' fingers point forward-down, (0, -1, 1) / sqrt(2), as seen along the ray through the
+    # crop's centre: in the camera frame that direction is turned by the rotation taking the optical axis
+    # onto the ray. The right rest hand's fingers lie along -x, the (mirrored) left one's along +x.
     rest_fingers = torch.tensor([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]])  # (left, right)
     fingers = (out.rotmats[..., 0, :, :] @ rest_fingers[:, :, None])[..., 0]  # (B, T, 2, 3)
-    expected = torch.tensor([0.0, -(0.5**0.5), 0.5**0.5])
-    torch.testing.assert_close(fingers, expected.expand_as(fingers), atol=0.01, rtol=0)
+    centre = torch.full_like(crop_K[..., :2, 2], (C - 1) / 2)
+    ray = torch.cat([(centre - crop_K[..., :2, 2]) / crop_K[..., [0, 1], [0, 1]], torch.ones_like(centre[..., :1])], -1)
+    ray = ray / ray.norm(dim=-1, keepdim=True)  # (B, T, 2, 3)
+    # Rodrigues by hand: axis z x ray, angle between them.
+    axis = torch.linalg.cross(torch.tensor([0.0, 0.0, 1.0]).expand_as(ray), ray)
+    angle = torch.atan2(axis.norm(dim=-1), ray[..., 2])
+    turn = axis_angle_to_matrix(axis / axis.norm(dim=-1, keepdim=True).clamp(min=1e-12) * angle[..., None])
+    expected = turn @ torch.tensor([0.0, -(0.5**0.5), 0.5**0.5])
+    torch.testing.assert_close(fingers, expected, atol=0.01, rtol=0)
+    assert (angle > 0.05).any()  # the crops are off-centre, so the check is not trivial
 
 
 def test_gradients_reach_every_stage() -> None:

@@ -1,11 +1,21 @@
 from __future__ import annotations
 
+import json
 import math
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import write_search_space
 
-from hawor_tune.results import best_trial, summarize_trials, write_parquet_atomic
+from hawor_tune.results import (
+    RECORD_FILE,
+    ExperimentRecord,
+    RecordError,
+    best_trial,
+    summarize_trials,
+    write_parquet_atomic,
+)
+from hawor_tune.search_space import load_search_space
 
 
 def _epochs(trial_id, values, **extra):
@@ -90,14 +100,11 @@ def test_best_trial_without_a_usable_trial_and_with_a_bad_mode():
         best_trial([_trial("a", 1.0)], "val/mpjpe", "minimum")
 
 
-def test_search_summary_and_run_best_choose_the_same_trial(tmp_path, capsys):
+def test_search_summary_and_run_best_choose_the_same_trial(tmp_path, capsys, synthetic_dataset):
     """Trials on which the earlier rules disagreed: the summary took the errored trial (lowest value) and broke
     the a/b tie by row order (a), run_best broke it by epochs (b) and both took the diverged trial's early epochs."""
-    import json
-
     import run_search
     from hawor_tune.retrain import choose_best_trial, load_experiment
-    from hawor_tune.search import SEARCH_FILE
 
     rows = (_epochs("a", [30.0, 20.0, 25.0]) + _epochs("b", [20.0]) + _epochs("c", [26.0, math.nan])
             + _epochs("err", [10.0]) + _epochs("div", [15.0])
@@ -107,10 +114,39 @@ def test_search_summary_and_run_best_choose_the_same_trial(tmp_path, capsys):
     trials = summarize_trials(rows, meta, metric="val/mpjpe", mode="min", max_epochs=3, param_paths=["optim.lr"])
     write_parquet_atomic(rows, tmp_path / "epochs.parquet")
     write_parquet_atomic(trials, tmp_path / "trials.parquet")
-    (tmp_path / SEARCH_FILE).write_text(json.dumps({"metric": "val/mpjpe", "mode": "min", "params": ["optim.lr"]}))
+    ExperimentRecord.of_search(load_search_space(write_search_space(tmp_path / "space", synthetic_dataset)),
+                               "x").save(tmp_path)  # val/mpjpe, min
 
     run_search.print_summary(tmp_path, "val/mpjpe", "min")
     assert "best trial b: val/mpjpe = 20.000 at epoch 1" in capsys.readouterr().out
     trial, value, epoch = choose_best_trial(load_experiment(experiment=tmp_path))
     assert (trial["trial_id"], value, epoch) == ("b", 20.0, 1)
     assert best_trial(trials, "val/mpjpe", "min")["trial_id"] == "b"
+
+
+# --- the experiment record (search.json) ---------------------------------------------------------------
+
+def test_record_round_trips_and_keeps_the_base_files_budget(tmp_path, synthetic_dataset):
+    path = write_search_space(tmp_path / "space", synthetic_dataset, epochs=3, scheduler={"type": "fifo"})
+    space = load_search_space(path, extra_overrides=["train.epochs=2"])  # trials shortened to fit a budget
+    record = ExperimentRecord.of_search(space, "x")
+    base_batches = synthetic_dataset.config().train.max_train_batches
+    assert record.full_budget == {"train.epochs": 3, "train.max_train_batches": base_batches}
+    record.save(tmp_path)
+    back = ExperimentRecord.load(tmp_path)
+    assert back == record and back.space.base_config.train.epochs == 2
+
+
+@pytest.mark.parametrize(("content", "fix"), [
+    ("{", "not valid JSON"),
+    # what hawor-tune wrote before the record had a version
+    (json.dumps({"metric": "val/mpjpe", "mode": "min", "params": ["optim.lr"], "base_config": {}}),
+     "written by an earlier hawor-tune"),
+    (json.dumps({"version": 99, "name": "x"}), "record version 99, this hawor-tune reads 2; upgrade hawor-tune"),
+    (json.dumps({"version": 2, "name": "x"}), "malformed search record (KeyError"),
+])
+def test_record_that_cannot_be_read_says_why(tmp_path, content, fix):
+    (tmp_path / RECORD_FILE).write_text(content)
+    with pytest.raises(RecordError, match=str(tmp_path)) as err:
+        ExperimentRecord.load(tmp_path)
+    assert fix in str(err.value)

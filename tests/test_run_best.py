@@ -9,10 +9,12 @@ import shutil
 import cv2
 import numpy as np
 import pytest
+from conftest import write_search_space
 
 import run_best
-from hawor_tune.results import read_rows, summarize_trials, write_parquet_atomic
+from hawor_tune.results import ExperimentRecord, read_rows, summarize_trials, write_parquet_atomic
 from hawor_tune.retrain import Experiment, best_config, choose_best_trial, load_experiment
+from hawor_tune.search_space import load_search_space
 
 # What metrics.json must hold for the test split (issue: per hand, per joint/finger, accel, W/WA, camera, jerk).
 TEST_METRICS = ["mpjpe", "mpjpe_left", "mpjpe_right", "pa_mpjpe", "pa_mpjpe_left", "pa_mpjpe_right",
@@ -40,14 +42,15 @@ def test_best_trial_is_the_best_in_trials_parquet(tiny_search):
     assert value == pytest.approx(best["best/val/mpjpe"]) and epoch == best["best_epoch"]
 
 
-def test_ties_go_to_fewer_epochs_and_errors_and_nan_are_ignored(tmp_path):
+def test_ties_go_to_fewer_epochs_and_errors_and_nan_are_ignored(tmp_path, synthetic_dataset):
     epochs = [{"trial_id": "a", "epoch": 1, "val/mpjpe": 30.0}, {"trial_id": "a", "epoch": 2, "val/mpjpe": 20.0},
               {"trial_id": "b", "epoch": 1, "val/mpjpe": 20.0}, {"trial_id": "b", "epoch": 2, "val/mpjpe": math.nan},
               {"trial_id": "c", "epoch": 1, "val/mpjpe": 1.0},
               {"trial_id": "a", "epoch": 3, "val/mpjpe": -math.inf}]
     meta = {"a": {"status": "TERMINATED"}, "b": {"status": "TERMINATED"}, "c": {"status": "ERROR"}}
     trials = summarize_trials(epochs, meta, metric="val/mpjpe", mode="min", max_epochs=3, param_paths=[])
-    exp = Experiment(tmp_path, {"metric": "val/mpjpe", "mode": "min"}, trials, epochs)
+    space = load_search_space(write_search_space(tmp_path, synthetic_dataset))  # val/mpjpe, min
+    exp = Experiment(tmp_path, ExperimentRecord("x", space, full_budget={}), trials, epochs)
     trial, value, epoch = choose_best_trial(exp)
     assert (trial["trial_id"], value, epoch) == ("b", 20.0, 1)
 
@@ -66,7 +69,7 @@ def test_run_best_end_to_end_and_eval_only_reproduces(tiny_search, tmp_path, cap
     from hawor_tune.checkpoint import load_checkpoint
     state = load_checkpoint(out / "model.pt")
     assert state["epoch"] == 2 and len(state["history"]) == 2
-    for p in exp.record["params"]:
+    for p in exp.record.space.params:
         section, key = p.split(".")
         assert state["config"][section][key] == pytest.approx(trial[f"param/{p}"])
     assert (out / "config.yaml").is_file()
@@ -121,10 +124,34 @@ def test_model_file_that_is_not_ours(tmp_path, capsys):
     _one_line_error(capsys, "not a hawor-tune checkpoint")
 
 
-def test_retrain_budget_is_the_base_files_not_the_search_shortened_one(tiny_search):
+def test_retrain_budget_is_the_base_files_not_the_search_shortened_one(tiny_search, synthetic_dataset):
     exp = load_experiment(experiment=tiny_search)
-    assert exp.record["full_budget"] == {"train.epochs": 3, "train.max_train_batches": 0}  # the base file's
+    base_batches = synthetic_dataset.config().train.max_train_batches
+    assert exp.record.full_budget == {"train.epochs": 3, "train.max_train_batches": base_batches}  # the base file's
     trial, _, _ = choose_best_trial(exp)
-    exp.record["full_budget"] = {"train.epochs": 7, "train.max_train_batches": 5}  # as if trials were cut to fit
+    exp.record.full_budget = {"train.epochs": 7, "train.max_train_batches": 5}  # as if trials were cut to fit
     assert (best_config(exp, trial, overrides={}).train.epochs, best_config(exp, trial, overrides={}).train.max_train_batches) == (7, 5)
     assert best_config(exp, trial, overrides={"train.epochs": 2}).train.epochs == 2  # --epochs wins
+
+
+def test_best_config_rebuilds_the_config_the_trial_trained(tiny_search):
+    # One way to build a trial's config: the retrain's, given the trial's own budget and folders, is the
+    # config its trainable trained (as recorded in the trial's checkpoint).
+    from hawor_tune.checkpoint import load_checkpoint
+
+    exp = load_experiment(experiment=tiny_search)
+    trial, _, _ = choose_best_trial(exp)
+    trained = load_checkpoint(trial["checkpoint"])["config"]
+    same_run = {f"train.{k}": trained["train"][k]
+                for k in ("out_dir", "threads", "keep_checkpoints", "epochs", "max_train_batches")}
+    assert best_config(exp, trial, overrides=same_run).to_dict() == trained
+
+
+def test_retrain_imports_without_ray():
+    # run_best.py reads a finished search's files; it needs no Ray (nor its start-up time).
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys\nsys.modules['ray'] = None\nimport hawor_tune.retrain"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

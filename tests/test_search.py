@@ -15,7 +15,7 @@ import ray
 from conftest import write_search_space
 
 import run_search
-from hawor_tune.results import read_rows
+from hawor_tune.results import ExperimentRecord, read_rows
 from hawor_tune.search import run_search as run_search_fn
 from hawor_tune.search_space import load_search_space
 
@@ -31,10 +31,11 @@ def _reported(trial_dir: Path) -> list[dict]:
 def test_search_end_to_end_parquet_matches_reports(tiny_search):
     epochs = read_rows(tiny_search / "epochs.parquet")
     trials = read_rows(tiny_search / "trials.parquet")
-    record = json.loads((tiny_search / "search.json").read_text())
+    record = ExperimentRecord.load(tiny_search)
     trial_dirs = [d for d in tiny_search.iterdir() if (d / "result.json").is_file()]
     assert len(trial_dirs) == 4 and len(trials) == 4
-    space = load_search_space(record["space"])
+    space = load_search_space(record.space.path)
+    assert record.space == space and record.name == "tiny"
 
     by_trial = {r["trial_id"]: r for r in trials}
     first_params = None

@@ -82,7 +82,7 @@ def assert_names(err: pytest.ExceptionInfo, path: Path, key: str, fix: str) -> N
 @pytest.mark.parametrize("name", ["loss_weights.yaml", "lr_seq.yaml", "full.yaml"])
 def test_shipped_spaces_load_and_start_from_the_base_config(name):
     space = load_search_space(REPO / "search_spaces" / name)
-    cfg = space.base_config()
+    cfg = space.trial_config()
     assert space.base == REPO / "configs" / "tiny.yaml"
     assert (space.metric, space.mode, space.search_algorithm, space.scheduler_type) == \
         ("val/mpjpe", "min", "optuna", "asha")
@@ -132,7 +132,7 @@ def test_relative_config_paths_resolve_against_the_loading_directory(tmp_path, m
     monkeypatch.chdir(tmp_path)
     space = load_search_space(write_space(tmp_path))
     monkeypatch.chdir(tmp_path.parent)
-    assert space.base_config().data.root == str(tmp_path / "data" / "x")
+    assert space.trial_config().data.root == str(tmp_path / "data" / "x")
 
 
 # --- invalid files ------------------------------------------------------------------------------------
@@ -265,7 +265,7 @@ def test_extra_overrides_go_on_top_and_set_the_epoch_budget(tmp_path):
     space = load_search_space(path, extra_overrides=["optim.weight_decay=0.02", "train.epochs=3"])
     assert space.overrides == {"optim.weight_decay": 0.02, "data.stride": 2, "train.epochs": 3}
     assert space.max_epochs == 3  # left out of the file: the trials' train.epochs
-    cfg = space.base_config()
+    cfg = space.trial_config()
     assert (cfg.optim.weight_decay, cfg.data.stride, cfg.train.epochs) == (0.02, 2, 3)
     # An explicit max_epochs beyond the --set epochs is refused.
     path = write_space(tmp_path, "scheduler: {max_epochs: 6}")
@@ -320,21 +320,21 @@ def test_tune_samples_cover_the_inclusive_bounds(tmp_path):
     # Log-uniform: half the mass below the geometric mean 1e-3 (uniform would put 9% there).
     assert 0.45 < np.mean(lr < 1e-3) < 0.55
     for i in range(0, 2000, 400):
-        cfg = space.base_config({key: values[i] for key, values in samples.items()})
+        cfg = space.trial_config({key: values[i] for key, values in samples.items()})
         assert all(get(cfg, key) == pytest.approx(values[i]) for key, values in samples.items())
 
 
 # --- trial configs and the first point -------------------------------------------------------------
 
-def test_base_config_snaps_quantisation_noise_into_the_space(tmp_path):
+def test_trial_config_snaps_quantisation_noise_into_the_space(tmp_path):
     space = load_search_space(write_space(tmp_path, params={
         "model.dropout": {"type": "quniform", "low": 0.0, "high": 0.7, "q": 0.1},
         "data.seq_len": {"type": "choice", "values": [4, 8]}}))
     # What a multiple-of-q sampler such as tune.quniform produces; the first lies above high=0.7.
     assert (7 * 0.1, 3 * 0.1) == (0.7000000000000001, 0.30000000000000004)
-    cfg = space.base_config({"model.dropout": 7 * 0.1, "data.seq_len": 4})
+    cfg = space.trial_config({"model.dropout": 7 * 0.1, "data.seq_len": 4})
     assert (cfg.model.dropout, cfg.data.seq_len, cfg.train.epochs) == (0.7, 4, 6)
-    assert space.base_config({"model.dropout": 3 * 0.1}).model.dropout == 0.3
+    assert space.trial_config({"model.dropout": 3 * 0.1}).model.dropout == 0.3
 
 
 @pytest.mark.parametrize("params,fix", [
@@ -343,12 +343,12 @@ def test_base_config_snaps_quantisation_noise_into_the_space(tmp_path):
     ({"optim.lr": "fast"}, "params.optim.lr: 'fast' is outside the space"),
     ({"data.seq_len": 16}, "params.data.seq_len: 16 is not one of the choices [4, 8]"),
 ])
-def test_base_config_refuses_points_outside_the_space(tmp_path, params, fix):
+def test_trial_config_refuses_points_outside_the_space(tmp_path, params, fix):
     space = load_search_space(write_space(tmp_path, params={
         "optim.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
         "data.seq_len": {"type": "choice", "values": [4, 8]}}))
     with pytest.raises(SearchSpaceError, match="^" + str(space.path).replace(".", r"\.")) as err:
-        space.base_config(params)
+        space.trial_config(params)
     assert fix in str(err.value)
 
 
@@ -364,8 +364,25 @@ def test_default_point_is_the_base_config_moved_into_the_space(tmp_path):
     }))
     assert space.default_point() == {"optim.lr": 1e-4, "optim.warmup_epochs": 1.0, "optim.weight_decay": 1e-4,
                                      "data.stride": 3, "data.seq_len": 10, "train.device": "auto"}
-    cfg = space.base_config(space.default_point())
+    cfg = space.trial_config(space.default_point())
     assert (cfg.optim.lr, cfg.data.seq_len) == (1e-4, 10)
+
+
+def test_trial_config_applies_overrides_last_and_needs_no_files(tmp_path):
+    # Ray workers (another node, another working directory) and a later retrain get the space, not its files.
+    import json
+    import pickle
+
+    space = load_search_space(write_space(tmp_path, "overrides: {optim.beta1: 0.8}", params=EVERY_TYPE))
+    (tmp_path / "base.yaml").unlink()
+    point = {"optim.lr": 2e-3, "data.seq_len": 12, "train.device": "auto"}
+    copies = [pickle.loads(pickle.dumps(space)),
+              search_space.SearchSpace.from_dict(json.loads(json.dumps(space.to_dict())))]
+    for copy in copies:
+        assert copy == space
+        cfg = copy.trial_config(point, {"train.epochs": 2, "optim.lr": 5e-3})
+        assert (cfg.optim.lr, cfg.data.seq_len, cfg.train.device) == (5e-3, 12, "auto")   # overrides win
+        assert (cfg.optim.beta1, cfg.train.epochs, cfg.optim.beta2) == (0.8, 2, 0.999)  # space, override, base
 
 
 # --- the metric list and import hygiene -------------------------------------------------------------

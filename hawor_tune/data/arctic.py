@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 
 from hawor_tune.data.cache import FrameCache, FrameSource, Letterbox, read_frame
 from hawor_tune.data.crop import crop_matrix, hand_boxes, jitter_boxes, map_points, unflip_matrix, warp_crop
+from hawor_tune.errors import HaworTuneError
 from hawor_tune.geometry import project_points
 from hawor_tune.mano import HANDS, MANOLayer
 
@@ -41,7 +42,7 @@ NEAR_Z = 0.05  # metres; a joint closer to (or behind) the camera is not visible
 _MANO_CHUNK = 4096  # frames per MANO call: vectorised, with bounded memory
 
 
-class DatasetError(ValueError):
+class DatasetError(HaworTuneError, ValueError):
     """The dataset on disk is missing a file or holds bad content; the message names the file and the fault."""
 
 

@@ -29,6 +29,8 @@ import cv2
 import numpy as np
 from filelock import FileLock
 
+from hawor_tune.errors import HaworTuneError
+
 # Bump when the cache's content or layout changes, so that old caches are not read.
 CACHE_FORMAT_VERSION = 1
 _INDEX = "index.json"
@@ -36,6 +38,10 @@ _FRAMES = "frames.npy"
 _JOBS_PER_ROUND = 4096
 
 log = logging.getLogger(__name__)
+
+
+class CacheError(HaworTuneError, ValueError):
+    """A frame cache or a source image is unusable; the message names the file and the fix."""
 
 
 @dataclass(frozen=True)
@@ -102,14 +108,14 @@ def read_frame(path: str | os.PathLike, box: Letterbox) -> np.ndarray:
         (3, S, S) uint8 RGB.
 
     Raises:
-        ValueError: the file is missing, not a decodable image, or not ``box.width`` x ``box.height``.
+        CacheError: the file is missing, not a decodable image, or not ``box.width`` x ``box.height``.
     """
     image = cv2.imread(os.fspath(path), cv2.IMREAD_COLOR)
     if image is None:
         reason = "does not exist" if not os.path.exists(path) else "cannot be decoded (truncated or not an image)"
-        raise ValueError(f"image {path} {reason}")
+        raise CacheError(f"image {path} {reason}")
     if image.shape[:2] != (box.height, box.width):
-        raise ValueError(f"image {path} is {image.shape[1]}x{image.shape[0]} pixels, expected "
+        raise CacheError(f"image {path} is {image.shape[1]}x{image.shape[0]} pixels, expected "
                          f"{box.width}x{box.height} like the other frames of its sequence")
     return box.apply(image)
 
@@ -137,9 +143,9 @@ class FrameCache:
         try:
             self.index: dict[str, Any] = json.loads(index_path.read_text())
         except (OSError, ValueError) as e:
-            raise ValueError(f"frame cache index {index_path} is unreadable ({e}); delete {self.folder}") from None
+            raise CacheError(f"frame cache index {index_path} is unreadable ({e}); delete {self.folder}") from None
         if self.index.get("version") != CACHE_FORMAT_VERSION:
-            raise ValueError(f"frame cache {self.folder} has format version {self.index.get('version')}, "
+            raise CacheError(f"frame cache {self.folder} has format version {self.index.get('version')}, "
                              f"expected {CACHE_FORMAT_VERSION}; delete it")
         self.names = [s["name"] for s in self.index["sequences"]]
         self.offsets = [s["offset"] for s in self.index["sequences"]]
