@@ -8,7 +8,7 @@
     python run_best.py --resume                          # continue an interrupted retrain
 
 Outputs in --out (default: <experiment>/best): model.pt, config.yaml, metrics.json, report.md, figures/.
-Bad input prints one line naming what is wrong and exits 2.
+Bad input prints one line naming what is wrong and exits 2; anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from hawor_tune.cli import ArgumentParser, fail
-from hawor_tune.config import ConfigError
+from hawor_tune.errors import HaworTuneError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,9 +49,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except HaworTuneError as e:
+        return fail(e)
+
+
+def _run(args: argparse.Namespace) -> int:
     from hawor_tune.config import load_config, parse_override
     from hawor_tune.retrain import (
-        SelectionError,
         best_config,
         choose_best_trial,
         evaluate_and_report,
@@ -60,41 +66,38 @@ def main(argv: list[str] | None = None) -> int:
         retrain,
     )
 
-    try:
-        if args.eval_only:
-            from hawor_tune.checkpoint import load_model
+    if args.eval_only:
+        from hawor_tune.checkpoint import load_model
 
-            model, cfg = load_model(args.eval_only)
-            out = Path(args.out) if args.out else Path(args.eval_only).resolve().parent / "eval"
-            result = evaluate_and_report(model, cfg, out, history=None)
-            print(json.dumps(result["test"], indent=2))
-            print(f"report: {out / 'report.md'}")
-            return 0
-        overrides = dict(parse_override(o) for o in args.overrides)
-        if args.epochs is not None:
-            overrides["train.epochs"] = args.epochs
-        if args.seed is not None:
-            overrides["train.seed"] = args.seed
-        if args.train_on_val:
-            overrides["data.train_on_val"] = True
-        exp = chosen = None
-        if args.config:
-            out = Path(args.out or "runs/best").resolve()
-            cfg = load_config(args.config, {**overrides, "train.out_dir": str(out / "run")})
-        else:
-            exp = load_experiment(experiment=args.experiment, trials=args.trials) if (args.experiment or args.trials) \
-                else load_experiment(experiment=find_latest_experiment(args.storage))
-            trial, value, epoch = choose_best_trial(exp)
-            out = Path(args.out).resolve() if args.out else exp.directory / "best"
-            overrides["train.out_dir"] = str(out / "run")
-            cfg = best_config(exp, trial, overrides=overrides)
-            params = {p: trial.get(f"param/{p}") for p in exp.record["params"]}
-            chosen = {"trial_id": trial["trial_id"], "params": params, "value": value, "epoch": epoch}
-            print(f"best trial {trial['trial_id']} of {exp.directory.name}: {exp.metric} = {value:.3f} "
-                  f"at epoch {epoch}; params {params}")
-            print(f"retraining for {cfg.train.epochs} epochs into {out}")
-    except (SelectionError, ConfigError, ValueError, FileNotFoundError) as e:
-        return fail(e)
+        model, cfg = load_model(args.eval_only)
+        out = Path(args.out) if args.out else Path(args.eval_only).resolve().parent / "eval"
+        result = evaluate_and_report(model, cfg, out, history=None)
+        print(json.dumps(result["test"], indent=2))
+        print(f"report: {out / 'report.md'}")
+        return 0
+    overrides = dict(parse_override(o) for o in args.overrides)
+    if args.epochs is not None:
+        overrides["train.epochs"] = args.epochs
+    if args.seed is not None:
+        overrides["train.seed"] = args.seed
+    if args.train_on_val:
+        overrides["data.train_on_val"] = True
+    exp = chosen = None
+    if args.config:
+        out = Path(args.out or "runs/best").resolve()
+        cfg = load_config(args.config, {**overrides, "train.out_dir": str(out / "run")})
+    else:
+        exp = load_experiment(experiment=args.experiment, trials=args.trials) if (args.experiment or args.trials) \
+            else load_experiment(experiment=find_latest_experiment(args.storage))
+        trial, value, epoch = choose_best_trial(exp)
+        out = Path(args.out).resolve() if args.out else exp.directory / "best"
+        overrides["train.out_dir"] = str(out / "run")
+        cfg = best_config(exp, trial, overrides=overrides)
+        params = {p: trial.get(f"param/{p}") for p in exp.record.space.params}
+        chosen = {"trial_id": trial["trial_id"], "params": params, "value": value, "epoch": epoch}
+        print(f"best trial {trial['trial_id']} of {exp.directory.name}: {exp.metric} = {value:.3f} "
+              f"at epoch {epoch}; params {params}")
+        print(f"retraining for {cfg.train.epochs} epochs into {out}")
 
     result = retrain(cfg, out, resume=args.resume)
     summary = evaluate_and_report(result.model, cfg, out, history=result.history, exp=exp, chosen=chosen)

@@ -5,7 +5,8 @@
         --storage /shared/results
     python run_search.py --space search_spaces/loss_weights.yaml --resume   # continue the latest one
 
-Bad input (a space file, a --set override, a flag) prints one line naming what is wrong and exits 2.
+Bad input (a space file, a --set override, a flag, the data) prints one line naming what is wrong and exits 2;
+anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from hawor_tune.cli import ArgumentParser, fail
-from hawor_tune.config import ConfigError
+from hawor_tune.cli import ArgumentParser, UsageError, fail
+from hawor_tune.errors import HaworTuneError
 
 
 def _positive_int(text: str) -> int:
@@ -54,14 +55,14 @@ def _experiment_name(args: argparse.Namespace, space_path: Path, storage: Path) 
     stem = space_path.stem
     if args.name:
         if not args.resume and (storage / args.name).exists():
-            raise ValueError(f"--name {args.name}: {storage / args.name} already exists "
+            raise UsageError(f"--name {args.name}: {storage / args.name} already exists "
                              f"(add --resume to continue it, or choose another name)")
         return args.name
     if not args.resume:
         return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     candidates = sorted((d for d in storage.glob(f"{stem}-*") if d.is_dir()), key=lambda d: d.stat().st_mtime)
     if not candidates:
-        raise ValueError(f"--resume: no experiment of {space_path.name} under {storage} (name one with --name)")
+        raise UsageError(f"--resume: no experiment of {space_path.name} under {storage} (name one with --name)")
     return candidates[-1].name
 
 
@@ -109,28 +110,34 @@ def print_summary(experiment_dir: Path, metric: str, mode: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from hawor_tune.search_space import SearchSpaceError, load_search_space
-
     try:
-        space = load_search_space(args.space, extra_overrides=args.overrides)
-        changes = {k: v for k, v in (("num_samples", args.num_samples), ("max_concurrent", args.max_concurrent),
-                                     ("search_seed", args.seed)) if v is not None}
-        space = dataclasses.replace(space, **changes)
-        storage = Path(os.path.expanduser(args.storage)).resolve()
-        name = _experiment_name(args, space.path, storage)
-        if args.resume:
-            from ray import tune
-            if not tune.Tuner.can_restore(str(storage / name)):
-                raise ValueError(f"--resume: {storage / name} holds no restorable Ray Tune experiment")
-    except (SearchSpaceError, ConfigError, ValueError) as e:
+        return _search(args)
+    except HaworTuneError as e:
         return fail(e)
+
+
+def _search(args: argparse.Namespace) -> int:
+    from hawor_tune.search_space import load_search_space
+
+    space = load_search_space(args.space, extra_overrides=args.overrides)
+    changes = {k: v for k, v in (("num_samples", args.num_samples), ("max_concurrent", args.max_concurrent),
+                                 ("search_seed", args.seed)) if v is not None}
+    space = dataclasses.replace(space, **changes)
+    storage = Path(os.path.expanduser(args.storage)).resolve()
+    name = _experiment_name(args, space.path, storage)
+    if args.resume:
+        from ray import tune
+        if not tune.Tuner.can_restore(str(storage / name)):
+            raise UsageError(f"--resume: {storage / name} holds no restorable Ray Tune experiment")
 
     from hawor_tune.search import run_search, start_ray
 
     try:
         url = start_ray(args.address, args.dashboard_port)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        return fail(f"--address {args.address}: cannot join the Ray cluster ({str(e).splitlines()[0]})")
+        if not args.address:
+            raise  # starting a local Ray failed: not the user's input
+        raise UsageError(f"--address {args.address}: cannot join the Ray cluster ({str(e).splitlines()[0]})") from e
     if url:
         print(f"Ray dashboard: {url}  (access token: run `ray get-auth-token`; paste it when the page asks)")
     print(f"experiment: {storage / name}")
