@@ -107,7 +107,7 @@ class PretrainConfig:
 
     epochs: int = _spec(3, low=0, high=1000, doc="0 disables pretraining")
     batch_size: int = _spec(32, low=1, high=4096, doc="single frames per batch")
-    max_train_batches: int = _spec(60, low=0, doc="random batches per epoch (of 180 on the CPU profile); 0 = the whole split")
+    max_train_batches: int = _spec(0, low=0, doc="cap per epoch; 0 = the whole split")
     lr: float = _spec(1e-3, low=1e-8, high=1.0)
 
 
@@ -126,7 +126,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = _spec(1e-3, low=1e-8, high=1.0)
+    lr: float = _spec(3e-4, low=1e-8, high=1.0, doc="fine-tuning the hand-pretrained start (pretrain.lr trains it)")
     weight_decay: float = _spec(1e-4, low=0.0, high=1.0)
     warmup_epochs: float = _spec(0.5, low=0.0, high=1000.0)
     min_lr_ratio: float = _spec(0.05, low=0.0, high=1.0, doc="cosine floor as a fraction of lr")

@@ -195,7 +195,6 @@ def fit(config: ExperimentConfig, on_epoch: EpochHook | None = None,
     """
     from hawor_tune.data import build_dataloader
     from hawor_tune.model import build_model
-
     from hawor_tune.pretrain import ensure_pretrained
 
     cfg = config
