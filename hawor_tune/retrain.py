@@ -33,6 +33,7 @@ from hawor_tune.results import (
     read_table,
 )
 from hawor_tune.runtime import to_device
+from hawor_tune.tune_space import optuna_distributions
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ def evaluate_and_report(model: torch.nn.Module, cfg: ExperimentConfig, out_dir: 
         log_params = {p for p, spec in space.params.items() if spec.type == "loguniform"}
         figure("params_vs_metric", report.plot_params_vs_metric, exp.trials, params, metric, log_params=log_params)
         try:
-            dists = space.to_optuna_distributions()
+            dists = optuna_distributions(space.params)
             importance = report.hyperparameter_importance(exp.trials, params, metric, exp.mode, dists)
             figure("importance", report.plot_importance, importance)
         except ValueError as e:

@@ -30,6 +30,7 @@ from hawor_tune.results import (
     write_parquet_atomic,
 )
 from hawor_tune.search_space import SearchSpace
+from hawor_tune.tune_space import optuna_distributions, tune_param_space
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def _searcher(space: SearchSpace) -> Any:
                                          n_startup_trials=max(2, min(10, space.num_samples // 3)))
     # Given its space up front, OptunaSearch ignores TuneConfig's metric/mode, so it gets them here too
     # (both from the one search-space file).
-    searcher = OptunaSearch(space=space.to_optuna_distributions(), metric=space.metric, mode=space.mode,
+    searcher = OptunaSearch(space=optuna_distributions(space.params), metric=space.metric, mode=space.mode,
                             points_to_evaluate=first_point, sampler=sampler)
     return ConcurrencyLimiter(searcher, max_concurrent=space.max_concurrent)
 
@@ -257,7 +258,7 @@ def run_search(space: SearchSpace, *, storage: str | os.PathLike, name: str, res
         save_config(space.base_config, exp_dir / "base_config.yaml")
         tuner = tune.Tuner(
             trainable,
-            param_space=space.to_tune_param_space() if space.search_algorithm == "random" else {},
+            param_space=tune_param_space(space.params) if space.search_algorithm == "random" else {},
             tune_config=tune.TuneConfig(
                 metric=space.metric, mode=space.mode, num_samples=space.num_samples,
                 search_alg=_searcher(space), scheduler=_scheduler(space),

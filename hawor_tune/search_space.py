@@ -22,7 +22,7 @@ fixed dotted ``overrides``, the ``metric`` every trial reports and its ``mode``,
 choices must fit its field, and the config must build at the corners of the space) and against the
 metrics the trainer reports, so that a mistake fails in a second with one line naming the file, the key
 and the fix, instead of inside a Ray worker. :class:`SearchSpace` then builds every trial's config
-(:meth:`SearchSpace.trial_config`) and maps the params onto Ray Tune sampling objects and Optuna distributions.
+(:meth:`SearchSpace.trial_config`); :mod:`hawor_tune.tune_space` maps its params onto Ray Tune and Optuna.
 """
 
 from __future__ import annotations
@@ -165,7 +165,8 @@ class SearchSpace:
         A value the space cannot take is moved to the nearest one it can, and the move is logged: a
         number is clipped into ``[low, high]`` (and, for ``quniform``, rounded to the nearest multiple of
         ``q``); a choice falls back to the numerically nearest value, or to the first value when the values
-        are not numbers. So the point is always valid for :meth:`to_optuna_distributions`.
+        are not numbers. So the point is always valid for
+        :func:`hawor_tune.tune_space.optuna_distributions`.
         """
         cfg = self.base_config
         point = {}
@@ -195,44 +196,6 @@ class SearchSpace:
                   for key, spec in data["params"].items()}
         return cls(**{**data, "path": Path(data["path"]), "base": Path(data["base"]),
                       "base_config": config_from_dict(data["base_config"]), "params": params})
-
-    def to_tune_param_space(self) -> dict[str, Any]:
-        """Ray Tune sampling objects keyed by dotted path, with the same inclusive bounds as the file."""
-        from ray import tune  # here, so that this module loads without Ray
-
-        space = {}
-        for key, spec in self.params.items():
-            if spec.type == "uniform":
-                space[key] = tune.uniform(spec.low, spec.high)
-            elif spec.type == "loguniform":
-                space[key] = tune.loguniform(spec.low, spec.high)
-            elif spec.type == "randint" or (spec.is_integer and spec.q == 1):
-                space[key] = tune.randint(spec.low, spec.high + 1)  # Tune's upper bound is exclusive
-            elif spec.type == "quniform" and spec.is_integer:
-                space[key] = tune.qrandint(spec.low, spec.high, spec.q)  # inclusive for q > 1
-            elif spec.type == "quniform":
-                space[key] = tune.quniform(spec.low, spec.high, spec.q)
-            else:
-                space[key] = tune.choice(list(spec.values))
-        return space
-
-    def to_optuna_distributions(self) -> dict[str, Any]:
-        """Optuna distributions keyed by dotted path (the space ``OptunaSearch`` samples from)."""
-        from optuna import distributions as od  # here, so that this module loads without Optuna
-
-        space = {}
-        for key, spec in self.params.items():
-            if spec.type in ("uniform", "loguniform"):
-                space[key] = od.FloatDistribution(spec.low, spec.high, log=spec.type == "loguniform")
-            elif spec.type == "randint":
-                space[key] = od.IntDistribution(spec.low, spec.high)
-            elif spec.type == "quniform" and spec.is_integer:
-                space[key] = od.IntDistribution(spec.low, spec.high, step=spec.q)
-            elif spec.type == "quniform":
-                space[key] = od.FloatDistribution(spec.low, spec.high, step=spec.q)
-            else:
-                space[key] = od.CategoricalDistribution(list(spec.values))
-        return space
 
 
 def load_search_space(path: str | os.PathLike, *, extra_overrides: Iterable[str] = ()) -> SearchSpace:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from hawor_tune.config import ExperimentConfig, load_config
 from hawor_tune.data import generate
@@ -90,11 +91,40 @@ def synthetic_dataset(tmp_path_factory: pytest.TempPathFactory) -> SyntheticData
     return SyntheticDataset(root=root, truth=truth, overrides=overrides)
 
 
+# Search-space files for tests that load and map spaces without running them (tests/test_search_space.py,
+# tests/test_tune_space.py): a small base config, a valid space over it.
+BASE = {"data": {"seq_len": 8, "root": "data/x"}, "optim": {"lr": 1.0e-3, "warmup_epochs": 0.5},
+        "train": {"epochs": 6, "device": "cpu"}}
+VALID = {"base": "base.yaml", "metric": "val/mpjpe", "mode": "min", "num_samples": 4,
+         "params": {"optim.lr": {"type": "loguniform", "low": 1.0e-4, "high": 1.0e-2}}}
+# One parameter of every type and field kind.
+EVERY_TYPE = {
+    "optim.lr": {"type": "loguniform", "low": 1.0e-4, "high": 1.0e-2},
+    "optim.weight_decay": {"type": "uniform", "low": 0.0, "high": 0.1},
+    "optim.warmup_epochs": {"type": "quniform", "low": 0.0, "high": 2.0, "q": 0.5},
+    "data.seq_len": {"type": "quniform", "low": 4, "high": 16, "q": 4},
+    "model.temporal_layers": {"type": "quniform", "low": 0, "high": 3, "q": 1},
+    "data.stride": {"type": "randint", "low": 1, "high": 8},
+    "train.device": {"type": "choice", "values": ["cpu", "auto"]},
+    "model.dropout": {"type": "choice", "values": [0, 0.5]},
+}
+
+
+def write_space(tmp_path: Path, snippet: str = "", drop: tuple[str, ...] = (), **top) -> Path:
+    """A search-space file to check and map, not to run (its base reads no data): VALID with the snippet's
+    top-level keys (YAML) and ``top`` replacing its own, ``drop`` removed."""
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
+    data = {**VALID, **(yaml.safe_load(snippet) or {}), **top}
+    for key in drop:
+        del data[key]
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 def write_search_space(folder: Path, dataset: SyntheticDataset, *, num_samples: int = 4, epochs: int = 3,
                        **extra: Any) -> Path:
     """A search-space file over the tiny dataset and model: lr and the 2D keypoint weight, ASHA over epochs."""
-    import yaml
-
     from hawor_tune.config import save_config
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -6,9 +6,8 @@ import sys
 from functools import reduce
 from pathlib import Path
 
-import numpy as np
 import pytest
-import yaml
+from conftest import EVERY_TYPE, write_space
 
 from hawor_tune import search_space
 from hawor_tune.config import LossConfig
@@ -35,34 +34,6 @@ except ImportError as e:  # the trainer's own imports may not be written yet
 def _metric_names(monkeypatch):
     if REPORTED_METRICS is None:
         monkeypatch.setattr(search_space, "_reported_metrics", lambda: CONTRACT_METRICS)
-
-
-BASE = {"data": {"seq_len": 8, "root": "data/x"}, "optim": {"lr": 1.0e-3, "warmup_epochs": 0.5},
-        "train": {"epochs": 6, "device": "cpu"}}
-VALID = {"base": "base.yaml", "metric": "val/mpjpe", "mode": "min", "num_samples": 4,
-         "params": {"optim.lr": {"type": "loguniform", "low": 1.0e-4, "high": 1.0e-2}}}
-# One parameter of every type and field kind.
-EVERY_TYPE = {
-    "optim.lr": {"type": "loguniform", "low": 1.0e-4, "high": 1.0e-2},
-    "optim.weight_decay": {"type": "uniform", "low": 0.0, "high": 0.1},
-    "optim.warmup_epochs": {"type": "quniform", "low": 0.0, "high": 2.0, "q": 0.5},
-    "data.seq_len": {"type": "quniform", "low": 4, "high": 16, "q": 4},
-    "model.temporal_layers": {"type": "quniform", "low": 0, "high": 3, "q": 1},
-    "data.stride": {"type": "randint", "low": 1, "high": 8},
-    "train.device": {"type": "choice", "values": ["cpu", "auto"]},
-    "model.dropout": {"type": "choice", "values": [0, 0.5]},
-}
-
-
-def write_space(tmp_path: Path, snippet: str = "", drop: tuple[str, ...] = (), **top) -> Path:
-    """VALID with the snippet's top-level keys (YAML) and ``top`` replacing its own, ``drop`` removed."""
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
-    data = {**VALID, **(yaml.safe_load(snippet) or {}), **top}
-    for key in drop:
-        del data[key]
-    path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 def get(cfg, dotted):
@@ -277,56 +248,6 @@ def test_extra_overrides_go_on_top_and_set_the_epoch_budget(tmp_path):
     with pytest.raises(SearchSpaceError) as err:
         load_search_space(path, extra_overrides=["train.epochs=3"])
     assert_names(err, path, "scheduler.max_epochs:", "exceeds the trials' train.epochs (3)")
-
-
-# --- mappings to Optuna and Ray Tune ---------------------------------------------------------------
-
-def test_optuna_distributions(tmp_path):
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-    dists = load_search_space(write_space(tmp_path, params=EVERY_TYPE)).to_optuna_distributions()
-    assert dists == {
-        "optim.lr": FloatDistribution(1e-4, 1e-2, log=True),
-        "optim.weight_decay": FloatDistribution(0.0, 0.1),
-        "optim.warmup_epochs": FloatDistribution(0.0, 2.0, step=0.5),
-        "data.seq_len": IntDistribution(4, 16, step=4),
-        "model.temporal_layers": IntDistribution(0, 3),
-        "data.stride": IntDistribution(1, 8),  # randint's high is inclusive
-        "train.device": CategoricalDistribution(["cpu", "auto"]),
-        "model.dropout": CategoricalDistribution([0.0, 0.5]),  # as the float field holds them
-    }
-    assert [type(v) for v in dists["model.dropout"].choices] == [float, float]
-
-
-def test_tune_space_converts_to_the_same_optuna_distributions(tmp_path):
-    # Ray's own converter is an independent reading of the Tune objects' bounds.
-    from ray.tune.search.optuna import OptunaSearch
-
-    space = load_search_space(write_space(tmp_path, params=EVERY_TYPE))
-    assert OptunaSearch.convert_search_space(space.to_tune_param_space()) == space.to_optuna_distributions()
-
-
-def test_tune_samples_cover_the_inclusive_bounds(tmp_path):
-    space = load_search_space(write_space(tmp_path, params=EVERY_TYPE))
-    rng = np.random.default_rng(0)
-    samples = {key: domain.sample(size=2000, random_state=rng) for key, domain in
-               space.to_tune_param_space().items()}
-    assert set(samples["data.stride"]) == set(range(1, 9))
-    assert set(samples["data.seq_len"]) == {4, 8, 12, 16}
-    assert set(samples["model.temporal_layers"]) == {0, 1, 2, 3}
-    assert set(samples["train.device"]) == {"cpu", "auto"}
-    assert set(samples["model.dropout"]) == {0.0, 0.5}
-    warmup = np.array(samples["optim.warmup_epochs"])
-    assert np.allclose(warmup * 2, np.round(warmup * 2)) and set(np.round(warmup * 2)) == {0, 1, 2, 3, 4}
-    wd = np.array(samples["optim.weight_decay"])
-    assert wd.min() >= 0.0 and wd.max() <= 0.1 and wd.max() > 0.09
-    lr = np.array(samples["optim.lr"])
-    assert lr.min() >= 1e-4 and lr.max() <= 1e-2
-    # Log-uniform: half the mass below the geometric mean 1e-3 (uniform would put 9% there).
-    assert 0.45 < np.mean(lr < 1e-3) < 0.55
-    for i in range(0, 2000, 400):
-        cfg = space.trial_config({key: values[i] for key, values in samples.items()})
-        assert all(get(cfg, key) == pytest.approx(values[i]) for key, values in samples.items())
 
 
 # --- trial configs and the first point -------------------------------------------------------------

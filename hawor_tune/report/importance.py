@@ -44,7 +44,7 @@ def hyperparameter_importance(trial_rows: Sequence[Mapping[str, Any]], params: S
         params: the searched parameters (dotted paths), each a key of ``distributions``.
         metric: the search metric, e.g. ``val/mpjpe``.
         mode: ``'min'`` or ``'max'``.
-        distributions: Optuna distribution of each parameter (``SearchSpace.to_optuna_distributions()``).
+        distributions: Optuna distribution of each parameter (``tune_space.optuna_distributions``).
 
     Returns:
         Parameter -> importance (non-negative, summing to 1), most important first.
