@@ -1,6 +1,6 @@
 """Reader for ARCTIC's egocentric data (the real download or the synthetic stand-in) and its clip dataset.
 
-Layout (REFERENCE.md section 3), under ``root`` = ARCTIC's ``arctic_data/data``::
+Layout (zc-alexfan/arctic, ``docs/data/data_doc.md``), under ``root`` = ARCTIC's ``arctic_data/data``::
 
     raw_seqs/<sid>/<seq>.mano.npy          {'right'|'left': {rot (F,3), pose (F,45), trans (F,3), shape (10,),
                                             fitting_err (F,)}}, world frame, pose relative to hands_mean
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from hawor_tune.data.cache import FrameCache, FrameSource, Letterbox, read_frame
+from hawor_tune.data.cache import FrameCache, FrameSource, Letterbox, cache_root, read_frame
 from hawor_tune.data.crop import crop_matrix, hand_boxes, jitter_boxes, map_points, unflip_matrix, warp_crop
 from hawor_tune.errors import HaworTuneError
 from hawor_tune.geometry import project_points
@@ -395,8 +395,7 @@ class ArcticClips(Dataset):
         self.cache: FrameCache | None = None
         if cached:
             sources = [FrameSource(lab.name, tuple(lab.image_paths), lab.letterbox) for lab in labels]
-            cache_dir = Path(cache_dir) if cache_dir else self.root.parent / "cache"
-            self.cache = FrameCache.open_or_build(cache_dir, root=self.root, split=split, size=frame_size,
+            self.cache = FrameCache.open_or_build(cache_root(cache_dir, self.root), root=self.root, split=split, size=frame_size,
                                                   sources=sources)
             if self.cache.names != self.sequences or self.cache.counts != counts:
                 raise DatasetError(f"frame cache {self.cache.folder} does not match split '{split}'; delete it")
