@@ -267,6 +267,8 @@ class HaWoR(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("mirror_rot6d", torch.tensor(MIRROR_ROT6D).repeat(NUM_ROTATIONS), persistent=False)
+        # Mirroring a weak-perspective camera (log-scale, u, v) negates u.
+        self.register_buffer("mirror_cam", torch.tensor([1.0, -1.0, 1.0]), persistent=False)
 
         D = temporal_dim
         self.backbone = backbone
@@ -343,8 +345,7 @@ class HaWoR(nn.Module):
         left = HANDS.index("left")
         rot6d = torch.stack([rot6d[:, :, h] * self.mirror_rot6d if h == left else rot6d[:, :, h]
                              for h in range(2)], dim=2)
-        sign = torch.tensor([1.0, -1.0, 1.0], device=cam.device, dtype=cam.dtype)
-        cam = torch.stack([cam[:, :, h] * sign if h == left else cam[:, :, h] for h in range(2)], dim=2)
+        cam = torch.stack([cam[:, :, h] * self.mirror_cam if h == left else cam[:, :, h] for h in range(2)], dim=2)
         # The global orientation is regressed as seen along the crop's central ray: the same crop shows the
         # same hand pose whether it was cut from the image's centre or its edge, where the camera sees it
         # from a direction up to half the field of view away. Rotate it into the camera's frame.

@@ -23,6 +23,8 @@ from pathlib import Path
 from filelock import FileLock
 
 from hawor_tune.config import ExperimentConfig, LossConfig, OptimConfig
+from hawor_tune.data.cache import cache_root
+from hawor_tune.data.synthetic import MARKER
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ def pretrain_config(cfg: ExperimentConfig, out_dir: str | Path) -> ExperimentCon
 def pretrain_key(cfg: ExperimentConfig) -> str:
     """Hash of everything the pretrained weights depend on."""
     data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in _CLIP_KEYS}
-    marker = Path(cfg.data.root) / ".synthetic.json"
+    marker = Path(cfg.data.root) / MARKER
     spec = {"version": PRETRAIN_VERSION, "data": data, "mano": dataclasses.asdict(cfg.mano),
             "model": {k: v for k, v in dataclasses.asdict(cfg.model).items()
                       if k not in ("pretrained_path", "infill_mask_prob")},
@@ -68,8 +70,7 @@ def pretrain_key(cfg: ExperimentConfig) -> str:
 
 def pretrained_file(cfg: ExperimentConfig) -> Path:
     """Where ``cfg``'s pretrained weights are cached (beside the frame cache)."""
-    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.data.root).parent / "cache"
-    return cache / "pretrained" / f"hand-{pretrain_key(cfg)}.pt"
+    return cache_root(cfg.data.cache_dir, cfg.data.root) / "pretrained" / f"hand-{pretrain_key(cfg)}.pt"
 
 
 def ensure_pretrained(cfg: ExperimentConfig) -> ExperimentConfig:

@@ -97,6 +97,12 @@ class Letterbox:
         return out
 
 
+def cache_root(cache_dir: str | os.PathLike | None, root: str | os.PathLike) -> Path:
+    """The folder that holds a dataset's caches: ``cache_dir`` when given, else ``<root>/../cache`` (beside
+    the dataset, never inside it). Frame caches and the pretrained start both live there."""
+    return Path(cache_dir) if cache_dir else Path(root).parent / "cache"
+
+
 def read_frame(path: str | os.PathLike, box: Letterbox) -> np.ndarray:
     """Decode one JPEG and letterbox it.
 
