@@ -575,7 +575,11 @@ def _load_pretrained(model: HaWoR, path: str) -> None:
     """
     if not Path(path).is_file():
         raise MissingFileError(f"config key 'model.pretrained_path': weights file {path!r} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a zip/pickle error from a file that is not a torch weights file
+        raise ConfigError(f"config key 'model.pretrained_path': {path} is not a torch weights file "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if isinstance(state, dict) and state.get("format") == "hawor-tune-checkpoint":
         own = model.state_dict()
         fits = {k: v for k, v in state["model"].items() if k in own and own[k].shape == v.shape}

@@ -12,7 +12,7 @@ import torch
 from conftest import TINY_MODEL_OVERRIDES
 
 from hawor_tune.checkpoint import export_model
-from hawor_tune.config import ExperimentConfig, LossConfig, load_config
+from hawor_tune.config import ConfigError, ExperimentConfig, LossConfig, load_config
 from hawor_tune.geometry import axis_angle_to_matrix
 from hawor_tune.losses import compute_losses
 from hawor_tune.mano import HANDS, MANOLayer
@@ -394,6 +394,13 @@ def test_hamer_checkpoint_loads_into_a_timm_vit(tmp_path, backbone_kwargs: dict)
             assert torch.equal(loaded[name], value), name
     # HaMeR adds position 0 to every patch position: x + pos[:, 1:] + pos[:, :1].
     torch.testing.assert_close(loaded["pos_embed"], hamer_pos[:, 1:] + hamer_pos[:, :1], rtol=0, atol=0)
+
+
+def test_a_pretrained_file_that_is_not_torch_weights_is_named(tmp_path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("not weights")
+    with pytest.raises(ConfigError, match=r"model.pretrained_path.*notes.txt.*not a torch weights file"):
+        _model(**{"model.pretrained_path": str(path)})
 
 
 def test_missing_pretrained_file_is_named(tmp_path) -> None:
