@@ -69,7 +69,11 @@ class DataConfig:
     batch_size: int = _spec(4, low=1, high=4096, doc="clips per batch")
     num_workers: int = _spec(0, low=0, high=64)
     cache_dir: str = _spec("", doc="frame cache folder; '' puts it in <root>/../cache")
-    min_visible_joints: int = _spec(8, low=1, high=21, doc="a hand is valid when its wrist and this many joints are in view")
+    min_visible_joints: int = _spec(8, low=1, high=21, doc="valid_rule visible_joints: valid when the wrist and this many joints are in view")
+    valid_rule: str = _spec("auto", choices=("auto", "arctic", "visible_joints"),
+                            doc="hand validity: arctic = ARCTIC's (wrist + 3 joints inside the distorted image), "
+                                "visible_joints = wrist + min_visible_joints in view; auto = arctic on real "
+                                "ARCTIC data, visible_joints on generated data")
     train_on_val: bool = _spec(False, doc="fold the validation sequences into the training split (final retrain)")
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 

@@ -1,4 +1,17 @@
-"""Evaluation: gather predictions over a split and compute every metric from them and the ground truth."""
+"""Evaluation: gather predictions over a split and compute every metric from them and the ground truth.
+
+What is scored, frame by frame (see :func:`compute_metrics` for units):
+
+- Each kept frame is scored in exactly one clip (``scored`` in the batch), whatever ``data.seq_len`` is.
+- A fixed, seeded subset of the valid hand-frames (:data:`INFILL_EVAL_RATE`) is hidden from the model, as a
+  tracker's misses would be: the model sees ``hand_valid`` false there, so the infiller fills them.
+  ``mpjpe_infilled`` scores those frames; the hand metrics (``mpjpe``, ``pa_mpjpe``, per hand, joint and
+  finger) score the frames the model observed.
+- World metrics join each sequence: the predicted relative camera poses of its clips are chained in order,
+  hands go to world coordinates through them, and W-MPJPE, WA-MPJPE, the acceleration error and jerk are
+  computed on whole sequences as WHAM's evaluation does (:func:`world_sequences`). Per-clip versions carry
+  a ``clip_`` prefix.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +31,14 @@ from hawor_tune.mano import FINGERS, HANDS
 from hawor_tune.model import run_model
 from hawor_tune.runtime import autocast, autocast_dtype, capped, to_device
 
+# Fraction of the valid hand-frames that evaluation hides from the model so that the infiller's output is
+# scored. A constant, not a config key: every trial of a search is scored on the same observed and hidden
+# frames (a searched model.infill_mask_prob must not move them).
+INFILL_EVAL_RATE = 0.15
+INFILL_EVAL_SEED = 0
+WORLD_CHUNK = 100  # frames per W-MPJPE / WA-MPJPE chunk (WHAM's chunk_length)
+DATASET_FPS = 30.0  # ARCTIC's (and the generated data's) frame rate before data.frame_step
+
 
 @dataclass
 class Predictions:
@@ -25,7 +46,7 @@ class Predictions:
 
     pred_joints: np.ndarray   # (C, T, 2, 21, 3) camera frame
     gt_joints: np.ndarray     # (C, T, 2, 21, 3)
-    valid: np.ndarray         # (C, T, 2) bool
+    valid: np.ndarray         # (C, T, 2) bool: hand valid and the frame scored in this clip
     pred_cam_R: np.ndarray    # (C, T, 3, 3) camera t in camera-0 coordinates
     pred_cam_t: np.ndarray    # (C, T, 3)
     gt_cam_R: np.ndarray      # (C, T, 3, 3)
@@ -34,29 +55,66 @@ class Predictions:
     world_to_cam_t: np.ndarray  # (C, T, 3)
     seq_index: np.ndarray     # (C,)
     frame_index: np.ndarray   # (C, T)
+    hidden: np.ndarray | None = None  # (C, T, 2) bool: valid, scored, hidden from the model (None: none)
+    scored: np.ndarray | None = None  # (C, T) bool: the frame is scored in this clip (None: every frame)
 
 
 Predictor = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
+def hidden_frames(seq_index: torch.Tensor, frame_index: torch.Tensor, hand_valid: torch.Tensor, *,
+                  rate: float = INFILL_EVAL_RATE, seed: int = INFILL_EVAL_SEED) -> torch.Tensor:
+    """The valid hand-frames evaluation hides from the model: (B,), (B, T), (B, T, 2) -> (B, T, 2) bool.
+
+    Whether a hand-frame is hidden depends only on (seed, sequence, annotation frame, hand), through a fixed
+    hash compared with ``rate``: the same frames are hidden in every clip that holds them, whatever the clip
+    length, batch size or evaluation order.
+    """
+    if rate <= 0.0:
+        return torch.zeros_like(hand_valid)
+    seq = seq_index.detach().cpu().numpy().astype(np.uint64)[:, None, None]  # (B, 1, 1)
+    frame = frame_index.detach().cpu().numpy().astype(np.uint64)[..., None]  # (B, T, 1)
+    hand = np.arange(2, dtype=np.uint64)  # (2,)
+    key = ((np.uint64(seed) << np.uint64(42)) | (seq << np.uint64(22))
+           | (frame << np.uint64(1)) | hand)  # (B, T, 2) distinct for seq < 2^20, frame < 2^21
+    hidden = torch.from_numpy(_uniform(key) < rate).to(hand_valid.device)
+    return hand_valid & hidden
+
+
+def _uniform(key: np.ndarray) -> np.ndarray:
+    """uint64 keys -> floats in [0, 1) by splitmix64 (a fixed, well-mixed hash)."""
+    z = key + np.uint64(0x9E3779B97F4A7C15)  # uint64 arithmetic wraps, as the hash intends
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(2**53)
+
+
 @torch.no_grad()
 def gather(predictor: Predictor, loader: Iterable, device: torch.device, *, max_batches: int = 0,
-           desc: str = "eval") -> Predictions:
+           desc: str = "eval", hide_rate: float = 0.0) -> Predictions:
     """Run ``predictor(batch) -> (joints (B,T,2,21,3), cam_R (B,T,3,3), cam_t (B,T,3))`` over a loader and
-    gather its predictions with the ground truth."""
+    gather its predictions with the ground truth.
+
+    With ``hide_rate`` > 0 the predictor sees ``hand_valid`` false on the :func:`hidden_frames`, which are
+    recorded in ``Predictions.hidden``.
+    """
     keep: dict[str, list[np.ndarray]] = {k: [] for k in Predictions.__dataclass_fields__}
     batches, total = capped(loader, max_batches)
     for batch in tqdm(batches, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None,
                       file=sys.stderr):
         batch = to_device(batch, device)
-        joints, cam_R, cam_t = predictor(batch)
+        hidden = hidden_frames(batch["seq_index"], batch["frame_index"], batch["hand_valid"], rate=hide_rate)
+        joints, cam_R, cam_t = predictor({**batch, "hand_valid": batch["hand_valid"] & ~hidden})
         gt_R, gt_t = relative_camera_pose(batch["cam_R"].double(), batch["cam_t"].double())
+        scored = batch["scored"]
         items = {
             # Each frame is scored in exactly one clip (see ArcticClips), whatever the clip length.
-            "pred_joints": joints, "gt_joints": batch["joints3d"], "valid": batch["hand_valid"] & batch["scored"][..., None],
+            "pred_joints": joints, "gt_joints": batch["joints3d"], "valid": batch["hand_valid"] & scored[..., None],
             "pred_cam_R": cam_R, "pred_cam_t": cam_t, "gt_cam_R": gt_R, "gt_cam_t": gt_t,
             "world_to_cam_R": batch["cam_R"], "world_to_cam_t": batch["cam_t"],
             "seq_index": batch["seq_index"], "frame_index": batch["frame_index"],
+            "hidden": hidden & scored[..., None], "scored": scored,
         }
         for k, v in items.items():
             v = v.detach().cpu()
@@ -68,8 +126,8 @@ def gather(predictor: Predictor, loader: Iterable, device: torch.device, *, max_
 
 
 def predict(model: nn.Module, loader: Iterable, device: torch.device, *, precision: str = "auto",
-            max_batches: int = 0, desc: str = "eval") -> Predictions:
-    """Run the model over a loader and gather predictions with their ground truth."""
+            max_batches: int = 0, desc: str = "eval", hide_rate: float = 0.0) -> Predictions:
+    """Run the model over a loader and gather predictions with their ground truth (see :func:`gather`)."""
     model.eval()
     amp = autocast_dtype(device, precision)
 
@@ -78,61 +136,183 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, *, precisi
             out = run_model(model, batch)
         return out.joints, out.cam_R, out.cam_t
 
-    return gather(run, loader, device, max_batches=max_batches, desc=desc)
+    return gather(run, loader, device, max_batches=max_batches, desc=desc, hide_rate=hide_rate)
 
 
-def compute_metrics(p: Predictions, *, fps: float = 30.0) -> dict[str, float]:
-    """Every evaluation metric from gathered predictions (mm, mm/frame^2, degrees).
+# ---- Whole sequences in world coordinates ---------------------------------------------------------------
 
-    Hand metrics use the frames where the hand is valid; acceleration, jerk and world metrics use clips in
-    which the hand is valid in every frame. World metrics place both hands in the clip's first camera
-    frame with the predicted (resp. ground-truth) camera motion, one chunk per clip.
+@dataclass
+class SequenceWorld:
+    """One sequence joined from its clips, in frame order (numpy, metres).
 
-    Camera smoothness (``cam_accel_error`` in mm/frame^2, ``cam_jerk`` and ``cam_jerk_gt`` in m/s^3) uses
-    every clip; it is nan when clips are shorter than 3 (acceleration) or 4 (jerk) frames.
+    The predicted world is the predicted camera of the sequence's first frame, the ground-truth world the
+    true camera of that frame; W-MPJPE and WA-MPJPE align the two anyway.
+    """
+
+    seq_index: int
+    frame_index: np.ndarray   # (N,) annotation indices
+    pred_joints: np.ndarray   # (N, 2, 21, 3) predicted world joints
+    gt_joints: np.ndarray     # (N, 2, 21, 3) ground-truth world joints
+    valid: np.ndarray         # (N, 2) bool
+    pred_cam_to_world: np.ndarray  # (N, 4, 4) the chained predicted cameras
+
+
+def _homogeneous(R: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """(..., 3, 3), (..., 3) -> (..., 4, 4)."""
+    M = np.zeros((*R.shape[:-2], 4, 4))
+    M[..., :3, :3], M[..., :3, 3], M[..., 3, 3] = R, t, 1.0
+    return M
+
+
+def world_sequences(p: Predictions) -> list[SequenceWorld]:
+    """Join each sequence's clips and chain the predicted relative camera poses over the whole sequence.
+
+    Clips are taken in frame order. Within a clip the model predicts each camera in the clip's first camera
+    (``pred_cam_R``, ``pred_cam_t``); a clip whose first frame an earlier clip already placed (the last,
+    end-aligned evaluation clip) continues from there. Between two clips that do not overlap the model
+    predicts no motion, so the junction repeats the last predicted frame-to-frame step (constant
+    velocity; a static camera when the sequence has only one placed frame so far). Each frame's hands come
+    from the clip in which it is scored.
+    """
+    scored = p.scored if p.scored is not None else np.ones(p.valid.shape[:2], dtype=bool)
+    eye = np.eye(4)
+    out = []
+    for s in np.unique(p.seq_index):
+        clips = np.flatnonzero(p.seq_index == s)
+        clips = clips[np.argsort(p.frame_index[clips, 0], kind="stable")]
+        poses: dict[int, np.ndarray] = {}  # frame -> (4, 4) camera-to-world, predicted
+        order: list[int] = []
+        rows: dict[int, tuple[int, int]] = {}  # frame -> (clip, t) its hands are read from
+        for c in clips:
+            frames = p.frame_index[c].tolist()
+            M = _homogeneous(p.pred_cam_R[c], p.pred_cam_t[c])  # (T, 4, 4) camera t -> the clip's camera 0
+            if frames[0] in poses:
+                first = poses[frames[0]]
+            elif order:
+                step = np.linalg.inv(poses[order[-2]]) @ poses[order[-1]] if len(order) >= 2 else eye
+                first = poses[order[-1]] @ step
+            else:
+                first = eye
+            base = first @ np.linalg.inv(M[0])  # M[0] is the identity for the model; kept general
+            for t, f in enumerate(frames):
+                if f not in poses:
+                    poses[f] = base @ M[t]
+                    order.append(f)
+                if f not in rows or scored[c, t]:
+                    rows[f] = (c, t)
+        ci, ti = np.array([rows[f] for f in order]).T  # (N,), (N,)
+        G = np.stack([poses[f] for f in order])  # (N, 4, 4)
+        pj, gj = p.pred_joints[ci, ti], p.gt_joints[ci, ti]  # (N, 2, 21, 3) camera frames
+        pred_world = np.einsum("nij,nhkj->nhki", G[:, :3, :3], pj) + G[:, None, None, :3, 3]
+        R, t = p.world_to_cam_R[ci, ti], p.world_to_cam_t[ci, ti]  # (N, 3, 3), (N, 3) world-to-camera
+        gt_world = np.einsum("nji,nhkj->nhki", R, gj - t[:, None, None])  # R^T (x - t)
+        gt_first = np.einsum("ij,nhkj->nhki", R[0], gt_world) + t[0]  # in the true first camera
+        out.append(SequenceWorld(seq_index=int(s), frame_index=np.asarray(order), pred_joints=pred_world,
+                                 gt_joints=gt_first, valid=p.valid[ci, ti], pred_cam_to_world=G))
+    return out
+
+
+def world_metrics(sequences: Iterable[SequenceWorld], *, fps: float, chunk: int = WORLD_CHUNK) -> dict[str, float]:
+    """Published world metrics over whole sequences, both hands pooled.
+
+    As WHAM's evaluation (yohanshin/WHAM, ``lib/eval/evaluate_emdb.py``; alignments ``first_align_joints``
+    and ``global_align_joints`` in ``lib/eval/eval_utils.py``, taken from SLAHMR): per sequence and hand the
+    valid frames are concatenated, cut into ``chunk``-frame chunks (a sequence shorter than a chunk is one
+    chunk; the last chunk may be shorter), each chunk similarity-aligned on its first two frames (W-MPJPE)
+    or on all its frames (WA-MPJPE), and the per-frame errors pooled over every sequence.
+
+    Returns:
+        ``w_mpjpe``, ``wa_mpjpe`` (mm); ``accel_error`` (m/s^2: |a_pred - a_gt| of the world joints, second
+        differences over three consecutive valid frames, times fps^2, no alignment: both worlds start at
+        their first camera); ``jerk`` and ``jerk_gt`` (m/s^3, of the predicted and true world joints over
+        four consecutive valid frames). nan where no frame qualifies.
+    """
+    pooled: dict[str, list[np.ndarray]] = {k: [] for k in ("w_mpjpe", "wa_mpjpe", "accel_error", "jerk", "jerk_gt")}
+    for sq in sequences:
+        for h in range(len(HANDS)):
+            v = sq.valid[:, h]  # (N,)
+            pw, gw = sq.pred_joints[:, h], sq.gt_joints[:, h]  # (N, 21, 3)
+            if v.any():
+                pooled["w_mpjpe"].append(metrics.w_mpjpe(pw[v], gw[v], chunk=chunk, per_frame=True) * 1000.0)
+                pooled["wa_mpjpe"].append(metrics.wa_mpjpe(pw[v], gw[v], chunk=chunk, per_frame=True) * 1000.0)
+            if len(v) >= 3:
+                pooled["accel_error"].append(metrics.accel_error(pw, gw, valid=v) * fps**2)
+            if len(v) >= 4:
+                window = v[:-3] & v[1:-2] & v[2:-1] & v[3:]  # (N-3,) four valid frames in a row
+                pooled["jerk"].append(metrics.jerk(pw, fps=fps)[window])
+                pooled["jerk_gt"].append(metrics.jerk(gw, fps=fps)[window])
+    return {k: _mean(v) for k, v in pooled.items()}
+
+
+def _mean(values: list[np.ndarray]) -> float:
+    """Mean of the pooled values, nan when there are none."""
+    flat = np.concatenate(values) if values else np.empty(0)
+    return float(flat.mean()) if len(flat) else float("nan")
+
+
+def compute_metrics(p: Predictions, *, fps: float = DATASET_FPS) -> dict[str, float]:
+    """Every evaluation metric from gathered predictions.
+
+    - Hand metrics (mm, wrist-relative): ``mpjpe``, ``pa_mpjpe`` (pooled and ``_left``/``_right``),
+      ``joint_NN``, ``finger_<name>`` over the valid frames the model observed; ``mpjpe_infilled`` over the
+      valid frames hidden from it (nan when none was hidden). ``valid_hand_frames`` and
+      ``infilled_hand_frames`` count them.
+    - World metrics over whole sequences (:func:`world_metrics`): ``w_mpjpe``, ``wa_mpjpe`` (mm),
+      ``accel_error`` (m/s^2), ``jerk``, ``jerk_gt`` (m/s^3), on every valid frame (observed or infilled).
+    - Clip-level versions, in clips where the hand is valid in every frame: ``clip_accel_error``
+      (wrist-relative joints, mm/frame^2), ``clip_w_mpjpe`` and ``clip_wa_mpjpe`` (mm, both hands placed in
+      the clip's first camera, one chunk per clip), ``clip_jerk`` and ``clip_jerk_gt`` (m/s^3).
+    - Camera, per clip in its first camera: ``cam_trans_error`` (mm), ``cam_rot_error`` (degrees) over the
+      frames after the first; ``cam_accel_error`` (mm/frame^2), ``cam_jerk`` and ``cam_jerk_gt`` (m/s^3)
+      over every clip, nan when clips are shorter than 3 (acceleration) or 4 (jerk) frames.
+
+    Args:
+        p: gathered predictions.
+        fps: frame rate of the evaluated frames (the dataset's over ``data.frame_step``).
     """
     out: dict[str, float] = {}
     mm = 1000.0
-    pooled: dict[str, list[np.ndarray]] = {"mpjpe": [], "pa_mpjpe": [], "accel_error": [],
-                                          "w_mpjpe": [], "wa_mpjpe": [], "jerk": [], "jerk_gt": []}
+    hidden = p.hidden if p.hidden is not None else np.zeros_like(p.valid)
+    observed = p.valid & ~hidden  # (C, T, 2)
+    pooled: dict[str, list[np.ndarray]] = {k: [] for k in ("mpjpe", "pa_mpjpe", "mpjpe_infilled", "clip_accel_error",
+                                                           "clip_w_mpjpe", "clip_wa_mpjpe", "clip_jerk",
+                                                           "clip_jerk_gt")}
     per_joint = []
     for h, hand in enumerate(HANDS):
-        valid = p.valid[:, :, h]                                 # (C, T)
-        pred = p.pred_joints[:, :, h][valid]                     # (N, 21, 3)
-        gt = p.gt_joints[:, :, h][valid]
-        if len(pred) == 0:
-            for name in ("mpjpe", "pa_mpjpe"):
-                out[f"{name}_{hand}"] = float("nan")
-            continue
-        e = metrics.mpjpe(pred, gt) * mm
-        pa = metrics.pa_mpjpe(pred, gt) * mm
-        per_joint.append(metrics.per_joint_error(pred, gt) * mm * len(pred))
-        out[f"mpjpe_{hand}"], out[f"pa_mpjpe_{hand}"] = float(e.mean()), float(pa.mean())
-        pooled["mpjpe"].append(e)
-        pooled["pa_mpjpe"].append(pa)
-        full = valid.all(axis=1)                                 # clips with this hand in every frame
-        for c in np.flatnonzero(full):
-            pj, gj = p.pred_joints[c, :, h], p.gt_joints[c, :, h]          # (T, 21, 3)
+        seen = observed[:, :, h]  # (C, T)
+        pred, gt = p.pred_joints[:, :, h][seen], p.gt_joints[:, :, h][seen]  # (N, 21, 3)
+        if len(pred):
+            e, pa = metrics.mpjpe(pred, gt) * mm, metrics.pa_mpjpe(pred, gt) * mm
+            per_joint.append(metrics.per_joint_error(pred, gt) * mm * len(pred))
+            out[f"mpjpe_{hand}"], out[f"pa_mpjpe_{hand}"] = float(e.mean()), float(pa.mean())
+            pooled["mpjpe"].append(e)
+            pooled["pa_mpjpe"].append(pa)
+        else:
+            out[f"mpjpe_{hand}"] = out[f"pa_mpjpe_{hand}"] = float("nan")
+        gone = hidden[:, :, h]
+        if gone.any():
+            pooled["mpjpe_infilled"].append(metrics.mpjpe(p.pred_joints[:, :, h][gone], p.gt_joints[:, :, h][gone]) * mm)
+        for c in np.flatnonzero(p.valid[:, :, h].all(axis=1)):  # clips with this hand in every frame
+            pj, gj = p.pred_joints[c, :, h], p.gt_joints[c, :, h]  # (T, 21, 3)
             if len(pj) >= 3:
-                rel_p, rel_g = pj - pj[:, :1], gj - gj[:, :1]
-                pooled["accel_error"].append(metrics.accel_error(rel_p, rel_g) * mm)
+                pooled["clip_accel_error"].append(metrics.accel_error(pj - pj[:, :1], gj - gj[:, :1]) * mm)
             world_p = np.einsum("tij,tkj->tki", p.pred_cam_R[c], pj) + p.pred_cam_t[c][:, None]
             world_g = np.einsum("tij,tkj->tki", p.gt_cam_R[c], gj) + p.gt_cam_t[c][:, None]
             if len(pj) >= 2:
-                pooled["w_mpjpe"].append(metrics.w_mpjpe(world_p, world_g, chunk=len(pj)) * mm)
-                pooled["wa_mpjpe"].append(metrics.wa_mpjpe(world_p, world_g, chunk=len(pj)) * mm)
+                pooled["clip_w_mpjpe"].append(metrics.w_mpjpe(world_p, world_g, chunk=len(pj)) * mm)
+                pooled["clip_wa_mpjpe"].append(metrics.wa_mpjpe(world_p, world_g, chunk=len(pj)) * mm)
             if len(pj) >= 4:
-                pooled["jerk"].append(metrics.jerk(world_p, fps=fps))
-                pooled["jerk_gt"].append(metrics.jerk(world_g, fps=fps))
-    for name, values in pooled.items():
-        out[name] = float(np.concatenate(values).mean()) if values else float("nan")
-    total_valid = int(p.valid.sum())
-    if per_joint and total_valid:
-        joint_err = np.sum(per_joint, axis=0) / total_valid      # (21,) pooled over both hands
+                pooled["clip_jerk"].append(metrics.jerk(world_p, fps=fps))
+                pooled["clip_jerk_gt"].append(metrics.jerk(world_g, fps=fps))
+    out.update({name: _mean(values) for name, values in pooled.items()})
+    total_observed = int(observed.sum())
+    if per_joint and total_observed:
+        joint_err = np.sum(per_joint, axis=0) / total_observed   # (21,) pooled over both hands
         for j, v in enumerate(joint_err):
             out[f"joint_{j:02d}"] = float(v)
         for finger, idx in FINGERS.items():
             out[f"finger_{finger}"] = float(joint_err[list(idx)].mean())
+    out.update(world_metrics(world_sequences(p), fps=fps))
     # Camera: frames after the first of each clip (frame 0 is the identity by construction).
     C, T = p.valid.shape[:2]
     if T > 1:
@@ -153,14 +333,18 @@ def compute_metrics(p: Predictions, *, fps: float = 30.0) -> dict[str, float]:
         out["cam_jerk_gt"] = float(np.mean([metrics.camera_jerk(gc, fps=fps) for gc in p.gt_cam_t]))
     else:
         out["cam_jerk"] = out["cam_jerk_gt"] = float("nan")
-    out["valid_hand_frames"] = float(total_valid)
+    out["valid_hand_frames"] = float(total_observed)
+    out["infilled_hand_frames"] = float(hidden.sum())
     return out
 
 
 def evaluate(model: nn.Module, split: str | Iterable, config: ExperimentConfig, *,
-             device: torch.device | None = None, max_batches: int = 0,
-             return_predictions: bool = False) -> dict[str, float] | tuple[dict[str, float], Predictions]:
+             device: torch.device | None = None, max_batches: int = 0, return_predictions: bool = False,
+             hide_rate: float = INFILL_EVAL_RATE) -> dict[str, float] | tuple[dict[str, float], Predictions]:
     """Evaluate ``model`` on a split name ('val', 'test', 'train') or on a ready loader.
+
+    ``hide_rate`` of the valid hand-frames are hidden from the model for ``mpjpe_infilled`` (see the module
+    docstring); 0 hides none.
 
     Returns:
         Metrics keyed without a split prefix (``mpjpe``, ``pa_mpjpe_left``, ...); with
@@ -171,32 +355,38 @@ def evaluate(model: nn.Module, split: str | Iterable, config: ExperimentConfig, 
     device = device or next(model.parameters()).device
     loader = build_dataloader(config, split, shuffle=False) if isinstance(split, str) else split
     preds = predict(model, loader, device, precision=config.train.precision, max_batches=max_batches,
-                    desc=f"eval {split if isinstance(split, str) else ''}".strip())
-    result = compute_metrics(preds, fps=30.0 / config.data.frame_step)
+                    desc=f"eval {split if isinstance(split, str) else ''}".strip(), hide_rate=hide_rate)
+    result = compute_metrics(preds, fps=DATASET_FPS / config.data.frame_step)
     return (result, preds) if return_predictions else result
 
 
-def mean_pose_baseline(config: ExperimentConfig, split: str = "val") -> dict[str, float]:
-    """Every metric of a baseline that predicts the training set's mean root-relative pose of each hand,
-    placed at the ground-truth wrist, and a static camera (the identity relative pose)."""
+def mean_pose_baseline(config: ExperimentConfig, split: str = "val", *,
+                       hide_rate: float = INFILL_EVAL_RATE) -> dict[str, float]:
+    """Every metric of a baseline that knows only the training set: each hand's mean wrist-relative pose
+    placed at that hand's mean camera-frame wrist position, and a static camera (the identity relative
+    pose). It sees no ground truth of the evaluated split, so its world metrics compare fairly with the
+    model's (which must predict its wrist); its wrist-relative hand metrics do not depend on the placement.
+    """
     from hawor_tune.data import build_dataloader
 
     cpu = torch.device("cpu")
     rel_sum, count = torch.zeros(2, 21, 3, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    wrist_sum = torch.zeros(2, 3, dtype=torch.float64)
     for batch in build_dataloader(config, "train", shuffle=False):
         joints, valid = batch["joints3d"].double(), batch["hand_valid"]           # (B, T, 2, 21, 3), (B, T, 2)
         rel = (joints - joints[..., :1, :]) * valid[..., None, None]
         rel_sum += rel.sum(dim=(0, 1))
+        wrist_sum += (joints[..., 0, :] * valid[..., None]).sum(dim=(0, 1))
         count += valid.sum(dim=(0, 1))
     if not bool((count > 0).all()):
         raise ValueError("mean-pose baseline: the training split has no valid frame of some hand")
-    mean_rel = (rel_sum / count[:, None, None]).float()                            # (2, 21, 3)
+    mean_joints = (rel_sum / count[:, None, None] + (wrist_sum / count[:, None])[:, None]).float()  # (2, 21, 3)
 
     def static_mean(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        gt = batch["joints3d"]
-        B, T = gt.shape[:2]
+        B, T = batch["joints3d"].shape[:2]
         eye = torch.eye(3).expand(B, T, 3, 3)
-        return mean_rel + gt[..., :1, :], eye, torch.zeros(B, T, 3)
+        return mean_joints.expand(B, T, 2, 21, 3), eye, torch.zeros(B, T, 3)
 
-    preds = gather(static_mean, build_dataloader(config, split, shuffle=False), cpu, desc=f"baseline {split}")
-    return compute_metrics(preds, fps=30.0 / config.data.frame_step)
+    preds = gather(static_mean, build_dataloader(config, split, shuffle=False), cpu, desc=f"baseline {split}",
+                   hide_rate=hide_rate)
+    return compute_metrics(preds, fps=DATASET_FPS / config.data.frame_step)

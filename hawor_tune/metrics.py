@@ -111,22 +111,31 @@ def per_joint_error(pred: ArrayLike, gt: ArrayLike, root: int | None = 0) -> np.
     return _joint_errors(_root_relative(p, root), _root_relative(g, root)).mean(0)
 
 
-def accel_error(pred: ArrayLike, gt: ArrayLike) -> np.ndarray:
+def accel_error(pred: ArrayLike, gt: ArrayLike, valid: ArrayLike | None = None) -> np.ndarray:
     """Acceleration error: |a_pred - a_gt| with a_t = x_{t-1} - 2 x_t + x_{t+1}, averaged over joints.
 
-    Per frame, not per second squared: multiply by fps^2 for m/s^2.
+    Per frame, not per second squared: multiply by fps^2 for m/s^2. With ``valid``, a second difference
+    counts only when all three of its frames are valid, as WHAM's ``compute_error_accel``
+    (yohanshin/WHAM, ``lib/eval/eval_utils.py``) drops the triplets that touch an invisible frame.
 
     Args:
         pred: (T, J, 3) predicted joint trajectories, T >= 3.
         gt: (T, J, 3) ground-truth joint trajectories.
+        valid: optional (T,) bool, the frames with ground truth to compare against.
 
     Returns:
-        (T-2,) error for each interior frame.
+        (T-2,) error for each interior frame; with ``valid``, (K,) for the K triplets of valid frames.
     """
     p, g = _pair(pred, gt, ("T", "J", 3), {0: 3})
     accel_p = p[:-2] - 2.0 * p[1:-1] + p[2:]  # (T-2, J, 3)
     accel_g = g[:-2] - 2.0 * g[1:-1] + g[2:]
-    return _joint_errors(accel_p, accel_g).mean(-1)
+    errors = _joint_errors(accel_p, accel_g).mean(-1)  # (T-2,)
+    if valid is None:
+        return errors
+    v = np.asarray(valid, dtype=bool)
+    if v.shape != (p.shape[0],):
+        raise ValueError(f"valid must have shape (T,) = ({p.shape[0]},), got {v.shape}")
+    return errors[v[:-2] & v[1:-1] & v[2:]]
 
 
 def camera_translation_error(t_pred: ArrayLike, t_gt: ArrayLike) -> np.ndarray:
@@ -190,8 +199,10 @@ def camera_rotation_error(R_pred: ArrayLike, R_gt: ArrayLike) -> np.ndarray:
     return np.linalg.norm(matrix_to_axis_angle(torch.from_numpy(rel)).numpy(), axis=-1)
 
 
-def _chunked_world_error(pred: ArrayLike, gt: ArrayLike, chunk: int, fit_frames: int | None) -> np.ndarray:
-    """Per-chunk mean joint error after a similarity fit on the first ``fit_frames`` frames (None: all)."""
+def _chunked_world_error(pred: ArrayLike, gt: ArrayLike, chunk: int, fit_frames: int | None,
+                         per_frame: bool) -> np.ndarray:
+    """Per-chunk (or per-frame) mean joint error after a similarity fit on the first ``fit_frames`` frames
+    of each chunk (None: all of them)."""
     p, g = _pair(pred, gt, ("T", "J", 3), {0: 1, 1: 1})
     if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
         raise ValueError(f"chunk must be a positive int (frames per chunk), got {chunk!r}")
@@ -208,38 +219,45 @@ def _chunked_world_error(pred: ArrayLike, gt: ArrayLike, chunk: int, fit_frames:
         dst = torch.from_numpy(cg[fit].reshape(-1, 3))
         s, R, t = umeyama(src, dst, with_scale=True)
         aligned = s.item() * cp @ R.numpy().T + t.numpy()  # (C, J, 3)
-        errors.append(_joint_errors(aligned, cg).mean())
-    return np.asarray(errors, dtype=np.float64)
+        frame_errors = _joint_errors(aligned, cg).mean(-1)  # (C,)
+        errors.append(frame_errors if per_frame else frame_errors.mean(keepdims=True))
+    return np.concatenate(errors).astype(np.float64)
 
 
-def w_mpjpe(pred: ArrayLike, gt: ArrayLike, chunk: int = 100) -> np.ndarray:
+def w_mpjpe(pred: ArrayLike, gt: ArrayLike, chunk: int = 100, *, per_frame: bool = False) -> np.ndarray:
     """World MPJPE: per chunk, similarity-align on the first two frames, then mean joint error.
 
     Drift after the first frames is not hidden by the alignment, so this measures global trajectory error.
+    WHAM's evaluation (yohanshin/WHAM, ``lib/eval/evaluate_emdb.py`` with ``first_align_joints`` from
+    ``lib/eval/eval_utils.py``, after SLAHMR) uses 100-frame chunks and pools the per-frame errors.
 
     Args:
         pred: (T, J, 3) predicted world-frame joints.
         gt: (T, J, 3) ground-truth world-frame joints.
         chunk: frames per chunk (the last chunk may be shorter).
+        per_frame: return each frame's error instead of each chunk's mean.
 
     Returns:
-        (ceil(T / chunk),) mean joint error per chunk.
+        (ceil(T / chunk),) mean joint error per chunk, or (T,) per frame with ``per_frame``.
     """
-    return _chunked_world_error(pred, gt, chunk, fit_frames=2)
+    return _chunked_world_error(pred, gt, chunk, fit_frames=2, per_frame=per_frame)
 
 
-def wa_mpjpe(pred: ArrayLike, gt: ArrayLike, chunk: int = 100) -> np.ndarray:
+def wa_mpjpe(pred: ArrayLike, gt: ArrayLike, chunk: int = 100, *, per_frame: bool = False) -> np.ndarray:
     """World-aligned MPJPE: per chunk, similarity-align on all frames of the chunk, then mean joint error.
 
+    WHAM's ``global_align_joints`` (yohanshin/WHAM, ``lib/eval/eval_utils.py``) on 100-frame chunks.
+
     Args:
         pred: (T, J, 3) predicted world-frame joints.
         gt: (T, J, 3) ground-truth world-frame joints.
         chunk: frames per chunk (the last chunk may be shorter).
+        per_frame: return each frame's error instead of each chunk's mean.
 
     Returns:
-        (ceil(T / chunk),) mean joint error per chunk.
+        (ceil(T / chunk),) mean joint error per chunk, or (T,) per frame with ``per_frame``.
     """
-    return _chunked_world_error(pred, gt, chunk, fit_frames=None)
+    return _chunked_world_error(pred, gt, chunk, fit_frames=None, per_frame=per_frame)
 
 
 def jerk(x: ArrayLike, fps: float = 30.0) -> np.ndarray:

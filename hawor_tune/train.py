@@ -50,8 +50,9 @@ LOSS_TERMS = ("mano_params", "keypoint_3d", "keypoint_2d", "temporal", "camera",
 # Every metric a trial reports once per epoch; a search space's `metric` must be one of these.
 REPORTED_METRICS = (
     "val/mpjpe", "val/mpjpe_left", "val/mpjpe_right",
-    "val/pa_mpjpe", "val/pa_mpjpe_left", "val/pa_mpjpe_right",
-    "val/accel_error", "val/cam_trans_error", "val/cam_rot_error", "val/cam_accel_error", "val/cam_jerk",
+    "val/pa_mpjpe", "val/pa_mpjpe_left", "val/pa_mpjpe_right", "val/mpjpe_infilled",
+    "val/w_mpjpe", "val/wa_mpjpe", "val/accel_error",
+    "val/cam_trans_error", "val/cam_rot_error", "val/cam_accel_error", "val/cam_jerk",
     "train/loss", *(f"train/{t}" for t in LOSS_TERMS),
     "lr", "epoch", "time/epoch_s",
 )
@@ -316,7 +317,7 @@ def _run(args: argparse.Namespace) -> int:
         for split in ("val", "test"):
             m = evaluate(model, split, cfg)
             print(f"{split}: MPJPE {m['mpjpe']:.1f} mm, PA-MPJPE {m['pa_mpjpe']:.1f} mm, "
-                  f"accel {m['accel_error']:.2f}, cam {m['cam_trans_error']:.1f} mm / {m['cam_rot_error']:.2f} deg")
+                  f"accel {m['accel_error']:.2f} m/s^2, cam {m['cam_trans_error']:.1f} mm / {m['cam_rot_error']:.2f} deg")
         return 0
     if args.test_only:
         _test_only(cfg)

@@ -89,12 +89,23 @@ def test_batch_has_the_spec_dtypes_and_shapes(synthetic_dataset):
     assert {k: (tuple(v.shape), str(v.dtype)) for k, v in batch.items()} == expected
 
 
+def _window(root: Path, name: str) -> set[int]:
+    """ARCTIC's kept annotation indices of a sequence, worked out by hand: image indices 10 .. 29 of the 40,
+    each minus its subject's ioi_offset."""
+    ioi = json.loads((root / "meta" / "misc.json").read_text())[name.split("/")[0]]["ioi_offset"]
+    return {i - ioi for i in range(SKIP, FRAMES - SKIP) if i - ioi >= 0}
+
+
 def test_frames_follow_ioi_offset_and_skip_the_ends(synthetic_dataset):
     cfg = synthetic_dataset.config()
     misc = json.loads((synthetic_dataset.root / "meta" / "misc.json").read_text())
     ds = build_dataset(cfg, "val", cached=False)
     frames = np.concatenate([it["frame_index"].numpy() for it in _items(ds)])
-    assert frames.min() == SKIP and frames.max() == FRAMES - SKIP - 1
+    ioi = misc[ds.sequences[0].split("/")[0]]["ioi_offset"]
+    assert ioi > 0  # the generator's offsets are 1-3, so the window is not the annotation indices 10 .. 29
+    # ARCTIC's window is on image indices: annotations 10 - ioi .. 29 - ioi.
+    assert set(frames.tolist()) == _window(synthetic_dataset.root, ds.sequences[0])
+    assert frames.min() == SKIP - ioi and frames.max() == FRAMES - SKIP - 1 - ioi
     item = ds[1]
     sid, seq = ds.sequences[int(item["seq_index"])].split("/")
     for t, f in enumerate(item["frame_index"].tolist()):
@@ -198,7 +209,7 @@ def test_every_frame_is_scored_once_whatever_the_clip_length(synthetic_dataset, 
                   for f, counts in zip(item["frame_index"].tolist(), item["scored"].tolist(), strict=True) if counts]
         assert len(frames) == len(set(frames)), seq_len
         scored[seq_len] = set(frames)
-    every_frame = {(name, f) for name in ds.sequences for f in range(SKIP, FRAMES - SKIP)}
+    every_frame = {(name, f) for name in ds.sequences for f in _window(synthetic_dataset.root, name)}
     assert scored[4] == scored[6] == every_frame
 
 
@@ -264,6 +275,59 @@ def test_hand_valid_matches_the_projection_of_the_ground_truth(synthetic_dataset
             flags.append(expected)
     flags = np.concatenate(flags)
     assert flags.any() and not flags.all()  # hands leave the view in some sequences
+
+
+def test_an_ioi_offset_beyond_the_skip_drops_image_indices_before_the_first_annotation(synthetic_dataset, tmp_path):
+    root = _copy(synthetic_dataset.root, tmp_path)
+    sid, seq = _val_sequence(root)
+    path = root / "meta" / "misc.json"
+    misc = json.loads(path.read_text())
+    misc[sid]["ioi_offset"] = 12  # image indices 10, 11 would be annotations -2, -1
+    path.write_text(json.dumps(misc))
+    ds = build_dataset(synthetic_dataset.config({"data.root": str(root)}), "val", cached=False)
+    frames = {f for item in _items(ds) for f in item["frame_index"].tolist()}
+    assert frames == set(range(0, FRAMES - SKIP - 12))  # images 12 .. 29
+
+
+def _arctic_rule(joints_cam: np.ndarray, truth: dict) -> np.ndarray:
+    """ARCTIC's validity worked out independently: cv2's lens projection into the 64x48 image, a joint inside
+    when 1 <= u <= 64 and 1 <= v <= 48 (ARCTIC's box [1, 1, W, H]), valid when the wrist and >= 3 joints are."""
+    shape = joints_cam.shape[:-2]
+    uv, _ = cv2.projectPoints(joints_cam.reshape(-1, 3).astype(np.float64), np.zeros(3), np.zeros(3), truth["K"],
+                              truth["dist"])
+    uv = uv.reshape(*shape, 21, 2)
+    inside = (uv[..., 0] >= 1) & (uv[..., 0] <= 64) & (uv[..., 1] >= 1) & (uv[..., 1] <= 48)
+    return inside[..., 0] & (inside.sum(-1) >= 3)
+
+
+@pytest.mark.parametrize("real", [False, True], ids=["explicit", "auto_on_real_data"])
+def test_arctics_validity_rule(synthetic_dataset, tmp_path, real):
+    if real:  # the same files without the generator's marker: a real ARCTIC folder, where auto means arctic
+        root = _copy(synthetic_dataset.root, tmp_path)
+        (root / ".synthetic.json").unlink()
+        cfg = synthetic_dataset.config({"data.root": str(root), "data.cache_dir": str(tmp_path / "cache"),
+                                        "data.min_visible_joints": 21})
+    else:
+        cfg = synthetic_dataset.config({"data.valid_rule": "arctic", "data.min_visible_joints": 21})
+    assert data.resolve_valid_rule(cfg.data.valid_rule, cfg.data.root) == "arctic"
+    flags, differs = [], False
+    for split in ("train", "val", "test"):
+        ds = build_dataset(cfg, split, cached=False)
+        for item in _items(ds):
+            truth = synthetic_dataset.truth[ds.sequences[int(item["seq_index"])]]
+            expected = _arctic_rule(truth["joints_cam"][item["frame_index"].numpy()], truth)
+            np.testing.assert_array_equal(item["hand_valid"].numpy(), expected)
+            visible = item["joints_visible"].numpy()
+            differs |= bool((expected != (visible[..., 0] & (visible.sum(-1) >= 21))).any())
+            flags.append(expected)
+    flags = np.concatenate(flags)
+    assert flags.any() and not flags.all()
+    assert differs  # min_visible_joints (21 here, which would differ) belongs to the other rule
+
+
+def test_auto_validity_keeps_the_visible_joints_rule_on_generated_data(synthetic_dataset):
+    assert synthetic_dataset.config().data.valid_rule == "auto"
+    assert data.resolve_valid_rule("auto", synthetic_dataset.root) == "visible_joints"
 
 
 def test_clips_longer_than_the_sequences_are_an_error(synthetic_dataset):

@@ -235,19 +235,19 @@ def test_write_report_has_values_links_and_na(tmp_path: Path) -> None:
                                notes=["importance skipped: 1 trial"])
     assert path == tmp_path / "report.md"
     text = path.read_text()
-    mpjpe_row = next(line for line in text.splitlines() if line.startswith("| MPJPE (wrist-relative)"))
+    mpjpe_row = next(line for line in text.splitlines() if line.startswith("| MPJPE (wrist-relative, observed frames)"))
     assert mpjpe_row.split("|")[2:6] == [" mm ", " 23.46 ", " 95.00 ", " 31.20 "]
-    for expected in ("9.87", "120.50", "mm/frame^2", "m/s^3", "0.00123", "lr_seq", "t0",
+    for expected in ("9.87", "120.50", "mm/frame^2", "m/s^2", "m/s^3", "0.00123", "lr_seq", "t0",
                      "![Training curves](figures/training.png)", "![Per finger](figures/per_finger.png)",
                      "importance skipped: 1 trial", "| 20 | pinky tip | 30.00 |"):
         assert expected in text, expected
     cam_rot = next(line for line in text.splitlines() if "camera rotation error" in line)
     assert cam_rot.split("|")[2:6] == [" deg ", " n/a ", " n/a ", " - "]
-    assert "| hand-frames evaluated | frames | 512 | n/a | - |" in text
+    assert "| hand-frames observed by the model (the hand metrics' frames) | frames | 512 | n/a | - |" in text
     assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["report.md"]
 
 
 def test_write_report_without_search_or_baseline(tmp_path: Path) -> None:
     text = report.write_report(tmp_path, metrics={}, baseline=None, search=None, figures={}).read_text()
     assert "No search result" in text and "No figures" in text
-    assert "| MPJPE (wrist-relative) | mm | n/a | n/a |" in text  # no search column without a search
+    assert "| MPJPE (wrist-relative, observed frames) | mm | n/a | n/a |" in text  # no search column without a search

@@ -16,9 +16,10 @@ from hawor_tune.results import ExperimentRecord, read_rows, summarize_trials, wr
 from hawor_tune.retrain import Experiment, best_config, choose_best_trial, load_experiment
 from hawor_tune.search_space import load_search_space
 
-# What metrics.json must hold for the test split (issue: per hand, per joint/finger, accel, W/WA, camera, jerk).
+# What metrics.json must hold for the test split (issue: per hand, per joint/finger, the infilled frames, accel,
+# W/WA, camera, jerk).
 TEST_METRICS = ["mpjpe", "mpjpe_left", "mpjpe_right", "pa_mpjpe", "pa_mpjpe_left", "pa_mpjpe_right",
-                "accel_error", "w_mpjpe", "wa_mpjpe", "cam_trans_error", "cam_rot_error", "jerk",
+                "mpjpe_infilled", "accel_error", "w_mpjpe", "wa_mpjpe", "cam_trans_error", "cam_rot_error", "jerk",
                 "cam_accel_error", "cam_jerk", "cam_jerk_gt",
                 *(f"joint_{j:02d}" for j in range(21)),
                 *(f"finger_{f}" for f in ("thumb", "index", "middle", "ring", "pinky"))]

@@ -36,7 +36,7 @@ from hawor_tune.mano import HANDS, build_mano
 
 __all__ = ["CACHE_FORMAT_VERSION", "SPLITS", "ArcticClips", "DatasetError", "FrameCache", "Letterbox",
            "SequenceLabels", "build_dataloader", "build_dataset", "ensure_dataset", "generate", "load_sequence",
-           "read_frame", "read_split"]
+           "read_frame", "read_split", "resolve_valid_rule"]
 
 
 def ensure_dataset(cfg: ExperimentConfig) -> Path:
@@ -119,8 +119,18 @@ def build_dataset(cfg: ExperimentConfig, split: str, *, cached: bool = True) -> 
     return ArcticClips(root, split, mano=mano, seq_len=d.seq_len, stride=d.stride, frame_step=d.frame_step,
                        frame_size=d.frame_size, crop_size=d.crop_size, crop_scale=d.crop_scale,
                        crop_jitter=d.crop_jitter, img_size=d.img_size, min_visible_joints=d.min_visible_joints,
+                       valid_rule=resolve_valid_rule(d.valid_rule, root),
                        cache_dir=d.cache_dir or None, cached=cached,
                        extra_splits=("val",) if split == "train" and d.train_on_val else ())
+
+
+def resolve_valid_rule(rule: str, root: str | os.PathLike) -> str:
+    """``data.valid_rule`` for the dataset at ``root``: 'auto' is ARCTIC's own rule on real ARCTIC data (so
+    that numbers compare with published protocol-p2 results) and 'visible_joints' on generated data (the
+    rule its documented results used)."""
+    if rule != "auto":
+        return rule
+    return "visible_joints" if (Path(root) / MARKER).is_file() else "arctic"
 
 
 def build_dataloader(cfg: ExperimentConfig, split: str, *, shuffle: bool, seed: int = 0,

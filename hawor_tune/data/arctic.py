@@ -5,7 +5,8 @@ Layout (zc-alexfan/arctic, ``docs/data/data_doc.md``), under ``root`` = ARCTIC's
     raw_seqs/<sid>/<seq>.mano.npy          {'right'|'left': {rot (F,3), pose (F,45), trans (F,3), shape (10,),
                                             fitting_err (F,)}}, world frame, pose relative to hands_mean
     raw_seqs/<sid>/<seq>.egocam.dist.npy   {R_k_cam_np (F,3,3), T_k_cam_np (F,3,1), intrinsics (3,3), dist8 (8,)}
-    images/<sid>/<seq>/0/%05d.jpg          egocentric view, image index = annotation index + ioi_offset
+    images/<sid>/<seq>/0/%05d.jpg          egocentric view, image index = annotation index + ioi_offset;
+                                           ARCTIC keeps image indices 10 .. F-11 (frame_window)
     meta/misc.json                         per subject: image_size, ioi_offset, ...
     splits_json/protocol_p2.json           {"train": [...], "val": [...], "test": [...]}, "<sid>/<seq>"
 
@@ -37,7 +38,10 @@ SPLITS = ("train", "val", "test")
 SPLITS_FILE = Path("splits_json") / "protocol_p2.json"
 MISC_FILE = Path("meta") / "misc.json"
 EGO_VIEW = 0
-SKIP_FRAMES = 10  # ARCTIC drops this many annotated frames at each end of a sequence
+SKIP_FRAMES = 10  # ARCTIC drops this many image indices at each end of a sequence
+# Hand-validity rules (``load_sequence``'s ``valid_rule``).
+VALID_RULES = ("arctic", "visible_joints")
+ARCTIC_MIN_JOINTS = 3  # ARCTIC: the wrist and at least 3 joints inside the (distorted) image
 NEAR_Z = 0.05  # metres; a joint closer to (or behind) the camera is not visible
 _MANO_CHUNK = 4096  # frames per MANO call: vectorised, with bounded memory
 
@@ -172,8 +176,46 @@ class SequenceLabels:
     cam_t: np.ndarray  # (N, 3)
 
 
+def frame_window(frames: int, ioi_offset: int) -> np.ndarray:
+    """The annotation indices ARCTIC keeps for a sequence of ``frames`` annotated frames.
+
+    ARCTIC lists image indices ``range(10, frames - 10)`` (zc-alexfan/arctic, ``src/arctic/split.py``,
+    ``glob_fnames``) and reads the annotation ``image index - ioi_offset`` of each
+    (``src/datasets/arctic_dataset.py``); indices that fall before the first annotation are dropped.
+
+    Returns:
+        (N,) int64 annotation indices in increasing order.
+    """
+    vidx = np.arange(SKIP_FRAMES, frames - SKIP_FRAMES, dtype=np.int64) - ioi_offset
+    return vidx[(vidx >= 0) & (vidx < frames)]
+
+
+def arctic_valid(joints3d: np.ndarray, K: np.ndarray, dist: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """ARCTIC's hand validity: the wrist and at least 3 of the 21 joints project inside the distorted image.
+
+    As ``forward_valid`` in zc-alexfan/arctic, ``src/arctic/processing.py``: egocentric joints are projected
+    with the lens distortion, a joint counts when 1 <= u <= width and 1 <= v <= height (ARCTIC's box
+    ``[1, 1, 2800, 2000]`` for its 2800x2000 egocentric frames) and, as there, without a depth test.
+
+    Args:
+        joints3d: (..., 21, 3) camera-frame joints, wrist first.
+        K: (3, 3) intrinsics of the ``size`` image.
+        dist: (8,) OpenCV rational distortion.
+        size: (width, height) of the image K refers to.
+
+    Returns:
+        (...) bool.
+    """
+    uv = project_points(torch.from_numpy(np.asarray(joints3d, dtype=np.float64)), torch.from_numpy(K),
+                        torch.from_numpy(dist)).numpy()  # (..., 21, 2)
+    width, height = size
+    with np.errstate(invalid="ignore"):  # a joint at depth 0 projects to inf or nan: outside
+        inside = (uv[..., 0] >= 1) & (uv[..., 0] <= width) & (uv[..., 1] >= 1) & (uv[..., 1] <= height)
+    return inside[..., 0] & (inside.sum(-1) >= ARCTIC_MIN_JOINTS)
+
+
 def load_sequence(root: str | os.PathLike, name: str, *, mano: Sequence[MANOLayer], frame_size: int,
-                  frame_step: int = 1, min_visible_joints: int = 8,
+                  frame_step: int = 1, min_visible_joints: int = 8, valid_rule: str = "visible_joints",
                   misc: dict[str, Any] | None = None) -> SequenceLabels:
     """Read and check one sequence's files and compute its per-frame annotations.
 
@@ -182,15 +224,19 @@ def load_sequence(root: str | os.PathLike, name: str, *, mano: Sequence[MANOLaye
         name: ``"<sid>/<seq>"``.
         mano: MANO layers for (left, right); the model the annotations were fitted with.
         frame_size: letterboxed side S of the frames (``K`` and ``joints2d`` are in its pixels).
-        frame_step: keep every ``frame_step``-th annotated frame.
-        min_visible_joints: a hand is valid when its wrist and at least this many of its 21 joints are in
-            front of the camera (z > 0.05 m) and project inside the image.
+        frame_step: keep every ``frame_step``-th frame of ARCTIC's window (:func:`frame_window`).
+        min_visible_joints: with ``valid_rule='visible_joints'``, a hand is valid when its wrist and at least
+            this many of its 21 joints are visible (``joints_visible``: in front of the camera, z > 0.05 m,
+            inside the lens's field of view and projected inside the image).
+        valid_rule: 'arctic' (ARCTIC's own rule, :func:`arctic_valid`) or 'visible_joints'.
         misc: parsed ``meta/misc.json`` (read from ``root`` when None).
 
     Raises:
         DatasetError: a file is missing, truncated or has wrong keys or shapes (the message names it).
     """
     root = Path(root)
+    if valid_rule not in VALID_RULES:
+        raise ValueError(f"valid_rule must be one of {list(VALID_RULES)}, got {valid_rule!r}")
     if [layer.side for layer in mano] != list(HANDS):
         raise ValueError(f"mano must be layers for {HANDS} in that order, got {[layer.side for layer in mano]}")
     sid, seq = name.split("/")
@@ -218,10 +264,10 @@ def load_sequence(root: str | os.PathLike, name: str, *, mano: Sequence[MANOLaye
     if cam_sizes["F"] != frames:
         raise DatasetError(f"{cam_path} has {cam_sizes['F']} frames but {mano_path} has {frames}; "
                            "they must annotate the same frames")
-    if frames <= 2 * SKIP_FRAMES:
-        raise DatasetError(f"{mano_path}: {frames} frames leave none after skipping {SKIP_FRAMES} at each end")
-
-    vidx = np.arange(SKIP_FRAMES, frames - SKIP_FRAMES, frame_step)  # (N,) annotation indices kept
+    vidx = frame_window(frames, ioi)[::frame_step]  # (N,) annotation indices kept
+    if len(vidx) == 0:
+        raise DatasetError(f"{mano_path}: {frames} frames leave none after skipping {SKIP_FRAMES} image indices "
+                           f"at each end (ioi_offset {ioi})")
     image_paths = _image_paths(root, sid, seq, vidx + ioi, ioi)
     box, K_img = _frame_geometry(root, sid, image_paths[0], K, (width, height), frame_size)
 
@@ -239,7 +285,10 @@ def load_sequence(root: str | os.PathLike, name: str, *, mano: Sequence[MANOLaye
     K_box = box.transform_K(K_img)
     joints2d = project_points(torch.from_numpy(joints3d), torch.from_numpy(K_box), torch.from_numpy(dist)).numpy()
     visible = _joints_visible(joints3d, joints2d, box, K_img, dist)  # (N, 2, 21)
-    valid = visible[..., 0] & (visible.sum(-1) >= min_visible_joints)  # (N, 2)
+    if valid_rule == "arctic":
+        valid = arctic_valid(joints3d, K, dist, (width, height))  # (N, 2)
+    else:
+        valid = visible[..., 0] & (visible.sum(-1) >= min_visible_joints)  # (N, 2)
 
     f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
     return SequenceLabels(name=name, image_paths=image_paths, letterbox=box, K=f32(K_box), dist=f32(dist),
@@ -351,7 +400,7 @@ class ArcticClips(Dataset):
         crop_scale: box side over the keypoints' extent.
         crop_jitter: random shift (fraction of the side) and scale (1 +- this) of training boxes.
         img_size: side of the whole-frame input.
-        min_visible_joints: see :func:`load_sequence`.
+        min_visible_joints, valid_rule: see :func:`load_sequence`.
         cache_dir: where frame caches live (default: ``<root>/../cache``).
         cached: read frames from the cache (built on first use) instead of decoding JPEGs.
         extra_splits: further splits whose sequences join this one (the final retrain's train + val).
@@ -360,7 +409,7 @@ class ArcticClips(Dataset):
     def __init__(self, root: str | os.PathLike, split: str, *, mano: Sequence[MANOLayer], seq_len: int,
                  stride: int, frame_step: int = 1, frame_size: int = 224, crop_size: int = 64,
                  crop_scale: float = 1.3, crop_jitter: float = 0.0, img_size: int = 64,
-                 min_visible_joints: int = 8, cache_dir: str | os.PathLike | None = None, cached: bool = True,
+                 min_visible_joints: int = 8, valid_rule: str = "visible_joints", cache_dir: str | os.PathLike | None = None, cached: bool = True,
                  extra_splits: Sequence[str] = ()) -> None:
         self.root, self.split, self.seq_len = Path(root), split, seq_len
         self.frame_size, self.crop_size, self.img_size = frame_size, crop_size, img_size
@@ -370,12 +419,13 @@ class ArcticClips(Dataset):
             raise DatasetError(f"{self.root / SPLITS_FILE}: split '{split}' has no sequences")
         misc = _read_json(self.root / MISC_FILE)
         labels = [load_sequence(self.root, name, mano=mano, frame_size=frame_size, frame_step=frame_step,
-                                min_visible_joints=min_visible_joints, misc=misc) for name in self.sequences]
+                                min_visible_joints=min_visible_joints, valid_rule=valid_rule, misc=misc)
+                  for name in self.sequences]
         counts = [len(lab.frame_index) for lab in labels]
         self._clips = [(s, p, first) for s, n in enumerate(counts) for p, first in _clip_starts(n, seq_len, stride, split)]
         if not self._clips:
             raise DatasetError(f"split '{split}' of {self.root} has no clip of {seq_len} frames: its sequences have "
-                               f"at most {max(counts)} frames after skipping {SKIP_FRAMES} at each end and keeping "
+                               f"at most {max(counts)} frames after skipping {SKIP_FRAMES} image indices at each end and keeping "
                                f"every {frame_step}th; lower data.seq_len or data.frame_step")
         self._offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         keys = ("frame_index", "joints3d", "joints2d", "rotmats", "betas", "hand_valid", "joints_visible",

@@ -37,10 +37,12 @@ JOINT_NAMES: tuple[str, ...] = ("wrist", *(
     f"{finger} {part}" for finger in FINGERS
     for part in (("CMC", "MCP", "IP", "tip") if finger == "thumb" else ("MCP", "PIP", "DIP", "tip"))))
 # Units of the test metrics (compute_metrics) for axis labels and tables.
-_UNITS = {"mpjpe": "mm", "pa_mpjpe": "mm", "w_mpjpe": "mm", "wa_mpjpe": "mm", "accel_error": "mm/frame^2",
-          "jerk": "m/s^3", "jerk_gt": "m/s^3", "cam_trans_error": "mm", "cam_rot_error": "deg",
+_UNITS = {"mpjpe": "mm", "pa_mpjpe": "mm", "mpjpe_infilled": "mm", "w_mpjpe": "mm", "wa_mpjpe": "mm",
+          "accel_error": "m/s^2", "jerk": "m/s^3", "jerk_gt": "m/s^3",
+          "clip_w_mpjpe": "mm", "clip_wa_mpjpe": "mm", "clip_accel_error": "mm/frame^2", "clip_jerk": "m/s^3",
+          "clip_jerk_gt": "m/s^3", "cam_trans_error": "mm", "cam_rot_error": "deg",
           "cam_accel_error": "mm/frame^2", "cam_jerk": "m/s^3", "cam_jerk_gt": "m/s^3",
-          "valid_hand_frames": "frames"}
+          "valid_hand_frames": "frames", "infilled_hand_frames": "frames"}
 _GT_COLOR = (0, 200, 0)                                  # RGB
 _PRED_COLORS = {"left": (230, 30, 30), "right": (40, 90, 255)}
 

@@ -15,17 +15,22 @@ from hawor_tune.report.figures import JOINT_NAMES, _finger_names, _finite, _unit
 
 logger = logging.getLogger(__name__)
 
-_WORLD_ROWS = (("w_mpjpe", "W-MPJPE (world, aligned on each clip's first two frames)"),
-               ("wa_mpjpe", "WA-MPJPE (world, aligned on the whole clip)"),
-               ("accel_error", "acceleration error (wrist-relative joints)"),
+_WORLD_ROWS = (("w_mpjpe", "W-MPJPE (whole sequences in world coordinates, 100-frame chunks aligned on their "
+                            "first two frames; WHAM's protocol)"),
+               ("wa_mpjpe", "WA-MPJPE (as W-MPJPE, each chunk aligned on all its frames)"),
+               ("accel_error", "acceleration error of the world joints"),
                ("jerk", "jerk of predicted world joints"),
                ("jerk_gt", "jerk of ground-truth world joints (reference)"),
+               ("clip_w_mpjpe", "clip-level W-MPJPE (each clip in its first camera, one chunk per clip)"),
+               ("clip_wa_mpjpe", "clip-level WA-MPJPE"),
+               ("clip_accel_error", "clip-level acceleration error (wrist-relative joints)"),
                ("cam_trans_error", "camera translation error"),
                ("cam_rot_error", "camera rotation error (geodesic)"),
                ("cam_accel_error", "camera acceleration error (centres in each clip's first camera)"),
                ("cam_jerk", "jerk of the predicted camera trajectory"),
                ("cam_jerk_gt", "jerk of the ground-truth camera trajectory (reference)"),
-               ("valid_hand_frames", "hand-frames evaluated"))
+               ("valid_hand_frames", "hand-frames observed by the model (the hand metrics' frames)"),
+               ("infilled_hand_frames", "valid hand-frames hidden from the model (mpjpe_infilled's frames)"))
 
 # ---- report.md -------------------------------------------------------------------------------------------
 
@@ -114,7 +119,8 @@ def write_report(out_dir: str | os.PathLike, *, metrics: Mapping[str, float],
 
     header = ("metric", "unit", "test", "mean-pose baseline (test)", *(("search best (val)",) if search else ()))
     lines += ["## Results (test split)", ""]
-    lines += _table(header, [row("mpjpe", "MPJPE (wrist-relative)"), row("pa_mpjpe", "PA-MPJPE")]) + [""]
+    lines += _table(header, [row("mpjpe", "MPJPE (wrist-relative, observed frames)"), row("pa_mpjpe", "PA-MPJPE"),
+                             row("mpjpe_infilled", "MPJPE of the infilled frames (hidden from the model)")]) + [""]
     lines += ["### Per hand", ""]
     lines += _table(header, [row(f"{m}_{h}", f"{label}, {h}") for h in HANDS
                              for m, label in (("mpjpe", "MPJPE"), ("pa_mpjpe", "PA-MPJPE"))]) + [""]

@@ -1,0 +1,275 @@
+"""hawor_tune.evaluation: sequences joined in world coordinates, the published world metrics, the hidden
+(infilled) frames and the mean-pose baseline, against values worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hawor_tune.data import build_dataloader, build_dataset
+from hawor_tune.evaluation import (
+    INFILL_EVAL_RATE,
+    Predictions,
+    SequenceWorld,
+    compute_metrics,
+    gather,
+    hidden_frames,
+    mean_pose_baseline,
+    world_metrics,
+    world_sequences,
+)
+
+
+def _rot(axis: int, angle: float) -> np.ndarray:
+    c, s = math.cos(angle), math.sin(angle)
+    i, j = [k for k in range(3) if k != axis]
+    R = np.eye(3)
+    R[i, i], R[i, j], R[j, i], R[j, j] = c, -s, s, c
+    return R
+
+
+def _hand(seed: int = 0) -> np.ndarray:
+    """(2, 21, 3) two non-degenerate hands about 0.4 m in front of the camera."""
+    return np.random.default_rng(seed).uniform(-0.05, 0.05, (2, 21, 3)) + np.array([0.0, 0.0, 0.4])
+
+
+# ---- Whole sequences -----------------------------------------------------------------------------------
+
+def _screw_sequence(n: int, clips: list[tuple[int, int]], T: int) -> tuple[Predictions, np.ndarray]:
+    """A camera moving with constant velocity (camera f to world = D^f, a fixed screw motion D), the hands
+    still in the world, and clips (start, first scored) of T frames whose predicted relative poses and
+    camera-frame joints are exact. Unscored frames get garbage joints. Returns the predictions and the true
+    world joints in the first camera, (n, 2, 21, 3)."""
+    D = np.eye(4)
+    D[:3, :3], D[:3, 3] = _rot(1, 0.05) @ _rot(0, 0.02), [0.01, -0.004, 0.006]
+    G = np.stack([np.linalg.matrix_power(D, f) for f in range(n)])  # (n, 4, 4) camera f -> world (= camera 0)
+    world = _hand()  # (2, 21, 3) in camera 0
+    # World-to-camera poses of ARCTIC's world, which is camera 0 moved by some fixed transform W.
+    W = np.eye(4)
+    W[:3, :3], W[:3, 3] = _rot(2, 0.7), [0.3, -1.0, 2.0]
+    w2c = np.linalg.inv(W @ G)  # (n, 4, 4) ARCTIC world -> camera f
+    cam = np.einsum("fij,hkj->fhki", np.linalg.inv(G)[:, :3, :3], world) + np.linalg.inv(G)[:, None, None, :3, 3]
+    fields = {k: [] for k in ("pred_joints", "gt_joints", "pred_cam_R", "pred_cam_t", "w2c_R", "w2c_t", "frames",
+                              "scored")}
+    for start, first_scored in clips:
+        f = np.arange(start, start + T)
+        rel = np.linalg.inv(G[start]) @ G[f]  # (T, 4, 4) camera t -> the clip's camera 0
+        scored = np.arange(T) >= first_scored
+        pred = np.where(scored[:, None, None, None], cam[f], 9.0)  # garbage where another clip scores the frame
+        for k, v in (("pred_joints", pred), ("gt_joints", cam[f]), ("pred_cam_R", rel[:, :3, :3]),
+                     ("pred_cam_t", rel[:, :3, 3]), ("w2c_R", w2c[f, :3, :3]), ("w2c_t", w2c[f, :3, 3]),
+                     ("frames", f), ("scored", scored)):
+            fields[k].append(v)
+    a = {k: np.stack(v) for k, v in fields.items()}
+    C = len(clips)
+    valid = np.broadcast_to(a["scored"][..., None], (C, T, 2)).copy()
+    p = Predictions(pred_joints=a["pred_joints"], gt_joints=a["gt_joints"], valid=valid, pred_cam_R=a["pred_cam_R"],
+                    pred_cam_t=a["pred_cam_t"], gt_cam_R=a["pred_cam_R"], gt_cam_t=a["pred_cam_t"],
+                    world_to_cam_R=a["w2c_R"], world_to_cam_t=a["w2c_t"], seq_index=np.zeros(C, np.int64),
+                    frame_index=a["frames"] + 7, scored=a["scored"])  # annotation indices start at 7
+    return p, np.broadcast_to(world, (n, 2, 21, 3))
+
+
+@pytest.mark.parametrize("T,clips", [
+    (4, [(0, 0), (4, 0), (6, 2)]),  # two clips and an end-aligned one scoring frames 8, 9
+    (1, [(f, 0) for f in range(10)]),  # one-frame clips: every step is a junction
+    (10, [(0, 0)]),  # one clip
+])
+def test_clips_are_chained_over_the_sequence(T, clips):
+    # Constant velocity: the junction's repeated step is exact, so the chained world is the true one.
+    p, world = _screw_sequence(10, clips, T)
+    rng = np.random.default_rng(1)
+    shuffled = rng.permutation(len(clips))  # the order of the clips in the split does not matter
+    p = Predictions(**{k: (v[shuffled] if isinstance(v, np.ndarray) and v.shape[:1] == (len(clips),) else v)
+                       for k, v in vars(p).items()})
+    (seq,) = world_sequences(p)
+    np.testing.assert_array_equal(seq.frame_index, np.arange(10) + 7)
+    if T == 1:  # no predicted motion at all: a static camera, the hands where the first camera saw them
+        camera = p.gt_joints[np.argsort(p.frame_index[:, 0]), 0]  # (10, 2, 21, 3) each frame's camera frame
+        np.testing.assert_allclose(seq.pred_joints, camera, atol=1e-12)
+    else:
+        np.testing.assert_allclose(seq.pred_joints, world, atol=1e-12)
+    np.testing.assert_allclose(seq.gt_joints, world, atol=1e-12)
+    assert seq.valid.all()
+    if T > 1:
+        m = world_metrics([seq], fps=30.0)
+        for key in ("w_mpjpe", "wa_mpjpe", "accel_error"):
+            assert m[key] == pytest.approx(0.0, abs=1e-6), key
+        assert m["jerk"] == pytest.approx(m["jerk_gt"], abs=1e-6)
+
+
+def test_a_junction_repeats_the_last_predicted_step():
+    # Clip 1 predicts the camera static for frames 0..3; clip 2 (frames 4..7) moves 1 cm per frame along x.
+    T, step = 4, 0.01
+    C = 2
+    eye = np.broadcast_to(np.eye(3), (C, T, 3, 3))
+    pred_t = np.zeros((C, T, 3))
+    pred_t[1, :, 0] = step * np.arange(T)
+    zeros = np.zeros((C, T, 2, 21, 3))
+    p = Predictions(pred_joints=zeros, gt_joints=zeros, valid=np.ones((C, T, 2), bool), pred_cam_R=eye,
+                    pred_cam_t=pred_t, gt_cam_R=eye, gt_cam_t=pred_t, world_to_cam_R=eye,
+                    world_to_cam_t=np.zeros((C, T, 3)), seq_index=np.zeros(C, np.int64),
+                    frame_index=np.arange(C * T).reshape(C, T))
+    (seq,) = world_sequences(p)
+    # Frame 4 repeats clip 1's last step (none), so the camera centres are 0, 0, 0, 0, 0, 1, 2, 3 cm.
+    np.testing.assert_allclose(seq.pred_cam_to_world[:, 0, 3], [0, 0, 0, 0, 0, step, 2 * step, 3 * step], atol=1e-12)
+    p.pred_cam_t[0, :, 0] = -step * np.arange(T)  # clip 1 now moves -1 cm per frame: frame 4 is at -4 cm
+    (seq,) = world_sequences(p)
+    np.testing.assert_allclose(seq.pred_cam_to_world[:, 0, 3], step * np.array([0, -1, -2, -3, -4, -3, -2, -1]),
+                               atol=1e-12)
+
+
+def _still_sequence(n: int, shift_from: int, delta: float, valid: np.ndarray | None = None) -> SequenceWorld:
+    """Both hands still in the world; the prediction equals the truth until frame shift_from, then is moved
+    rigidly by delta metres along x."""
+    gt = np.broadcast_to(_hand(2), (n, 2, 21, 3)).copy()
+    pred = gt.copy()
+    pred[shift_from:, :, :, 0] += delta
+    return SequenceWorld(seq_index=0, frame_index=np.arange(n), pred_joints=pred, gt_joints=gt,
+                         valid=np.ones((n, 2), bool) if valid is None else valid, pred_cam_to_world=np.eye(4)[None])
+
+
+@pytest.mark.parametrize("n", [150, 50])
+def test_w_mpjpe_uses_100_frame_chunks_aligned_on_their_first_two_frames(n):
+    delta = 0.01
+    m = world_metrics([_still_sequence(n, 2, delta)], fps=30.0)
+    # Chunk 1 (frames 0-99, or the whole 50-frame sequence): its first two frames match, so the alignment is
+    # the identity and frames 2.. are off by delta. Chunk 2 (frames 100-149) is moved as a whole: aligned
+    # away, error 0. Per-frame errors are pooled.
+    first = min(n, 100)
+    assert m["w_mpjpe"] == pytest.approx(1000.0 * delta * (first - 2) / n, rel=1e-9)
+    # Second differences: delta at (0, 1, 2), -delta at (1, 2, 3), 0 elsewhere; m/s^2 at 30 fps.
+    assert m["accel_error"] == pytest.approx(2 * delta * 30.0**2 / (n - 2), rel=1e-9)
+    assert 0.0 < m["wa_mpjpe"] < m["w_mpjpe"]
+
+
+def test_acceleration_error_is_in_metres_per_second_squared_on_valid_triplets():
+    n, a, fps = 12, 2e-4, 30.0
+    seq = _still_sequence(n, 0, 0.0)
+    seq.pred_joints[..., 0] += 0.5 * a * np.arange(n)[:, None, None] ** 2  # constant acceleration a per frame^2
+    assert world_metrics([seq], fps=fps)["accel_error"] == pytest.approx(a * fps**2, rel=1e-9)
+    # An invalid frame removes the three second differences that touch it (WHAM's rule); the rest still give a.
+    seq.valid[5, 0] = False
+    seq.pred_joints[5, 0] += 1.0  # whatever is predicted there does not count
+    m = world_metrics([seq], fps=fps)
+    assert m["accel_error"] == pytest.approx(a * fps**2, rel=1e-9)
+    assert m["jerk"] == pytest.approx(0.0, abs=1e-6) and m["jerk_gt"] == pytest.approx(0.0, abs=1e-6)
+
+
+# ---- Hidden (infilled) frames --------------------------------------------------------------------------
+
+def test_hidden_frames_are_fixed_per_frame_and_only_valid_ones():
+    seq = torch.arange(40).repeat_interleave(50)  # 40 sequences x 50 frames, as one-frame clips
+    frames = torch.arange(50).repeat(40)[:, None]
+    valid = torch.ones(len(seq), 1, 2, dtype=torch.bool)
+    hidden = hidden_frames(seq, frames, valid)  # (2000, 1, 2)
+    assert abs(hidden.float().mean().item() - INFILL_EVAL_RATE) < 0.03
+    # The same frames as clips of 5: a frame's fate does not depend on the clip it is in.
+    as_clips = hidden_frames(seq.view(-1, 5)[:, 0], frames.view(-1, 5), valid.view(-1, 5, 2))
+    assert torch.equal(as_clips.reshape(-1, 2), hidden.reshape(-1, 2))
+    invalid = valid.clone()
+    invalid[::2] = False
+    assert torch.equal(hidden_frames(seq, frames, invalid), hidden & invalid)
+    assert not hidden_frames(seq, frames, valid, rate=0.0).any()
+    assert not torch.equal(hidden_frames(seq, frames, valid, seed=1), hidden)
+
+
+def _offset_predictor(seen: list[torch.Tensor]):
+    """Ground-truth joints moved 1 mm along x (wrist excepted) where the hand is shown as valid, 5 mm where it
+    is not; records the hand_valid it was given. Wrist-relative error: 20/21 mm and 100/21 mm."""
+    def predict(batch):
+        seen.append(batch["hand_valid"].clone())
+        gt = batch["joints3d"]
+        shift = torch.where(batch["hand_valid"], 0.001, 0.005)[..., None, None] * torch.tensor([1.0, 0.0, 0.0])
+        shift = shift.expand_as(gt).clone()
+        shift[..., 0, :] = 0.0
+        B, T = gt.shape[:2]
+        return gt + shift, torch.eye(3).expand(B, T, 3, 3), torch.zeros(B, T, 3)
+    return predict
+
+
+@pytest.mark.parametrize("seq_len", [4, 6])
+def test_hidden_frames_are_scored_apart_from_the_observed_ones(synthetic_dataset, seq_len):
+    cfg = synthetic_dataset.config({"data.seq_len": seq_len})
+    seen: list[torch.Tensor] = []
+    p = gather(_offset_predictor(seen), build_dataloader(cfg, "val", shuffle=False), torch.device("cpu"),
+               hide_rate=INFILL_EVAL_RATE)
+    shown = torch.cat(seen).numpy()
+    valid_all = np.concatenate([b["hand_valid"].numpy() for b in build_dataloader(cfg, "val", shuffle=False)])
+    assert p.hidden.any() and not (p.hidden & ~p.valid).any()
+    np.testing.assert_array_equal(shown[p.hidden], False)  # the model never saw the hidden frames as valid
+    np.testing.assert_array_equal(shown | (p.hidden | ~p.scored[..., None]), valid_all | ~p.scored[..., None])
+    m = compute_metrics(p)
+    assert m["mpjpe"] == pytest.approx(20 / 21, rel=1e-4)
+    assert m["mpjpe_infilled"] == pytest.approx(100 / 21, rel=1e-4)
+    assert m["valid_hand_frames"] + m["infilled_hand_frames"] == p.valid.sum()
+    assert m["infilled_hand_frames"] == p.hidden.sum()
+    # Nothing hidden: every valid frame is observed, and there is no infilled score.
+    p0 = gather(_offset_predictor([]), build_dataloader(cfg, "val", shuffle=False), torch.device("cpu"))
+    m0 = compute_metrics(p0)
+    assert m0["mpjpe"] == pytest.approx(20 / 21, rel=1e-4) and math.isnan(m0["mpjpe_infilled"])
+    assert m0["valid_hand_frames"] == p0.valid.sum() == m["valid_hand_frames"] + m["infilled_hand_frames"]
+
+
+def test_the_hidden_frames_do_not_depend_on_the_clip_length(synthetic_dataset):
+    sets = []
+    for seq_len in (4, 6):
+        cfg = synthetic_dataset.config({"data.seq_len": seq_len})
+        p = gather(_offset_predictor([]), build_dataloader(cfg, "val", shuffle=False), torch.device("cpu"),
+                   hide_rate=INFILL_EVAL_RATE)
+        c, t, h = np.nonzero(p.hidden)
+        sets.append({(int(p.seq_index[i]), int(p.frame_index[i, j]), int(k)) for i, j, k in zip(c, t, h)})
+    assert sets[0] == sets[1] and sets[0]
+
+
+# ---- End to end on the dataset --------------------------------------------------------------------------
+
+def _truth_predictor(batch):
+    """Ground-truth camera-frame joints and relative camera poses: a perfect model."""
+    from hawor_tune.geometry import relative_camera_pose
+
+    R, t = relative_camera_pose(batch["cam_R"].double(), batch["cam_t"].double())
+    return batch["joints3d"], R.float(), t.float()
+
+
+def test_a_perfect_model_has_zero_world_error_over_whole_sequences(synthetic_dataset):
+    cfg = synthetic_dataset.config({"data.seq_len": 20})  # one clip per sequence: the chain is exact
+    p = gather(_truth_predictor, build_dataloader(cfg, "val", shuffle=False), torch.device("cpu"),
+               hide_rate=INFILL_EVAL_RATE)
+    m = compute_metrics(p, fps=30.0)
+    for key in ("mpjpe", "mpjpe_infilled", "w_mpjpe", "wa_mpjpe", "accel_error", "clip_w_mpjpe", "clip_wa_mpjpe",
+                "clip_accel_error"):
+        assert m[key] == pytest.approx(0.0, abs=1e-2), key  # float32 labels: hundredths of a millimetre
+    assert m["jerk"] == pytest.approx(m["jerk_gt"], rel=1e-3)
+
+
+# ---- The mean-pose baseline -------------------------------------------------------------------------------
+
+def test_the_baseline_places_the_mean_pose_at_the_training_sets_mean_wrist(synthetic_dataset):
+    cfg = synthetic_dataset.config()
+    # The training clips' mean wrist-relative pose and mean camera-frame wrist, per hand, over valid frames.
+    rel_sum, wrist_sum, count = np.zeros((2, 21, 3)), np.zeros((2, 3)), np.zeros(2)
+    train = build_dataset(cfg, "train")
+    for i in range(len(train)):  # every training clip, as the baseline's pass over the training loader
+        item = train[i]
+        joints, valid = item["joints3d"].double().numpy(), item["hand_valid"].numpy()  # (T, 2, 21, 3), (T, 2)
+        rel_sum += np.einsum("th,thkc->hkc", valid, joints - joints[:, :, :1])
+        wrist_sum += np.einsum("th,thc->hc", valid, joints[:, :, 0])
+        count += valid.sum(0)
+    mean_rel, mean_wrist = rel_sum / count[:, None, None], wrist_sum / count[:, None]
+    expected_joints = torch.from_numpy(mean_rel + mean_wrist[:, None]).float()  # (2, 21, 3)
+
+    def mean_hands(batch):
+        B, T = batch["joints3d"].shape[:2]
+        return expected_joints.expand(B, T, 2, 21, 3), torch.eye(3).expand(B, T, 3, 3), torch.zeros(B, T, 3)
+
+    expected = compute_metrics(gather(mean_hands, build_dataloader(cfg, "val", shuffle=False), torch.device("cpu"),
+                                      hide_rate=INFILL_EVAL_RATE))
+    baseline = mean_pose_baseline(cfg, "val")
+    assert set(baseline) == set(expected)
+    for key, value in expected.items():
+        assert baseline[key] == pytest.approx(value, rel=1e-4, abs=1e-6, nan_ok=True), key
+    assert math.isfinite(baseline["w_mpjpe"]) and baseline["w_mpjpe"] > 10.0  # no ground-truth wrist given away
