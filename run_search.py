@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--space", required=True, help="search-space YAML (see README: search-space format)")
     p.add_argument("--num-samples", type=_positive_int, help="trials to run (default: the space's)")
     p.add_argument("--max-concurrent", type=_positive_int, help="trials at once (default: the space's)")
-    p.add_argument("--storage", default="./results", help="results folder or URI, shared on a cluster (default: %(default)s)")
+    p.add_argument("--storage", default="./results", help="results folder (made if missing), on a shared filesystem for a cluster (default: %(default)s)")
     p.add_argument("--name", help="experiment name (default: <space>-<date>-<time>; with --resume: the latest)")
     p.add_argument("--seed", type=int, help="search seed (default: the space's search.seed)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
@@ -117,18 +116,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
+    from hawor_tune.results import check_resumable, check_storage
+
+    # Where the search writes is checked first: it is cheap, and loading the space imports torch.
+    storage = check_storage(args.storage, label="--storage")
+    name = _experiment_name(args, Path(args.space), storage)
+    if args.resume:
+        check_resumable(storage, name)
+        from ray import tune
+        if not tune.Tuner.can_restore(str(storage / name)):
+            raise UsageError(f"--resume: {storage / name} holds no restorable Ray Tune experiment "
+                             f"(the search stopped before Ray saved its state; start it again without --resume)")
+
     from hawor_tune.search_space import load_search_space
 
     space = load_search_space(args.space, extra_overrides=args.overrides)
     changes = {k: v for k, v in (("num_samples", args.num_samples), ("max_concurrent", args.max_concurrent),
                                  ("search_seed", args.seed)) if v is not None}
     space = dataclasses.replace(space, **changes)
-    storage = Path(os.path.expanduser(args.storage)).resolve()
-    name = _experiment_name(args, space.path, storage)
-    if args.resume:
-        from ray import tune
-        if not tune.Tuner.can_restore(str(storage / name)):
-            raise UsageError(f"--resume: {storage / name} holds no restorable Ray Tune experiment")
 
     from hawor_tune.search import run_search, start_ray
 

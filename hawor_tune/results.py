@@ -4,7 +4,8 @@
 exporter (:mod:`hawor_tune.search`) refreshes both atomically after every reported epoch;
 :func:`summarize_trials` (pure) turns epoch rows into trial rows and :func:`best_trial` picks the best of
 them. ``search.json`` is the :class:`ExperimentRecord`: the checked search space and the base file's full
-training budget, enough for run_best.py to rebuild any trial's config. Nothing here needs Ray.
+training budget, enough for run_best.py to rebuild any trial's config. :func:`check_storage` and
+:func:`check_resumable` check where a search will write before anything starts. Nothing here needs Ray.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,59 @@ BUDGET_KEYS = ("train.epochs", "train.max_train_batches")
 _EPOCH_META = ("trial_id", "epoch", "time_total_s", "timestamp", "node_id", "diverged")
 # Reported values for which "best" has no meaning; only their last value is kept.
 _NO_BEST = ("epoch", "lr", "time/epoch_s", "diverged")
+
+
+class StorageError(HaworTuneError, ValueError):
+    """The search's storage cannot hold results: a file, a URI, a folder this user cannot write, or no
+    experiment there to resume."""
+
+
+_STORAGE_ALLOWED = "a local or shared-filesystem folder this user can write (made if missing)"
+
+
+def check_storage(storage: str | os.PathLike, *, label: str = "storage") -> Path:
+    """The storage folder, absolute and made if missing, once a file has been written and removed in it.
+
+    Run it before Ray starts: a place the search cannot write then fails in one line, not mid-experiment.
+
+    Args:
+        storage: the folder (``~`` expanded, made absolute).
+        label: how the caller names the value in errors, e.g. ``--storage``.
+
+    Raises:
+        StorageError: a URI (the results are written with local file operations), an existing file, or a
+            folder that cannot be made or written (under ``/proc``, read-only, no permission).
+    """
+    text = os.fspath(storage)
+    if "://" in text:
+        raise StorageError(f"{label} {text}: a URI is not supported; give {_STORAGE_ALLOWED}")
+    path = Path(text).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise StorageError(f"{label} {text}: {path} is a file; give {_STORAGE_ALLOWED}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise StorageError(f"{label} {text}: cannot write in {path} ({e.strerror or e}); "
+                           f"give {_STORAGE_ALLOWED}") from None
+    return path
+
+
+def check_resumable(storage: Path, name: str, *, label: str = "--resume") -> Path:
+    """The folder ``storage/name`` of an earlier search to resume, checked without starting Ray.
+
+    Raises:
+        StorageError: no such folder, or one that no search wrote (no ``search.json``); the message lists
+            the experiments ``storage`` does hold.
+    """
+    exp_dir = storage / name
+    if not (exp_dir / RECORD_FILE).is_file():
+        held = sorted(d.name for d in storage.iterdir() if (d / RECORD_FILE).is_file()) if storage.is_dir() else []
+        what = "no such folder" if not exp_dir.is_dir() else f"no {RECORD_FILE}: not a search's folder"
+        there = f"experiments there: {', '.join(held)}" if held else "no experiments there"
+        raise StorageError(f"{label}: nothing to resume at {exp_dir} ({what}); {there}")
+    return exp_dir
 
 
 def write_parquet_atomic(rows: list[dict[str, Any]], path: str | os.PathLike,

@@ -7,11 +7,12 @@ prepares the data once, starts or joins Ray, builds the Tuner (or restores it) a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from hawor_tune.results import (
     EPOCHS_FILE,
     TRIALS_FILE,
     ExperimentRecord,
+    check_resumable,
+    check_storage,
     read_rows,
     summarize_trials,
     write_parquet_atomic,
@@ -127,8 +130,37 @@ class SearchOutcome:
     results: Any  # ray.tune.ResultGrid
 
 
+LOOPBACK = "127.0.0.1"
+
+
+@contextlib.contextmanager
+def _loopback_node() -> Iterator[None]:
+    """While Ray starts, make loopback this machine's node IP, so every Ray process listens on it alone.
+
+    Ray binds its GCS, raylet (node and object manager), worker, dashboard-agent and runtime-env-agent
+    ports to all interfaces unless the node IP is a loopback address, and ``ray.init`` turns an explicit
+    ``_node_ip_address="127.0.0.1"`` into the machine's outward IP. Only Ray's single-machine switch
+    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read once at import into ``ray_constants``) keeps loopback;
+    it is set for the start only, in this process and in the environment the Ray processes inherit.
+    """
+    from ray._private import ray_constants
+
+    env_var = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved_env, saved_flag = os.environ.get(env_var), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[env_var], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(env_var, None)
+        else:
+            os.environ[env_var] = saved_env
+
+
 def start_ray(address: str | None, dashboard_port: int, num_cpus: int | None = None) -> str | None:
-    """Join a cluster (``address``) or start an embedded local Ray with the dashboard on 127.0.0.1.
+    """Join a cluster (``address``) or start an embedded local Ray that listens on 127.0.0.1 only: GCS,
+    raylet, workers, agents and the dashboard (whose token the user pastes, see ``ray get-auth-token``).
 
     Returns:
         The dashboard URL, when there is one.
@@ -138,8 +170,10 @@ def start_ray(address: str | None, dashboard_port: int, num_cpus: int | None = N
     if address:
         ctx = ray.init(address=address, logging_level=logging.WARNING)
     else:
-        ctx = ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                       dashboard_port=dashboard_port, logging_level=logging.WARNING)
+        with _loopback_node():
+            ctx = ray.init(num_cpus=num_cpus, _node_ip_address=LOOPBACK, include_dashboard=True,
+                           dashboard_host=LOOPBACK, dashboard_port=dashboard_port,
+                           logging_level=logging.WARNING)
     url = getattr(ctx, "dashboard_url", None)
     return f"http://{url}" if url and not url.startswith("http") else url
 
@@ -156,6 +190,7 @@ class ParquetExporter(Callback):
         self.param_paths = list(param_paths)
         self._epochs: dict[tuple[str, int], dict[str, Any]] = {}
         self._meta: dict[str, dict[str, Any]] = {}
+        self._matched = False
 
     # Tune calls setup() on a fresh and on a restored run: reload what an earlier run wrote.
     def setup(self, **info: Any) -> None:
@@ -181,6 +216,40 @@ class ParquetExporter(Callback):
             meta["status"] = trial.status
         meta["params"] = {p: trial.config.get(p) for p in self.param_paths}
         return meta
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        # The first step of a run sees exactly the trials Ray restored (the searcher adds new ones after it).
+        if not self._matched:
+            self._matched = True
+            if self._meta or self._epochs:
+                self._match_restored(trials)
+                self.flush()
+
+    def _match_restored(self, trials: list) -> None:
+        """Make the rows reloaded from the files say what Ray's restored experiment holds.
+
+        Ray restores an experiment from its last state snapshot, taken every few seconds. A driver killed
+        between two snapshots leaves rows Ray never recorded: a trial started since the last one (Ray
+        forgets it and its searcher proposes again) and epochs past a trial's last recorded result (they
+        run again from its checkpoint). Both go; each restored trial takes Ray's status (TERMINATED,
+        ERROR, or PENDING to run again).
+        """
+        restored = {t.trial_id: t for t in trials}
+        ghosts = sorted(set(self._meta) - set(restored))
+        if ghosts:
+            log.warning("dropping trials %s from %s: the restored experiment does not have them (they started "
+                        "after Ray's last state snapshot before the search stopped)", ghosts, TRIALS_FILE)
+        for trial_id in ghosts:
+            del self._meta[trial_id]
+        for trial_id, epoch in list(self._epochs):
+            trial = restored.get(trial_id)
+            if trial is None or epoch > int((trial.last_result or {}).get("training_iteration", 0)):
+                del self._epochs[(trial_id, epoch)]
+        for trial in trials:
+            meta = self._trial(trial)
+            meta["status"] = trial.status
+            if getattr(trial, "checkpoint", None) is not None and getattr(trial.checkpoint, "path", None):
+                meta["checkpoint"] = trial.checkpoint.path
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._trial(trial)
@@ -241,8 +310,8 @@ def run_search(space: SearchSpace, *, storage: str | os.PathLike, name: str, res
         address: join this Ray cluster instead of starting a local one.
         dashboard_port: port of the embedded dashboard (bound to 127.0.0.1).
     """
-    storage = Path(storage).expanduser().resolve()
-    exp_dir = storage / name
+    storage = check_storage(storage)
+    exp_dir = check_resumable(storage, name, label="resume") if resume else storage / name
     prepare_data(space.base_config)
 
     if not ray.is_initialized():

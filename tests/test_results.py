@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pyarrow.parquet as pq
 import pytest
@@ -11,7 +12,10 @@ from hawor_tune.results import (
     RECORD_FILE,
     ExperimentRecord,
     RecordError,
+    StorageError,
     best_trial,
+    check_resumable,
+    check_storage,
     summarize_trials,
     write_parquet_atomic,
 )
@@ -150,3 +154,53 @@ def test_record_that_cannot_be_read_says_why(tmp_path, content, fix):
     with pytest.raises(RecordError, match=str(tmp_path)) as err:
         ExperimentRecord.load(tmp_path)
     assert fix in str(err.value)
+
+
+def _unwritable(tmp_path, kind):
+    """A storage value a search cannot write in, of one kind."""
+    if kind == "proc":
+        return "/proc/hawor-tune-results"
+    if kind == "file":
+        (tmp_path / "taken").write_text("x")
+        return str(tmp_path / "taken")
+    if kind == "under a file":
+        (tmp_path / "taken").write_text("x")
+        return str(tmp_path / "taken" / "results")
+    if kind == "read-only":
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return str(folder / "results")
+    return "s3://bucket/results"
+
+
+UNWRITABLE = ["proc", "file", "under a file",
+              pytest.param("read-only", marks=pytest.mark.skipif(os.geteuid() == 0,
+                                                                  reason="root writes in a mode-555 folder")),
+              "uri"]
+
+
+@pytest.mark.parametrize("kind", UNWRITABLE)
+def test_check_storage_refuses_what_a_search_cannot_write(tmp_path, kind):
+    value = _unwritable(tmp_path, kind)
+    with pytest.raises(StorageError) as err:
+        check_storage(value, label="--storage")
+    message = str(err.value)
+    assert message.startswith(f"--storage {value}: ") and "folder this user can write" in message
+    assert "\n" not in message
+
+
+def test_check_storage_makes_the_folder_and_leaves_nothing_in_it(tmp_path):
+    path = check_storage(tmp_path / "a" / "b")
+    assert path == (tmp_path / "a" / "b").resolve() and path.is_dir() and not any(path.iterdir())
+
+
+def test_check_resumable_names_the_experiments_there(tmp_path):
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / RECORD_FILE).write_text("{}")
+    (tmp_path / "stray").mkdir()
+    assert check_resumable(tmp_path, "done") == tmp_path / "done"
+    with pytest.raises(StorageError, match=r"nothing to resume at .*missing \(no such folder\); experiments there: done"):
+        check_resumable(tmp_path, "missing")
+    with pytest.raises(StorageError, match=f"stray \\(no {RECORD_FILE}: not a search's folder\\)"):
+        check_resumable(tmp_path, "stray")

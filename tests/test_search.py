@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
@@ -16,6 +19,7 @@ from conftest import write_search_space
 
 import run_search
 from hawor_tune.results import ExperimentRecord, read_rows
+from hawor_tune.search import ParquetExporter, start_ray
 from hawor_tune.search import run_search as run_search_fn
 from hawor_tune.search_space import load_search_space
 
@@ -138,6 +142,19 @@ def test_cli_bad_input_one_line_exit_2(tmp_path, synthetic_dataset, capsys, args
     err = capsys.readouterr().err.strip().splitlines()
     assert err and fragment in err[-1]
     assert not any("Traceback" in line for line in err)
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("storage", ["/proc/hawor-tune-results", "{file}", "{file}/results", "s3://bucket/r"])
+def test_cli_unwritable_storage_is_one_line_before_anything_starts(tmp_path, capsys, storage):
+    (tmp_path / "file").write_text("x")
+    storage = storage.replace("{file}", str(tmp_path / "file"))
+    # The space does not exist: the storage is checked before the space is even read.
+    assert _exit_code(run_search.main, ["--space", "nope.yaml", "--storage", storage]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --storage {storage}: ")
+    assert "folder this user can write" in err[0]
+    assert not ray.is_initialized()
 
 
 def _exit_code(main, argv) -> int:
@@ -161,3 +178,110 @@ def test_summary_counts_asha_stops(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "best trial a: val/mpjpe = 40.000 at epoch 3" in out
     assert "ASHA stopped 1 of 2 trials (at epochs [1])" in out
+
+
+@dataclass
+class _Trial:
+    """The part of a Ray Tune trial the exporter reads."""
+
+    trial_id: str
+    status: str
+    config: dict[str, Any]
+    last_result: dict[str, Any] = field(default_factory=dict)
+    checkpoint: Any = None
+
+
+def _exporter(folder: Path) -> ParquetExporter:
+    exporter = ParquetExporter(folder, metric="val/mpjpe", mode="min", max_epochs=3, param_paths=["optim.lr"])
+    exporter.setup()
+    exporter.on_step_begin(0, [])
+    return exporter
+
+
+def _run_epochs(exporter: ParquetExporter, trial: _Trial, epochs: range) -> None:
+    for epoch in epochs:
+        trial.last_result = {"training_iteration": epoch}
+        exporter.on_trial_result(0, [], trial, {"training_iteration": epoch, "val/mpjpe": 50.0 - epoch})
+
+
+def test_exporter_after_a_driver_kill_holds_exactly_the_restored_experiment(tmp_path):
+    # Before the kill: a finished, b at epoch 2, c started after Ray's last state snapshot.
+    before = _exporter(tmp_path)
+    a, b, c = (_Trial(t, "RUNNING", {"optim.lr": lr}) for t, lr in (("a", 1e-3), ("b", 2e-3), ("c", 3e-3)))
+    for trial, epochs in ((a, range(1, 4)), (b, range(1, 3)), (c, range(1, 2))):
+        before.on_trial_start(0, [], trial)
+        _run_epochs(before, trial, epochs)
+    before.on_trial_complete(0, [], a)
+    assert {r["trial_id"] for r in read_rows(tmp_path / "trials.parquet")} == {"a", "b", "c"}
+
+    # Ray's snapshot knew a finished and b at epoch 1 (b runs again from there); it never saw c.
+    restored = [_Trial("a", "TERMINATED", a.config, {"training_iteration": 3}),
+                _Trial("b", "PENDING", b.config, {"training_iteration": 1})]
+    after = ParquetExporter(tmp_path, metric="val/mpjpe", mode="min", max_epochs=3, param_paths=["optim.lr"])
+    after.setup()
+    after.on_step_begin(0, restored)
+    trials = {r["trial_id"]: r for r in read_rows(tmp_path / "trials.parquet")}
+    assert {t: (r["status"], r["epochs"]) for t, r in trials.items()} == {"a": ("TERMINATED", 3), "b": ("PENDING", 1)}
+    assert trials["b"]["param/optim.lr"] == pytest.approx(2e-3)
+    assert sorted((r["trial_id"], r["epoch"]) for r in read_rows(tmp_path / "epochs.parquet")) == [
+        ("a", 1), ("a", 2), ("a", 3), ("b", 1)]
+
+    # The resumed run finishes b and the searcher's new proposal d; a later step changes nothing.
+    b_again, d = restored[1], _Trial("d", "PENDING", {"optim.lr": 4e-3})
+    after.on_trial_start(0, restored, b_again)
+    _run_epochs(after, b_again, range(2, 4))
+    after.on_trial_complete(0, restored, b_again)
+    after.on_step_begin(1, [*restored, d])
+    after.on_trial_start(0, [], d)
+    _run_epochs(after, d, range(1, 2))
+    after.on_trial_complete(0, [], d)
+    after.on_experiment_end([*restored, d])
+    trials = {r["trial_id"]: r for r in read_rows(tmp_path / "trials.parquet")}
+    assert {t: (r["status"], r["epochs"]) for t, r in trials.items()} == {
+        "a": ("TERMINATED", 3), "b": ("TERMINATED", 3), "d": ("TERMINATED", 1)}
+    epochs = [(r["trial_id"], r["epoch"]) for r in read_rows(tmp_path / "epochs.parquet")]
+    assert sorted(epochs) == [("a", 1), ("a", 2), ("a", 3), ("b", 1), ("b", 2), ("b", 3), ("d", 1)]
+
+
+def _listening(process) -> list[tuple[str, str, int]]:
+    """(process name, address, port) of each TCP socket ``process`` and its descendants listen on."""
+    import psutil  # ships with Ray, importable once ray is imported
+
+    out = []
+    for p in [process, *process.children(recursive=True)]:
+        try:
+            out += [(p.name(), c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="tcp")
+                    if c.status == psutil.CONN_LISTEN]
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%")[0])
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
+
+
+def test_local_ray_listens_on_loopback_only():
+    import psutil
+
+    assert not ray.is_initialized()
+    env_before = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    try:
+        url = start_ray(None, dashboard_port=0, num_cpus=1)
+        assert url and url.startswith("http://127.0.0.1:")
+        ray.get(ray.remote(lambda: 1).remote())  # a worker is up
+        # Every Ray process (GCS, raylet, dashboard, agents, workers) is this process or one of its descendants.
+        deadline, names = time.time() + 30, set()
+        while time.time() < deadline:
+            sockets = _listening(psutil.Process())
+            names = {name for name, _, _ in sockets}
+            if {"gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= names:
+                break
+            time.sleep(0.5)
+        assert {"gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= names, sockets
+        assert any(name.startswith("ray::") and "Agent" not in name for name in names), sockets  # a worker
+        assert [s for s in sockets if not _loopback(s[1])] == []
+    finally:
+        ray.shutdown()
+    assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == env_before  # set for the start only
