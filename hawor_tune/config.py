@@ -92,6 +92,8 @@ class ModelConfig:
     camera_backbone: str = _spec("", doc="timm model reading the whole low-resolution frame; '' shares the hand backbone")
     pretrained_path: str = _spec("", doc="local weights: a hawor-tune model file, a timm backbone state dict "
                                  "or a HaMeR checkpoint; never downloaded")
+    require_pretrained: bool = _spec(False, doc="refuse to start without model.pretrained_path (a profile that "
+                                     "must fine-tune released weights, never train from scratch)")
     hand_fusion: bool = _spec(True, doc="per frame, the two hands and the camera attend to each other")
     temporal_dim: int = _spec(128, low=8, high=4096)
     temporal_layers: int = _spec(2, low=0, high=24)
@@ -117,10 +119,13 @@ class PretrainConfig:
 
 @dataclass
 class LossConfig:
-    """Weights of the six loss terms; a weight of 0 skips the term. The hand terms keep HaMeR's ratio of
-    MANO parameters to 3D keypoints (1 : 50, both summed per hand-frame; hamer/configs_hydra)."""
+    """Weights of the six loss terms, the MANO-parameter term with one weight for its rotations and one for
+    its betas (as HaMeR weighs them); a weight of 0 skips the term. The hand terms keep HaMeR's ratios
+    (geopavlakos/hamer, ``LOSS_WEIGHTS`` in ``hamer/configs_hydra``): rotations to 3D
+    keypoints 1 : 50, betas at half the rotations' weight, all summed per hand-frame."""
 
-    mano_params: float = _spec(0.02, low=0.0)
+    mano_params: float = _spec(0.02, low=0.0, doc="MANO rotations (global orientation and fingers)")
+    betas: float = _spec(0.01, low=0.0, doc="MANO shape coefficients")
     keypoint_3d: float = _spec(1.0, low=0.0)
     keypoint_2d: float = _spec(0.1, low=0.0)
     temporal: float = _spec(0.5, low=0.0)
@@ -375,6 +380,9 @@ def check_consistency(cfg: ExperimentConfig) -> None:
     weights = dataclasses.asdict(cfg.loss)
     if not any(w > 0 for w in weights.values()):
         raise ConfigError(f"loss weights are all 0 ({weights}): at least one of loss.* must be > 0")
+    if cfg.model.require_pretrained and not cfg.model.pretrained_path:
+        raise ConfigError("config key 'model.pretrained_path' is empty but model.require_pretrained is true: "
+                          "set it to the backbone weights this profile fine-tunes (e.g. HaMeR's checkpoint)")
     if cfg.model.temporal_dim % cfg.model.temporal_heads:
         raise ConfigError(f"model.temporal_dim ({cfg.model.temporal_dim}) must be divisible by "
                           f"model.temporal_heads ({cfg.model.temporal_heads})")

@@ -16,8 +16,6 @@ from hawor_tune.config import LossConfig
 from hawor_tune.geometry import project_points, relative_camera_pose
 from hawor_tune.model import HaWoROutput
 
-# Weight of the betas inside the MANO-parameter term, relative to the rotations (HaMeR: 0.0005 / 0.001).
-BETAS_SHARE = 0.5
 # Points closer than this (or behind the camera) are projected as if at this depth, so a bad early
 # prediction gives a large but finite 2D error instead of inf/NaN.
 MIN_PROJECTION_DEPTH = 1e-2
@@ -38,23 +36,32 @@ def _mean_over(per_sample: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return per_sample.sum() / mask.sum().clamp(min=1)
 
 
-def mano_params_loss(pred_rotmats: torch.Tensor, pred_betas: torch.Tensor, gt_rotmats: torch.Tensor,
-                     gt_betas: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Squared errors of the 16 rotation matrices and of the betas, summed per hand-frame (HaMeR's
-    reduction, ``hamer/models/losses.py`` ``ParameterLoss``), averaged over valid hand-frames. The betas
-    count half, HaMeR's ratio of its betas and pose weights (0.0005 : 0.001).
+def mano_params_loss(pred_rotmats: torch.Tensor, gt_rotmats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Squared errors of the 16 rotation matrices (global orientation and fingers), summed per hand-frame
+    (HaMeR's reduction, ``hamer/models/losses.py`` ``ParameterLoss``), averaged over valid hand-frames.
 
     Args:
         pred_rotmats, gt_rotmats: (B, T, 2, 16, 3, 3).
+        mask: (B, T, 2) bool.
+
+    Returns:
+        Scalar.
+    """
+    return _mean_over(_mask_out(pred_rotmats - gt_rotmats, mask).square().sum(dim=(-3, -2, -1)), mask)
+
+
+def betas_loss(pred_betas: torch.Tensor, gt_betas: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Squared errors of the 10 shape coefficients, summed per hand-frame, averaged over valid hand-frames
+    (HaMeR's ``ParameterLoss`` on betas, which has its own weight, 0.0005 against the pose's 0.001).
+
+    Args:
         pred_betas, gt_betas: (B, T, 2, 10).
         mask: (B, T, 2) bool.
 
     Returns:
         Scalar.
     """
-    rot = _mask_out(pred_rotmats - gt_rotmats, mask).square().sum(dim=(-3, -2, -1))  # (B, T, 2)
-    betas = _mask_out(pred_betas - gt_betas, mask).square().sum(dim=-1)  # (B, T, 2)
-    return _mean_over(rot + BETAS_SHARE * betas, mask)
+    return _mean_over(_mask_out(pred_betas - gt_betas, mask).square().sum(dim=-1), mask)
 
 
 def keypoint_3d_loss(pred_joints: torch.Tensor, gt_joints: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -187,7 +194,8 @@ def compute_losses(out: HaWoROutput, batch: dict[str, torch.Tensor], weights: Lo
     crop_size = batch["crops"].shape[-1]
     # Lambdas so that a skipped term costs nothing (and the functions are looked up at call time).
     term_fns = {
-        "mano_params": lambda: mano_params_loss(out.rotmats, out.betas, batch["rotmats"], batch["betas"], mask),
+        "mano_params": lambda: mano_params_loss(out.rotmats, batch["rotmats"], mask),
+        "betas": lambda: betas_loss(out.betas, batch["betas"], mask),
         "keypoint_3d": lambda: keypoint_3d_loss(out.joints, batch["joints3d"], mask),
         "keypoint_2d": lambda: keypoint_2d_loss(out.joints, batch["crop_joints2d"], batch["crop_K"],
                                                 batch.get("dist"), crop_size, batch["joints_visible"], mask),

@@ -46,7 +46,7 @@ from hawor_tune.runtime import (
 
 log = logging.getLogger(__name__)
 
-LOSS_TERMS = ("mano_params", "keypoint_3d", "keypoint_2d", "temporal", "camera", "hand_world")
+LOSS_TERMS = ("mano_params", "betas", "keypoint_3d", "keypoint_2d", "temporal", "camera", "hand_world")
 # Every metric a trial reports once per epoch; a search space's `metric` must be one of these.
 REPORTED_METRICS = (
     "val/mpjpe", "val/mpjpe_left", "val/mpjpe_right",

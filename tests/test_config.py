@@ -26,6 +26,12 @@ def test_shipped_configs_load_and_round_trip(tmp_path, name):
     assert config_from_dict(cfg.to_dict()) == cfg
 
 
+def test_gpu_profile_refuses_to_start_without_its_backbone_weights():
+    with pytest.raises(ConfigError, match="model.pretrained_path.*require_pretrained"):
+        load_config(REPO / "configs" / "arctic.yaml", ["model.pretrained_path="])
+    assert load_config(REPO / "configs" / "tiny.yaml", ["model.pretrained_path="]).model.pretrained_path == ""
+
+
 def test_defaults_without_file_are_valid():
     assert isinstance(load_config(None), ExperimentConfig)
 
@@ -110,6 +116,6 @@ def test_invalid_yaml_syntax(tmp_path):
 
 
 def test_all_zero_loss_weights_are_rejected():
-    zeros = {f"loss.{k}": 0 for k in ("mano_params", "keypoint_3d", "keypoint_2d", "temporal", "camera", "hand_world")}
+    zeros = {f"loss.{k}": 0 for k in ("mano_params", "betas", "keypoint_3d", "keypoint_2d", "temporal", "camera", "hand_world")}
     with pytest.raises(ConfigError, match="at least one of loss"):
         load_config(None, zeros)

@@ -140,10 +140,12 @@ def test_mano_params_known_offset_and_mask() -> None:
     out, batch = _case()
     _invalidate(batch, [(0, 1, 0), (1, 2, 1)])
     rotmats = (out.rotmats + 0.1).requires_grad_()  # 144 entries off by 0.1 -> sum 1.44
-    betas = out.betas + 0.2  # 10 entries off by 0.2 -> sum 0.4, counted at half weight
-    value = losses.mano_params_loss(rotmats, betas, batch["rotmats"], batch["betas"], batch["hand_valid"])
-    assert value.item() == pytest.approx(144 * 0.01 + 0.5 * 10 * 0.04, rel=1e-4)
+    betas = out.betas + 0.2  # 10 entries off by 0.2 -> sum 0.4
+    value = losses.mano_params_loss(rotmats, batch["rotmats"], batch["hand_valid"])
+    assert value.item() == pytest.approx(144 * 0.01, rel=1e-4)
     assert _grad_is_finite(value, rotmats)
+    betas_value = losses.betas_loss(betas, batch["betas"], batch["hand_valid"])
+    assert betas_value.item() == pytest.approx(10 * 0.04, rel=1e-4)
 
 
 @pytest.mark.parametrize("offset, expected", [
@@ -283,7 +285,7 @@ def test_empty_mask_gives_zero_hand_terms_with_a_graph() -> None:
     joints = (out.joints + 0.05).requires_grad_()
     out = dataclasses.replace(out, joints=joints, root=joints[..., 0, :])
     total, terms = losses.compute_losses(out, batch, LossConfig())
-    for name in ("mano_params", "keypoint_3d", "keypoint_2d", "temporal", "hand_world"):
+    for name in ("mano_params", "betas", "keypoint_3d", "keypoint_2d", "temporal", "hand_world"):
         assert terms[name] == 0.0, name
     total.backward()
     assert torch.isfinite(joints.grad).all()
@@ -296,13 +298,13 @@ def _perturbed_case() -> tuple[HaWoROutput, dict]:
     joints = out.joints.clone()
     joints[..., 1:, :] += 0.01 * torch.arange(4).view(1, 4, 1, 1, 1)
     out = dataclasses.replace(out, joints=joints, root=out.root + 0.02, rotmats=out.rotmats + 0.1,
-                              cam_t=out.cam_t + torch.tensor([0.0, 0.03, 0.0]))
+                              betas=out.betas + 0.2, cam_t=out.cam_t + torch.tensor([0.0, 0.03, 0.0]))
     return out, batch
 
 
 def test_total_is_the_weighted_sum_of_the_terms() -> None:
     out, batch = _perturbed_case()
-    weights = LossConfig(mano_params=0.3, keypoint_3d=2.0, keypoint_2d=0.7, temporal=1.5, camera=0.2,
+    weights = LossConfig(mano_params=0.3, betas=0.4, keypoint_3d=2.0, keypoint_2d=0.7, temporal=1.5, camera=0.2,
                          hand_world=3.0)
     total, terms = losses.compute_losses(out, batch, weights)
     assert all(terms[name] > 0 for name in TERMS)
@@ -310,7 +312,7 @@ def test_total_is_the_weighted_sum_of_the_terms() -> None:
     assert float(total) == pytest.approx(expected, rel=1e-5)
 
 
-_FUNCTIONS = {"mano_params": "mano_params_loss", "keypoint_3d": "keypoint_3d_loss",
+_FUNCTIONS = {"mano_params": "mano_params_loss", "betas": "betas_loss", "keypoint_3d": "keypoint_3d_loss",
               "keypoint_2d": "keypoint_2d_loss", "temporal": "temporal_loss", "camera": "camera_loss",
               "hand_world": "hand_world_loss"}
 
