@@ -58,7 +58,8 @@ def test_labels_match_the_generators_ground_truth(synthetic_dataset, split):
         truth = synthetic_dataset.truth[ds.sequences[int(item["seq_index"])]]
         f = item["frame_index"].numpy()
         np.testing.assert_allclose(item["joints3d"].numpy(), truth["joints_cam"][f], atol=1e-5, rtol=0)
-        np.testing.assert_allclose(item["joints2d"].numpy(), _image_uv(truth["joints2d"][f]), atol=1e-3, rtol=0)
+        # rtol: labels come from float32 files, and joints far out of view sit where the lens magnifies errors.
+        np.testing.assert_allclose(item["joints2d"].numpy(), _image_uv(truth["joints2d"][f]), atol=1e-3, rtol=1e-5)
         np.testing.assert_allclose(item["rotmats"][:, :, 0].numpy(), truth["global_orient_cam"][f], atol=1e-5)
         np.testing.assert_allclose(item["betas"].numpy(), np.broadcast_to(truth["betas"], (len(f), 2, 10)), atol=1e-6)
         np.testing.assert_allclose(item["cam_R"].numpy(), truth["cam_R"][f], atol=1e-6)
@@ -147,7 +148,7 @@ def test_crop_keypoints_are_the_lens_projection_with_the_crop_intrinsics(synthet
         crop_K = item["crop_K"].double().numpy()
         for t, h in np.ndindex(joints.shape[:2]):
             uv, _ = cv2.projectPoints(joints[t, h], np.zeros(3), np.zeros(3), crop_K[t, h], truth["dist"])
-            np.testing.assert_allclose(item["crop_joints2d"][t, h].numpy(), uv[:, 0], atol=1e-3)
+            np.testing.assert_allclose(item["crop_joints2d"][t, h].numpy(), uv[:, 0], atol=1e-3, rtol=1e-5)
 
 
 @pytest.mark.parametrize("split", ["val", "test"])

@@ -1,4 +1,5 @@
-"""The mesh renderer: painter's order by depth, back faces culled, Lambert shading."""
+"""The renderer: textured planes ray-cast with parallax, meshes in painter's order by depth with back faces
+culled and Lambert shading."""
 
 from __future__ import annotations
 
@@ -6,7 +7,14 @@ import cv2
 import numpy as np
 import pytest
 
-from hawor_tune.data.render import box_mesh, clutter_background, draw_meshes, outward_faces
+from hawor_tune.data.render import (
+    Backdrop,
+    TexturedPlane,
+    box_mesh,
+    clutter_background,
+    draw_meshes,
+    outward_faces,
+)
 
 K = np.array([[50.0, 0.0, 31.5], [0.0, 50.0, 31.5], [0.0, 0.0, 1.0]])
 TOWARDS_CAMERA = np.array([0.0, 0.0, -1.0])
@@ -66,3 +74,60 @@ def test_outward_faces_fixes_inverted_winding_and_backdrop_is_deterministic():
     a = clutter_background(np.random.default_rng(1), 40, 30)
     assert a.shape == (30, 40, 3) and a.dtype == np.uint8 and a.std() > 10
     assert np.array_equal(a, clutter_background(np.random.default_rng(1), 40, 30))
+
+
+# A pinhole camera looking level (OpenCV axes, y down) over a floor FLOOR_DROP metres below it; the horizon
+# lies above the image (principal point row -20), so every row sees the floor, nearer further down.
+F, CX, CY, W, H = 100.0, 79.5, -20.0, 160, 100
+FLOOR_DROP = 0.3
+
+
+def _rays() -> np.ndarray:
+    u, v = np.meshgrid(np.arange(W, dtype=np.float64), np.arange(H, dtype=np.float64))
+    return np.stack([(u - CX) / F, (v - CY) / F]).astype(np.float32)  # (2, H, W)
+
+
+def _floor(texture: np.ndarray, texel: float = 0.002) -> TexturedPlane:
+    return TexturedPlane(origin=np.array([-0.6, FLOOR_DROP, 0.0]), u_axis=np.array([texel, 0.0, 0.0]),
+                         v_axis=np.array([0.0, 0.0, texel]), texture=texture)
+
+
+def _row_shift(a: np.ndarray, b: np.ndarray) -> float:
+    """The horizontal shift d (pixels, 0.02 steps) that best explains row b as row a moved: b(u) = a(u - d)."""
+    u = np.arange(a.size, dtype=np.float64)
+    inner = u[20:-20]
+    shifts = np.arange(-12.0, 4.0, 0.02)
+    errors = [np.abs(b[20:-20] - np.interp(inner - d, u, a)).mean() for d in shifts]
+    return float(shifts[int(np.argmin(errors))])
+
+
+def test_a_sideways_step_shifts_each_floor_row_by_its_disparity():
+    # Pure translation t along x, no rotation: a floor point at depth Z moves by -F t / Z pixels, and on a
+    # level floor Z = FLOOR_DROP / y, y = (v - CY) / F, so row v moves by -t (v - CY) / FLOOR_DROP.
+    noise = np.random.default_rng(0).integers(0, 256, (600, 600, 3)).astype(np.uint8)
+    backdrop = Backdrop([_floor(cv2.GaussianBlur(noise, (0, 0), 3))])
+    step = 0.02
+    a, depth = backdrop.draw(_rays(), np.eye(3), np.zeros(3), near=0.05)
+    b, _ = backdrop.draw(_rays(), np.eye(3), np.array([step, 0.0, 0.0]), near=0.05)
+    rows = np.arange(H)
+    np.testing.assert_allclose(depth[:, 80], FLOOR_DROP * F / (rows - CY), rtol=1e-5)
+    ga, gb = (cv2.cvtColor(i, cv2.COLOR_BGR2GRAY).astype(np.float64) for i in (a, b))
+    measured = np.array([_row_shift(ga[v], gb[v]) for v in (5, 30, 55, 80)])
+    expected = -step * (np.array([5, 30, 55, 80]) - CY) / FLOOR_DROP  # -1.67 ... -6.67 px
+    np.testing.assert_allclose(measured, expected, atol=0.15)
+    assert np.all(np.diff(measured) < -1.0)  # nearer rows move more
+
+
+def test_the_nearer_plane_hides_the_farther_one():
+    floor = _floor(np.full((10, 10, 3), (0, 200, 0), np.uint8))
+    wall = TexturedPlane(origin=np.array([-1.0, -1.0, 0.8]), u_axis=np.array([0.01, 0.0, 0.0]),
+                         v_axis=np.array([0.0, 0.01, 0.0]), texture=np.full((10, 10, 3), (200, 0, 0), np.uint8))
+    for planes in ([floor, wall], [wall, floor]):
+        image, depth = Backdrop(planes).draw(_rays(), np.eye(3), np.zeros(3), near=0.05)
+        floor_depth = FLOOR_DROP * F / (np.arange(H) - CY)  # (H,) the floor's depth per row
+        np.testing.assert_allclose(depth[:, 80], np.minimum(floor_depth, 0.8), rtol=1e-5)
+        behind = floor_depth > 0.81  # rows where the wall is in front
+        assert np.all(image[behind, 80] == (200, 0, 0)) and np.all(image[floor_depth < 0.79, 80] == (0, 200, 0))
+    # Looking up, away from both: nothing is hit.
+    image, depth = Backdrop([floor]).draw(-_rays() - [[[0.0]], [[1.0]]], np.eye(3), np.zeros(3), near=0.05)
+    assert not image.any() and np.isinf(depth).all()

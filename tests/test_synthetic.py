@@ -93,6 +93,7 @@ def test_hands_move_smoothly_in_front_of_the_camera_with_varied_orientation(synt
 
 
 def test_camera_moves_like_a_head(synthetic_dataset):
+    drifts = []
     for name, truth in synthetic_dataset.truth.items():
         R, t = truth["cam_R"], truth["cam_t"]
         centres = -np.einsum("fji,fj->fi", R, t)  # camera centres in the world
@@ -103,6 +104,9 @@ def test_camera_moves_like_a_head(synthetic_dataset):
         assert 0 < turn.max() < 30.0, name  # degrees per second
         forward = R[:, 2]  # optical axis in world coordinates (world z is up)
         assert np.all(forward[:, 2] < -math.sin(math.radians(20))), name  # looking forward-down
+        drifts.append(np.linalg.norm(centres - centres[0], axis=1).max())
+    # The head drifts a few centimetres in a sequence, which the room's parallax shows (tests/test_render.py).
+    assert 0.02 < np.median(drifts) < 0.12, drifts
 
 
 def test_same_seed_gives_byte_identical_files(tmp_path):
@@ -125,3 +129,17 @@ def test_refuses_to_write_into_a_non_empty_folder(tmp_path):
     with pytest.raises(FileExistsError, match=str(tmp_path)):
         generate(tmp_path, SyntheticConfig(subjects=3, sequences_per_subject=1, frames_per_sequence=40),
                  ManoConfig())
+
+
+def test_background_rays_invert_the_lens(synthetic_dataset):
+    # The room is ray-cast along these rays; projecting them back must land on the pixel centres, so the
+    # background obeys the same lens model as the hands.
+    from hawor_tune.data.synthetic import _pixel_rays
+
+    for truth in list(synthetic_dataset.truth.values())[:2]:
+        w, h = truth["image_size"]
+        rays = _pixel_rays(truth["K"], truth["dist"], (w, h)).astype(np.float64)  # (2, H, W)
+        points = np.concatenate([rays, np.ones((1, h, w))]).reshape(3, -1).T
+        uv, _ = cv2.projectPoints(points, np.zeros(3), np.zeros(3), truth["K"], truth["dist"])
+        u, v = np.meshgrid(np.arange(w), np.arange(h))
+        np.testing.assert_allclose(uv.reshape(h, w, 2), np.stack([u, v], axis=-1), atol=1e-3)

@@ -1,13 +1,16 @@
-"""A small OpenCV renderer for the synthetic dataset: filled, Lambert-shaded triangles drawn far to near
-(painter's algorithm), so several meshes occlude each other by depth, and cluttered backdrops.
+"""A small OpenCV renderer for the synthetic dataset: textured planes ray-cast per pixel (a room behind the
+hands), filled, Lambert-shaded triangles drawn far to near over them (painter's algorithm), so several
+meshes occlude each other by depth, and cluttered textures.
 
-Projection is the caller's job (it owns the lens model); :func:`draw_meshes` takes camera-frame vertices
-for depth and shading and their projected pixels for drawing.
+Projection is the caller's job (it owns the lens model): :func:`draw_meshes` takes camera-frame vertices
+for depth and shading and their projected pixels for drawing; :class:`Backdrop` takes every pixel's ray.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -48,6 +51,84 @@ def outward_faces(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     return faces if volume >= 0 else faces[:, [0, 2, 1]]
 
 
+@dataclass(frozen=True)
+class TexturedPlane:
+    """An unbounded flat surface: the world point ``origin + a * u_axis + b * v_axis`` shows the texture at
+    column ``a``, row ``b`` (bilinear); past the texture's edges it repeats, mirrored."""
+
+    origin: np.ndarray  # (3,) world position of texel (0, 0), metres
+    u_axis: np.ndarray  # (3,) world step of one texel along a row; orthogonal to v_axis
+    v_axis: np.ndarray  # (3,) world step of one texel down a column
+    texture: np.ndarray  # (h, w, 3) uint8 BGR
+
+
+class Backdrop:
+    """Textured planes, packed once, then drawn for any camera pose by casting every pixel's ray: exact for
+    any lens, so a moving camera sees nearer surfaces shift more (parallax).
+
+    Args:
+        planes: the surfaces; where two overlap in view, the nearer shows.
+    """
+
+    def __init__(self, planes: Sequence[TexturedPlane]) -> None:
+        # One atlas for one cv2.remap per frame; each texture padded by a replicated texel so that bilinear
+        # reads at its edges stay inside it.
+        padded = [cv2.copyMakeBorder(p.texture, 1, 1, 1, 1, cv2.BORDER_REPLICATE) for p in planes]
+        self._atlas = np.zeros((sum(t.shape[0] for t in padded), max(t.shape[1] for t in padded), 3), np.uint8)
+        self._geometry = []  # per plane: normal, world -> texel dual axes (2, 3), origin, size, atlas row
+        row = 0
+        for plane, tex in zip(planes, padded):
+            self._atlas[row:row + tex.shape[0], :tex.shape[1]] = tex
+            u, v = (np.asarray(a, np.float64) for a in (plane.u_axis, plane.v_axis))
+            duals = np.stack([u / (u @ u), v / (v @ v)])  # dot with these: metres -> texels
+            h, w = plane.texture.shape[:2]
+            self._geometry.append((np.cross(u, v), duals, np.asarray(plane.origin, np.float64), (w, h), row + 1))
+            row += tex.shape[0]
+
+    def draw(self, rays: np.ndarray, R: np.ndarray, centre: np.ndarray,
+             near: float) -> tuple[np.ndarray, np.ndarray]:
+        """The planes seen by one camera.
+
+        Args:
+            rays: (2, H, W) float32 x/z and y/z of each pixel's camera-frame ray (the inverse lens model).
+            R: (3, 3) world-to-camera rotation.
+            centre: (3,) camera centre, world.
+            near: hits at a depth (camera z) below this are ignored.
+
+        Returns:
+            (H, W, 3) uint8 image, black where no plane is met, and (H, W) float32 depth (camera z; inf
+            where none).
+        """
+        x, y = np.asarray(rays, np.float32)  # (H, W) each
+        depth = np.full(x.shape, np.inf, np.float32)
+        map_x = np.full(x.shape, -8.0, np.float32)  # off the atlas: black
+        map_y = map_x.copy()
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            for normal, duals, origin, (w, h), row in self._geometry:
+                rel = np.asarray(centre, np.float64) - origin  # (3,) camera centre from the texture origin
+                # A camera-frame ray d runs along R^T d in the world: its dot with world vector a is d . (R a).
+                n, du, dv = (R @ np.stack([normal, *duals], axis=1)).T.astype(np.float32)  # (3,) each
+                s = np.float32(-(rel @ normal)) / (x * n[0] + y * n[1] + n[2])  # (H, W) depth of the hit
+                hit = (s > near) & (s < depth)
+                tx = np.float32(rel @ duals[0]) + s * (x * du[0] + y * du[1] + du[2])
+                ty = np.float32(rel @ duals[1]) + s * (x * dv[0] + y * dv[1] + dv[2])
+                map_x = np.where(hit, _mirror(tx, w) + 1, map_x)
+                map_y = np.where(hit, _mirror(ty, h) + row, map_y)
+                depth = np.where(hit, s, depth)
+        image = cv2.remap(self._atlas, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+        return image, depth
+
+
+def _mirror(t: np.ndarray, n: int) -> np.ndarray:
+    """Texel coordinates folded into [-0.5, n - 0.5], the texture repeating mirrored (cv2.BORDER_REFLECT)."""
+    q = (t + np.float32(0.5)) * np.float32(0.5 / n)  # in texture periods of 2 n
+    q -= np.floor(q)
+    q *= np.float32(2 * n)
+    q -= np.float32(n)
+    np.abs(q, out=q)
+    return np.float32(n - 0.5) - q
+
+
 def draw_meshes(image: np.ndarray, vertices: np.ndarray, uv: np.ndarray, faces: np.ndarray,
                 colors: np.ndarray, light: np.ndarray, drawable: np.ndarray, ambient: float = 0.35) -> None:
     """Draw triangles into ``image`` in place, far to near, back faces culled.
@@ -85,8 +166,16 @@ def draw_meshes(image: np.ndarray, vertices: np.ndarray, uv: np.ndarray, faces: 
         cv2.fillConvexPoly(image, points[i], shaded[i], cv2.LINE_8, _SHIFT)
 
 
-def clutter_background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
-    """A random (H, W, 3) uint8 BGR backdrop: a colour gradient, blotchy noise, rectangles, fine grain."""
+def clutter_background(rng: np.random.Generator, width: int, height: int, patches: tuple[int, int] = (3, 9),
+                       patch_size: tuple[float, float] = (0.05, 0.4)) -> np.ndarray:
+    """A random (H, W, 3) uint8 BGR backdrop: a colour gradient, blotchy noise, rectangles, fine grain.
+
+    Args:
+        rng: the random source.
+        width, height: size in pixels.
+        patches: range (low inclusive, high exclusive) of the number of translucent rectangles.
+        patch_size: range of their sides, as a share of the backdrop's width and height.
+    """
     a, b = rng.uniform(20, 235, (2, 3))
     angle = rng.uniform(0, 2 * math.pi)
     y, x = np.mgrid[0:height, 0:width]
@@ -97,8 +186,8 @@ def clutter_background(rng: np.random.Generator, width: int, height: int) -> np.
     image += 30.0 * blotches
     # A few translucent patches (things on a table), not a wall of high-contrast clutter: the hands stay
     # the most salient thing in view, as in egocentric manipulation footage.
-    for _ in range(int(rng.integers(3, 9))):
-        w, h = rng.uniform(0.05, 0.4, 2) * (width, height)
+    for _ in range(int(rng.integers(*patches))):
+        w, h = rng.uniform(*patch_size, 2) * (width, height)
         x0, y0 = rng.uniform(0, 1, 2) * (width, height) - (w / 2, h / 2)
         alpha = rng.uniform(0.2, 0.6)
         x0i, y0i = max(0, int(x0)), max(0, int(y0))

@@ -10,7 +10,9 @@ drifts and turns a little, looking forward-down at two hands working 0.25-0.55 m
 follow smooth random paths, global orientations swing up to +-60 degrees around palm-down, fingers move
 along the first six pose-space directions around the mean hand. Some sequences steer one hand out of view
 for a while and some move a box between the camera and a hand, so hands are sometimes invalid or hidden.
-Frames are rendered by :mod:`hawor_tune.data.render` over a textured background that moves with the head.
+Frames are rendered by :mod:`hawor_tune.data.render`: hands and box over a room at finite depth (a cluttered
+table just under the hands and a back wall 0.7-1.3 m ahead), ray-cast per pixel through the lens with the
+full camera pose, so the head's few centimetres of drift show as parallax, not only its turns.
 
 Everything is drawn from ``numpy.random.SeedSequence(seed)``: the same seed gives byte-identical files.
 """
@@ -30,7 +32,14 @@ import numpy as np
 import torch
 
 from hawor_tune.config import ManoConfig, SyntheticConfig
-from hawor_tune.data.render import box_mesh, clutter_background, draw_meshes, outward_faces
+from hawor_tune.data.render import (
+    Backdrop,
+    TexturedPlane,
+    box_mesh,
+    clutter_background,
+    draw_meshes,
+    outward_faces,
+)
 from hawor_tune.mano import HANDS, MANOLayer, build_mano
 
 FPS = 30.0
@@ -38,7 +47,7 @@ FPS = 30.0
 # (a hand leaving the view) are placed between them.
 EDGE_FRAMES = 10
 MARKER = ".synthetic.json"  # written last; records what was generated (not part of ARCTIC's layout)
-GENERATOR_VERSION = 6
+GENERATOR_VERSION = 7
 JPEG_QUALITY = 90
 NEAR = 0.05  # metres; nothing closer to the camera is drawn
 EDGE_TAN = 0.55  # tan of the half field of view across the width (about 58 degrees in all)
@@ -120,7 +129,7 @@ def _make_subject(rng: np.random.Generator, width: int, height: int) -> dict[str
             "world2cam": [m.round(6).tolist() for m in ring],
             "ioi_offset": ioi_offset}
     return {"betas": betas, "skin": skin, "K": K, "dist": dist, "max_r2": max_r2, "ioi_offset": ioi_offset,
-            "size": (width, height), "misc": misc}
+            "size": (width, height), "rays": _pixel_rays(K, dist, (width, height)), "misc": misc}
 
 
 def _make_lens(rng: np.random.Generator, width: int, height: int) -> tuple[np.ndarray, np.ndarray, float]:
@@ -229,7 +238,6 @@ class _Head:
     pitch: float  # nominal downward tilt, radians
     R_wc0: np.ndarray  # (3, 3) nominal camera-to-world rotation
     position: np.ndarray  # (3,) nominal camera centre, world (z up, metres)
-    turn: np.ndarray  # (F, 3, 3) directions in the nominal camera -> the current one, transposed
     cam_R: np.ndarray  # (F, 3, 3) world-to-camera
     cam_t: np.ndarray  # (F, 3)
 
@@ -244,15 +252,18 @@ class _Head:
 
 
 def _head_motion(rng: np.random.Generator, t: np.ndarray) -> _Head:
-    """A nominal pose looking forward-down, plus small smooth turns and shifts of a few degrees and cm."""
+    """A nominal pose looking forward-down, plus small smooth turns and shifts of a few degrees and cm.
+
+    The shifts (about 6 cm over a sequence at about 10 cm/s, as a seated person's head sways while working)
+    are what the room's parallax reveals."""
     pitch = math.radians(rng.uniform(38.0, 52.0))
     R_wc0 = _camera_axes(rng.uniform(-math.pi, math.pi), pitch)
     position = np.array([*rng.uniform(-1.0, 1.0, 2), rng.uniform(1.45, 1.75)])
     turn = _rotmats(_smooth(rng, t, 3, (0.05, 0.4)) * np.radians([3.0, 5.0, 2.0]))  # pitch, yaw, roll
-    shift = _smooth(rng, t, 3, (0.05, 0.4)) * np.array([0.03, 0.02, 0.03])  # (F, 3) metres
+    shift = _smooth(rng, t, 3, (0.1, 0.6)) * np.array([0.05, 0.03, 0.05])  # (F, 3) metres
     cam_R = np.einsum("fji,jk->fik", turn, R_wc0.T)  # (F, 3, 3) = (R_wc0 turn)^T
     cam_t = -np.einsum("fij,fj->fi", cam_R, position + shift @ R_wc0.T)
-    return _Head(pitch, R_wc0, position, turn, cam_R, cam_t)
+    return _Head(pitch, R_wc0, position, cam_R, cam_t)
 
 
 def _hand_motion(rng: np.random.Generator, t: np.ndarray, layer: MANOLayer, axes: np.ndarray, betas: np.ndarray,
@@ -326,8 +337,9 @@ def _write_sequence(root: Path, sid: str, name: str, rng: np.random.Generator, s
     z = np.maximum(scene[..., 2], 1e-9)
     drawable = (scene[..., 2] > NEAR) & ((scene[..., 0] ** 2 + scene[..., 1] ** 2) / z**2 <= subject["max_r2"])
     faces, colors = _scene_faces(layers, box_f, subject["skin"], rng)
-    _render_frames(root / "images" / sid / name / "0", rng, uv, scene, faces, colors, drawable, head.turn, K,
-                   subject["size"], subject["ioi_offset"])
+    room = _make_room(rng, head, texel=float(np.clip(0.8 / K[0, 0], 0.002, 0.01)))  # a pixel's width at 0.8 m
+    _render_frames(root / "images" / sid / name / "0", rng, uv, scene, faces, colors, drawable, head, room,
+                   subject["rays"], subject["ioi_offset"])
 
     # ARCTIC's files, float32 as ARCTIC stores them.
     raw = root / "raw_seqs" / sid
@@ -370,22 +382,50 @@ def _scene_faces(layers: tuple[MANOLayer, MANOLayer], box_f: np.ndarray, skin: n
     return np.concatenate(faces), np.concatenate(colors)
 
 
-def _render_frames(folder: Path, rng: np.random.Generator, uv: np.ndarray, scene: np.ndarray, faces: np.ndarray,
-                   colors: np.ndarray, drawable: np.ndarray, dR: np.ndarray, K: np.ndarray,
-                   size: tuple[int, int], ioi_offset: int) -> None:
-    """Render and write every frame; the background turns with the head as a far-away scene would."""
+def _make_room(rng: np.random.Generator, head: _Head, texel: float) -> Backdrop:
+    """A cluttered table a few cm under the nominal wrists and a back wall 0.7-1.3 m ahead of the head,
+    turned up to 20 degrees from square; ``texel`` is the textures' resolution in metres."""
+    ahead = head.R_wc0[:, 2] * [1.0, 1.0, 0.0]
+    ahead /= np.linalg.norm(ahead)
+    up = np.array([0.0, 0.0, 1.0])
+    wrist_drop = 0.06 * math.cos(head.pitch) + 0.33 * math.sin(head.pitch)  # nominal wrist below the eye
+    floor = head.position - (wrist_drop + rng.uniform(0.03, 0.08)) * up  # table point under the eye
+    # Things on the table 3-25 cm across; the texture spans what the head can see of it, mirrored beyond.
+    right = np.cross(ahead, up)
+    table = TexturedPlane(origin=floor + 1.4 * ahead - 1.1 * right, u_axis=texel * right, v_axis=-texel * ahead,
+                          texture=clutter_background(rng, round(2.2 / texel), round(1.5 / texel), (12, 30),
+                                                     (0.02, 0.12)))
+    yaw = math.radians(rng.uniform(-20.0, 20.0))
+    normal = math.cos(yaw) * ahead + math.sin(yaw) * right
+    across = np.cross(normal, up)
+    top = head.position + rng.uniform(0.7, 1.3) * normal + 0.4 * up  # 0.4 m above the eye, centred
+    height = top[2] - floor[2] + 0.05
+    wall = TexturedPlane(origin=top - 1.4 * across, u_axis=texel * across, v_axis=-texel * up,
+                         texture=clutter_background(rng, round(2.8 / texel), round(height / texel), (4, 10)))
+    return Backdrop([table, wall])
+
+
+def _pixel_rays(K: np.ndarray, dist: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(2, H, W) float32 x/z and y/z of the camera-frame ray through each pixel centre: the lens model
+    inverted, so surfaces ray-cast along them land where :func:`_project` puts points."""
     width, height = size
-    margin = int(0.25 * max(width, height))
-    canvas = clutter_background(rng, width + 2 * margin, height + 2 * margin)
+    pix = np.stack(np.meshgrid(np.arange(width, dtype=np.float64), np.arange(height, dtype=np.float64)), axis=-1)
+    criteria = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 100, 1e-12)
+    xy = cv2.undistortPoints(pix.reshape(-1, 1, 2), K, dist, R=np.eye(3), P=np.eye(3), criteria=criteria)
+    return np.ascontiguousarray(xy.reshape(height, width, 2).transpose(2, 0, 1), dtype=np.float32)
+
+
+def _render_frames(folder: Path, rng: np.random.Generator, uv: np.ndarray, scene: np.ndarray, faces: np.ndarray,
+                   colors: np.ndarray, drawable: np.ndarray, head: _Head, room: Backdrop, rays: np.ndarray,
+                   ioi_offset: int) -> None:
+    """Render and write every frame: the room seen with each frame's full camera pose, then the meshes,
+    which are always in front of it."""
     light = np.array([rng.uniform(-0.6, 0.6), -1.0, rng.uniform(-0.8, -0.2)])
     light /= np.linalg.norm(light)
-    shift = np.array([[1.0, 0.0, -margin], [0.0, 1.0, -margin], [0.0, 0.0, 1.0]])
-    K_inv = np.linalg.inv(K)
+    centres = -np.einsum("fji,fj->fi", head.cam_R, head.cam_t)  # (F, 3) camera centres, world
     folder.mkdir(parents=True, exist_ok=True)
     for f in range(len(uv)):
-        H = K @ dR[f].T @ K_inv @ shift  # canvas pixel -> pixel of the turned camera
-        image = cv2.warpPerspective(canvas, H, (width, height), flags=cv2.INTER_LINEAR,
-                                    borderMode=cv2.BORDER_REFLECT)
+        image, _ = room.draw(rays, head.cam_R[f], centres[f], NEAR)
         draw_meshes(image, scene[f], uv[f], faces, colors, light, drawable[f])
         cv2.imwrite(str(folder / f"{f + ioi_offset:05d}.jpg"), image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
 
