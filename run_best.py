@@ -32,6 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--trials", help="a search's trials.parquet (its folder is the experiment)")
     src.add_argument("--config", help="train this experiment config instead of a search's best")
     src.add_argument("--eval-only", metavar="MODEL", help="evaluate a saved model.pt on test and report")
+    p.add_argument("--objective", metavar="METRIC",
+                   help="rank by this objective of a multi-objective search (default: its first metric)")
+    p.add_argument("--trial", metavar="ID", help="retrain this trial of the search instead of the best")
     p.add_argument("--storage", default="./results", help="where searches live (default: %(default)s)")
     p.add_argument("--epochs", type=int, help="epochs to train (default: the base config's full budget)")
     p.add_argument("--train-on-val", action="store_true", help="fold the validation split into training")
@@ -41,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="extra config override (repeatable)")
     args = p.parse_args(argv)
+    if (args.trial or args.objective) and (args.config or args.eval_only):
+        p.error("--trial and --objective choose a search's trial; they do not go with --config or --eval-only")
     if args.epochs is not None and args.epochs < 1:
         p.error(f"--epochs must be >= 1, got {args.epochs}")
     return args
@@ -89,13 +94,21 @@ def _run(args: argparse.Namespace) -> int:
     else:
         exp = load_experiment(experiment=args.experiment, trials=args.trials) if (args.experiment or args.trials) \
             else load_experiment(experiment=find_latest_experiment(args.storage))
-        trial, value, epoch = choose_best_trial(exp)
+        space = exp.record.space
+        if space.is_multi_objective and args.trial is None:
+            ranked = args.objective or space.metric
+            print(f"multi-objective search over {', '.join(space.metrics)}: of the Pareto-optimal trials, "
+                  f"retraining the best in {ranked}" + ("" if args.objective else " (the first objective; "
+                  "--objective METRIC ranks by another, --trial ID picks one)"))
+        trial, value, epoch = choose_best_trial(exp, objective=args.objective, trial_id=args.trial)
+        metric = args.objective or space.metric
         out = Path(args.out).resolve() if args.out else exp.directory / "best"
         overrides["train.out_dir"] = str(out / "run")
         cfg = best_config(exp, trial, overrides=overrides)
         params = {p: trial.get(f"param/{p}") for p in exp.record.space.params}
         chosen = {"trial_id": trial["trial_id"], "params": params, "value": value, "epoch": epoch}
-        print(f"best trial {trial['trial_id']} of {exp.directory.name}: {exp.metric} = {value:.3f} "
+        what = "trial" if args.trial else "best trial"
+        print(f"{what} {trial['trial_id']} of {exp.directory.name}: {metric} = {value:.3f} "
               f"at epoch {epoch}; params {params}")
         print(f"retraining for {cfg.train.epochs} epochs into {out}")
 

@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="override the base training config, e.g. --set train.epochs=4 (repeatable)")
     p.add_argument("--address", help="join this Ray cluster (e.g. auto, or ray://host:10001) instead of starting one")
     p.add_argument("--resume", action="store_true", help="continue the named (or latest) experiment")
+    p.add_argument("--verbose", action="store_true",
+                   help="Ray Tune's own output (every result of every trial) instead of the compact live table")
     p.add_argument("--dashboard-port", type=int, default=8265, help="local dashboard port (default: %(default)s)")
     return p.parse_args(argv)
 
@@ -95,6 +97,10 @@ def print_summary(experiment_dir: Path, metric: str, mode: str) -> None:
             print(f"  {k[len('param/'):]} = {_fmt(best[k])}")
     else:
         print(f"\nno trial completed an epoch with a finite {metric} (errored and diverged trials skipped)")
+    pareto = [r["trial_id"] for r in rows if r.get("pareto")]
+    if "pareto" in (rows[0] if rows else {}):
+        print(f"Pareto-optimal trials ({len(pareto)}): {', '.join(pareto) or 'none'} (run_best.py --objective or "
+              f"--trial picks one)")
     stopped = [r for r in rows if r["stopped_early"]]
     at = sorted(r["stopped_at_epoch"] for r in stopped)
     print(f"ASHA stopped {len(stopped)} of {len(rows)} trials" + (f" (at epochs {at})" if at else ""))
@@ -103,6 +109,9 @@ def print_summary(experiment_dir: Path, metric: str, mode: str) -> None:
         print(f"{len(unfinished)} trials did not finish (search interrupted): continue with "
               f"python run_search.py --space <space> --name {experiment_dir.name} --resume")
     print(f"trials: {experiment_dir / TRIALS_FILE}\nepochs: {experiment_dir / EPOCHS_FILE}")
+    study = experiment_dir / "optuna_journal.log"
+    if study.is_file():
+        print(f"optuna: optuna-dashboard {study}")
     print(f"next:   python run_best.py --experiment {experiment_dir}")
 
 
@@ -147,7 +156,7 @@ def _search(args: argparse.Namespace) -> int:
         print(f"Ray dashboard: {url}  (access token: run `ray get-auth-token`; paste it when the page asks)")
     print(f"experiment: {storage / name}")
     outcome = run_search(space, storage=storage, name=name, resume=args.resume, address=args.address,
-                         dashboard_port=args.dashboard_port)
+                         dashboard_port=args.dashboard_port, verbose=1 if args.verbose else 0)
     print_summary(outcome.experiment_dir, space.metric, space.mode)
     return 0
 

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,7 +127,8 @@ def _finite(x: Any) -> bool:
 
 
 def summarize_trials(epoch_rows: list[Mapping[str, Any]], trial_meta: Mapping[str, Mapping[str, Any]], *,
-                     metric: str, mode: str, max_epochs: int, param_paths: Iterable[str]) -> list[dict[str, Any]]:
+                     metric: str, mode: str, max_epochs: int, param_paths: Iterable[str],
+                     objectives: Sequence[tuple[str, str]] = ()) -> list[dict[str, Any]]:
     """One row per trial from its epoch rows and its metadata.
 
     Args:
@@ -138,16 +139,20 @@ def summarize_trials(epoch_rows: list[Mapping[str, Any]], trial_meta: Mapping[st
         max_epochs: the epochs a trial runs when nobody stops it; a finished trial with fewer epochs that did
             not diverge was stopped early by the scheduler (ASHA).
         param_paths: the searched parameters; each becomes a ``param/<path>`` column.
+        objectives: (metric, mode) of every objective of a multi-objective search (``metric``/``mode`` are
+            the first); each objective's best takes its own mode.
 
     Returns:
         Rows with: trial_id, status, param/<path>..., epochs, stopped_early, stopped_at_epoch, diverged,
-        best/<m> and last/<m> for every reported metric m (best = min, or the search's mode for its metric),
-        best_epoch (the first epoch that reached best/<metric>), wall_time_s, checkpoint.
+        best/<m> and last/<m> for every reported metric m (best = min, or the search's mode for its
+        objectives), best_epoch (the first epoch that reached best/<metric>), wall_time_s, checkpoint; with
+        two or more objectives also ``pareto`` (:func:`pareto_optimal`).
     """
     by_trial: dict[str, list[Mapping[str, Any]]] = {}
     for r in epoch_rows:
         by_trial.setdefault(str(r["trial_id"]), []).append(r)
     pick = max if mode == "max" else min
+    picks = {metric: pick, **{m: max if md == "max" else min for m, md in objectives}}
     out = []
     for trial_id in sorted(set(trial_meta) | set(by_trial)):
         meta = trial_meta.get(trial_id, {})
@@ -168,7 +173,7 @@ def summarize_trials(epoch_rows: list[Mapping[str, Any]], trial_meta: Mapping[st
             finite = [v for v in values if _finite(v)]
             row[f"last/{m}"] = values[-1] if values else None
             if m not in _NO_BEST:
-                row[f"best/{m}"] = (pick if m == metric else min)(finite) if finite else None
+                row[f"best/{m}"] = picks.get(m, min)(finite) if finite else None
         scored = [(r[metric], int(r["epoch"])) for r in rows if _finite(r.get(metric)) and not r.get("diverged")]
         if scored:
             best_value = pick(v for v, _ in scored)
@@ -179,7 +184,41 @@ def summarize_trials(epoch_rows: list[Mapping[str, Any]], trial_meta: Mapping[st
         row["checkpoint"] = meta.get("checkpoint")
         row["error"] = meta.get("error")
         out.append(row)
+    if len(objectives) > 1:
+        for row, optimal in zip(out, pareto_optimal(out, objectives)):
+            row["pareto"] = optimal
     return out
+
+
+def pareto_optimal(rows: Sequence[Mapping[str, Any]], objectives: Sequence[tuple[str, str]]) -> list[bool]:
+    """Which trials are Pareto-optimal over their ``best/<metric>`` values of every objective.
+
+    A trial counts unless it errored, diverged or lacks a finite best value of some objective (the rule of
+    :func:`best_trial`); it is Pareto-optimal when no counting trial is at least as good in every objective
+    and better in one. Trials with identical values are all optimal.
+
+    Args:
+        rows: trial rows (:func:`summarize_trials`).
+        objectives: (metric, mode) pairs, mode ``min`` or ``max``.
+
+    Returns:
+        One flag per row, in order.
+    """
+    def point(r: Mapping[str, Any]) -> tuple[float, ...] | None:
+        if r.get("status") == "ERROR" or r.get("diverged"):
+            return None
+        values = [r.get(f"best/{m}") for m, _ in objectives]
+        if not all(_finite(v) for v in values):
+            return None
+        return tuple(v if md == "min" else -v for v, (_, md) in zip(values, objectives))
+
+    points = [point(r) for r in rows]
+    usable = [p for p in points if p is not None]
+
+    def dominated(p: tuple[float, ...]) -> bool:
+        return any(all(a <= b for a, b in zip(q, p)) and q != p for q in usable)
+
+    return [p is not None and not dominated(p) for p in points]
 
 
 def best_trial(rows: Iterable[Mapping[str, Any]], metric: str, mode: str) -> Mapping[str, Any] | None:

@@ -96,19 +96,54 @@ def load_experiment(*, experiment: str | os.PathLike | None = None,
     return Experiment(directory, record, table.to_pylist(), epochs)
 
 
-def choose_best_trial(exp: Experiment) -> tuple[dict[str, Any], float, int]:
-    """The experiment's best trial by :func:`hawor_tune.results.best_trial`, the rule the search summary
-    prints too (errored and diverged trials and non-finite values skipped; ties to fewer epochs, then the
-    smaller trial id).
+def choose_best_trial(exp: Experiment, *, objective: str | None = None,
+                      trial_id: str | None = None) -> tuple[dict[str, Any], float, int]:
+    """The trial to retrain: by default the experiment's best by :func:`hawor_tune.results.best_trial`, the
+    rule the search summary prints too (errored and diverged trials and non-finite values skipped; ties to
+    fewer epochs, then the smaller trial id).
+
+    A multi-objective search has no single best: its candidates are the Pareto-optimal trials (the ``pareto``
+    column of trials.parquet), and of those the best in ``objective`` (default: the space's first metric)
+    wins by the same rule; the best trial in one objective is always on the front.
+
+    Args:
+        exp: the experiment.
+        objective: one of the space's metrics to rank by (default: its first).
+        trial_id: retrain exactly this trial instead (it must have a finite value of the objective).
 
     Returns:
-        (trial row, best value, epoch at which it was reached)
+        (trial row, its best value of the objective, the first epoch that reached it)
+
+    Raises:
+        SelectionError: an unknown objective or trial, or no usable trial.
     """
-    best = best_trial(exp.trials, exp.metric, exp.mode)
-    if best is None:
-        raise SelectionError(f"{exp.directory}: no trial completed an epoch with a finite {exp.metric} "
-                             f"(errored and diverged trials are skipped)")
-    return dict(best), float(best[f"best/{exp.metric}"]), int(best["best_epoch"])
+    space = exp.record.space
+    metric = objective or space.metric
+    if metric not in space.metrics:
+        raise SelectionError(f"--objective {metric}: not an objective of {exp.directory.name}; use one of "
+                             f"{', '.join(space.metrics)}")
+    mode = dict(space.objectives)[metric]
+    if trial_id is not None:
+        rows = [r for r in exp.trials if str(r["trial_id"]) == trial_id]
+        if not rows:
+            raise SelectionError(f"--trial {trial_id}: no such trial in {exp.directory / TRIALS_FILE}; its trials "
+                                 f"are {', '.join(str(r['trial_id']) for r in exp.trials)}")
+        best = best_trial(rows, metric, mode)
+        if best is None:
+            raise SelectionError(f"--trial {trial_id}: it errored, diverged or has no finite {metric}; "
+                                 f"choose another trial")
+    else:
+        candidates = [r for r in exp.trials if r.get("pareto")] if space.is_multi_objective else exp.trials
+        best = best_trial(candidates, metric, mode)
+        if best is None:
+            raise SelectionError(f"{exp.directory}: no trial completed an epoch with a finite {metric} "
+                                 f"(errored and diverged trials are skipped)")
+    value = float(best[f"best/{metric}"])
+    if metric == space.metric:
+        return dict(best), value, int(best["best_epoch"])
+    epoch = min((int(r["epoch"]) for r in exp.epochs
+                 if r["trial_id"] == best["trial_id"] and r.get(metric) == value), default=0)
+    return dict(best), value, epoch
 
 
 def best_config(exp: Experiment, trial: dict[str, Any], *, overrides: dict[str, Any]) -> ExperimentConfig:

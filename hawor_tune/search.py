@@ -68,7 +68,7 @@ def train_trial(params: dict[str, Any], space: SearchSpace) -> None:
     if result.status == "diverged":
         # An infinite objective tells ASHA and Optuna this configuration is bad; the row is flagged diverged.
         tune.report({"diverged": True, "epoch": float(result.epochs_run + 1), "node_id": node_id,
-                     space.metric: math.inf})
+                     **{m: math.inf if mode == "min" else -math.inf for m, mode in space.objectives}})
 
 
 def prepare_data(cfg: ExperimentConfig) -> None:
@@ -103,7 +103,9 @@ def _searcher(space: SearchSpace) -> Any:
                                          n_startup_trials=max(2, min(10, space.num_samples // 3)))
     # Given its space up front, OptunaSearch ignores TuneConfig's metric/mode, so it gets them here too
     # (both from the one search-space file).
-    searcher = OptunaSearch(space=optuna_distributions(space.params), metric=space.metric, mode=space.mode,
+    # With lists of metrics and modes (a multi-objective space) TPE is Optuna's multi-objective TPE.
+    metric, mode = (list(space.metrics), list(space.modes)) if space.is_multi_objective else (space.metric, space.mode)
+    searcher = OptunaSearch(space=optuna_distributions(space.params), metric=metric, mode=mode,
                             points_to_evaluate=first_point, sampler=sampler)
     return ConcurrencyLimiter(searcher, max_concurrent=space.max_concurrent)
 
@@ -184,9 +186,10 @@ class ParquetExporter(Callback):
     up to its last finished epoch, and on resume it reloads what the files already hold."""
 
     def __init__(self, experiment_dir: str | os.PathLike, *, metric: str, mode: str, max_epochs: int,
-                 param_paths: Iterable[str]) -> None:
+                 param_paths: Iterable[str], objectives: Iterable[tuple[str, str]] = ()) -> None:
         self.experiment_dir = str(experiment_dir)
         self.metric, self.mode, self.max_epochs = metric, mode, max_epochs
+        self.objectives = list(objectives)
         self.param_paths = list(param_paths)
         self._epochs: dict[tuple[str, int], dict[str, Any]] = {}
         self._meta: dict[str, dict[str, Any]] = {}
@@ -294,12 +297,26 @@ class ParquetExporter(Callback):
         epochs = [self._epochs[k] for k in sorted(self._epochs)]
         write_parquet_atomic(epochs, directory / EPOCHS_FILE)
         trials = summarize_trials(epochs, self._meta, metric=self.metric, mode=self.mode,
-                                  max_epochs=self.max_epochs, param_paths=self.param_paths)
+                                  max_epochs=self.max_epochs, param_paths=self.param_paths,
+                                  objectives=self.objectives)
         write_parquet_atomic(trials, directory / TRIALS_FILE)
 
 
+def _record_callbacks(space: SearchSpace, exp_dir: Path, verbose: int) -> list[Callback]:
+    """The callbacks besides the parquet exporter: the Optuna study on disk and, unless Ray prints, the live table."""
+    from hawor_tune.console import LiveConsole
+    from hawor_tune.optuna_study import OptunaStudyRecorder
+
+    max_epochs = space.base_config.train.epochs
+    callbacks: list[Callback] = [OptunaStudyRecorder(exp_dir, objectives=space.objectives, max_epochs=max_epochs,
+                                                     distributions=optuna_distributions(space.params))]
+    if not verbose:
+        callbacks.append(LiveConsole(objectives=space.objectives, max_epochs=max_epochs, param_paths=space.params))
+    return callbacks
+
+
 def run_search(space: SearchSpace, *, storage: str | os.PathLike, name: str, resume: bool = False,
-               address: str | None = None, dashboard_port: int = 8265, verbose: int = 1) -> SearchOutcome:
+               address: str | None = None, dashboard_port: int = 8265, verbose: int = 0) -> SearchOutcome:
     """Run (or resume) a search; results land in ``<storage>/<name>``.
 
     Args:
@@ -309,6 +326,8 @@ def run_search(space: SearchSpace, *, storage: str | os.PathLike, name: str, res
         resume: continue ``<storage>/<name>`` with ``Tuner.restore``; finished trials are not run again.
         address: join this Ray cluster instead of starting a local one.
         dashboard_port: port of the embedded dashboard (bound to 127.0.0.1).
+        verbose: 0 prints the compact live table (:mod:`hawor_tune.console`); 1 or 2 Ray Tune's own output
+            at that verbosity instead (every reported result of every trial).
     """
     storage = check_storage(storage)
     exp_dir = check_resumable(storage, name, label="resume") if resume else storage / name
@@ -318,7 +337,9 @@ def run_search(space: SearchSpace, *, storage: str | os.PathLike, name: str, res
         start_ray(address, dashboard_port)
     trainable = _trainable(space)
     exporter = ParquetExporter(exp_dir, metric=space.metric, mode=space.mode,
-                               max_epochs=space.base_config.train.epochs, param_paths=list(space.params))
+                               max_epochs=space.base_config.train.epochs, param_paths=list(space.params),
+                               objectives=space.objectives if space.is_multi_objective else ())
+    callbacks = [exporter, *_record_callbacks(space, exp_dir, verbose)]
     if resume:
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
     else:
@@ -333,7 +354,7 @@ def run_search(space: SearchSpace, *, storage: str | os.PathLike, name: str, res
                 search_alg=_searcher(space), scheduler=_scheduler(space),
                 max_concurrent_trials=space.max_concurrent, reuse_actors=True),
             run_config=tune.RunConfig(
-                name=name, storage_path=str(storage), verbose=verbose, callbacks=[exporter],
+                name=name, storage_path=str(storage), verbose=verbose, callbacks=callbacks,
                 failure_config=tune.FailureConfig(max_failures=2),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=space.metric,
                                                         checkpoint_score_order=space.mode)),

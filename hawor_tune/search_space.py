@@ -1,7 +1,8 @@
 """Search-space files: the YAML contract of a hyperparameter search, checked before Ray starts.
 
 A search-space file names the training config the trials start from (``base``, relative to the file),
-fixed dotted ``overrides``, the ``metric`` every trial reports and its ``mode``, the trial budget
+fixed dotted ``overrides``, the ``metric`` every trial reports and its ``mode`` (or lists of both: a
+multi-objective search), the trial budget
 (``num_samples``, ``max_concurrent``), the ``search`` algorithm, the ``scheduler``, per-trial
 ``resources`` and the ``params`` to search (dotted paths into the training config)::
 
@@ -130,6 +131,23 @@ class SearchSpace:
     resources_cpu: float
     resources_gpu: float
     params: dict[str, ParamSpec]
+    # Every objective, in the file's order; ``metric``/``mode`` are the first (checkpoint ranking, the console).
+    metrics: tuple[str, ...] = ()
+    modes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.metrics = tuple(self.metrics) or (self.metric,)
+        self.modes = tuple(self.modes) or (self.mode,)
+
+    @property
+    def is_multi_objective(self) -> bool:
+        """Whether the space optimises several metrics at once (``metric: [a, b]``)."""
+        return len(self.metrics) > 1
+
+    @property
+    def objectives(self) -> tuple[tuple[str, str], ...]:
+        """(metric, mode) of every objective."""
+        return tuple(zip(self.metrics, self.modes))
 
     def trial_config(self, params: Mapping[str, Any] | None = None,
                      overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
@@ -195,6 +213,7 @@ class SearchSpace:
         params = {key: ParamSpec(**{**spec, "values": None if spec["values"] is None else tuple(spec["values"])})
                   for key, spec in data["params"].items()}
         return cls(**{**data, "path": Path(data["path"]), "base": Path(data["base"]),
+                      "metrics": tuple(data.get("metrics", ())), "modes": tuple(data.get("modes", ())),
                       "base_config": config_from_dict(data["base_config"]), "params": params})
 
 
@@ -254,12 +273,7 @@ def load_search_space(path: str | os.PathLike, *, extra_overrides: Iterable[str]
     if fixed != overrides:
         cfg = build(fixed, "--set", "fix that --set value")
 
-    metric = raw["metric"]
-    reported = _reported_metrics()
-    if not isinstance(metric, str) or metric not in reported:
-        raise check.error("metric", f"trials do not report {metric!r}; use one of {', '.join(reported)}")
-    if raw["mode"] not in MODES:
-        raise check.error("mode", f"must be min or max, got {raw['mode']!r}")
+    metrics, modes = check.objectives(raw["metric"], raw["mode"], _reported_metrics())
     num_samples = check.integer("num_samples", raw["num_samples"], low=1)
     max_concurrent = check.integer("max_concurrent", raw.get("max_concurrent", 1), low=1)
 
@@ -271,9 +285,13 @@ def load_search_space(path: str | os.PathLike, *, extra_overrides: Iterable[str]
 
     sched = check.section("scheduler", raw.get("scheduler"), ("type", "max_epochs", "grace_period",
                                                               "reduction_factor"))
-    sched_type = sched.get("type", "asha")
+    # ASHA ranks trials by one metric, so a multi-objective space runs every trial to the end (fifo).
+    sched_type = sched.get("type", "fifo" if len(metrics) > 1 else "asha")
     if sched_type not in SCHEDULERS:
         raise check.error("scheduler.type", f"must be one of {', '.join(SCHEDULERS)}, got {sched_type!r}")
+    if sched_type == "asha" and len(metrics) > 1:
+        raise check.error("scheduler.type", f"asha ranks trials by one metric and cannot stop a multi-objective "
+                          f"search over {list(metrics)}; use type: fifo")
     epochs = cfg.train.epochs
     max_epochs = check.integer("scheduler.max_epochs", sched.get("max_epochs", epochs), low=1)
     if max_epochs > epochs:
@@ -299,11 +317,11 @@ def load_search_space(path: str | os.PathLike, *, extra_overrides: Iterable[str]
     gpu = check.number("resources.gpu", res.get("gpu", 0), low=0)
 
     params = check.buildable(base, fixed, workdir, check.params(raw["params"], fixed))
-    return SearchSpace(path=file, base=base, overrides=fixed, base_config=cfg, metric=metric, mode=raw["mode"],
+    return SearchSpace(path=file, base=base, overrides=fixed, base_config=cfg, metric=metrics[0], mode=modes[0],
                        num_samples=num_samples, max_concurrent=max_concurrent, search_algorithm=algorithm,
                        search_seed=seed, scheduler_type=sched_type, max_epochs=max_epochs,
                        grace_period=grace_period, reduction_factor=reduction_factor, resources_cpu=cpu,
-                       resources_gpu=gpu, params=params)
+                       resources_gpu=gpu, params=params, metrics=metrics, modes=modes)
 
 
 def _reported_metrics() -> tuple[str, ...]:
@@ -343,6 +361,31 @@ class _Checker:
         if number is None or number < low:
             raise self.error(key, f"must be a number >= {low}, got {value!r}")
         return number
+
+    def objectives(self, metric: Any, mode: Any, reported: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """``metric`` and ``mode``: one name and min/max, or two equally long lists (a multi-objective space)."""
+        if isinstance(metric, list) != isinstance(mode, list):
+            what = "metric is a list and mode is not" if isinstance(metric, list) else "mode is a list and metric is not"
+            raise self.error("mode", f"{what} (metric {metric!r}, mode {mode!r}); give both as one value, or both "
+                             f"as lists of the same length, e.g. metric: [val/mpjpe, val/cam_trans_error] with "
+                             f"mode: [min, min]")
+        metrics, modes = (metric, mode) if isinstance(metric, list) else ([metric], [mode])
+        if not metrics:
+            raise self.error("metric", f"an empty list; use one of {', '.join(reported)}, or a list of them")
+        if len(modes) != len(metrics):
+            raise self.error("mode", f"{mode!r} has {len(modes)} entries but metric {metric!r} has {len(metrics)}; "
+                             f"give one min or max per metric")
+        for i, m in enumerate(metrics):
+            if not isinstance(m, str) or m not in reported:
+                key = f"metric[{i}]" if isinstance(metric, list) else "metric"
+                raise self.error(key, f"trials do not report {m!r}; use one of {', '.join(reported)}")
+        if len(set(metrics)) < len(metrics):
+            raise self.error("metric", f"{metric!r} repeats a metric; list each objective once")
+        for i, m in enumerate(modes):
+            if m not in MODES:
+                key = f"mode[{i}]" if isinstance(mode, list) else "mode"
+                raise self.error(key, f"must be min or max, got {m!r}")
+        return tuple(metrics), tuple(modes)
 
     def overrides(self, value: Any) -> dict[str, Any]:
         if value is None:

@@ -204,3 +204,42 @@ def test_check_resumable_names_the_experiments_there(tmp_path):
         check_resumable(tmp_path, "missing")
     with pytest.raises(StorageError, match=f"stray \\(no {RECORD_FILE}: not a search's folder\\)"):
         check_resumable(tmp_path, "stray")
+
+
+# --- multi-objective: the Pareto front -----------------------------------------------------------------
+
+OBJECTIVES = [("val/mpjpe", "min"), ("val/cam_trans_error", "min")]
+
+
+@pytest.mark.parametrize("points,expected", [
+    # (mpjpe, cam) per trial: a and b trade off, c is dominated by a, d equals a
+    ({"a": (40, 10), "b": (50, 5), "c": (45, 12), "d": (40, 10)}, {"a", "b", "d"}),
+    ({"a": (40, 10), "b": (40, 11)}, {"a"}),  # as good in one, worse in the other: dominated
+])
+def test_pareto_column_marks_the_non_dominated_trials(points, expected):
+    epochs = [{"trial_id": t, "epoch": 1, "val/mpjpe": float(m), "val/cam_trans_error": float(c)}
+              for t, (m, c) in points.items()]
+    meta = {t: {"status": "TERMINATED"} for t in points}
+    rows = summarize_trials(epochs, meta, metric="val/mpjpe", mode="min", max_epochs=1, param_paths=[],
+                            objectives=OBJECTIVES)
+    assert {r["trial_id"] for r in rows if r["pareto"]} == expected
+
+
+def test_pareto_uses_each_objectives_mode_and_skips_errored_diverged_and_nan():
+    epochs = [{"trial_id": "a", "epoch": 1, "val/mpjpe": 40.0, "val/pa_mpjpe": 5.0},
+              {"trial_id": "a", "epoch": 2, "val/mpjpe": 45.0, "val/pa_mpjpe": 9.0},   # max mode: best is 9
+              {"trial_id": "b", "epoch": 1, "val/mpjpe": 42.0, "val/pa_mpjpe": 8.0},   # dominated by a
+              {"trial_id": "c", "epoch": 1, "val/mpjpe": 1.0, "val/pa_mpjpe": 99.0},   # errored
+              {"trial_id": "d", "epoch": 1, "val/mpjpe": 1.0, "val/pa_mpjpe": math.nan},
+              {"trial_id": "e", "epoch": 1, "val/mpjpe": 1.0, "val/pa_mpjpe": 99.0, "diverged": True}]
+    meta = {t: {"status": "ERROR" if t == "c" else "TERMINATED"} for t in "abcde"}
+    rows = {r["trial_id"]: r for r in summarize_trials(
+        epochs, meta, metric="val/mpjpe", mode="min", max_epochs=2, param_paths=[],
+        objectives=[("val/mpjpe", "min"), ("val/pa_mpjpe", "max")])}
+    assert rows["a"]["best/val/pa_mpjpe"] == 9.0
+    assert {t for t, r in rows.items() if r["pareto"]} == {"a"}
+
+
+def test_a_single_objective_search_has_no_pareto_column():
+    rows = summarize_trials(_epochs("a", [3.0]), META, metric="val/mpjpe", mode="min", max_epochs=1, param_paths=[])
+    assert "pareto" not in rows[0]

@@ -13,7 +13,7 @@ from conftest import write_search_space
 
 import run_best
 from hawor_tune.results import ExperimentRecord, read_rows, summarize_trials, write_parquet_atomic
-from hawor_tune.retrain import Experiment, best_config, choose_best_trial, load_experiment
+from hawor_tune.retrain import Experiment, SelectionError, best_config, choose_best_trial, load_experiment
 from hawor_tune.search_space import load_search_space
 
 # What metrics.json must hold for the test split (issue: per hand, per joint/finger, the infilled frames, accel,
@@ -156,3 +156,36 @@ def test_retrain_imports_without_ray():
 
     code = "import sys\nsys.modules['ray'] = None\nimport hawor_tune.retrain"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def _multi_objective_experiment(tmp_path, dataset) -> Experiment:
+    points = {"a": (40.0, 10.0), "b": (50.0, 5.0), "c": (45.0, 12.0), "d": (30.0, 20.0)}
+    # d is best in mpjpe but errored: never chosen; without it a and b form the front
+    epochs = [{"trial_id": t, "epoch": e, "val/mpjpe": m + 3 - e, "val/cam_trans_error": c + 3 - e}
+              for t, (m, c) in points.items() for e in (1, 2, 3)]
+    meta = {t: {"status": "ERROR" if t == "d" else "TERMINATED"} for t in points}
+    objectives = [("val/mpjpe", "min"), ("val/cam_trans_error", "min")]
+    trials = summarize_trials(epochs, meta, metric="val/mpjpe", mode="min", max_epochs=3, param_paths=[],
+                              objectives=objectives)
+    space = load_search_space(write_search_space(
+        tmp_path, dataset, metric=["val/mpjpe", "val/cam_trans_error"], mode=["min", "min"],
+        scheduler={"type": "fifo"}))
+    return Experiment(tmp_path, ExperimentRecord("x", space, full_budget={}), trials, epochs)
+
+
+def test_a_multi_objective_search_retrains_a_pareto_trial_by_the_documented_rule(tmp_path, synthetic_dataset):
+    exp = _multi_objective_experiment(tmp_path, synthetic_dataset)
+    assert [r["trial_id"] for r in exp.trials if r["pareto"]] == ["a", "b"]
+    assert choose_best_trial(exp)[0]["trial_id"] == "a"  # the first objective ranks the front
+    trial, value, epoch = choose_best_trial(exp, objective="val/cam_trans_error")
+    assert (trial["trial_id"], value, epoch) == ("b", 5.0, 3)
+    assert choose_best_trial(exp, trial_id="c")[0]["trial_id"] == "c"  # an explicit trial, even off the front
+    for kwargs, fragment in (({"objective": "val/pa_mpjpe"}, "use one of val/mpjpe, val/cam_trans_error"),
+                             ({"trial_id": "zz"}, "no such trial"), ({"trial_id": "d"}, "errored")):
+        with pytest.raises(SelectionError, match=fragment):
+            choose_best_trial(exp, **kwargs)
+
+
+def test_trial_and_objective_do_not_go_with_an_explicit_config(capsys):
+    assert _exit_code(["--config", "configs/tiny.yaml", "--trial", "a"]) == 2
+    assert "do not go with --config" in capsys.readouterr().err

@@ -285,3 +285,19 @@ def test_local_ray_listens_on_loopback_only():
     finally:
         ray.shutdown()
     assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == env_before  # set for the start only
+
+
+def test_a_multi_objective_space_gets_optunas_multi_objective_sampler(tmp_path):
+    from conftest import write_space
+
+    from hawor_tune.search import _scheduler, _searcher
+
+    space = load_search_space(write_space(tmp_path, "{metric: [val/mpjpe, val/cam_trans_error], mode: [min, max]}"))
+    searcher = _searcher(space).searcher
+    assert (searcher.metric, searcher.mode) == (["val/mpjpe", "val/cam_trans_error"], ["min", "max"])
+    assert type(_scheduler(space)).__name__ == "FIFOScheduler"
+    assert searcher.suggest("t1") == pytest.approx(space.default_point())
+    searcher.on_trial_complete("t1", {"val/mpjpe": 40.0, "val/cam_trans_error": 3.0})
+    (told,) = searcher._ot_study.trials  # Ray's searcher holds its study privately; Optuna got both values
+    assert told.values == [40.0, 3.0]
+    assert [d.name for d in searcher._ot_study.directions] == ["MINIMIZE", "MAXIMIZE"]

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 from functools import reduce
@@ -11,7 +12,7 @@ from conftest import EVERY_TYPE, write_space
 
 from hawor_tune import search_space
 from hawor_tune.config import LossConfig
-from hawor_tune.search_space import ParamSpec, SearchSpaceError, load_search_space
+from hawor_tune.search_space import ParamSpec, SearchSpace, SearchSpaceError, load_search_space
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,13 +51,16 @@ def assert_names(err: pytest.ExceptionInfo, path: Path, key: str, fix: str) -> N
 # --- the shipped spaces -----------------------------------------------------------------------------
 
 @pytest.mark.skipif(not (REPO / "configs" / "tiny.yaml").is_file(), reason="configs/tiny.yaml not written yet")
-@pytest.mark.parametrize("name", ["loss_weights.yaml", "lr_seq.yaml", "full.yaml"])
+@pytest.mark.parametrize("name", ["loss_weights.yaml", "lr_seq.yaml", "full.yaml", "hand_camera.yaml"])
 def test_shipped_spaces_load_and_start_from_the_base_config(name):
     space = load_search_space(REPO / "search_spaces" / name)
     cfg = space.trial_config()
     assert space.base == REPO / "configs" / "tiny.yaml"
+    # hand_camera.yaml is the multi-objective example: hands and camera at once, every trial run in full
+    multi = name == "hand_camera.yaml"
     assert (space.metric, space.mode, space.search_algorithm, space.scheduler_type) == \
-        ("val/mpjpe", "min", "optuna", "asha")
+        ("val/mpjpe", "min", "optuna", "fifo" if multi else "asha")
+    assert space.objectives[1:] == ((("val/cam_trans_error", "min"),) if multi else ())
     assert space.max_epochs == cfg.train.epochs
     assert (space.resources_cpu, space.resources_gpu, space.max_concurrent) == (1.0, 0.0, 2)
     # The tiny profile's own values lie inside every shipped range, so Optuna starts from them.
@@ -125,6 +129,15 @@ INVALID = [
     ("metric: val/mpjpe_total", "metric:", "use one of val/mpjpe"),
     ("metric: 3", "metric:", "use one of val/mpjpe"),
     ("mode: best", "mode:", "must be min or max"),
+    ("metric: [val/mpjpe, val/cam_trans_error]", "mode:", "both as lists of the same length"),
+    ("{metric: val/mpjpe, mode: [min, min]}", "mode:", "mode is a list and metric is not"),
+    ("{metric: [val/mpjpe, val/cam_trans_error], mode: [min]}", "mode:", "one min or max per metric"),
+    ("{metric: [val/mpjpe, val/oops], mode: [min, min]}", "metric[1]:", "use one of val/mpjpe"),
+    ("{metric: [val/mpjpe, val/mpjpe], mode: [min, min]}", "metric:", "list each objective once"),
+    ("{metric: [val/mpjpe, val/cam_trans_error], mode: [min, best]}", "mode[1]:", "must be min or max"),
+    ("{metric: [], mode: []}", "metric:", "an empty list"),
+    ("{metric: [val/mpjpe, val/cam_trans_error], mode: [min, min], scheduler: {type: asha}}", "scheduler.type:",
+     "asha ranks trials by one metric"),
     ("num_samples: 0", "num_samples:", "integer >= 1"),
     ("num_samples: '8'", "num_samples:", "integer >= 1"),
     ("num_samples: 2.5", "num_samples:", "integer >= 1"),
@@ -323,3 +336,16 @@ def test_module_imports_without_torch_ray_or_optuna():
     code = ("import sys\nfor m in ('torch', 'ray', 'optuna'): sys.modules[m] = None\n"
             "import hawor_tune.search_space")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_multi_objective_space_runs_fifo_and_round_trips(tmp_path):
+    space = load_search_space(write_space(tmp_path, "{metric: [val/mpjpe, val/cam_trans_error], mode: [min, max]}"))
+    assert space.is_multi_objective and space.scheduler_type == "fifo"
+    assert space.objectives == (("val/mpjpe", "min"), ("val/cam_trans_error", "max"))
+    assert (space.metric, space.mode) == ("val/mpjpe", "min")  # the first objective ranks checkpoints
+    again = SearchSpace.from_dict(json.loads(json.dumps(space.to_dict())))
+    assert again.objectives == space.objectives
+    single = load_search_space(write_space(tmp_path))
+    assert not single.is_multi_objective and single.objectives == (("val/mpjpe", "min"),)
+    old = {k: v for k, v in single.to_dict().items() if k not in ("metrics", "modes")}  # a record before lists
+    assert SearchSpace.from_dict(old).objectives == (("val/mpjpe", "min"),)

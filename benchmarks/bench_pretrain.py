@@ -1,0 +1,100 @@
+"""What does the per-frame hand pretraining learn, and what moves it? Short pretraining runs, measured.
+
+Runs the recipe of the hand-pretrained start (:func:`hawor_tune.pretrain.pretrain_config`: single frames,
+the per-frame hand loss terms) for a short budget from scratch, once per variant, through the project's
+one training loop, two runs at a time on one thread each. Prints each variant's val MPJPE and PA-MPJPE
+after the budget beside the mean-pose baseline's, so a change to the crop, the backbone or the loss
+balance can be judged by whether it teaches the fingers (PA-MPJPE) and not only the hand's orientation.
+
+    python benchmarks/bench_pretrain.py [--batches 150] [--epochs 1] [--only NAME ...]
+
+Variants (each against the CPU profile's defaults): ``default``; ``crop64`` (64 px crops); ``stride16``
+(the ResNet's last stage at stride 16: 3x3 instead of 2x2 tokens from a 48 px crop); ``mano_x25`` and
+``mano_x100`` (the MANO rotation term 25x / 100x heavier); ``kp2d_x10``; ``vit_tiny`` (a plain
+ViT-Tiny, depth 6, 8 px patches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+VARIANTS: dict[str, dict[str, dict[str, object]]] = {
+    "default": {},
+    "crop64": {"config": {"data.crop_size": 64}},
+    "stride16": {"config": {"model.backbone_kwargs": {"output_stride": 16}}},
+    "mano_x25": {"loss": {"mano_params": 0.5}},
+    "mano_x100": {"loss": {"mano_params": 2.0}},
+    "kp2d_x10": {"loss": {"keypoint_2d": 1.0}},
+    "vit_tiny": {"config": {"model.backbone": "vit_tiny_patch16_224",
+                            "model.backbone_kwargs": {"patch_size": 8, "depth": 6, "dynamic_img_size": True}}},
+}
+
+
+def run_one(config: str, epochs: int, batches: int, variant: str, out_dir: str) -> dict[str, float]:
+    """Pretrain one variant in this process; returns its last epoch's val metrics."""
+    import torch
+
+    from hawor_tune.config import load_config
+    from hawor_tune.pretrain import pretrain_config
+    from hawor_tune.train import fit
+
+    spec = VARIANTS[variant]
+    cfg = load_config(config, overrides=spec.get("config", {}))
+    cfg.pretrain = dataclasses.replace(cfg.pretrain, epochs=epochs, max_train_batches=batches)
+    pcfg = pretrain_config(cfg, out_dir)
+    pcfg.loss = dataclasses.replace(pcfg.loss, **spec.get("loss", {}))
+    pcfg.train.threads = 1
+    torch.set_num_threads(1)
+    last = fit(pcfg).history[-1]
+    return {k: last[f"val/{k}"] for k in ("mpjpe", "pa_mpjpe")} | {"epoch_s": last["time/epoch_s"]}
+
+
+def _child(config: str, epochs: int, batches: int, variant: str) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        code = ("import json, sys; sys.path.insert(0, %r); from bench_pretrain import run_one; "
+                "print('RESULT', json.dumps(run_one(%r, %d, %d, %r, %r)))"
+                % (str(Path(__file__).parent), config, epochs, batches, variant, tmp))
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"variant {variant} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batches", type=int, default=150, help="training batches per epoch")
+    parser.add_argument("--only", nargs="*", choices=sorted(VARIANTS), help="variants to run (default: all)")
+    args = parser.parse_args()
+
+    from hawor_tune.config import load_config
+    from hawor_tune.data import build_dataset
+    from hawor_tune.evaluation import mean_pose_baseline
+
+    cfg = load_config(args.config)
+    for split in ("train", "val"):
+        build_dataset(cfg, split)  # the dataset and frame caches, built once before the runs
+    baseline = mean_pose_baseline(cfg, "val")
+    names = args.only or list(VARIANTS)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = dict(zip(names, pool.map(lambda v: _child(args.config, args.epochs, args.batches, v), names)))
+    print(f"\n{args.epochs} epoch(s) x {args.batches} batches of {cfg.pretrain.batch_size} frames, from scratch")
+    print(f"{'variant':<12} {'val MPJPE':>10} {'PA-MPJPE':>9} {'s/epoch':>8}")
+    print(f"{'baseline':<12} {baseline['mpjpe']:>10.2f} {baseline['pa_mpjpe']:>9.2f}")
+    for name, r in results.items():
+        print(f"{name:<12} {r['mpjpe']:>10.2f} {r['pa_mpjpe']:>9.2f} {r['epoch_s']:>8.0f}")
+
+
+if __name__ == "__main__":
+    main()

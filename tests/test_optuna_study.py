@@ -1,0 +1,97 @@
+"""The Optuna study a search records on disk (hawor_tune.optuna_study): checked against trials.parquet of a
+real search, driven through Tune's callback hooks for the cases a tiny search does not reach, and opened the
+way optuna-dashboard opens it."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from types import SimpleNamespace
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState
+
+from hawor_tune.optuna_study import STUDY_FILE, OptunaStudyRecorder, load_study
+from hawor_tune.results import read_rows
+
+
+def test_the_study_holds_every_trial_of_trials_parquet(tiny_search):
+    trials = {r["trial_id"]: r for r in read_rows(tiny_search / "trials.parquet")}
+    epochs = read_rows(tiny_search / "epochs.parquet")
+    study = load_study(tiny_search)
+    recorded = {t.user_attrs["ray_trial_id"]: t for t in study.trials}
+    assert set(recorded) == set(trials) and study.direction == optuna.study.StudyDirection.MINIMIZE
+    for trial_id, row in trials.items():
+        t = recorded[trial_id]
+        assert t.params == pytest.approx({p[len("param/"):]: v for p, v in row.items() if p.startswith("param/")})
+        assert t.intermediate_values == pytest.approx(
+            {r["epoch"]: r["val/mpjpe"] for r in epochs if r["trial_id"] == trial_id})
+        if row["stopped_early"]:  # ASHA's stop is Optuna's prune, valued at the last epoch as Optuna does
+            assert t.state == TrialState.PRUNED and t.value == pytest.approx(row["last/val/mpjpe"])
+        else:
+            assert t.state == TrialState.COMPLETE and t.value == pytest.approx(row["best/val/mpjpe"])
+    assert {t.state for t in study.trials} == {TrialState.PRUNED, TrialState.COMPLETE}
+
+
+def _trial(trial_id: str, lr: float) -> SimpleNamespace:
+    return SimpleNamespace(trial_id=trial_id, config={"optim.lr": lr}, status="RUNNING", error_file="/x/error.txt")
+
+
+def _recorder(folder, objectives) -> OptunaStudyRecorder:
+    recorder = OptunaStudyRecorder(folder, objectives=objectives, max_epochs=3,
+                                   distributions={"optim.lr": FloatDistribution(1e-4, 1e-2, log=True)})
+    recorder.setup()
+    return recorder
+
+
+def test_diverged_and_errored_trials_fail_and_a_resume_drops_forgotten_ones(tmp_path):
+    folder = tmp_path / "exp"
+    rec = _recorder(folder, [("val/mpjpe", "min")])
+    a, b, c = _trial("a", 1e-3), _trial("b", 5e-3), _trial("c", 2e-3)
+    rec.on_trial_result(0, [], a, {"training_iteration": 1, "val/mpjpe": 50.0})
+    rec.on_trial_result(0, [], a, {"training_iteration": 2, "diverged": True, "val/mpjpe": math.inf})
+    rec.on_trial_complete(0, [], a)
+    rec.on_trial_start(0, [], b)
+    rec.on_trial_error(0, [], b)
+    rec.on_trial_result(0, [], c, {"training_iteration": 1, "val/mpjpe": 40.0})  # then the driver dies
+
+    again = _recorder(folder, [("val/mpjpe", "min")])  # --resume: Ray restored a and b but not c
+    again.on_step_begin(0, [a, b])
+    study = load_study(folder)
+    states = {t.user_attrs["ray_trial_id"]: t for t in study.trials}
+    assert {k: t.state for k, t in states.items()} == {"a": TrialState.FAIL, "b": TrialState.FAIL, "c": TrialState.FAIL}
+    assert states["a"].user_attrs["diverged"] and states["b"].user_attrs["error_file"] == "/x/error.txt"
+    assert states["c"].user_attrs["dropped_on_resume"] and states["c"].intermediate_values == {1: 40.0}
+
+
+def test_a_multi_objective_study_has_both_directions_and_values(tmp_path):
+    rec = _recorder(tmp_path / "exp", [("val/mpjpe", "min"), ("val/cam_trans_error", "max")])
+    a = _trial("a", 1e-3)
+    rec.on_trial_result(0, [], a, {"training_iteration": 1, "val/mpjpe": 50.0, "val/cam_trans_error": 3.0})
+    rec.on_trial_result(0, [], a, {"training_iteration": 3, "val/mpjpe": 45.0, "val/cam_trans_error": 2.0})
+    rec.on_trial_complete(0, [], a)
+    study = load_study(tmp_path / "exp")
+    assert study.metric_names == ["val/mpjpe", "val/cam_trans_error"]
+    (t,) = study.trials
+    assert t.state == TrialState.COMPLETE and t.values == [45.0, 3.0] and t.intermediate_values == {}
+
+
+def test_optuna_dashboard_opens_the_study_file(tiny_search):
+    dashboard = pytest.importorskip("optuna_dashboard")
+    app = dashboard.wsgi(str(tiny_search / STUDY_FILE))  # what `optuna-dashboard <file>` serves
+
+    def get(path: str) -> dict:
+        status: list[str] = []
+        body = app({"REQUEST_METHOD": "GET", "PATH_INFO": path, "QUERY_STRING": "", "wsgi.input": io.BytesIO(),
+                    "SERVER_NAME": "localhost", "SERVER_PORT": "8080", "wsgi.url_scheme": "http"},
+                   lambda s, headers, exc_info=None: status.append(s))
+        assert status == ["200 OK"]
+        return json.loads(b"".join(body))
+
+    (summary,) = get("/api/studies")["study_summaries"]
+    assert summary["study_name"] == tiny_search.name
+    study = get(f"/api/studies/{summary['study_id']}")
+    assert study["has_intermediate_values"] and len(study["trials"]) == len(read_rows(tiny_search / "trials.parquet"))
