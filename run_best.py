@@ -35,6 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--objective", metavar="METRIC",
                    help="rank by this objective of a multi-objective search (default: its first metric)")
     p.add_argument("--trial", metavar="ID", help="retrain this trial of the search instead of the best")
+    p.add_argument("--mlflow", nargs="?", const="", metavar="URI",
+                   help="log the retrain (params, test metrics, model.pt and report as artifacts) to MLflow "
+                        "(optional extra): a tracking URI or folder (default: the file store <storage>/mlruns)")
     p.add_argument("--storage", default="./results", help="where searches live (default: %(default)s)")
     p.add_argument("--epochs", type=int, help="epochs to train (default: the base config's full budget)")
     p.add_argument("--train-on-val", action="store_true", help="fold the validation split into training")
@@ -46,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if (args.trial or args.objective) and (args.config or args.eval_only):
         p.error("--trial and --objective choose a search's trial; they do not go with --config or --eval-only")
+    if args.mlflow is not None and args.eval_only:
+        p.error("--mlflow logs a retrain; it does not go with --eval-only")
     if args.epochs is not None and args.epochs < 1:
         p.error(f"--epochs must be >= 1, got {args.epochs}")
     return args
@@ -80,6 +85,12 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(result["test"], indent=2))
         print(f"report: {out / 'report.md'}")
         return 0
+    mlflow_uri = None
+    if args.mlflow is not None:  # checked before anything trains
+        from hawor_tune.mlflow_tracking import tracking_uri
+        storage = Path(args.experiment).resolve().parent if args.experiment else \
+            Path(args.trials).resolve().parent.parent if args.trials else Path(args.storage)
+        mlflow_uri = tracking_uri(args.mlflow, storage)
     overrides = dict(parse_override(o) for o in args.overrides)
     if args.epochs is not None:
         overrides["train.epochs"] = args.epochs
@@ -118,6 +129,12 @@ def _run(args: argparse.Namespace) -> int:
     print(f"test MPJPE {t['mpjpe']:.1f} mm (mean-pose baseline {b['mpjpe']:.1f} mm), PA-MPJPE {t['pa_mpjpe']:.1f} mm, "
           f"WA-MPJPE {t['wa_mpjpe']:.1f} mm, camera {t['cam_trans_error']:.1f} mm / {t['cam_rot_error']:.2f} deg")
     print(f"model: {out / 'model.pt'}\nreport: {out / 'report.md'}")
+    if mlflow_uri:
+        from hawor_tune.mlflow_tracking import log_retrain
+
+        name = exp.directory.name if exp is not None else "run_best"
+        run_id = log_retrain(mlflow_uri, name, out, params=(chosen or {}).get("params", {}), metrics=t)
+        print(f"mlflow: run {run_id} in experiment {name} at {mlflow_uri}")
     return 0
 
 

@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue the named (or latest) experiment")
     p.add_argument("--verbose", action="store_true",
                    help="Ray Tune's own output (every result of every trial) instead of the compact live table")
+    p.add_argument("--mlflow", nargs="?", const="", metavar="URI",
+                   help="log every trial to MLflow (optional extra): a tracking URI or folder "
+                        "(default: the local file store <storage>/mlruns)")
     p.add_argument("--dashboard-port", type=int, default=8265, help="local dashboard port (default: %(default)s)")
     return p.parse_args(argv)
 
@@ -137,6 +140,11 @@ def _search(args: argparse.Namespace) -> int:
             raise UsageError(f"--resume: {storage / name} holds no restorable Ray Tune experiment "
                              f"(the search stopped before Ray saved its state; start it again without --resume)")
 
+    mlflow_uri = None
+    if args.mlflow is not None:
+        from hawor_tune.mlflow_tracking import tracking_uri
+        mlflow_uri = tracking_uri(args.mlflow, storage)
+
     from hawor_tune.search_space import load_search_space
 
     space = load_search_space(args.space, extra_overrides=args.overrides)
@@ -156,7 +164,7 @@ def _search(args: argparse.Namespace) -> int:
         print(f"Ray dashboard: {url}  (access token: run `ray get-auth-token`; paste it when the page asks)")
     print(f"experiment: {storage / name}")
     outcome = run_search(space, storage=storage, name=name, resume=args.resume, address=args.address,
-                         dashboard_port=args.dashboard_port, verbose=1 if args.verbose else 0)
+                         dashboard_port=args.dashboard_port, verbose=1 if args.verbose else 0, mlflow_uri=mlflow_uri)
     print_summary(outcome.experiment_dir, space.metric, space.mode)
     return 0
 

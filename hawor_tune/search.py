@@ -302,8 +302,9 @@ class ParquetExporter(Callback):
         write_parquet_atomic(trials, directory / TRIALS_FILE)
 
 
-def _record_callbacks(space: SearchSpace, exp_dir: Path, verbose: int) -> list[Callback]:
-    """The callbacks besides the parquet exporter: the Optuna study on disk and, unless Ray prints, the live table."""
+def _record_callbacks(space: SearchSpace, exp_dir: Path, verbose: int, mlflow_uri: str | None = None) -> list[Callback]:
+    """The callbacks besides the parquet exporter: the Optuna study on disk, unless Ray prints the live table,
+    and MLflow tracking when asked for."""
     from hawor_tune.console import LiveConsole
     from hawor_tune.optuna_study import OptunaStudyRecorder
 
@@ -312,11 +313,15 @@ def _record_callbacks(space: SearchSpace, exp_dir: Path, verbose: int) -> list[C
                                                      distributions=optuna_distributions(space.params))]
     if not verbose:
         callbacks.append(LiveConsole(objectives=space.objectives, max_epochs=max_epochs, param_paths=space.params))
+    if mlflow_uri:
+        from hawor_tune.mlflow_tracking import mlflow_callback
+        callbacks.append(mlflow_callback(mlflow_uri, exp_dir.name))
     return callbacks
 
 
 def run_search(space: SearchSpace, *, storage: str | os.PathLike, name: str, resume: bool = False,
-               address: str | None = None, dashboard_port: int = 8265, verbose: int = 0) -> SearchOutcome:
+               address: str | None = None, dashboard_port: int = 8265, verbose: int = 0,
+               mlflow_uri: str | None = None) -> SearchOutcome:
     """Run (or resume) a search; results land in ``<storage>/<name>``.
 
     Args:
@@ -328,6 +333,7 @@ def run_search(space: SearchSpace, *, storage: str | os.PathLike, name: str, res
         dashboard_port: port of the embedded dashboard (bound to 127.0.0.1).
         verbose: 0 prints the compact live table (:mod:`hawor_tune.console`); 1 or 2 Ray Tune's own output
             at that verbosity instead (every reported result of every trial).
+        mlflow_uri: log every trial to this MLflow tracking URI (:mod:`hawor_tune.mlflow_tracking`).
     """
     storage = check_storage(storage)
     exp_dir = check_resumable(storage, name, label="resume") if resume else storage / name
@@ -339,7 +345,7 @@ def run_search(space: SearchSpace, *, storage: str | os.PathLike, name: str, res
     exporter = ParquetExporter(exp_dir, metric=space.metric, mode=space.mode,
                                max_epochs=space.base_config.train.epochs, param_paths=list(space.params),
                                objectives=space.objectives if space.is_multi_objective else ())
-    callbacks = [exporter, *_record_callbacks(space, exp_dir, verbose)]
+    callbacks = [exporter, *_record_callbacks(space, exp_dir, verbose, mlflow_uri)]
     if resume:
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
     else:
