@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue the named (or latest) experiment")
     p.add_argument("--verbose", action="store_true",
                    help="Ray Tune's own output (every result of every trial) instead of the compact live table")
+    p.add_argument("--warm-start", metavar="EXPERIMENT",
+                   help="seed Optuna's sampler with an earlier search's trials (its folder, or its name under "
+                        "--storage); the spaces must match")
     p.add_argument("--mlflow", nargs="?", const="", metavar="URI",
                    help="log every trial to MLflow (optional extra): a tracking URI or folder "
                         "(default: the local file store <storage>/mlruns)")
@@ -118,6 +121,24 @@ def print_summary(experiment_dir: Path, metric: str, mode: str) -> None:
     print(f"next:   python run_best.py --experiment {experiment_dir}")
 
 
+def _warm_start(args: argparse.Namespace, storage: Path, space: object) -> list:
+    """The earlier search's finished trials for ``--warm-start`` (checked against the space before Ray starts)."""
+    if args.resume:
+        raise UsageError("--warm-start seeds a new search; a resumed one keeps its own sampler (drop one of them)")
+    if space.search_algorithm != "optuna":
+        raise UsageError(f"--warm-start seeds Optuna's sampler; {args.space} searches with "
+                         f"{space.search_algorithm} (set search.algorithm: optuna)")
+    from hawor_tune.optuna_study import warm_start_trials
+    from hawor_tune.tune_space import optuna_distributions
+
+    folder = Path(args.warm_start)
+    if not folder.is_dir() and (storage / args.warm_start).is_dir():
+        folder = storage / args.warm_start
+    trials = warm_start_trials(folder, objectives=space.objectives, distributions=optuna_distributions(space.params))
+    print(f"warm start: {len(trials)} finished trials of {folder}")
+    return trials
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -148,6 +169,7 @@ def _search(args: argparse.Namespace) -> int:
     from hawor_tune.search_space import load_search_space
 
     space = load_search_space(args.space, extra_overrides=args.overrides)
+    warm_trials = _warm_start(args, storage, space) if args.warm_start else None
     changes = {k: v for k, v in (("num_samples", args.num_samples), ("max_concurrent", args.max_concurrent),
                                  ("search_seed", args.seed)) if v is not None}
     space = dataclasses.replace(space, **changes)
@@ -164,7 +186,8 @@ def _search(args: argparse.Namespace) -> int:
         print(f"Ray dashboard: {url}  (access token: run `ray get-auth-token`; paste it when the page asks)")
     print(f"experiment: {storage / name}")
     outcome = run_search(space, storage=storage, name=name, resume=args.resume, address=args.address,
-                         dashboard_port=args.dashboard_port, verbose=1 if args.verbose else 0, mlflow_uri=mlflow_uri)
+                         dashboard_port=args.dashboard_port, verbose=1 if args.verbose else 0, mlflow_uri=mlflow_uri,
+                         warm_trials=warm_trials)
     print_summary(outcome.experiment_dir, space.metric, space.mode)
     return 0
 

@@ -10,6 +10,9 @@ end: COMPLETE with its best value (the ``best/<metric>`` of ``trials.parquet``),
 it (valued at its last epoch, as Optuna values a pruned trial), FAIL when it diverged or errored. A trial
 cut off by an interrupted search stays RUNNING until ``--resume`` finishes it.
 
+:func:`warm_start_trials` reads an earlier search's finished trials back, checked against a new search's space,
+for ``run_search.py --warm-start``.
+
     optuna-dashboard results/<experiment>/optuna_journal.log
 """
 
@@ -29,6 +32,8 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from ray.tune import Callback
+
+from hawor_tune.errors import HaworTuneError
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +102,9 @@ class OptunaStudyRecorder(Callback):
             storage=self._store, study_name=self.experiment_dir.name, load_if_exists=True,
             directions=[_DIRECTIONS[mode] for _, mode in self.objectives])
         self._study_id = self._store.get_study_id_from_name(self.experiment_dir.name)
-        if len(self.objectives) > 1:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                self._study.set_metric_names([m for m, _ in self.objectives])
+        with warnings.catch_warnings():  # the dashboard labels the objectives with them
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self._study.set_metric_names([m for m, _ in self.objectives])
         for t in self._study.get_trials(deepcopy=False):
             ray_id = t.user_attrs.get(RAY_TRIAL_ATTR)
             if ray_id is not None:
@@ -201,3 +205,43 @@ class OptunaStudyRecorder(Callback):
         if error_file:
             self._storage().set_trial_user_attr(trial_id, "error_file", str(error_file))
         self._storage().set_trial_state_values(trial_id, TrialState.FAIL)
+
+
+class WarmStartError(HaworTuneError, ValueError):
+    """``--warm-start``: the earlier experiment has no study, or its search space differs from this one."""
+
+
+def warm_start_trials(experiment_dir: str | os.PathLike, *, objectives: Sequence[tuple[str, str]],
+                      distributions: Mapping[str, BaseDistribution]) -> list[optuna.trial.FrozenTrial]:
+    """The finished trials (COMPLETE and PRUNED) of an earlier search's study, to seed a new search's sampler.
+
+    The earlier search must have searched the same parameters with the same distributions for the same
+    objectives: TPE models each parameter from the trials' values, which mean nothing under another range.
+
+    Raises:
+        WarmStartError: no recorded study there, or a space that differs (the message names the difference).
+    """
+    where = f"--warm-start {experiment_dir}"
+    try:
+        study = load_study(experiment_dir)
+    except (FileNotFoundError, KeyError) as e:
+        raise WarmStartError(f"{where}: {e}; give the folder of an earlier search of this hawor-tune") from None
+    directions = [_DIRECTIONS[mode] for _, mode in objectives]
+    theirs = [d.name.lower() for d in study.directions]
+    names = study.metric_names or ([objectives[0][0]] if len(objectives) == 1 else None)
+    if theirs != directions or (names is not None and list(names) != [m for m, _ in objectives]):
+        raise WarmStartError(f"{where}: it optimised {names or '?'} ({', '.join(theirs)}), this search "
+                             f"{[m for m, _ in objectives]} ({', '.join(directions)}); warm-start from a search of "
+                             f"the same objectives")
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    for trial in trials:
+        if trial.distributions != dict(distributions):
+            theirs_d, ours = trial.distributions, dict(distributions)
+            diff = sorted(set(theirs_d) ^ set(ours)) or sorted(k for k in ours if theirs_d[k] != ours[k])
+            key = diff[0]
+            raise WarmStartError(f"{where}: its space differs at params.{key} (there: {theirs_d.get(key)}, here: "
+                                 f"{ours.get(key)}); warm-start from a search over the same parameters and ranges")
+    return [optuna.trial.create_trial(state=t.state, values=t.values, params=t.params,
+                                      distributions=t.distributions, intermediate_values=t.intermediate_values,
+                                      user_attrs={**t.user_attrs, "warm_start_from": str(experiment_dir)})
+            for t in trials]

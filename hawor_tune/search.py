@@ -87,7 +87,7 @@ def prepare_data(cfg: ExperimentConfig) -> None:
     log.info("pretrained start ready in %.1f s", time.perf_counter() - t0)
 
 
-def _searcher(space: SearchSpace) -> Any:
+def _searcher(space: SearchSpace, warm_trials: list | None = None) -> Any:
     first_point = [space.default_point()]
     if space.search_algorithm == "random":
         from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -105,8 +105,15 @@ def _searcher(space: SearchSpace) -> Any:
     # (both from the one search-space file).
     # With lists of metrics and modes (a multi-objective space) TPE is Optuna's multi-objective TPE.
     metric, mode = (list(space.metrics), list(space.modes)) if space.is_multi_objective else (space.metric, space.mode)
+    storage = None
+    if warm_trials:  # an earlier search's trials, already in the sampler's study before the first proposal
+        storage = optuna.storages.InMemoryStorage()
+        optuna.create_study(storage=storage, study_name="warm_start",
+                            directions=["minimize" if m == "min" else "maximize" for m in space.modes]
+                            ).add_trials(warm_trials)
     searcher = OptunaSearch(space=optuna_distributions(space.params), metric=metric, mode=mode,
-                            points_to_evaluate=first_point, sampler=sampler)
+                            points_to_evaluate=first_point, sampler=sampler, storage=storage,
+                            study_name="warm_start" if storage else None)
     return ConcurrencyLimiter(searcher, max_concurrent=space.max_concurrent)
 
 
@@ -321,7 +328,7 @@ def _record_callbacks(space: SearchSpace, exp_dir: Path, verbose: int, mlflow_ur
 
 def run_search(space: SearchSpace, *, storage: str | os.PathLike, name: str, resume: bool = False,
                address: str | None = None, dashboard_port: int = 8265, verbose: int = 0,
-               mlflow_uri: str | None = None) -> SearchOutcome:
+               mlflow_uri: str | None = None, warm_trials: list | None = None) -> SearchOutcome:
     """Run (or resume) a search; results land in ``<storage>/<name>``.
 
     Args:
@@ -334,6 +341,8 @@ def run_search(space: SearchSpace, *, storage: str | os.PathLike, name: str, res
         verbose: 0 prints the compact live table (:mod:`hawor_tune.console`); 1 or 2 Ray Tune's own output
             at that verbosity instead (every reported result of every trial).
         mlflow_uri: log every trial to this MLflow tracking URI (:mod:`hawor_tune.mlflow_tracking`).
+        warm_trials: an earlier search's finished Optuna trials that seed the sampler
+            (:func:`hawor_tune.optuna_study.warm_start_trials`).
     """
     storage = check_storage(storage)
     exp_dir = check_resumable(storage, name, label="resume") if resume else storage / name
@@ -357,7 +366,7 @@ def run_search(space: SearchSpace, *, storage: str | os.PathLike, name: str, res
             param_space=tune_param_space(space.params) if space.search_algorithm == "random" else {},
             tune_config=tune.TuneConfig(
                 metric=space.metric, mode=space.mode, num_samples=space.num_samples,
-                search_alg=_searcher(space), scheduler=_scheduler(space),
+                search_alg=_searcher(space, warm_trials), scheduler=_scheduler(space),
                 max_concurrent_trials=space.max_concurrent, reuse_actors=True),
             run_config=tune.RunConfig(
                 name=name, storage_path=str(storage), verbose=verbose, callbacks=callbacks,

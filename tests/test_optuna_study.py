@@ -14,7 +14,13 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from hawor_tune.optuna_study import STUDY_FILE, OptunaStudyRecorder, load_study
+from hawor_tune.optuna_study import (
+    STUDY_FILE,
+    OptunaStudyRecorder,
+    WarmStartError,
+    load_study,
+    warm_start_trials,
+)
 from hawor_tune.results import read_rows
 
 
@@ -95,3 +101,51 @@ def test_optuna_dashboard_opens_the_study_file(tiny_search):
     assert summary["study_name"] == tiny_search.name
     study = get(f"/api/studies/{summary['study_id']}")
     assert study["has_intermediate_values"] and len(study["trials"]) == len(read_rows(tiny_search / "trials.parquet"))
+
+
+# --- warm start -------------------------------------------------------------------------------------------
+
+def test_a_new_search_is_seeded_with_an_earlier_searchs_trials(tiny_search):
+    from hawor_tune.results import ExperimentRecord
+    from hawor_tune.search import _searcher
+    from hawor_tune.tune_space import optuna_distributions
+
+    space = ExperimentRecord.load(tiny_search).space
+    trials = warm_start_trials(tiny_search, objectives=space.objectives,
+                               distributions=optuna_distributions(space.params))
+    assert len(trials) == len(read_rows(tiny_search / "trials.parquet"))  # every trial finished there
+    searcher = _searcher(space, trials).searcher
+    # Ray's searcher holds its study privately; besides the seeds it holds the base config's point, queued
+    seeded = [t for t in searcher._ot_study.trials if t.state.is_finished()]
+    assert [t.params for t in seeded] == [t.params for t in trials] and searcher.suggest("new") is not None
+
+
+@pytest.mark.parametrize("change,fragment", [
+    ({"params": {"optim.lr": FloatDistribution(1e-5, 1e-2, log=True)}}, "differs at params.loss.keypoint_2d"),
+    ({"objectives": [("val/pa_mpjpe", "min")]}, "warm-start from a search of the same objectives"),
+])
+def test_a_warm_start_from_another_space_is_one_clear_error(tiny_search, change, fragment):
+    from hawor_tune.results import ExperimentRecord
+    from hawor_tune.tune_space import optuna_distributions
+
+    space = ExperimentRecord.load(tiny_search).space
+    kwargs = {"objectives": space.objectives, "distributions": optuna_distributions(space.params)}
+    if "params" in change:
+        kwargs["distributions"] = change["params"]
+    else:
+        kwargs["objectives"] = change["objectives"]
+    with pytest.raises(WarmStartError, match=fragment):
+        warm_start_trials(tiny_search, **kwargs)
+    with pytest.raises(WarmStartError, match="no Optuna study recorded"):
+        warm_start_trials(tiny_search.parent, **kwargs)
+
+
+def test_the_cli_refuses_a_warm_start_without_a_study_in_one_line(tmp_path, capsys):
+    from conftest import write_space
+
+    import run_search
+
+    space = write_space(tmp_path)
+    code = run_search.main(["--space", str(space), "--storage", str(tmp_path / "r"), "--warm-start", "nowhere"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: --warm-start nowhere:")
