@@ -59,11 +59,11 @@ def run_one(config: str, epochs: int, batches: int, variant: str, out_dir: str) 
 
 
 def _child(config: str, epochs: int, batches: int, variant: str) -> dict[str, float]:
+    """One variant in its own process (its own torch threads), via this script's ``--child`` mode."""
     with tempfile.TemporaryDirectory() as tmp:
-        code = ("import json, sys; sys.path.insert(0, %r); from bench_pretrain import run_one; "
-                "print('RESULT', json.dumps(run_one(%r, %d, %d, %r, %r)))"
-                % (str(Path(__file__).parent), config, epochs, batches, variant, tmp))
-        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+        cmd = [sys.executable, __file__, "--config", config, "--epochs", str(epochs), "--batches", str(batches),
+               "--child", variant, "--out", tmp]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise RuntimeError(f"variant {variant} failed:\n{proc.stderr[-3000:]}")
@@ -76,7 +76,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batches", type=int, default=150, help="training batches per epoch")
     parser.add_argument("--only", nargs="*", choices=sorted(VARIANTS), help="variants to run (default: all)")
+    parser.add_argument("--child", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        print("RESULT", json.dumps(run_one(args.config, args.epochs, args.batches, args.child, args.out)))
+        return
 
     from hawor_tune.config import load_config
     from hawor_tune.data import build_dataset
