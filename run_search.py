@@ -5,8 +5,9 @@
         --storage /shared/results
     python run_search.py --space search_spaces/loss_weights.yaml --resume   # continue the latest one
 
-Bad input (a space file, a --set override, a flag, the data) prints one line naming what is wrong and exits 2;
-anything else is a bug and shows its traceback.
+Bad input (a space file, a --set override, a flag, the data) or a full disk prints one line naming what is wrong
+and exits 2; Ctrl-C stops the trials, prints the command that continues the search and exits 130; anything
+else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ import argparse
 import dataclasses
 import logging
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
 
 from hawor_tune.cli import ArgumentParser, UsageError, fail
 from hawor_tune.errors import HaworTuneError
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command that Ctrl-C stopped
 
 
 def _positive_int(text: str) -> int:
@@ -79,8 +83,12 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
-def print_summary(experiment_dir: Path, metric: str, mode: str) -> None:
-    """The search's summary table, read back from trials.parquet (what a later reader sees too)."""
+def print_summary(experiment_dir: Path, metric: str, mode: str, resume_command: str | None = None) -> int:
+    """Print the search's summary table, read back from trials.parquet (what a later reader sees too).
+
+    Returns:
+        How many trials did not finish (the search was interrupted); ``resume_command`` continues them.
+    """
     from hawor_tune.results import EPOCHS_FILE, TRIALS_FILE, best_trial, read_rows
 
     rows = read_rows(experiment_dir / TRIALS_FILE)
@@ -112,13 +120,22 @@ def print_summary(experiment_dir: Path, metric: str, mode: str) -> None:
     print(f"ASHA stopped {len(stopped)} of {len(rows)} trials" + (f" (at epochs {at})" if at else ""))
     unfinished = [r for r in rows if r["status"] not in ("TERMINATED", "ERROR")]
     if unfinished:
-        print(f"{len(unfinished)} trials did not finish (search interrupted): continue with "
-              f"python run_search.py --space <space> --name {experiment_dir.name} --resume")
+        resume_command = resume_command or f"python run_search.py --space <space> --name {experiment_dir.name} --resume"
+        print(f"{len(unfinished)} trials did not finish (search interrupted): continue with {resume_command}")
     print(f"trials: {experiment_dir / TRIALS_FILE}\nepochs: {experiment_dir / EPOCHS_FILE}")
     study = experiment_dir / "optuna_journal.log"
     if study.is_file():
         print(f"optuna: optuna-dashboard {study}")
     print(f"next:   python run_best.py --experiment {experiment_dir}")
+    return len(unfinished)
+
+
+def _resume_command(argv: list[str], name: str) -> str:
+    """The command line that continues this search: the same arguments, its name and --resume."""
+    args = [a for a in argv if a != "--resume"]
+    if "--name" not in args and not any(a.startswith("--name=") for a in args):
+        args += ["--name", name]
+    return shlex.join(["python", "run_search.py", *args, "--resume"])
 
 
 def _warm_start(args: argparse.Namespace, storage: Path, space: object) -> list:
@@ -140,15 +157,19 @@ def _warm_start(args: argparse.Namespace, storage: Path, space: object) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return _search(args)
+        return _search(args, argv)
     except HaworTuneError as e:
         return fail(e)
+    except KeyboardInterrupt:  # a Ctrl-C before Ray Tune handles it, or a second one while it stops
+        print("error: interrupted; if the experiment folder was made, continue it with --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
-def _search(args: argparse.Namespace) -> int:
+def _search(args: argparse.Namespace, argv: list[str]) -> int:
     from hawor_tune.results import check_resumable, check_storage
 
     # Where the search writes is checked first: it is cheap, and loading the space imports torch.
@@ -188,7 +209,11 @@ def _search(args: argparse.Namespace) -> int:
     outcome = run_search(space, storage=storage, name=name, resume=args.resume, address=args.address,
                          dashboard_port=args.dashboard_port, verbose=1 if args.verbose else 0, mlflow_uri=mlflow_uri,
                          warm_trials=warm_trials)
-    print_summary(outcome.experiment_dir, space.metric, space.mode)
+    resume = _resume_command(argv, name)
+    if print_summary(outcome.experiment_dir, space.metric, space.mode, resume):
+        # Ray Tune stops on Ctrl-C (SIGINT) and returns: say so on stderr and in the exit status.
+        print(f"error: search interrupted; continue with: {resume}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 

@@ -8,12 +8,36 @@ one file system replaces the name in one step. Everything a running search, a re
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from hawor_tune.errors import HaworTuneError
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(HaworTuneError, OSError):
+    """A write found no space left (ENOSPC, or the user's quota: EDQUOT); the file kept its previous content."""
+
+
+@contextlib.contextmanager
+def _full_disk_is_one_line(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except OSError as e:
+        if e.errno not in _FULL:
+            raise
+        error = DiskFullError(f"no space left to write {path} ({os.strerror(e.errno)}); it keeps its previous "
+                              f"content: free space on that disk, then run again (a search: add --resume)")
+        error.errno = e.errno
+        raise error from None
 
 
 def atomic_write(path: str | os.PathLike, writer: Callable[[Path], Any]) -> Path:
@@ -30,14 +54,18 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[Path], Any]) -> Path
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        DiskFullError: the disk (or quota) is full; ``path`` keeps its old content.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_path(path, "tmp")
     try:
-        writer(tmp)
-        _fsync_file(tmp)
-        os.replace(tmp, path)
+        with _full_disk_is_one_line(path):
+            writer(tmp)
+            _fsync_file(tmp)
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # gone after the rename; left only when the writer or the rename failed
     _fsync_dir(path.parent)
@@ -68,16 +96,20 @@ def atomic_replace_dir(path: str | os.PathLike, writer: Callable[[Path], Any]) -
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        DiskFullError: the disk (or quota) is full; ``path`` keeps its old content.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_path(path, "tmp")
     try:
-        tmp.mkdir()
-        writer(tmp)
-        for file in tmp.rglob("*"):
-            if file.is_file():
-                _fsync_file(file)
+        with _full_disk_is_one_line(path):
+            tmp.mkdir()
+            writer(tmp)
+            for file in tmp.rglob("*"):
+                if file.is_file():
+                    _fsync_file(file)
         if not path.exists():
             os.replace(tmp, path)
         else:  # os.replace cannot overwrite a non-empty folder: move the old one aside first

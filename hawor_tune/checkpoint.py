@@ -41,7 +41,7 @@ def save_checkpoint(directory: str | os.PathLike, *, model: nn.Module, config: E
     }
 
     def write(folder: Path) -> None:
-        torch.save(state, folder / CHECKPOINT_FILE)
+        _save(state, folder / CHECKPOINT_FILE)
         save_config(config, folder / "config.yaml")
 
     return atomic_replace_dir(directory, write)
@@ -53,7 +53,14 @@ def export_model(path: str | os.PathLike, *, model: nn.Module, config: Experimen
     state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": epoch,
              "config": config.to_dict(), "model": model.state_dict(), "optimizer": None, "scheduler": None,
              "history": history or []}
-    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+    return atomic_write(path, lambda tmp: _save(state, tmp))
+
+
+def _save(state: dict[str, Any], path: Path) -> None:
+    # Through a Python file: torch.save given a path reports a full disk as a bare RuntimeError from its zip
+    # writer, given a file it raises the OSError (ENOSPC) that atomic_write turns into one line.
+    with open(path, "wb") as f:
+        torch.save(state, f)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -8,6 +8,7 @@ prepares the data once, starts or joins Ray, builds the Tuner (or restores it) a
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import os
@@ -21,11 +22,13 @@ import ray
 from ray import tune
 from ray.tune import Callback
 
+from hawor_tune.atomic import DiskFullError
 from hawor_tune.config import ExperimentConfig, save_config
 from hawor_tune.results import (
     EPOCHS_FILE,
     TRIALS_FILE,
     ExperimentRecord,
+    StorageError,
     check_resumable,
     check_storage,
     read_rows,
@@ -56,19 +59,44 @@ def train_trial(params: dict[str, Any], space: SearchSpace) -> None:
                                       "train.threads": threads, "train.keep_checkpoints": 1})
     node_id = ray.get_runtime_context().get_node_id()
 
+    # Each result names its epoch as Ray's training_iteration, which otherwise counts reports: a trial that
+    # falls back to an older checkpoint reports some epochs again, and they must replace the first reports.
     def report(record: dict[str, float], checkpoint_dir: str) -> None:
-        tune.report({**record, "node_id": node_id}, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+        tune.report({**record, "training_iteration": int(record["epoch"]), "node_id": node_id},
+                    checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
 
     checkpoint = tune.get_checkpoint()
-    if checkpoint is None:
-        result = fit(cfg, on_epoch=report)
-    else:
-        with checkpoint.as_directory() as resume_dir:
-            result = fit(cfg, on_epoch=report, resume_from=resume_dir)
+    # The storage is a local or shared folder (check_storage refuses URIs), so the path is readable here.
+    result = fit(cfg, on_epoch=report, resume_from=_resume_point(checkpoint.path if checkpoint else None))
     if result.status == "diverged":
         # An infinite objective tells ASHA and Optuna this configuration is bad; the row is flagged diverged.
-        tune.report({"diverged": True, "epoch": float(result.epochs_run + 1), "node_id": node_id,
+        epoch = result.epochs_run + 1
+        tune.report({"diverged": True, "epoch": float(epoch), "training_iteration": epoch, "node_id": node_id,
                      **{m: math.inf if mode == "min" else -math.inf for m, mode in space.objectives}})
+
+
+def _resume_point(newest: str | None) -> str | None:
+    """The checkpoint a retried or restored trial continues from: Ray's newest, or, when that one cannot be
+    read (a crash or a full disk cut it short), the newest older one of the trial that can; None (the trial
+    starts again from epoch 1) when none can. Each fallback is logged."""
+    from hawor_tune.checkpoint import CheckpointError, load_checkpoint
+
+    if newest is None:
+        return None
+    newest_dir = Path(newest)
+    # Ray names a trial's checkpoints checkpoint_<6-digit index>: by name is oldest to newest.
+    older = sorted((p for p in newest_dir.parent.glob("checkpoint_*") if p.name < newest_dir.name), reverse=True)
+    for candidate in [newest_dir, *older]:
+        try:
+            load_checkpoint(candidate)
+        except CheckpointError as e:
+            log.warning("cannot resume from %s: %s", candidate, e)
+            continue
+        if candidate != newest_dir:
+            log.warning("resuming from the older checkpoint %s; its later epochs run again", candidate)
+        return str(candidate)
+    log.warning("no readable checkpoint in %s: the trial starts again from epoch 1", newest_dir.parent)
+    return None
 
 
 def prepare_data(cfg: ExperimentConfig) -> None:
@@ -309,6 +337,28 @@ class ParquetExporter(Callback):
         write_parquet_atomic(trials, directory / TRIALS_FILE)
 
 
+def _disk_full(error: BaseException) -> OSError | None:
+    """The full-disk error (ENOSPC, EDQUOT) behind ``error``, if any, following causes and contexts."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _claim(exp_dir: Path) -> Path:
+    """Make the experiment folder of a new search, refusing one that exists: ``mkdir`` is atomic, so of two
+    searches started at once under one name exactly one gets it."""
+    try:
+        exp_dir.mkdir()
+    except FileExistsError:
+        raise StorageError(f"experiment {exp_dir.name}: {exp_dir} already exists (another search has this name; "
+                           f"add --resume to continue it, or choose another name)") from None
+    return exp_dir
+
+
 def _record_callbacks(space: SearchSpace, exp_dir: Path, verbose: int, mlflow_uri: str | None = None) -> list[Callback]:
     """The callbacks besides the parquet exporter: the Optuna study on disk, unless Ray prints the live table,
     and MLflow tracking when asked for."""
@@ -345,8 +395,14 @@ def run_search(space: SearchSpace, *, storage: str | os.PathLike, name: str, res
             (:func:`hawor_tune.optuna_study.warm_start_trials`).
     """
     storage = check_storage(storage)
-    exp_dir = check_resumable(storage, name, label="resume") if resume else storage / name
-    prepare_data(space.base_config)
+    exp_dir = check_resumable(storage, name, label="resume") if resume else _claim(storage / name)
+    try:
+        prepare_data(space.base_config)
+    except BaseException:
+        if not resume:
+            with contextlib.suppress(OSError):
+                exp_dir.rmdir()  # the name is free again; an empty folder only, never a search's files
+        raise
 
     if not ray.is_initialized():
         start_ray(address, dashboard_port)
@@ -358,7 +414,6 @@ def run_search(space: SearchSpace, *, storage: str | os.PathLike, name: str, res
     if resume:
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
     else:
-        exp_dir.mkdir(parents=True, exist_ok=True)
         ExperimentRecord.of_search(space, name).save(exp_dir)
         save_config(space.base_config, exp_dir / "base_config.yaml")
         tuner = tune.Tuner(
@@ -374,7 +429,16 @@ def run_search(space: SearchSpace, *, storage: str | os.PathLike, name: str, res
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=space.metric,
                                                         checkpoint_score_order=space.mode)),
         )
-    results = tuner.fit()
+    try:
+        results = tuner.fit()
+    except Exception as e:
+        full = _disk_full(e)
+        if full is None:
+            raise
+        # Ray wraps a callback's error in a TuneError holding the traceback as text: say the one thing wrong.
+        if not isinstance(full, DiskFullError):  # one of Ray's own writes
+            full = f"no space left on the disk of {storage} ({full}): free space there, then add --resume"
+        raise DiskFullError(f"search {name} stopped: {full}") from None
     if not (exp_dir / TRIALS_FILE).is_file():
         exporter.flush()
     return SearchOutcome(exp_dir, results)

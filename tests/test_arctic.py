@@ -419,6 +419,14 @@ def _break_corrupt_image(root, sid, seq):
     return [f"{sid}/{seq}/0/{name}", "cannot be decoded"]
 
 
+def _break_truncated_image(root, sid, seq):
+    # A JPEG cut short decodes in OpenCV, greyed: it must be refused, not cached.
+    ioi = json.loads((root / "meta" / "misc.json").read_text())[sid]["ioi_offset"]
+    name = f"{15 + ioi:05d}.jpg"
+    _truncate(root / "images" / sid / seq / "0" / name)
+    return [f"{sid}/{seq}/0/{name}", "cannot be decoded", "restore it"]
+
+
 def _break_misc_subject(root, sid, seq):
     path = root / "meta" / "misc.json"
     misc = json.loads(path.read_text())
@@ -437,7 +445,8 @@ def _break_split_entry(root, sid, seq):
 
 @pytest.mark.parametrize("break_it", [
     _break_truncated_mano, _break_truncated_egocam, _break_pose_shape, _break_missing_hand, _break_camera_shape,
-    _break_frame_count, _break_missing_image, _break_corrupt_image, _break_misc_subject, _break_split_entry,
+    _break_frame_count, _break_missing_image, _break_corrupt_image, _break_truncated_image, _break_misc_subject,
+    _break_split_entry,
 ], ids=lambda f: f.__name__[len("_break_"):])
 def test_bad_files_raise_errors_naming_them(synthetic_dataset, tmp_path, break_it):
     root = _copy(synthetic_dataset.root, tmp_path)

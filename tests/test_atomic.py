@@ -1,15 +1,26 @@
-"""Tests for hawor_tune.atomic: writes land whole, a failed write changes nothing, concurrent writes never tear."""
+"""Tests for hawor_tune.atomic: writes land whole, a failed write changes nothing, concurrent writes never tear,
+a full disk is one line."""
 
 from __future__ import annotations
 
+import errno
+import io
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import run_concurrently
 
-from hawor_tune.atomic import atomic_replace_dir, atomic_write, atomic_write_bytes, atomic_write_text
+from hawor_tune.atomic import (
+    DiskFullError,
+    atomic_replace_dir,
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_text,
+)
 
 OLD = b"old content\n"
 
@@ -127,3 +138,56 @@ def test_replace_dir_failing_writer_keeps_the_old_folder(tmp_path: Path) -> None
         atomic_replace_dir(path, writer)
     assert {p.name: p.read_text() for p in path.iterdir()} == {"old_a": "old_a", "old_b": "old_b"}
     assert list(tmp_path.iterdir()) == [path]
+
+
+def _full_after_half(write: Callable[..., Any]) -> Callable[..., Any]:
+    """``write`` as on a full disk: half the bytes land, then ENOSPC."""
+    def full(obj: Any, target: Any, *args: Any, **kwargs: Any) -> None:
+        buffer = io.BytesIO()
+        write(obj, buffer, *args, **kwargs)
+        target_file = open(target, "wb") if isinstance(target, (str, Path)) else target  # noqa: SIM115
+        target_file.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        target_file.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return full
+
+
+def test_disk_full_while_writing_parquet_keeps_the_previous_file(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from hawor_tune.results import read_rows, write_parquet_atomic
+
+    path = tmp_path / "trials.parquet"
+    write_parquet_atomic([{"trial_id": "a", "epochs": 1}], path)
+    monkeypatch.setattr(pq, "write_table", _full_after_half(pq.write_table))
+    with pytest.raises(DiskFullError) as info:
+        write_parquet_atomic([{"trial_id": "a", "epochs": 2}, {"trial_id": "b", "epochs": 1}], path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message and "free space" in message
+    assert info.value.errno == errno.ENOSPC and isinstance(info.value, OSError)
+    assert read_rows(path) == [{"trial_id": "a", "epochs": 1}]
+    assert [p.name for p in tmp_path.iterdir()] == ["trials.parquet"]  # no temporary file left behind
+
+
+def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    import torch
+
+    from hawor_tune.checkpoint import load_checkpoint, save_checkpoint
+    from hawor_tune.config import load_config
+
+    model, config = torch.nn.Linear(2, 2), load_config(None, {})
+    folder = save_checkpoint(tmp_path / "epoch_0001", model=model, config=config, epoch=1)
+    monkeypatch.setattr(torch, "save", _full_after_half(torch.save))
+    with pytest.raises(DiskFullError, match=f"no space left to write {folder}"):
+        save_checkpoint(folder, model=model, config=config, epoch=2)
+    assert load_checkpoint(folder)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["epoch_0001"]
+
+
+def test_other_write_errors_are_not_disk_full(tmp_path):
+    def denied(tmp: Path) -> None:
+        raise PermissionError(errno.EACCES, "denied")
+
+    with pytest.raises(PermissionError) as info:
+        atomic_write(tmp_path / "f", denied)
+    assert not isinstance(info.value, DiskFullError)

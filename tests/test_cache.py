@@ -136,3 +136,29 @@ def test_read_frame_names_unreadable_and_wrong_sized_files(tmp_path):
     assert not Path(tmp_path / "missing.jpg").exists()
     with pytest.raises(ValueError, match="does not exist"):
         read_frame(tmp_path / "missing.jpg", Letterbox(64, 48, 32))
+
+
+def test_read_frame_refuses_a_jpeg_cut_short(tmp_path):
+    # OpenCV would decode it, greying the missing rows: a wrong frame, not an error.
+    path = tmp_path / "00001.jpg"
+    cv2.imwrite(str(path), np.random.default_rng(0).integers(0, 255, (48, 64, 3), np.uint8))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert cv2.imread(str(path)) is not None
+    with pytest.raises(ValueError, match=f"image {path} cannot be decoded .*restore it from the dataset"):
+        read_frame(path, Letterbox(64, 48, 32))
+
+
+@pytest.mark.parametrize("damage", ["truncate frames", "truncate index", "empty frames"])
+def test_a_damaged_frame_cache_is_rebuilt(synthetic_dataset, tmp_path, damage, caplog):
+    cfg = synthetic_dataset.config({"data.cache_dir": str(tmp_path)})
+    built = build_dataset(cfg, "test")
+    expected = np.array(built.cache.frames)
+    folder = built.cache.folder
+    name = "index.json" if damage == "truncate index" else "frames.npy"
+    size = 0 if damage == "empty frames" else (folder / name).stat().st_size // 2
+    with open(folder / name, "r+b") as f:
+        f.truncate(size)
+    rebuilt = build_dataset(cfg, "test")
+    assert rebuilt.cache.folder == folder
+    np.testing.assert_array_equal(rebuilt.cache.frames, expected)
+    assert any("rebuilding a damaged frame cache" in r.message and str(folder) in r.message for r in caplog.records)

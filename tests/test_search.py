@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import os
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 import ray
-from conftest import write_search_space
+from conftest import write_search_space, write_space
 
 import run_search
 from hawor_tune.results import ExperimentRecord, read_rows
@@ -285,6 +286,95 @@ def test_local_ray_listens_on_loopback_only():
     finally:
         ray.shutdown()
     assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == env_before  # set for the start only
+
+
+def _trial_checkpoints(folder: Path, epochs: int) -> list[Path]:
+    """Ray's layout of one trial's checkpoints: checkpoint_000000 (epoch 1), checkpoint_000001, ..."""
+    import torch
+
+    from hawor_tune.checkpoint import save_checkpoint
+    from hawor_tune.config import load_config
+
+    model, config = torch.nn.Linear(2, 2), load_config(None, {})
+    return [save_checkpoint(folder / f"checkpoint_{i:06d}", model=model, config=config, epoch=i + 1)
+            for i in range(epochs)]
+
+
+def _truncate(folder: Path) -> None:
+    file = folder / "checkpoint.pt"
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("truncated, expected", [((), 2), ((2,), 1), ((1, 2), 0), ((0, 1, 2), None)])
+def test_a_trial_resumes_from_its_newest_readable_checkpoint(tmp_path, caplog, truncated, expected):
+    from hawor_tune.search import _resume_point
+
+    checkpoints = _trial_checkpoints(tmp_path, 3)
+    for i in truncated:
+        _truncate(checkpoints[i])
+    point = _resume_point(str(checkpoints[-1]))
+    assert point == (str(checkpoints[expected]) if expected is not None else None)
+    warnings = [r.message for r in caplog.records if r.levelname == "WARNING"]
+    assert len([w for w in warnings if w.startswith("cannot resume from")]) == len(truncated)
+    if truncated:
+        assert "older checkpoint" in warnings[-1] or "starts again from epoch 1" in warnings[-1]
+    assert _resume_point(None) is None
+
+
+def test_a_second_search_under_a_taken_name_is_refused_before_anything_starts(tmp_path):
+    from hawor_tune.results import StorageError
+
+    space = load_search_space(write_space(tmp_path))
+    (tmp_path / "results" / "taken").mkdir(parents=True)
+    with pytest.raises(StorageError, match=r"^experiment taken: .* already exists \(another search has this name"):
+        run_search_fn(space, storage=tmp_path / "results", name="taken", verbose=0)
+    assert not ray.is_initialized()
+
+
+def test_a_full_disk_behind_rays_error_is_found():
+    from ray.tune.error import TuneError
+
+    from hawor_tune.search import _disk_full
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    try:
+        try:
+            raise full
+        except OSError:
+            raise TuneError("Traceback (most recent call last): ...") from None  # as Ray wraps a callback's
+    except TuneError as e:
+        wrapped = e
+    wrapped.__context__ = full
+    assert _disk_full(wrapped) is full
+    assert _disk_full(TuneError("other")) is None
+    assert _disk_full(OSError(errno.EACCES, "denied")) is None
+
+
+def test_ctrl_c_exits_130_with_the_resume_command_and_no_traceback(tmp_path, monkeypatch, capsys):
+    """Ray Tune turns Ctrl-C into a normal return with unfinished trials: the CLI must not exit 0."""
+    import hawor_tune.search as search
+    from hawor_tune.results import write_parquet_atomic
+
+    def interrupted(space, *, storage, name, **kwargs):
+        exp_dir = storage / name
+        exp_dir.mkdir()
+        write_parquet_atomic([
+            {"trial_id": "a", "status": "TERMINATED", "epochs": 3, "stopped_early": False, "stopped_at_epoch": None,
+             "diverged": False, "best/val/mpjpe": 40.0, "best_epoch": 3},
+            {"trial_id": "b", "status": "INTERRUPTED", "epochs": 1, "stopped_early": False,
+             "stopped_at_epoch": None, "diverged": False, "best/val/mpjpe": 50.0, "best_epoch": 1}],
+            exp_dir / "trials.parquet")
+        return search.SearchOutcome(exp_dir, None)
+
+    monkeypatch.setattr(search, "run_search", interrupted)
+    monkeypatch.setattr(search, "start_ray", lambda *a, **k: None)
+    space = write_space(tmp_path)
+    argv = ["--space", str(space), "--storage", str(tmp_path / "r"), "--name", "x", "--set", "train.epochs=3"]
+    assert run_search.main(argv) == 130
+    out, err = capsys.readouterr()
+    resume = f"python run_search.py {' '.join(argv)} --resume"
+    assert f"1 trials did not finish (search interrupted): continue with {resume}" in out
+    assert err.strip().splitlines() == [f"error: search interrupted; continue with: {resume}"]
 
 
 def test_a_multi_objective_space_gets_optunas_multi_objective_sampler(tmp_path):

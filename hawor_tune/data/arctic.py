@@ -104,7 +104,8 @@ def _load_npy_dict(path: Path) -> dict[str, Any]:
         obj = np.load(path, allow_pickle=True)
         value = obj.item() if obj.dtype == object and obj.shape == () else obj
     except Exception as e:  # truncated data surfaces as EOFError, ValueError, UnpicklingError, ...
-        raise DatasetError(f"{path}: truncated or corrupt .npy ({type(e).__name__}: {e})") from None
+        raise DatasetError(f"{path}: truncated or corrupt .npy ({type(e).__name__}: {e}); restore it from the "
+                           f"dataset") from None
     if not isinstance(value, dict):
         raise DatasetError(f"{path}: expected a pickled dict, got {type(value).__name__} "
                            f"{getattr(value, 'shape', '')}")
@@ -307,7 +308,8 @@ def _image_paths(root: Path, sid: str, seq: str, image_idx: np.ndarray, ioi: int
     for i, n in zip(image_idx, names):
         if n not in present:
             raise DatasetError(f"missing image {folder / n} for annotation frame {i - ioi} of {sid}/{seq} "
-                               f"(image index = frame + ioi_offset {ioi} from {root / MISC_FILE})")
+                               f"(image index = frame + ioi_offset {ioi} from {root / MISC_FILE}); restore it "
+                               f"from the dataset")
     return [folder / n for n in names]
 
 

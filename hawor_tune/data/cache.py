@@ -8,7 +8,8 @@ concurrent Ray trials map it read-only and share it through the page cache; a cl
 The cache folder's name holds a hash of everything the pixels depend on: the dataset root's real path,
 the split, the image size, each sequence's frame file names and its image folder's modification time,
 and :data:`CACHE_FORMAT_VERSION`. A file replaced in place under the same name, without touching its
-folder, is not noticed; delete the cache folder then.
+folder, is not noticed; delete the cache folder then. A damaged cache (``frames.npy`` or ``index.json`` cut
+short) is rebuilt, with a warning.
 """
 
 from __future__ import annotations
@@ -116,10 +117,17 @@ def read_frame(path: str | os.PathLike, box: Letterbox) -> np.ndarray:
     Raises:
         CacheError: the file is missing, not a decodable image, or not ``box.width`` x ``box.height``.
     """
-    image = cv2.imread(os.fspath(path), cv2.IMREAD_COLOR)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        reason = "does not exist" if isinstance(e, FileNotFoundError) else f"cannot be read ({e.strerror})"
+        raise CacheError(f"image {path} {reason}; restore it from the dataset") from None
+    # OpenCV decodes a JPEG cut short without an error, filling the missing rows with grey: check its end
+    # marker (EOI), which no byte of the compressed data can imitate.
+    truncated = data[:2] == b"\xff\xd8" and not data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
+    image = None if truncated else cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
-        reason = "does not exist" if not os.path.exists(path) else "cannot be decoded (truncated or not an image)"
-        raise CacheError(f"image {path} {reason}")
+        raise CacheError(f"image {path} cannot be decoded (truncated or not an image); restore it from the dataset")
     if image.shape[:2] != (box.height, box.width):
         raise CacheError(f"image {path} is {image.shape[1]}x{image.shape[0]} pixels, expected "
                          f"{box.width}x{box.height} like the other frames of its sequence")
@@ -157,6 +165,16 @@ class FrameCache:
         self.offsets = [s["offset"] for s in self.index["sequences"]]
         self.counts = [s["count"] for s in self.index["sequences"]]
         self._frames: np.ndarray | None = None
+        # Mapping checks the file's size against its header; the header against the index. A frames.npy cut
+        # short (a full disk, a copy interrupted) fails here, not as a raw error inside a training step.
+        expected = (self.index.get("frames"), 3, self.index.get("size"), self.index.get("size"))
+        try:
+            frames = self.frames
+        except (OSError, ValueError, EOFError) as e:
+            raise CacheError(f"frame cache {self.folder / _FRAMES} is unreadable ({e}); delete {self.folder}") from None
+        if frames.shape != expected or frames.dtype != np.uint8:
+            raise CacheError(f"frame cache {self.folder / _FRAMES} holds {frames.dtype} {frames.shape}, its index "
+                             f"says uint8 {expected}; delete {self.folder}")
 
     @property
     def frames(self) -> np.ndarray:
@@ -188,21 +206,35 @@ class FrameCache:
         """
         cache_dir = Path(cache_dir)
         folder = cache_dir / f"frames-{split}-{size}px-{_cache_key(root, split, size, sources)}"
-        if (folder / _INDEX).is_file():
-            return cls(folder)
+        cache = cls._open_valid(folder)
+        if cache is not None:
+            return cache
         cache_dir.mkdir(parents=True, exist_ok=True)
         with FileLock(str(folder) + ".lock"):
-            if not (folder / _INDEX).is_file():  # another process may have built it while we waited
+            cache = cls._open_valid(folder)  # another process may have built it while we waited
+            if cache is None:
                 for stale in cache_dir.glob(f".{folder.name}.tmp-*"):  # left by a killed builder
                     shutil.rmtree(stale, ignore_errors=True)
-                shutil.rmtree(folder, ignore_errors=True)  # a folder without an index is incomplete
+                shutil.rmtree(folder, ignore_errors=True)  # incomplete (no index) or damaged
                 tmp = cache_dir / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
                 try:
                     _build(tmp, root=root, split=split, size=size, sources=sources, threads=threads)
                     os.replace(tmp, folder)
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
-        return cls(folder)
+                cache = cls(folder)
+        return cache
+
+    @classmethod
+    def _open_valid(cls, folder: Path) -> FrameCache | None:
+        """The cache in ``folder``; None when there is none yet or it is damaged (logged; it is rebuilt)."""
+        if not (folder / _INDEX).is_file():
+            return None
+        try:
+            return cls(folder)
+        except CacheError as e:
+            log.warning("rebuilding a damaged frame cache: %s", e)
+            return None
 
 
 def _cache_key(root: str | os.PathLike, split: str, size: int, sources: Sequence[FrameSource]) -> str:

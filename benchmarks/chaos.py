@@ -1,0 +1,585 @@
+"""Fault injection: each fault on a real small search or training run, then what must hold afterwards.
+
+Every fault is injected into the project's own entry points (``run_search.py``, ``python -m hawor_tune.train``,
+:func:`hawor_tune.search.run_search`) on a tiny generated dataset and model in a temporary folder. A search
+must end with nothing lost: ``num_samples`` trials TERMINATED, each with its full epochs or its ASHA stop,
+every ``(trial_id, epoch)`` row of ``epochs.parquet`` once and none missing, and ``trials.parquet`` holding
+exactly the trials and statuses of Ray's own record (``ray.tune.ExperimentAnalysis``). A data fault must end
+in one line naming the file and the fix, or in a rebuilt cache; never in a result computed from wrong data.
+
+    python benchmarks/chaos.py                      # every fault, about 20 minutes on 2 cores
+    python benchmarks/chaos.py --only worker_kill driver_sigint
+
+Prints a table: fault, outcome, trials lost. Exits 1 if any fault broke an invariant. ``disk_full`` mounts a
+small tmpfs, so it needs root (it is reported as skipped otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from conftest import TINY_DATA_OVERRIDES, write_search_space  # noqa: E402  (the tests' tiny dataset and space)
+
+from hawor_tune.config import load_config  # noqa: E402
+from hawor_tune.data import generate  # noqa: E402
+from hawor_tune.results import read_rows  # noqa: E402
+
+NUM_SAMPLES, EPOCHS = 4, 3
+# Small per-epoch budgets; a search of 4 trials x 3 epochs takes about 40 s on 2 cores, most of it Ray.
+BUDGET = ["--set", "train.max_train_batches=4", "--set", "train.max_eval_batches=2"]
+
+
+@dataclass
+class Outcome:
+    fault: str
+    outcome: str
+    lost: int | str
+    ok: bool
+    seconds: float = 0.0
+
+
+class Lab:
+    """A temporary folder with the tiny dataset, search-space files and the command lines to run."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        root = folder / "data" / "arctic_synthetic"
+        overrides = {**TINY_DATA_OVERRIDES, "data.root": str(root)}
+        cfg = load_config(None, overrides)
+        generate(root, cfg.data.synthetic, cfg.mano)
+        self.dataset = _Dataset(root, overrides)
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+
+    def space(self, name: str, *, num_samples: int = NUM_SAMPLES, epochs: int = EPOCHS, **extra: Any) -> Path:
+        return write_search_space(self.folder / "spaces" / name, self.dataset, num_samples=num_samples,
+                                  epochs=epochs, **extra)
+
+    def search_args(self, space: Path, name: str, storage: Path | None = None) -> list[str]:
+        return ["--space", str(space), "--storage", str(storage or self.folder / "results"), "--name", name,
+                "--dashboard-port", "0", *BUDGET]
+
+    def start(self, args: list[str], log: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+        """run_search.py in its own process group, as a terminal would run it; its output goes to ``log``."""
+        cmd = [sys.executable, str(ROOT / "run_search.py"), *args]
+        return subprocess.Popen(cmd, cwd=self.folder, env={**self.env, **(extra_env or {})},
+                                stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def run(self, args: list[str], log: Path, timeout: float = 600, **kw: Any) -> tuple[int, str]:
+        proc = self.start(args, log, **kw)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            rc = -9
+        return rc, log.read_text()
+
+
+@dataclass
+class _Dataset:
+    """What conftest's write_search_space reads of its SyntheticDataset."""
+
+    root: Path
+    overrides: dict[str, Any]
+
+    def config(self, overrides: dict[str, Any] | None = None) -> Any:
+        return load_config(None, {**self.overrides, **dict(overrides or {})})
+
+
+def _kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=60)
+
+
+def _wait_for(predicate: Callable[[], Any], proc: subprocess.Popen | None, timeout: float = 300) -> Any:
+    """Poll ``predicate`` (errors count as not yet: files are read while a search rewrites them)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and (proc is None or proc.poll() is None):
+        with contextlib.suppress(Exception):
+            value = predicate()
+            if value:
+                return value
+        time.sleep(0.3)
+    return None
+
+
+def _epoch_rows(exp_dir: Path) -> list[dict[str, Any]]:
+    return read_rows(exp_dir / "epochs.parquet")
+
+
+# ---- the invariants ----------------------------------------------------------------------------------------
+
+def check_experiment(exp_dir: Path, *, num_samples: int = NUM_SAMPLES, max_epochs: int = EPOCHS) -> tuple[int, list[str]]:
+    """(trials lost, broken invariants) of a finished search.
+
+    A trial counts as kept when it is TERMINATED with epochs 1..n each once, n the full budget or an ASHA
+    stop; the search must hold ``num_samples`` of them, and its parquet files must agree with Ray's record.
+    """
+    from ray.tune import ExperimentAnalysis
+
+    problems = []
+    trials = {r["trial_id"]: r for r in read_rows(exp_dir / "trials.parquet")}
+    epochs = [(r["trial_id"], int(r["epoch"])) for r in _epoch_rows(exp_dir)]
+    ray_record = {t.trial_id: t.status for t in ExperimentAnalysis(str(exp_dir)).trials}
+    if {t: r["status"] for t, r in trials.items()} != ray_record:
+        problems.append(f"trials.parquet {({t: r['status'] for t, r in trials.items()})} != Ray's {ray_record}")
+    if len(epochs) != len(set(epochs)):
+        problems.append(f"duplicate (trial_id, epoch) rows: {sorted(e for e in set(epochs) if epochs.count(e) > 1)}")
+    kept = 0
+    for trial_id, row in trials.items():
+        seen = sorted(e for t, e in epochs if t == trial_id)
+        complete = row["epochs"] == max_epochs or row["stopped_early"]
+        if seen != list(range(1, row["epochs"] + 1)):
+            problems.append(f"trial {trial_id}: epochs {seen}, expected 1..{row['epochs']}")
+        elif row["status"] == "TERMINATED" and complete and not row["diverged"]:
+            kept += 1
+        else:
+            problems.append(f"trial {trial_id}: {row['status']} after {row['epochs']} epochs")
+    stray = {t for t, _ in epochs} - set(trials)
+    if stray:
+        problems.append(f"epoch rows of trials not in trials.parquet: {sorted(stray)}")
+    if kept != num_samples:
+        problems.append(f"{kept} complete trials, expected {num_samples}")
+    return max(0, num_samples - kept), problems
+
+
+def _one_line_error(output: str, search: bool = False) -> str | None:
+    """The ``error: ...`` line of a run that must fail in one line, or None when it shows a traceback.
+
+    A search's output may hold Ray's log of a trial's failure (``Trial task failed``, with the worker's
+    traceback); only a traceback of the command itself, which passes through run_search.py, counts then.
+    """
+    if ('run_search.py", line' if search else "Traceback") in output:
+        return None
+    lines = [ln for ln in output.splitlines() if ln.startswith("error: ")]
+    return lines[-1] if len(lines) == 1 else None
+
+
+def _search_outcome(fault: str, exp_dir: Path, t0: float, done: str, extra: list[str] | None = None,
+                    **kw: Any) -> Outcome:
+    lost, problems = check_experiment(exp_dir, **kw)
+    problems = (extra or []) + problems
+    return Outcome(fault, done if not problems else "; ".join(problems), lost, not problems, time.time() - t0)
+
+
+# ---- search faults -----------------------------------------------------------------------------------------
+
+def _ray_workers(proc: subprocess.Popen) -> list[Any]:
+    """The processes running a trial right now, among the descendants of the search's driver."""
+    import ray  # noqa: F401, I001  (first: it puts the psutil that ships with Ray on the path)
+    import psutil
+
+    out = []
+    for p in psutil.Process(proc.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if p.name().startswith("ray::ImplicitFunc"):
+                out.append(p)
+    return out
+
+
+def worker_kill(lab: Lab) -> Outcome:
+    """SIGKILL a trial's worker process in the middle of an epoch: Ray retries it from its last checkpoint."""
+    t0, exp_dir = time.time(), lab.folder / "results" / "worker_kill"
+    proc = lab.start(lab.search_args(lab.space("worker_kill"), "worker_kill"), lab.folder / "worker_kill.log")
+    killed = []
+    for _ in range(2):  # two kills, each after one more epoch row, so at least one lands mid-epoch
+        goal = len(killed) + 1
+        if not _wait_for(lambda goal=goal: len(_epoch_rows(exp_dir)) >= goal, proc):
+            break
+        time.sleep(0.5)  # into the next epoch
+        workers = _ray_workers(proc)
+        if workers:
+            workers[0].kill()
+            killed.append(workers[0].pid)
+    rc = proc.wait(timeout=600)
+    log = (lab.folder / "worker_kill.log").read_text()
+    extra = [] if rc == 0 else [f"search exited {rc}"]
+    extra += [] if killed else ["no worker was killed"]
+    return _search_outcome(f"worker SIGKILL mid-epoch (x{len(killed)})", exp_dir, t0,
+                           f"{log.count('Trial task failed')} trial failures retried from checkpoints", extra)
+
+
+def _stop_driver_then_resume(lab: Lab, name: str, sig: int, *, truncate: bool = False) -> tuple[list[str], str]:
+    """Start a search, stop its driver with ``sig`` once 3 epoch rows exist (``truncate``: once an unfinished
+    trial has two checkpoints, and then cut that trial's newest checkpoint in half), then ``--resume`` it.
+    Returns (problems, what the stop printed)."""
+    exp_dir = lab.folder / "results" / name
+    args = lab.search_args(lab.space(name), name)
+    # A crash lands between two of Ray's state snapshots: make them rare (only those Ray forces), so the
+    # resume has trials and epochs to drop that Ray never recorded.
+    env = {"TUNE_GLOBAL_CHECKPOINT_S": "600"} if sig == signal.SIGKILL else {}
+    proc = lab.start(args, lab.folder / f"{name}.log", extra_env=env)
+
+    def ready() -> bool:
+        if truncate:
+            return any(len(list(d.glob("checkpoint_*"))) >= 2 and _reports(d) < EPOCHS for d in _trial_dirs(exp_dir))
+        return len(_epoch_rows(exp_dir)) >= 3
+    problems = []
+    if not _wait_for(ready, proc):
+        problems.append("the search ended before the fault")
+    if sig == signal.SIGINT:  # Ctrl-C in a terminal: to the driver's whole process group
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            rc = proc.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            rc = "hung"
+    else:  # a crash of the driver and the Ray it started
+        _kill_group(proc, signal.SIGKILL)
+        rc = proc.returncode
+    stopped = (lab.folder / f"{name}.log").read_text()
+    if sig == signal.SIGINT:
+        if rc != 130:
+            problems.append(f"Ctrl-C: exit status {rc}, expected 130")
+        if "Traceback" in stopped:
+            problems.append("Ctrl-C printed a traceback")
+        if not _resume_line(stopped):
+            problems.append("Ctrl-C did not say how to resume")
+    cut = []
+    if truncate:
+        state = {t.trial_id: t for t in _analysis(exp_dir).trials}
+        for trial_id, trial in state.items():
+            if trial.status != "TERMINATED" and trial.checkpoint is not None:
+                path = Path(trial.checkpoint.path) / "checkpoint.pt"
+                path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+                cut.append(trial_id)
+        if not cut:
+            problems.append("no unfinished trial had a checkpoint to truncate")
+    rc, resumed = lab.run([*args, "--resume"], lab.folder / f"{name}.resume.log")
+    if rc != 0:
+        problems.append(f"--resume exited {rc}: {resumed.strip().splitlines()[-1:]}")
+    if truncate and cut and resumed.count("cannot resume from") < len(cut):
+        problems.append(f"truncated checkpoints of {cut} not reported by the resumed trials")
+    return problems, stopped
+
+
+def _resume_line(output: str) -> str | None:
+    """The line an interrupted search prints on stderr: the command that continues it."""
+    lines = [ln for ln in output.splitlines() if ln.startswith("error: search interrupted; continue with: ")]
+    return lines[0] if len(lines) == 1 and lines[0].endswith(" --resume") else None
+
+
+def _analysis(exp_dir: Path) -> Any:
+    from ray.tune import ExperimentAnalysis
+
+    return ExperimentAnalysis(str(exp_dir))
+
+
+def _reports(trial_dir: Path) -> int:
+    """How many results Ray has recorded for a trial (result.json holds one JSON object a line)."""
+    return sum(1 for line in (trial_dir / "result.json").read_text().splitlines() if line.strip())
+
+
+def _trial_dirs(exp_dir: Path) -> list[Path]:
+    return [d for d in exp_dir.glob("train_trial_*") if d.is_dir()]
+
+
+def driver_kill(lab: Lab) -> Outcome:
+    t0 = time.time()
+    problems, _ = _stop_driver_then_resume(lab, "driver_kill", signal.SIGKILL)
+    return _search_outcome("driver SIGKILL, then --resume", lab.folder / "results" / "driver_kill", t0,
+                           "resumed to num_samples trials", problems)
+
+
+def driver_sigint(lab: Lab) -> Outcome:
+    t0 = time.time()
+    problems, stopped = _stop_driver_then_resume(lab, "driver_sigint", signal.SIGINT)
+    said = (_resume_line(stopped) or "")[:len("error: search interrupted; continue with: python run_search.py")]
+    return _search_outcome("driver SIGINT (Ctrl-C), then --resume", lab.folder / "results" / "driver_sigint", t0,
+                           f"exit 130, no traceback, '{said} ... --resume'; resumed", problems)
+
+
+def truncated_checkpoint(lab: Lab) -> Outcome:
+    t0 = time.time()
+    problems, _ = _stop_driver_then_resume(lab, "truncated_checkpoint", signal.SIGINT, truncate=True)
+    return _search_outcome("newest checkpoint truncated before a retry", lab.folder / "results" / "truncated_checkpoint",
+                           t0, "fell back to the previous checkpoint (logged)", problems)
+
+
+def node_removed(lab: Lab) -> Outcome:
+    """A two-node ray.cluster_utils.Cluster; the worker node is removed once a trial on it has reported an
+    epoch: the trial continues on the head node from its checkpoint."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from hawor_tune.search import run_search
+    from hawor_tune.search_space import load_search_space
+
+    t0, name = time.time(), "node_removed"
+    exp_dir = lab.folder / "results" / name
+    space = load_search_space(lab.space(name, scheduler={"type": "fifo"}),
+                              extra_overrides=["train.max_train_batches=4", "train.max_eval_batches=2"])
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    worker = cluster.add_node(num_cpus=1)
+    removed: list[str] = []
+
+    def remove_when_a_trial_runs_there() -> None:
+        rows = _wait_for(lambda: [r for r in _epoch_rows(exp_dir) if r["node_id"] == worker.node_id], None, 300)
+        if rows:
+            # Ray registers a reported checkpoint only once its save task on the trial's actor returns, just
+            # after the result: a node lost before that is a retry from the checkpoint before (here: from
+            # scratch). Wait a moment, into the trial's next epoch.
+            time.sleep(1.0)
+            cluster.remove_node(worker)
+            removed.append(rows[0]["trial_id"])
+
+    remover = threading.Thread(target=remove_when_a_trial_runs_there, daemon=True)
+    try:
+        ray.init(address=cluster.address, logging_level="ERROR")
+        remover.start()
+        run_search(space, storage=lab.folder / "results", name=name, verbose=0)
+        remover.join(timeout=5)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    problems = [] if removed else ["no trial ran on the worker node before the search ended"]
+    moved = ""
+    if removed:
+        nodes = {r["node_id"] for r in _epoch_rows(exp_dir) if r["trial_id"] == removed[0]}
+        moved = f"trial {removed[0]} went on on the head node from its checkpoint" if len(nodes) == 2 else ""
+        if not moved:
+            problems.append(f"trial {removed[0]} ran again from scratch on the head node")
+    return _search_outcome("node removed mid-trial (2-node cluster)", exp_dir, t0, moved, problems,
+                           max_epochs=EPOCHS)
+
+
+def same_storage(lab: Lab) -> Outcome:
+    """Three searches started at once on one --storage: two names, one of them twice. The two names both
+    complete; of the two under one name, one completes and the other is refused in one line."""
+    t0, storage = time.time(), lab.folder / "shared"
+    space = lab.space("same_storage")
+    runs = [("first", "a"), ("second", "b"), ("first", "c")]
+    procs = {tag: lab.start(lab.search_args(space, name, storage), lab.folder / f"same_storage_{tag}.log")
+             for name, tag in runs}
+    rcs = {tag: p.wait(timeout=900) for tag, p in procs.items()}
+    logs = {tag: (lab.folder / f"same_storage_{tag}.log").read_text() for tag in rcs}
+    problems = [] if rcs["b"] == 0 else [f"second exited {rcs['b']}"]
+    refused = [tag for tag in ("a", "c") if rcs[tag] == 2]
+    done = [tag for tag in ("a", "c") if rcs[tag] == 0]
+    line = _one_line_error(logs[refused[0]], search=True) if len(refused) == 1 else None
+    if len(done) != 1 or line is None or "already exists" not in line:
+        problems.append(f"same name twice: exit statuses {rcs['a']}, {rcs['c']}")
+    lost = 0
+    for name in ("first", "second"):
+        n, broken = check_experiment(storage / name)
+        lost += n
+        problems += [f"{name}: {b}" for b in broken]
+    return Outcome("two searches at once on one --storage, then a third under a taken name",
+                   "both names complete; the taken one refused: " + (line or "")[:60] + "..." if not problems
+                   else "; ".join(problems), lost, not problems, time.time() - t0)
+
+
+@contextlib.contextmanager
+def _tmpfs(folder: Path, size_mb: int) -> Iterator[bool]:
+    """A tmpfs of ``size_mb`` at ``folder`` (True), or nothing when this user cannot mount one (False)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(folder)],
+                             capture_output=True).returncode == 0
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def disk_full(lab: Lab) -> Outcome:
+    """The search's storage fills up mid-search (a filler file takes what is left of a small tmpfs): the
+    search stops with one line and the previous parquet files stay readable; space freed, --resume ends
+    with nothing lost."""
+    t0, name = time.time(), "disk_full"
+    storage = lab.folder / "small_disk"
+    with _tmpfs(storage, 512) as mounted:  # a search of 4 trials takes about 200 MB
+        if not mounted:
+            return Outcome("disk full during a search", "skipped: cannot mount a tmpfs (needs root)", "-", True)
+        exp_dir = storage / name
+        # 4 epochs and no ASHA stops: the search is still running when the disk fills.
+        args = lab.search_args(lab.space(name, epochs=4, scheduler={"type": "fifo"}), name, storage)
+        proc = lab.start(args, lab.folder / f"{name}.log")
+        problems = []
+        if not _wait_for(lambda: len(_epoch_rows(exp_dir)) >= 1, proc):
+            problems.append("the search ended before the disk filled")
+        filler = storage / "filler"
+        with contextlib.suppress(OSError), filler.open("wb") as f:
+            while True:
+                f.write(b"\0" * (4 << 20))
+        try:
+            rc = proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            rc = "hung"
+        out = (lab.folder / f"{name}.log").read_text()
+        readable = []
+        for file in ("epochs.parquet", "trials.parquet"):
+            try:
+                readable.append(len(read_rows(exp_dir / file)))
+            except Exception as e:
+                problems.append(f"{file} unreadable on the full disk: {type(e).__name__}")
+        line = _one_line_error(out, search=True)
+        if rc != 2 or line is None:
+            problems.append(f"full disk: exit {rc}, " + ("a traceback" if "Traceback" in out else
+                                                         f"{out.strip().splitlines()[-1:]}"))
+        filler.unlink()
+        rc2, resumed = lab.run([*args, "--resume"], lab.folder / f"{name}.resume.log")
+        if rc2 != 0:
+            problems.append(f"--resume after freeing space exited {rc2}: {resumed.strip().splitlines()[-1:]}")
+        said = (line or "").replace(str(exp_dir), "<experiment>")
+        outcome = _search_outcome("disk full during a search, then --resume", exp_dir, t0,
+                                  f"exit 2, '{said[:90]}...'; resumed", problems, max_epochs=4)
+    return outcome
+
+
+# ---- data faults -------------------------------------------------------------------------------------------
+
+def _val_image(root: Path, index: int = 15) -> Path:
+    """An image of the first validation sequence that the dataset reads (past ARCTIC's skipped ends)."""
+    splits = json.loads((root / "splits_json" / "protocol_p2.json").read_text())
+    sid, seq = splits["val"][0].split("/")
+    ioi = json.loads((root / "meta" / "misc.json").read_text())[sid]["ioi_offset"]
+    return root / "images" / sid / seq / "0" / f"{index + ioi:05d}.jpg"
+
+
+def _val_mano(root: Path) -> Path:
+    sid, seq = json.loads((root / "splits_json" / "protocol_p2.json").read_text())["val"][0].split("/")
+    return root / "raw_seqs" / sid / f"{seq}.mano.npy"
+
+
+def _cut(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _cut_frame_cache(root: Path, cache: Path) -> Path:
+    frames = next(cache.glob("frames-val-*/frames.npy"))
+    _cut(frames)
+    return frames
+
+
+# fault -> (damage(root, cache) -> the damaged file, whether the frame cache is built before the damage).
+# Image faults strike a dataset whose cache is not built yet, as a fresh download's would: once built, the
+# cache holds the pixels decoded before, and a file changed in place later is not read again.
+DATA_FAULTS: dict[str, tuple[Callable[[Path, Path], Path], bool]] = {
+    "truncated frame cache": (_cut_frame_cache, True),
+    "truncated .mano.npy": (lambda root, cache: (_cut(_val_mano(root)), _val_mano(root))[1], True),
+    "missing image": (lambda root, cache: (_val_image(root).unlink(), _val_image(root))[1], False),
+    "JPEG that does not decode": (lambda root, cache: (_val_image(root).write_bytes(b"\xff\xd8 not a jpeg"),
+                                                       _val_image(root))[1], False),
+    "JPEG cut short": (lambda root, cache: (_cut(_val_image(root)), _val_image(root))[1], False),
+}
+
+
+def _train(lab: Lab, root: Path, cache: Path, log: Path) -> tuple[int, str]:
+    """One short training run (python -m hawor_tune.train) on the dataset at ``root``."""
+    base = lab.space("data").parent / "base.yaml"
+    overrides = [f"data.root={root}", f"data.cache_dir={cache}", f"train.out_dir={log.with_suffix('')}",
+                 "train.epochs=1", "train.max_train_batches=2", "train.max_eval_batches=2", "data.generate=false"]
+    proc = subprocess.run([sys.executable, "-m", "hawor_tune.train", "--config", str(base), *overrides],
+                          cwd=lab.folder, env=lab.env, capture_output=True, text=True, timeout=600)
+    log.write_text(proc.stdout + proc.stderr)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def data_faults(lab: Lab) -> list[Outcome]:
+    """Each data fault on a fresh copy of the dataset (its frame cache built first): the run either fails in
+    one line naming the damaged file and the fix, or rebuilds the cache and ends exactly as an undamaged run."""
+    _, clean = _train(lab, lab.dataset.root, lab.folder / "data" / "cache", lab.folder / "data_clean.log")
+    reference = [ln for ln in clean.splitlines() if ln.startswith("done: ")]
+    outcomes = []
+    for i, (fault, (damage, after_build)) in enumerate(DATA_FAULTS.items()):
+        t0 = time.time()
+        copy = lab.folder / f"data_fault_{i}"
+        root, cache = copy / "arctic_synthetic", copy / "cache"
+        shutil.copytree(lab.dataset.root, root)
+        if after_build:
+            _train(lab, root, cache, copy / "build.log")
+        file = damage(root, cache)
+        rc, out = _train(lab, root, cache, copy / "damaged.log")
+        done = [ln for ln in out.splitlines() if ln.startswith("done: ")]
+        line = _one_line_error(out)
+        if rc == 0 and "rebuilding a damaged frame cache" in out:
+            same = [d.split(";")[0] for d in done] == [r.split(";")[0] for r in reference]
+            outcome, ok = ("cache rebuilt, same result as undamaged" if same else
+                           f"cache rebuilt but {done} != {reference}"), same
+        elif rc == 2 and line is not None and str(file) in line:
+            outcome, ok = line[len("error: "):].replace(str(copy), "...")[:110], True
+        else:
+            outcome, ok = f"exit {rc}: " + ("traceback" if "Traceback" in out else f"{out.strip().splitlines()[-1:]}"), False
+        outcomes.append(Outcome(f"data: {fault}", outcome, "-", ok, time.time() - t0))
+    return outcomes
+
+
+# ---- the run -----------------------------------------------------------------------------------------------
+
+FAULTS: dict[str, Callable[[Lab], Outcome | list[Outcome]]] = {
+    "worker_kill": worker_kill,
+    "driver_kill": driver_kill,
+    "driver_sigint": driver_sigint,
+    "node_removed": node_removed,
+    "truncated_checkpoint": truncated_checkpoint,
+    "disk_full": disk_full,
+    "same_storage": same_storage,
+    "data": data_faults,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", choices=list(FAULTS), help="run these faults only")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (its path is printed)")
+    args = parser.parse_args(argv)
+    folder = Path(tempfile.mkdtemp(prefix="hawor-chaos-"))
+    t0 = time.time()
+    outcomes: list[Outcome] = []
+    try:
+        lab = Lab(folder)
+        for name in args.only or FAULTS:
+            print(f"-- {name}", flush=True)
+            try:
+                result = FAULTS[name](lab)
+            except Exception as e:  # a fault the harness itself did not survive is a failed fault
+                result = Outcome(name, f"harness error {type(e).__name__}: {e}"[:150], "?", False)
+            for outcome in result if isinstance(result, list) else [result]:
+                outcomes.append(outcome)
+                print(f"   {outcome.fault}: {'ok' if outcome.ok else 'BROKEN'} ({outcome.seconds:.0f} s)", flush=True)
+    finally:
+        if args.keep:
+            print(f"kept {folder}")
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+    _print_table(outcomes)
+    lost = sum(o.lost for o in outcomes if isinstance(o.lost, int))
+    print(f"\n{len(outcomes)} faults injected, {sum(not o.ok for o in outcomes)} broke an invariant, "
+          f"{lost} trials lost, {time.time() - t0:.0f} s")
+    return 0 if all(o.ok for o in outcomes) else 1
+
+
+def _print_table(outcomes: list[Outcome], width: int = 100) -> None:
+    """The table, each outcome cut to ``width`` characters; a broken one in full below it."""
+    header = ("fault", "outcome", "trials lost")
+    rows = [(o.fault, (("" if o.ok else "BROKEN: ") + o.outcome)[:width], str(o.lost)) for o in outcomes]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    print()
+    for row in (header, *rows):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    for o in outcomes:
+        if not o.ok:
+            print(f"\n{o.fault}: {o.outcome}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
