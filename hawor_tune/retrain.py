@@ -218,8 +218,8 @@ def evaluate_and_report(model: torch.nn.Module, cfg: ExperimentConfig, out_dir: 
     def figure(name: str, fn: Any, *args: Any, **kwargs: Any) -> None:
         path = fig_dir / f"{name}.png"
         try:
-            fn(*args, path, **kwargs)
-            figures[name] = str(path.relative_to(out_dir))
+            if fn(*args, path, **kwargs) is not None:  # None: nothing to draw (a front of one objective)
+                figures[name] = str(path.relative_to(out_dir))
         except ValueError as e:  # e.g. too few trials for an importance estimate
             notes.append(f"{name}: not drawn ({e})")
 
@@ -236,6 +236,8 @@ def evaluate_and_report(model: torch.nn.Module, cfg: ExperimentConfig, out_dir: 
         metric, params = exp.metric, list(space.params)
         figure("trial_curves", report.plot_trial_curves, exp.epochs, exp.trials, metric,
                best_trial_id=chosen["trial_id"])
+        figure("pareto_front", report.plot_pareto_front, exp.trials, space.objectives,
+               chosen_trial_id=chosen["trial_id"])
         log_params = {p for p, spec in space.params.items() if spec.type == "loguniform"}
         figure("params_vs_metric", report.plot_params_vs_metric, exp.trials, params, metric, log_params=log_params)
         try:

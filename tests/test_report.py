@@ -110,6 +110,47 @@ def test_trial_curves_without_any_usable_trial_is_an_error(tmp_path: Path) -> No
     assert not list(tmp_path.iterdir())
 
 
+# ---- Pareto front ------------------------------------------------------------------------------------------
+
+def two_objective_rows() -> list[dict]:
+    """Twelve trials; t0 errored and t1 diverged (both would dominate everything), t2 lacks one value."""
+    rng = np.random.default_rng(3)
+    rows = [{"trial_id": f"t{i}", "status": "TERMINATED", "diverged": False,
+             "best/val/mpjpe": float(rng.uniform(30, 60)), "best/val/cam_trans_error": float(rng.uniform(5, 40))}
+            for i in range(12)]
+    rows[0].update({"status": "ERROR", "best/val/mpjpe": 1.0, "best/val/cam_trans_error": 1.0})
+    rows[1].update({"diverged": True, "best/val/mpjpe": 1.0, "best/val/cam_trans_error": 1.0})
+    rows[2]["best/val/cam_trans_error"] = math.nan
+    return rows
+
+
+@pytest.mark.parametrize("modes", [("min", "min"), ("min", "max"), ("max", "max")])
+def test_pareto_front_highlights_the_non_dominated_trials(tmp_path: Path, modes: tuple[str, str]) -> None:
+    rows = two_objective_rows()
+    objectives = list(zip(("val/mpjpe", "val/cam_trans_error"), modes, strict=True))
+    # Worked out here by brute force over the counting trials, in "lower is better" signs.
+    sign = [1.0 if m == "min" else -1.0 for m in modes]
+    counting = {r["trial_id"]: (sign[0] * r["best/val/mpjpe"], sign[1] * r["best/val/cam_trans_error"])
+                for r in rows[3:]}
+    expected = {t for t, p in counting.items()
+                if not any(q[0] <= p[0] and q[1] <= p[1] and q != p for q in counting.values())}
+    assert 0 < len(expected) < len(counting)
+    points = report.pareto_front_points(rows, objectives)
+    assert [p["trial_id"] for p in points] == list(counting)
+    assert {p["trial_id"] for p in points if p["pareto"]} == expected
+    path = tmp_path / "figures" / "pareto_front.png"
+    assert report.plot_pareto_front(rows, objectives, path, chosen_trial_id=sorted(expected)[0]) == path
+    assert_png(path)
+
+
+def test_pareto_front_is_not_drawn_for_a_single_objective(tmp_path: Path) -> None:
+    path = tmp_path / "pareto_front.png"
+    assert report.plot_pareto_front(two_objective_rows(), [("val/mpjpe", "min")], path) is None
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="exactly 2"):
+        report.pareto_front_points(two_objective_rows(), [("val/mpjpe", "min")])
+
+
 # ---- skeletons ---------------------------------------------------------------------------------------------
 
 def test_bones_are_the_openpose_hand() -> None:

@@ -1,5 +1,5 @@
 """Report figures (PNG) from plain data: training and search curves, importance bars, per-finger errors,
-2D skeletons over test frames, camera trajectories.
+2D skeletons over test frames, camera trajectories, the Pareto front of a two-objective search.
 
 Every plot function takes lists of dicts / numpy arrays and an output path, writes the PNG atomically
 (:mod:`hawor_tune.atomic`), closes its figure and returns the path.
@@ -26,6 +26,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 from hawor_tune.atomic import atomic_write, atomic_write_text  # noqa: E402
 from hawor_tune.mano import FINGERS, HANDS, NUM_JOINTS  # noqa: E402
+from hawor_tune.results import pareto_optimal  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -257,6 +258,87 @@ def _trial_kind(row: Mapping[str, Any]) -> str:
     if row.get("diverged"):
         return "diverged"
     return "stopped by ASHA" if row.get("stopped_early") else "ran all epochs"
+
+
+
+def pareto_front_points(trial_rows: Sequence[Mapping[str, Any]],
+                        objectives: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+    """The points :func:`plot_pareto_front` draws: one per counting trial, flagged Pareto-optimal or not.
+
+    A trial counts when it neither errored nor diverged and has a finite ``best/<metric>`` of both
+    objectives; the flag is :func:`hawor_tune.results.pareto_optimal`'s, the rule of the ``pareto`` column.
+
+    Args:
+        trial_rows: rows of ``trials.parquet``.
+        objectives: two (metric, mode) pairs, mode ``min`` or ``max``.
+
+    Returns:
+        ``trial_id``, ``x`` and ``y`` (the two best values) and ``pareto`` per counting trial, in row order.
+    """
+    if len(objectives) != 2:
+        raise ValueError(f"pareto_front_points: {len(objectives)} objectives; allowed: exactly 2")
+    (mx, _), (my, _) = objectives
+    flags = pareto_optimal(trial_rows, objectives)
+    return [{"trial_id": str(r["trial_id"]), "x": float(r[f"best/{mx}"]), "y": float(r[f"best/{my}"]),
+             "pareto": flag}
+            for r, flag in zip(trial_rows, flags, strict=True)
+            if r.get("status") != "ERROR" and not r.get("diverged")
+            and _finite(r.get(f"best/{mx}")) and _finite(r.get(f"best/{my}"))]
+
+
+def plot_pareto_front(trial_rows: Sequence[Mapping[str, Any]], objectives: Sequence[tuple[str, str]],
+                      path: str | os.PathLike, *, chosen_trial_id: str | None = None) -> Path | None:
+    """Scatter of every counting trial's two objective values; the Pareto front highlighted and stepped.
+
+    Only a search of exactly two objectives has a front to draw: otherwise nothing is written and None is
+    returned, so a single-objective report is unchanged.
+
+    Args:
+        trial_rows: rows of ``trials.parquet``.
+        objectives: the search's (metric, mode) pairs.
+        path: the PNG to write.
+        chosen_trial_id: the retrained trial, marked with a star.
+    """
+    if len(objectives) != 2:
+        return None
+    points = pareto_front_points(trial_rows, objectives)
+    if not points:
+        raise ValueError(f"plot_pareto_front: no trial has finite best/{objectives[0][0]} and "
+                         f"best/{objectives[1][0]} (errored and diverged trials do not count)")
+    (mx, mode_x), (my, mode_y) = objectives
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    rest = [p for p in points if not p["pareto"]]
+    front = [p for p in points if p["pareto"]]
+    if rest:
+        ax.scatter([p["x"] for p in rest], [p["y"] for p in rest], s=30, color="tab:blue", alpha=0.6,
+                   label=f"trial ({len(rest)})")
+    # The step line bounds the region the front dominates: sorted along x from its best end, each point's
+    # y holds until the next point's x (signs flipped for max so both objectives read as "lower is better").
+    sx, sy = (1.0 if mode_x == "min" else -1.0), (1.0 if mode_y == "min" else -1.0)
+    front.sort(key=lambda p: (sx * p["x"], sy * p["y"]))
+    line_x, line_y = [], []
+    for i, p in enumerate(front):
+        line_x.append(p["x"])
+        line_y.append(p["y"])
+        if i + 1 < len(front):
+            line_x.append(front[i + 1]["x"])
+            line_y.append(p["y"])
+    ax.plot(line_x, line_y, "-", color="tab:red", lw=1.5, zorder=2)
+    ax.scatter([p["x"] for p in front], [p["y"] for p in front], s=60, color="tab:red", edgecolor="black",
+               zorder=3, label=f"Pareto-optimal ({len(front)})")
+    chosen = [p for p in points if p["trial_id"] == chosen_trial_id]
+    if chosen:
+        ax.scatter([chosen[0]["x"]], [chosen[0]["y"]], s=260, marker="*", color="gold", edgecolor="black",
+                   zorder=4, label=f"retrained trial {chosen_trial_id}")
+    skipped = len(trial_rows) - len(points)
+    if skipped:
+        ax.plot([], [], ls="none", label=f"{skipped} errored, diverged or incomplete trial(s) not shown")
+    ax.set(title=f"Pareto front of {mx} and {my}", xlabel=f"best {_label(mx)}, {mode_x}imised",
+           ylabel=f"best {_label(my)}, {mode_y}imised")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 
