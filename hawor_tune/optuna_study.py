@@ -34,12 +34,12 @@ from optuna.trial import TrialState
 from ray.tune import Callback
 
 from hawor_tune.errors import HaworTuneError
+from hawor_tune.tune_space import OPTUNA_DIRECTIONS
 
 log = logging.getLogger(__name__)
 
 STUDY_FILE = "optuna_journal.log"
 RAY_TRIAL_ATTR = "ray_trial_id"
-_DIRECTIONS = {"min": "minimize", "max": "maximize"}
 
 
 def open_storage(path: str | os.PathLike) -> JournalStorage:
@@ -100,7 +100,7 @@ class OptunaStudyRecorder(Callback):
         self._store = open_storage(self.path)
         self._study = optuna.create_study(
             storage=self._store, study_name=self.experiment_dir.name, load_if_exists=True,
-            directions=[_DIRECTIONS[mode] for _, mode in self.objectives])
+            directions=[OPTUNA_DIRECTIONS[mode] for _, mode in self.objectives])
         self._study_id = self._store.get_study_id_from_name(self.experiment_dir.name)
         with warnings.catch_warnings():  # the dashboard labels the objectives with them
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -226,7 +226,7 @@ def warm_start_trials(experiment_dir: str | os.PathLike, *, objectives: Sequence
         study = load_study(experiment_dir)
     except (FileNotFoundError, KeyError) as e:
         raise WarmStartError(f"{where}: {e}; give the folder of an earlier search of this hawor-tune") from None
-    directions = [_DIRECTIONS[mode] for _, mode in objectives]
+    directions = [OPTUNA_DIRECTIONS[mode] for _, mode in objectives]
     theirs = [d.name.lower() for d in study.directions]
     names = study.metric_names or ([objectives[0][0]] if len(objectives) == 1 else None)
     if theirs != directions or (names is not None and list(names) != [m for m, _ in objectives]):

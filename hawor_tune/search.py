@@ -36,7 +36,7 @@ from hawor_tune.results import (
     write_parquet_atomic,
 )
 from hawor_tune.search_space import SearchSpace
-from hawor_tune.tune_space import optuna_distributions, tune_param_space
+from hawor_tune.tune_space import OPTUNA_DIRECTIONS, optuna_distributions, tune_param_space
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def _searcher(space: SearchSpace, warm_trials: list | None = None) -> Any:
     if warm_trials:  # an earlier search's trials, already in the sampler's study before the first proposal
         storage = optuna.storages.InMemoryStorage()
         optuna.create_study(storage=storage, study_name="warm_start",
-                            directions=["minimize" if m == "min" else "maximize" for m in space.modes]
+                            directions=[OPTUNA_DIRECTIONS[m] for m in space.modes]
                             ).add_trials(warm_trials)
     searcher = OptunaSearch(space=optuna_distributions(space.params), metric=metric, mode=mode,
                             points_to_evaluate=first_point, sampler=sampler, storage=storage,

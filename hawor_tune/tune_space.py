@@ -11,6 +11,9 @@ from typing import Any
 
 from hawor_tune.search_space import ParamSpec
 
+# A search-space mode as an Optuna study direction.
+OPTUNA_DIRECTIONS = {"min": "minimize", "max": "maximize"}
+
 
 def tune_param_space(params: Mapping[str, ParamSpec]) -> dict[str, Any]:
     """Ray Tune sampling objects keyed by dotted path (``Tuner``'s ``param_space`` for a random search).

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from hawor_tune.report.figures import _finite
+from hawor_tune.tune_space import OPTUNA_DIRECTIONS
 
 if TYPE_CHECKING:
     from optuna.distributions import BaseDistribution
@@ -96,7 +97,7 @@ def hyperparameter_importance(trial_rows: Sequence[Mapping[str, Any]], params: S
         with warnings.catch_warnings():
             # Experimental-feature and small-sample warnings; the docstring states the caveats.
             warnings.simplefilter("ignore")
-            study = optuna.create_study(direction="minimize" if mode == "min" else "maximize")
+            study = optuna.create_study(direction=OPTUNA_DIRECTIONS[mode])
             for point, value in usable:
                 study.add_trial(optuna.trial.create_trial(
                     params={p: point[p] for p in varying},
