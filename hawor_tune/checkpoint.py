@@ -63,8 +63,12 @@ def _save(state: dict[str, Any], path: Path) -> None:
         torch.save(state, f)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
+                    mmap: bool = False) -> dict[str, Any]:
     """Load a checkpoint file or folder written by :func:`save_checkpoint` (``weights_only=True``).
+
+    ``mmap`` maps the tensors instead of reading them (the same checks, without reading the weights: for
+    telling whether a checkpoint can be loaded before loading it for real).
 
     Raises:
         CheckpointError: the file is missing, is not a hawor-tune checkpoint or is from a newer version.
@@ -74,7 +78,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not file.is_file():
         raise CheckpointError(f"{path}: no checkpoint here (expected a {CHECKPOINT_FILE} file or a folder holding one)")
     try:
-        state = torch.load(file, map_location=map_location, weights_only=True)
+        state = torch.load(file, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # a zip/pickle error from a file that is not ours
         raise CheckpointError(f"{file}: not a hawor-tune checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:

@@ -88,7 +88,7 @@ def _resume_point(newest: str | None) -> str | None:
     older = sorted((p for p in newest_dir.parent.glob("checkpoint_*") if p.name < newest_dir.name), reverse=True)
     for candidate in [newest_dir, *older]:
         try:
-            load_checkpoint(candidate)
+            load_checkpoint(candidate, mmap=True)  # fit() reads it for real
         except CheckpointError as e:
             log.warning("cannot resume from %s: %s", candidate, e)
             continue
