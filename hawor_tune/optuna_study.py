@@ -34,6 +34,7 @@ from optuna.trial import TrialState
 from ray.tune import Callback
 
 from hawor_tune.errors import HaworTuneError
+from hawor_tune.results import stopped_early
 from hawor_tune.tune_space import OPTUNA_DIRECTIONS
 
 log = logging.getLogger(__name__)
@@ -189,7 +190,7 @@ class OptunaStudyRecorder(Callback):
         if ray_id in self._diverged:
             self._storage().set_trial_user_attr(trial_id, "diverged", True)
             self._storage().set_trial_state_values(trial_id, TrialState.FAIL)
-        elif 0 < epoch < self.max_epochs and len(self.objectives) == 1 and ray_id in self._last:
+        elif stopped_early(epoch, self.max_epochs) and len(self.objectives) == 1 and ray_id in self._last:
             self._storage().set_trial_user_attr(trial_id, "stopped_at_epoch", epoch)
             self._storage().set_trial_state_values(trial_id, TrialState.PRUNED, values=[self._last[ray_id]])
         elif len(best) == len(self.objectives) and all(v is not None for v in best):

@@ -126,6 +126,13 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def stopped_early(epochs: int, max_epochs: int) -> bool:
+    """Whether a trial that finished (not errored, not diverged) after ``epochs`` epochs was stopped by the
+    scheduler (ASHA): it ran some epochs, but fewer than ``max_epochs``. The one rule behind the
+    ``stopped_early`` column, the study on disk's PRUNED trials and the pruning searcher's."""
+    return 0 < epochs < max_epochs
+
+
 def summarize_trials(epoch_rows: list[Mapping[str, Any]], trial_meta: Mapping[str, Mapping[str, Any]], *,
                      metric: str, mode: str, max_epochs: int, param_paths: Iterable[str],
                      objectives: Sequence[tuple[str, str]] = ()) -> list[dict[str, Any]]:
@@ -165,7 +172,7 @@ def summarize_trials(epoch_rows: list[Mapping[str, Any]], trial_meta: Mapping[st
         finished = row["status"] == "TERMINATED"
         row["epochs"] = epochs
         row["diverged"] = diverged
-        row["stopped_early"] = finished and not diverged and 0 < epochs < max_epochs
+        row["stopped_early"] = finished and not diverged and stopped_early(epochs, max_epochs)
         row["stopped_at_epoch"] = epochs if row["stopped_early"] else None
         metric_names = [k for k in _ordered_keys(rows) if k not in _EPOCH_META]
         for m in metric_names:

@@ -139,9 +139,13 @@ def _searcher(space: SearchSpace, warm_trials: list | None = None) -> Any:
         optuna.create_study(storage=storage, study_name="warm_start",
                             directions=[OPTUNA_DIRECTIONS[m] for m in space.modes]
                             ).add_trials(warm_trials)
-    searcher = OptunaSearch(space=optuna_distributions(space.params), metric=metric, mode=mode,
-                            points_to_evaluate=first_point, sampler=sampler, storage=storage,
-                            study_name="warm_start" if storage else None)
+    options = dict(space=optuna_distributions(space.params), metric=metric, mode=mode, points_to_evaluate=first_point,
+                   sampler=sampler, storage=storage, study_name="warm_start" if storage else None)
+    if space.search_stopped_as == "pruned":
+        from hawor_tune.pruning_search import PruningOptunaSearch
+        searcher = PruningOptunaSearch(**options, max_epochs=space.max_epochs)
+    else:
+        searcher = OptunaSearch(**options)
     return ConcurrencyLimiter(searcher, max_concurrent=space.max_concurrent)
 
 

@@ -12,7 +12,7 @@ multi-objective search), the trial budget
     mode: min
     num_samples: 16
     max_concurrent: 2
-    search: {algorithm: optuna, seed: 0}            # optuna | random
+    search: {algorithm: optuna, seed: 0, stopped_as: complete}   # optuna | random; complete | pruned
     scheduler: {type: asha, max_epochs: 8, grace_period: 1, reduction_factor: 3}   # asha | fifo
     resources: {cpu: 1, gpu: 0}
     params:
@@ -55,6 +55,10 @@ from hawor_tune.errors import HaworTuneError
 logger = logging.getLogger(__name__)
 
 ALGORITHMS = ("optuna", "random")
+# How Optuna is told of a trial the scheduler stopped early: COMPLETE with its last value (Ray's OptunaSearch),
+# or PRUNED with its per-epoch values (hawor_tune.pruning_search).
+STOPPED_AS = ("complete", "pruned")
+DEFAULT_STOPPED_AS = "complete"
 SCHEDULERS = ("asha", "fifo")
 MODES = ("min", "max")
 PARAM_TYPES = ("uniform", "loguniform", "quniform", "randint", "choice")
@@ -134,6 +138,8 @@ class SearchSpace:
     # Every objective, in the file's order; ``metric``/``mode`` are the first (checkpoint ranking, the console).
     metrics: tuple[str, ...] = ()
     modes: tuple[str, ...] = ()
+    # How Optuna hears of a trial the scheduler stopped (``search.stopped_as``, one of STOPPED_AS).
+    search_stopped_as: str = DEFAULT_STOPPED_AS
 
     def __post_init__(self) -> None:
         self.metrics = tuple(self.metrics) or (self.metric,)
@@ -277,11 +283,17 @@ def load_search_space(path: str | os.PathLike, *, extra_overrides: Iterable[str]
     num_samples = check.integer("num_samples", raw["num_samples"], low=1)
     max_concurrent = check.integer("max_concurrent", raw.get("max_concurrent", 1), low=1)
 
-    search = check.section("search", raw.get("search"), ("algorithm", "seed"))
+    search = check.section("search", raw.get("search"), ("algorithm", "seed", "stopped_as"))
     algorithm = search.get("algorithm", "optuna")
     if algorithm not in ALGORITHMS:
         raise check.error("search.algorithm", f"must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
     seed = check.integer("search.seed", search.get("seed", 0), low=0)
+    stopped_as = search.get("stopped_as", DEFAULT_STOPPED_AS)
+    if stopped_as not in STOPPED_AS:
+        raise check.error("search.stopped_as", f"must be one of {', '.join(STOPPED_AS)}, got {stopped_as!r}")
+    if "stopped_as" in search and algorithm != "optuna":
+        raise check.error("search.stopped_as", f"{stopped_as!r}: only algorithm optuna is told how a stopped "
+                          f"trial ended; remove it or use algorithm: optuna")
 
     sched = check.section("scheduler", raw.get("scheduler"), ("type", "max_epochs", "grace_period",
                                                               "reduction_factor"))
@@ -321,7 +333,8 @@ def load_search_space(path: str | os.PathLike, *, extra_overrides: Iterable[str]
                        num_samples=num_samples, max_concurrent=max_concurrent, search_algorithm=algorithm,
                        search_seed=seed, scheduler_type=sched_type, max_epochs=max_epochs,
                        grace_period=grace_period, reduction_factor=reduction_factor, resources_cpu=cpu,
-                       resources_gpu=gpu, params=params, metrics=metrics, modes=modes)
+                       resources_gpu=gpu, params=params, metrics=metrics, modes=modes,
+                       search_stopped_as=stopped_as)
 
 
 def _reported_metrics() -> tuple[str, ...]:

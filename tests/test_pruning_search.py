@@ -1,0 +1,63 @@
+"""The pruning searcher: a trial ASHA stopped reaches Optuna as PRUNED with its per-epoch values, where Ray's
+OptunaSearch tells it COMPLETE with its last value; every other ending is Ray's."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from conftest import write_space
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+from hawor_tune.pruning_search import PruningOptunaSearch
+from hawor_tune.search_space import load_search_space
+
+SPACE = {"optim.lr": FloatDistribution(1e-4, 1e-2, log=True)}
+
+
+def _run(searcher, epochs_by_trial: dict[str, list[float]], errored: tuple[str, ...] = ()) -> dict[str, object]:
+    """Feed the searcher each trial's per-epoch values as Tune does; its study's trials by Ray id."""
+    for trial_id, values in epochs_by_trial.items():
+        searcher.suggest(trial_id)
+        for epoch, value in enumerate(values, start=1):
+            searcher.on_trial_result(trial_id, {"val/mpjpe": value, "training_iteration": epoch})
+        last = {"val/mpjpe": values[-1], "training_iteration": len(values)} if values else None
+        searcher.on_trial_complete(trial_id, None if trial_id in errored else last, error=trial_id in errored)
+    study = searcher._ot_study  # Ray's searcher holds its study privately
+    return dict(zip(epochs_by_trial, study.get_trials(deepcopy=False)))
+
+
+def _searcher(cls, **extra):
+    return cls(space=SPACE, metric="val/mpjpe", mode="min", sampler=optuna.samplers.RandomSampler(seed=0), **extra)
+
+
+def test_a_stopped_trial_is_pruned_with_its_epochs_and_a_full_one_complete():
+    told = _run(_searcher(PruningOptunaSearch, max_epochs=3),
+                {"stopped": [50.0], "full": [48.0, 45.0, 46.0], "errored": [49.0]}, errored=("errored",))
+    assert told["stopped"].state == TrialState.PRUNED
+    assert told["stopped"].intermediate_values == {1: 50.0} and told["stopped"].value == 50.0
+    assert told["full"].state == TrialState.COMPLETE and told["full"].value == 46.0  # Ray's: the last epoch
+    assert told["full"].intermediate_values == {1: 48.0, 2: 45.0, 3: 46.0}
+    assert told["errored"].state == TrialState.FAIL
+
+
+def test_rays_searcher_tells_the_same_stopped_trial_complete():
+    told = _run(_searcher(OptunaSearch), {"stopped": [50.0], "full": [48.0, 45.0, 46.0]})
+    assert told["stopped"].state == TrialState.COMPLETE and told["stopped"].value == 50.0
+
+
+def test_a_diverged_trial_keeps_rays_ending():
+    told = _run(_searcher(PruningOptunaSearch, max_epochs=3), {"diverged": [float("inf")]})
+    assert told["diverged"].state == TrialState.COMPLETE and told["diverged"].value == float("inf")
+
+
+@pytest.mark.parametrize(("stopped_as", "cls"), [("pruned", PruningOptunaSearch), ("complete", OptunaSearch)])
+def test_the_space_file_chooses_the_searcher(tmp_path, stopped_as, cls):
+    from hawor_tune.search import _searcher as build
+
+    space = load_search_space(write_space(tmp_path, f"search: {{stopped_as: {stopped_as}}}"))
+    searcher = build(space).searcher
+    assert type(searcher) is cls
+    if cls is PruningOptunaSearch:
+        assert searcher.max_epochs == space.max_epochs == 6
