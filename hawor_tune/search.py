@@ -115,8 +115,9 @@ def prepare_data(cfg: ExperimentConfig) -> None:
     log.info("pretrained start ready in %.1f s", time.perf_counter() - t0)
 
 
-def _searcher(space: SearchSpace, warm_trials: list | None = None) -> Any:
-    first_point = [space.default_point()]
+def _searcher(space: SearchSpace, warm_trials: list | None = None, *, first_point_default: bool = True) -> Any:
+    # The base config's own point goes first, unless a benchmark compares the samplers alone.
+    first_point = [space.default_point()] if first_point_default else None
     if space.search_algorithm == "random":
         from ray.tune.search.basic_variant import BasicVariantGenerator
         return BasicVariantGenerator(points_to_evaluate=first_point, random_state=space.search_seed,

@@ -1,0 +1,317 @@
+"""What the search service itself costs, as ratios measured side by side (``bench_search.py --overheads``).
+
+Every run trains the CPU profile's base configuration (``configs/tiny.yaml``: the default point of
+``search_spaces/lr_seq.yaml``) on one torch thread, from the cached data and pretrained start:
+
+- in this process: the loader alone against the training step (batches per second, the data share of a step),
+  the step's FLOPs (``torch.utils.flop_counter.FlopCounterMode``) against this machine's measured float32
+  matmul FLOP/s, and a ``torch.profiler`` top three of a step's time;
+- ``fit()`` bare in a child process, 2 epochs, against the same configuration as a one-trial search
+  (``run_search.py``), 2 epochs: the wall time of epoch 2 between the two epoch ends (checkpoint included in
+  both), and the start-up from ``run_search.py``'s start to the first trial's first training step;
+- a two-trial search, 2 trials at once on 1 CPU each, 1 epoch, against one trial: epochs per hour, and the
+  peak memory of the driver and of each trial (RSS, and USS: the pages only that process holds, so the
+  memory-mapped frame cache, shared, is not in it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ROOT / "configs" / "tiny.yaml"
+
+
+# --smoke: every run cut to a couple of batches, to check the plumbing in a minute (its figures mean nothing).
+SMOKE = {"train.max_train_batches": 2, "train.max_eval_batches": 1}
+
+
+def _space_file(folder: Path, *, num_samples: int, max_concurrent: int, epochs: int, extra: dict) -> Path:
+    """A search over the training seed only (nothing that changes a trial's cost), fifo, 1 CPU per trial;
+    every trial otherwise the base configuration."""
+    import yaml
+
+    space = {"base": str(BASE), "overrides": {"train.epochs": epochs, **extra}, "metric": "val/mpjpe", "mode": "min",
+             "num_samples": num_samples, "max_concurrent": max_concurrent, "search": {"algorithm": "optuna", "seed": 0},
+             "scheduler": {"type": "fifo"}, "resources": {"cpu": 1, "gpu": 0},
+             "params": {"train.seed": {"type": "choice", "values": [0, 1, 2, 3]}}}
+    path = folder / f"space-{num_samples}x{max_concurrent}.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+class _MemoryWatch:
+    """Samples, every 0.25 s, the RSS and USS of a process and of its descendants that are Ray trial workers
+    (``ray::ImplicitFunc``/``ray::train_trial``); keeps each one's peak."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.driver = {"rss": 0, "uss": 0}
+        self.trials: dict[int, dict[str, int]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _MemoryWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        import psutil
+
+        root = psutil.Process(self.pid)
+        while not self._stop.wait(0.25):
+            try:
+                procs = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                continue
+            for p in procs:
+                try:
+                    cmd = " ".join(p.cmdline()[:1])
+                    if p.pid != self.pid and not (cmd.startswith("ray::ImplicitFunc") or
+                                                  cmd.startswith("ray::train_trial")):
+                        continue
+                    info = p.memory_full_info()
+                except (psutil.Error, OSError):
+                    continue
+                peak = self.driver if p.pid == self.pid else self.trials.setdefault(p.pid, {"rss": 0, "uss": 0})
+                peak["rss"] = max(peak["rss"], info.rss)
+                peak["uss"] = max(peak["uss"], info.uss)
+
+
+def _search(space: Path, storage: Path, name: str) -> dict[str, Any]:
+    """Run ``run_search.py`` on ``space``; the times each epoch row first appeared in epochs.parquet (polled
+    every 0.1 s), every row, the memory peaks and the start time."""
+    from hawor_tune.results import read_rows
+
+    parquet = storage / name / "epochs.parquet"
+    seen: dict[tuple[str, int], float] = {}
+    t_start = time.time()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run_search.py"), "--space", str(space), "--storage",
+                             str(storage), "--name", name, "--dashboard-port", "8267"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[tuple[float, str]] = []  # (seconds since start, line) of the search's output
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append((time.time() - t_start, line.rstrip()))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    with _MemoryWatch(proc.pid) as memory:
+        while proc.poll() is None:
+            time.sleep(0.1)
+            if parquet.is_file():
+                try:
+                    rows = read_rows(parquet)
+                except Exception:  # noqa: BLE001 - a file being replaced; read it next time
+                    continue
+                for r in rows:
+                    seen.setdefault((str(r["trial_id"]), int(r["epoch"])), time.time())
+    reader.join(timeout=5)
+    if proc.returncode != 0:
+        raise RuntimeError("run_search.py failed:\n" + "\n".join(text for _, text in lines[-40:]))
+    rows = read_rows(parquet)
+    milestones = {key: next((round(t, 1) for t, text in lines if key in text), None)
+                  for key in ("data ready", "pretrained start ready", "dashboard", "RUNNING")}
+    return {"start": t_start, "seen": seen, "rows": rows, "driver": memory.driver,
+            "trials": list(memory.trials.values()), "milestones": milestones}
+
+
+_BARE_FIT = """
+import json, sys, time, torch
+torch.set_num_threads(1)
+from hawor_tune.config import load_config
+from hawor_tune.train import fit
+cfg = load_config(sys.argv[1], json.loads(sys.argv[2]))
+ends = []
+fit(cfg, on_epoch=lambda record, ckpt: ends.append((time.time(), record["time/epoch_s"])))
+print("ENDS " + json.dumps(ends))
+"""
+
+
+def _bare_fit(out_dir: Path, epochs: int, extra: dict) -> list[tuple[float, float]]:
+    """``fit()`` of the base configuration in a child process on one thread; each epoch's end (wall clock,
+    after its checkpoint) and its ``time/epoch_s``."""
+    overrides = {"train.out_dir": str(out_dir), "train.threads": 1, "train.epochs": epochs, "train.keep_checkpoints": 1,
+                 **extra}
+    proc = subprocess.run([sys.executable, "-c", _BARE_FIT, str(BASE), json.dumps(overrides)], cwd=ROOT,
+                          capture_output=True, text=True, check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ENDS ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"bare fit failed:\n{proc.stderr[-3000:]}")
+    return [tuple(e) for e in json.loads(lines[-1][5:])]
+
+
+class _TimedLoader:
+    """A loader that adds up the time the training loop waits for its next batch."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+        self.waited_s = 0.0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Any:
+        it = iter(self.loader)
+        while True:
+            t = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self.waited_s += time.perf_counter() - t
+            yield batch
+
+
+def _in_process(steps: int) -> dict[str, Any]:
+    """Loader against step, FLOPs against matmul peak, and the profile's top three, on one thread."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hawor_tune.config import load_config
+    from hawor_tune.data import build_dataloader
+    from hawor_tune.model import build_model
+    from hawor_tune.pretrain import ensure_pretrained
+    from hawor_tune.runtime import select_device
+    from hawor_tune.train import build_optimizer, train_one_epoch
+
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    cfg = ensure_pretrained(load_config(str(BASE), {"train.threads": 1}))
+    device = select_device("cpu")
+    loader = build_dataloader(cfg, "train", shuffle=True, seed=0)
+
+    t0 = time.perf_counter()
+    n = 0
+    for _ in loader:
+        n += 1
+        if n == steps * 2:
+            break
+    loader_rate = n / (time.perf_counter() - t0)
+
+    model = build_model(cfg, pretrained=True).to(device)
+    optimizer = build_optimizer(model, cfg)
+    train_one_epoch(model, loader, optimizer, None, cfg, device, max_batches=2)  # warm-up
+
+    timed = _TimedLoader(loader)
+    t0 = time.perf_counter()
+    train_one_epoch(model, timed, optimizer, None, cfg, device, max_batches=steps)
+    step_s = (time.perf_counter() - t0) / steps
+
+    with FlopCounterMode(display=False) as counter:
+        train_one_epoch(model, loader, optimizer, None, cfg, device, max_batches=2)
+    step_flops = counter.get_total_flops() / 2
+
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    torch.mm(a, b)
+    reps = 20
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        torch.mm(a, b)
+    matmul_flops = 2 * 1024 ** 3 * reps / (time.perf_counter() - t0)
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        train_one_epoch(model, loader, optimizer, None, cfg, device, max_batches=5)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    top = [(e.key, e.self_cpu_time_total / total) for e in events[:3]]
+    return {"loader_batches_per_s": loader_rate, "step_s": step_s, "steps_per_s": 1 / step_s,
+            "loader_vs_step": loader_rate * step_s, "data_share": timed.waited_s / (step_s * steps),
+            "step_gflop": step_flops / 1e9, "achieved_gflops": step_flops / step_s / 1e9,
+            "matmul_gflops": matmul_flops / 1e9, "flop_efficiency": step_flops / step_s / matmul_flops,
+            "profile_top3": top, "batch": f"{cfg.data.batch_size} clips x {cfg.data.seq_len} frames"}
+
+
+def measure_overheads(out: Path, *, smoke: bool = False) -> dict[str, Any]:
+    """Every figure of the module docstring; prints them as a table and writes ``overheads.json`` to ``out``."""
+    from hawor_tune.config import load_config
+    from hawor_tune.search import prepare_data
+
+    out.mkdir(parents=True, exist_ok=True)
+    prepare_data(load_config(str(BASE)))  # the data and the pretrained start are ready before any timing
+    figures: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        print("in-process: loader, step, FLOPs, profile ...", flush=True)
+        extra = SMOKE if smoke else {}
+        figures["step"] = _in_process(steps=3 if smoke else 20)
+        print("bare fit(), 2 epochs ...", flush=True)
+        bare = _bare_fit(work / "bare", epochs=2, extra=extra)
+        print("one-trial search, 2 epochs ...", flush=True)
+        one = _search(_space_file(work, num_samples=1, max_concurrent=1, epochs=2, extra=extra), work / "r", "one")
+        print("two trials at once, 1 epoch each ...", flush=True)
+        two = _search(_space_file(work, num_samples=2, max_concurrent=2, epochs=1, extra=extra), work / "r", "two")
+
+    rows = {int(r["epoch"]): r for r in one["rows"]}
+    (trial_id,) = {tid for tid, _ in one["seen"]}
+    seen1, seen2 = one["seen"][(trial_id, 1)], one["seen"][(trial_id, 2)]
+    figures["tune_epoch2_wall_s"] = seen2 - seen1
+    figures["bare_epoch2_wall_s"] = bare[1][0] - bare[0][0]
+    figures["tune_overhead"] = figures["tune_epoch2_wall_s"] / figures["bare_epoch2_wall_s"] - 1
+    figures["tune_epoch2_inside_fit_s"] = float(rows[2]["time/epoch_s"])
+    figures["bare_epoch2_inside_fit_s"] = bare[1][1]
+    # The first step starts when epoch 1's clock starts: its row's appearance less its time/epoch_s (the report
+    # and the parquet write after it count against the service).
+    figures["startup_s"] = seen1 - float(rows[1]["time/epoch_s"]) - one["start"]
+    figures["startup_milestones_s"] = one["milestones"]
+    one_rate = 3600 / float(rows[1]["time/epoch_s"])
+    two_rate = sum(3600 / float(r["time/epoch_s"]) for r in two["rows"])
+    figures.update(epochs_per_hour_1=one_rate, epochs_per_hour_2=two_rate, concurrency_speedup=two_rate / one_rate)
+    mib = 1 / 2 ** 20
+    figures["memory_mib"] = {
+        "driver_1": {k: v * mib for k, v in one["driver"].items()},
+        "driver_2": {k: v * mib for k, v in two["driver"].items()},
+        "trial_1": [{k: v * mib for k, v in t.items()} for t in one["trials"]],
+        "trial_2": [{k: v * mib for k, v in t.items()} for t in two["trials"]]}
+    figures["smoke"] = smoke
+    (out / ("overheads-smoke.json" if smoke else "overheads.json")).write_text(json.dumps(figures, indent=1))
+    _print(figures)
+    print(f"\nwrote overheads{'-smoke' if smoke else ''}.json in {out} (load average now {os.getloadavg()[0]:.2f})")
+    return figures
+
+
+def _print(f: dict[str, Any]) -> None:
+    s = f["step"]
+    m = f["memory_mib"]
+    rows = [
+        ("Tune overhead: trial epoch-2 wall / bare fit() epoch-2 wall - 1",
+         f"{f['tune_overhead']:+.1%} ({f['tune_epoch2_wall_s']:.1f} s vs {f['bare_epoch2_wall_s']:.1f} s; inside "
+         f"fit {f['tune_epoch2_inside_fit_s']:.1f} vs {f['bare_epoch2_inside_fit_s']:.1f} s)", "<= 3 %"),
+        ("Start-up: run_search.py start -> first trial's first step", f"{f['startup_s']:.1f} s (output lines at "
+         + ", ".join(f"{k} {v} s" for k, v in f["startup_milestones_s"].items()) + ")", "<= 15 s"),
+        ("Concurrency: 2 trials at once vs 1, epochs/hour",
+         f"{f['concurrency_speedup']:.2f}x ({f['epochs_per_hour_2']:.0f} vs {f['epochs_per_hour_1']:.0f})", ">= 1.8x"),
+        ("Input pipeline: loader batches/s vs training steps/s",
+         f"{s['loader_vs_step']:.0f}x ({s['loader_batches_per_s']:.1f} vs {s['steps_per_s']:.2f})", ">= 20x"),
+        ("Data share of a training step", f"{s['data_share']:.1%}", "< 5 %"),
+        ("CPU efficiency: step FLOP/s vs 1-thread matmul FLOP/s",
+         f"{s['flop_efficiency']:.1%} ({s['achieved_gflops']:.2f} of {s['matmul_gflops']:.1f} GFLOP/s; "
+         f"{s['step_gflop']:.1f} GFLOP per step of {s['batch']}, {s['step_s']:.2f} s)", "report"),
+        ("Profile top 3 (self CPU time of 5 steps)",
+         "; ".join(f"{k} {v:.0%}" for k, v in s["profile_top3"]), "explain"),
+        ("Peak memory, driver (1 trial / 2 trials), RSS",
+         f"{m['driver_1']['rss']:.0f} / {m['driver_2']['rss']:.0f} MiB", "report"),
+        ("Peak memory per trial, 1 trial: RSS / USS",
+         ", ".join(f"{t['rss']:.0f} / {t['uss']:.0f}" for t in m["trial_1"]) + " MiB", "flat"),
+        ("Peak memory per trial, 2 at once: RSS / USS",
+         ", ".join(f"{t['rss']:.0f} / {t['uss']:.0f}" for t in m["trial_2"]) + " MiB", "flat"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'figure':{width}s}  {'measured':60s}  goal")
+    for name, value, goal in rows:
+        print(f"{name:{width}s}  {value:60s}  {goal}")
