@@ -55,8 +55,11 @@ def record_grid(space_path: Path, *, storage: Path, name: str, n: int, seed: int
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
     t0 = time.perf_counter()
     tuner.fit()
-    print(f"grid of {len(grid)} configurations x {epochs} epochs recorded in {exp_dir} "
-          f"({time.perf_counter() - t0:.0f} s)")
+    from hawor_tune.results import TRIALS_FILE, read_rows
+
+    done = sum(r["status"] == "TERMINATED" and r["epochs"] == epochs for r in read_rows(exp_dir / TRIALS_FILE))
+    print(f"{done} of {len(grid)} configurations x {epochs} epochs recorded in {exp_dir} "
+          f"({time.perf_counter() - t0:.0f} s; an interrupted grid keeps its finished trials)")
     return exp_dir
 
 
