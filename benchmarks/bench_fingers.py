@@ -8,7 +8,8 @@ on a growing share of the training split and scored on the validation split (new
 per share, the residual on the training crops it saw and on validation as a fraction of the validation
 targets' variance: "explained" = 1 - residual / variance. A network that memorises the training fingers
 but explains little of validation's means the data, not the model, limits finger learning; a rising
-curve says how much more data would help.
+curve says how much more data would help. ``--holdout`` also scores a share of the training sequences that
+are never trained on (the training subjects, new sequences), which tells new sequences from new subjects.
 
     python benchmarks/bench_fingers.py [--config configs/tiny.yaml] [--shares 0.25 0.5 1.0] [--steps 400]
                                        [--set key=value ...]
@@ -54,8 +55,10 @@ def finger_crops(cfg, split: str) -> tuple["torch.Tensor", "torch.Tensor", np.nd
     return torch.stack(crops), torch.stack(targets).float(), np.array(seqs)
 
 
-def probe(train_x, train_y, val_x, val_y, *, steps: int, batch: int, seed: int) -> tuple[float, float]:
-    """Train a fresh ResNet-10 on (train_x, train_y); returns the explained variance on train and val."""
+def probe(train_x, train_y, evals: list[tuple["torch.Tensor", "torch.Tensor"]], *, steps: int, batch: int,
+          seed: int) -> list[float]:
+    """Train a fresh ResNet-10 on (train_x, train_y); returns the explained variance on train and on each
+    (x, y) of ``evals``."""
     import timm
     import torch
 
@@ -78,7 +81,7 @@ def probe(train_x, train_y, val_x, val_y, *, steps: int, batch: int, seed: int) 
             pred = torch.cat([net(norm(x[s:s + 256])) for s in range(0, len(x), 256)]) * sd + mu
         return 1.0 - float((pred - y).square().sum(1).mean() / (y - y.mean(0)).square().sum(1).mean())
 
-    return explained(train_x, train_y), explained(val_x, val_y)
+    return [explained(train_x, train_y)] + [explained(x, y) for x, y in evals]
 
 
 def main() -> None:
@@ -89,12 +92,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--holdout", type=float, default=0.0,
+                        help="share of the training sequences never trained on, scored apart (0 <= share < 1)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], metavar="key=value")
     args = parser.parse_args()
     bad = [s for s in args.shares if not 0 < s <= 1]
-    if bad or args.steps < 1 or args.batch < 1:
-        parser.error(f"--shares must lie in (0, 1] (got {bad}), --steps and --batch must be >= 1")
+    if bad or args.steps < 1 or args.batch < 1 or not 0 <= args.holdout < 1:
+        parser.error(f"--shares must lie in (0, 1] (got {bad}), --holdout in [0, 1) (got {args.holdout}), "
+                     "--steps and --batch must be >= 1")
 
     import torch
 
@@ -114,13 +120,22 @@ def main() -> None:
     print(f"{len(tx)} training and {len(vx)} validation hand crops ({cfg.data.crop_size} px) from "
           f"{len(np.unique(tseq))} training sequences, loaded in {time.perf_counter() - t0:.0f} s; "
           f"{args.steps} steps of {args.batch}, ResNet-10 from scratch")
-    print(f"{'share':>6} {'sequences':>10} {'crops':>6} {'explained train':>16} {'explained val':>14}")
     order = np.random.default_rng(args.seed).permutation(np.unique(tseq))
+    held = order[: round(args.holdout * len(order))]
+    order = order[len(held):]
+    evals = [(vx, vy)]
+    header = f"{'share':>6} {'sequences':>10} {'crops':>6} {'explained train':>16} {'explained val':>14}"
+    if len(held):
+        out = np.isin(tseq, held)
+        evals.append((tx[out], ty[out]))
+        header += f" {'held-out sequences':>19}"
+        print(f"{len(held)} training sequences ({int(out.sum())} crops) held out: training subjects, unseen sequences")
+    print(header)
     for share in args.shares:
         keep = np.isin(tseq, order[: max(1, round(share * len(order)))])
-        fit_train, fit_val = probe(tx[keep], ty[keep], vx, vy, steps=args.steps, batch=args.batch, seed=args.seed)
-        print(f"{share:>6.2f} {int(np.isin(order, tseq[keep]).sum()):>10} {int(keep.sum()):>6} "
-              f"{fit_train:>16.2f} {fit_val:>14.2f}", flush=True)
+        scores = probe(tx[keep], ty[keep], evals, steps=args.steps, batch=args.batch, seed=args.seed)
+        print(f"{share:>6.2f} {int(np.isin(order, tseq[keep]).sum()):>10} {int(keep.sum()):>6} {scores[0]:>16.2f} "
+              + " ".join(f"{v:>14.2f}" if i == 0 else f"{v:>19.2f}" for i, v in enumerate(scores[1:])), flush=True)
 
 
 if __name__ == "__main__":
