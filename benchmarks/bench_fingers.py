@@ -25,13 +25,17 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def finger_crops(cfg, split: str) -> tuple["torch.Tensor", "torch.Tensor", np.ndarray]:
+def finger_crops(cfg, split: str) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """Every valid hand crop of ``split`` (uint8 (N, 3, C, C)), its finger rotations in right-hand form
     as 6D (N, 90), and the sequence each came from (N,)."""
     import torch
@@ -55,7 +59,7 @@ def finger_crops(cfg, split: str) -> tuple["torch.Tensor", "torch.Tensor", np.nd
     return torch.stack(crops), torch.stack(targets).float(), np.array(seqs)
 
 
-def probe(train_x, train_y, evals: list[tuple["torch.Tensor", "torch.Tensor"]], *, steps: int, batch: int,
+def probe(train_x, train_y, evals: list[tuple[torch.Tensor, torch.Tensor]], *, steps: int, batch: int,
           seed: int) -> list[float]:
     """Train a fresh ResNet-10 on (train_x, train_y); returns the explained variance on train and on each
     (x, y) of ``evals``."""
