@@ -154,28 +154,6 @@ def _bare_fit(out_dir: Path, epochs: int, extra: dict) -> list[tuple[float, floa
     return [tuple(e) for e in json.loads(lines[-1][5:])]
 
 
-class _TimedLoader:
-    """A loader that adds up the time the training loop waits for its next batch."""
-
-    def __init__(self, loader: Any) -> None:
-        self.loader = loader
-        self.waited_s = 0.0
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Any:
-        it = iter(self.loader)
-        while True:
-            t = time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
-                return
-            self.waited_s += time.perf_counter() - t
-            yield batch
-
-
 def _in_process(steps: int) -> dict[str, Any]:
     """Loader against step, FLOPs against matmul peak, and the profile's top three, on one thread."""
     import torch
@@ -206,7 +184,9 @@ def _in_process(steps: int) -> dict[str, Any]:
     optimizer = build_optimizer(model, cfg)
     train_one_epoch(model, loader, optimizer, None, cfg, device, max_batches=2)  # warm-up
 
-    timed = _TimedLoader(loader)
+    from bench_train import TimedLoader  # beside this file, as bench_search.py puts it on sys.path
+
+    timed = TimedLoader(loader)
     t0 = time.perf_counter()
     train_one_epoch(model, timed, optimizer, None, cfg, device, max_batches=steps)
     step_s = (time.perf_counter() - t0) / steps
@@ -231,7 +211,7 @@ def _in_process(steps: int) -> dict[str, Any]:
     total = sum(e.self_cpu_time_total for e in events)
     top = [(e.key, e.self_cpu_time_total / total) for e in events[:3]]
     return {"loader_batches_per_s": loader_rate, "step_s": step_s, "steps_per_s": 1 / step_s,
-            "loader_vs_step": loader_rate * step_s, "data_share": timed.waited_s / (step_s * steps),
+            "loader_vs_step": loader_rate * step_s, "data_share": timed.wait_s / (step_s * steps),
             "step_gflop": step_flops / 1e9, "achieved_gflops": step_flops / step_s / 1e9,
             "matmul_gflops": matmul_flops / 1e9, "flop_efficiency": step_flops / step_s / matmul_flops,
             "profile_top3": top, "batch": f"{cfg.data.batch_size} clips x {cfg.data.seq_len} frames"}
