@@ -53,7 +53,8 @@ class DataConfig:
 
     Every frame is letterboxed once into the frame cache at ``frame_size``; from it each hand gets a square
     ``crop_size`` crop around its 2D keypoints (HaMeR's and HaWoR's input, left hands mirrored) and the
-    whole frame is resized to ``img_size`` for the camera branch.
+    whole frame is resized to ``img_size`` for the camera branch, which also reads the dense optical flow from
+    each clip's first frame, computed at ``frame_size`` and pooled onto ``flow_grid`` cells per side.
     """
 
     root: str = _spec("data/arctic_synthetic", doc="ARCTIC 'arctic_data/data' folder (real or generated)")
@@ -66,6 +67,7 @@ class DataConfig:
     crop_scale: float = _spec(1.3, low=1.0, high=4.0, doc="crop side over the extent of the hand's visible 2D keypoints")
     crop_jitter: float = _spec(0.1, low=0.0, high=0.5, doc="training only: random crop shift (fraction of the side) and scale (1 +- this)")
     img_size: int = _spec(32, low=16, high=1024, doc="side of the whole-frame input of the camera branch")
+    flow_grid: int = _spec(16, low=0, high=64, doc="cells per side of the optical flow (clip's first frame to each frame) the camera branch reads; 0 = frames only")
     batch_size: int = _spec(4, low=1, high=4096, doc="clips per batch")
     num_workers: int = _spec(0, low=0, high=64)
     cache_dir: str = _spec("", doc="frame cache folder; '' puts it in <root>/../cache")

@@ -5,8 +5,9 @@ The forward pass keeps the stages apart:
 1. features: a timm backbone reads each hand's crop (left hands arrive mirrored, so one right-hand network
    serves both, as in HaMeR and HaWoR); a spatial head lets a learned query attend to the backbone's
    spatial tokens (HaMeR's transformer decoder head, ``hamer/models/heads/mano_head.py``), giving one
-   token per hand and frame. A second, small backbone reads the whole frame at low resolution for the
-   camera: camera motion is in the background, not in the hand crops.
+   token per hand and frame. For the camera, a second, small backbone reads the whole frame at low
+   resolution and an MLP reads the dense optical flow from the clip's first frame (hawor_tune.data.flow,
+   standing in for HaWoR's flow-based SLAM): camera motion is in the background, not in the hand crops.
 2. fusion: per frame, the left-hand, right-hand and camera tokens attend to each other; a hand that is not
    observed is masked out as a key, so it contributes nothing.
 3. temporal: a transformer over time per hand (shared by both hands) and one for the camera.
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hawor_tune.config import ConfigError, ExperimentConfig
@@ -231,6 +233,25 @@ class MotionInfiller(nn.Module):
         return self.out(h)
 
 
+class FlowHead(nn.Module):
+    """A fixed linear map from frame t's pooled optical flow straight to its camera-pose offset (the camera
+    head's 6D rotation offset and translation), added to the camera head's output.
+
+    It is fitted by least squares, not trained (``hawor_tune.pretrain.fit_flow_head``), as HaWoR is handed a
+    ready-made SLAM: its weight and bias are buffers (saved and loaded with the model, left alone by the
+    optimiser, whose per-parameter steps would swamp weights this small). Zero, as built: a static camera.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(out_dim, in_dim))
+        self.register_buffer("bias", torch.zeros(out_dim))
+
+    def forward(self, flow: torch.Tensor) -> torch.Tensor:
+        """(..., in_dim) -> (..., out_dim)."""
+        return F.linear(flow, self.weight, self.bias)
+
+
 class HaWoR(nn.Module):
     """Crop backbone -> spatial head -> hand fusion -> temporal transformers -> heads -> infiller -> MANO.
 
@@ -245,6 +266,7 @@ class HaWoR(nn.Module):
             hand backbone read the frame too (its spatial tokens averaged).
         camera_feature_dim: the width of that feature.
         img_size: S, side of the whole-frame input.
+        flow_grid: G, cells per side of the optical-flow input (0: the camera reads the frames only).
         mano_layers: one MANO layer per hand, in HANDS order (left, right).
         hand_fusion: let the hands and the camera attend to each other per frame.
         temporal_dim, temporal_layers, temporal_heads, dropout: token width and temporal transformers.
@@ -254,7 +276,7 @@ class HaWoR(nn.Module):
     """
 
     def __init__(self, *, backbone: nn.Module, feature_dim: int, num_tokens: int, crop_size: int,
-                 camera_backbone: nn.Module | None, camera_feature_dim: int, img_size: int,
+                 camera_backbone: nn.Module | None, camera_feature_dim: int, img_size: int, flow_grid: int,
                  mano_layers: tuple[MANOLayer, MANOLayer], hand_fusion: bool, temporal_dim: int,
                  temporal_layers: int, temporal_heads: int, head_hidden: int, dropout: float,
                  infiller_hidden: int, infiller_layers: int, infill_mask_prob: float) -> None:
@@ -262,7 +284,7 @@ class HaWoR(nn.Module):
         if [layer.side for layer in mano_layers] != list(HANDS):
             raise ValueError(f"mano_layers must be sides {HANDS} in that order, got "
                              f"{[layer.side for layer in mano_layers]}")
-        self.crop_size, self.img_size = crop_size, img_size
+        self.crop_size, self.img_size, self.flow_grid = crop_size, img_size, flow_grid
         self.infill_mask_prob = infill_mask_prob
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -276,6 +298,10 @@ class HaWoR(nn.Module):
                                         dropout=dropout)
         self.camera_backbone = camera_backbone
         self.camera_proj = nn.Sequential(nn.Linear(camera_feature_dim, D), nn.LayerNorm(D))
+        # No LayerNorm on the flow's token: its size is the motion's size.
+        self.flow_proj = (nn.Sequential(nn.Flatten(), nn.Linear(2 * flow_grid**2, head_hidden), nn.GELU(),
+                                        nn.Linear(head_hidden, D)) if flow_grid else None)
+        self.flow_head = FlowHead(2 * flow_grid**2, 9) if flow_grid else None
         self.fusion = HandFusion(dim=D, heads=temporal_heads, dropout=dropout) if hand_fusion else None
         temporal = dict(in_dim=D, dim=D, layers=temporal_layers, heads=temporal_heads, dropout=dropout)
         self.hand_temporal = TemporalEncoder(**temporal)  # shared by both hands (left ones are mirrored)
@@ -306,12 +332,16 @@ class HaWoR(nn.Module):
         tokens = spatial_tokens(self.backbone, self._normalise(crops.flatten(0, 2)))  # (B*T*2, L, F)
         return self.spatial_head(tokens).view(B, T, 2, -1)
 
-    def encode_frames(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, T, 3, S, S) -> (B, T, D) one token per whole frame."""
+    def encode_frames(self, images: torch.Tensor, flow: torch.Tensor | None) -> torch.Tensor:
+        """uint8 (B, T, 3, S, S) frames and (B, T, 2, G, G) flow from frame 0 -> (B, T, D) one camera token
+        per frame: the sum of the frame's and the flow's."""
         B, T = images.shape[:2]
         x = self._normalise(images.flatten(0, 1))  # (B*T, 3, S, S)
         feats = self.camera_backbone(x) if self.camera_backbone is not None else spatial_tokens(self.backbone, x).mean(1)
-        return self.camera_proj(feats).view(B, T, -1)
+        tokens = self.camera_proj(feats)  # (B*T, D)
+        if self.flow_proj is not None:
+            tokens = tokens + self.flow_proj(flow.flatten(0, 1).to(tokens.dtype))
+        return tokens.view(B, T, -1)
 
     # ----- stage 4: heads ----------------------------------------------------------------------------
     def weak_perspective_to_root(self, cam: torch.Tensor, crop_K: torch.Tensor) -> torch.Tensor:
@@ -372,8 +402,9 @@ class HaWoR(nn.Module):
         """(B, T, 2, 3, 3) -> (B, T, 2, PARAM_DIM) the mean parameters of every hand-frame."""
         return self._to_hand_frame(crop_K.new_zeros(*crop_K.shape[:3], PARAM_DIM), crop_K)
 
-    def regress_camera(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T, D) -> cam_R (B, T, 3, 3), cam_t (B, T, 3): pose of camera t in camera 0."""
+    def regress_camera(self, h: torch.Tensor, flow: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, D) tokens and (B, T, 2, G, G) flow -> cam_R (B, T, 3, 3), cam_t (B, T, 3): pose of camera t
+        in camera 0."""
         B, T, _ = h.shape
         identity = torch.eye(3, dtype=h.dtype, device=h.device).expand(B, 1, 3, 3)
         zero = h.new_zeros(B, 1, 3)
@@ -381,6 +412,8 @@ class HaWoR(nn.Module):
             return identity, zero
         pair = torch.cat([h[:, 1:], h[:, :1].expand(-1, T - 1, -1)], dim=-1)  # (B, T-1, 2D)
         delta = self.camera_head(pair)  # (B, T-1, 9)
+        if self.flow_head is not None:
+            delta = delta + self.flow_head(flow[:, 1:].flatten(2).to(delta.dtype))
         rot6d = matrix_to_rot6d(identity) + delta[..., :6]  # (B, T-1, 6) offset from no rotation
         # Frame 0 is the reference: identity and zero by construction, not by learning.
         cam_R = torch.cat([identity, rot6d_to_matrix(rot6d)], dim=1)  # (B, T, 3, 3)
@@ -436,7 +469,7 @@ class HaWoR(nn.Module):
         return torch.stack(joints, dim=2), torch.stack(vertices, dim=2)
 
     def forward(self, crops: torch.Tensor, crop_K: torch.Tensor, images: torch.Tensor,
-                hand_valid: torch.Tensor) -> HaWoROutput:
+                hand_valid: torch.Tensor, flow: torch.Tensor | None = None) -> HaWoROutput:
         """Predict hands and camera motion for a batch of clips.
 
         Args:
@@ -444,15 +477,17 @@ class HaWoR(nn.Module):
             crop_K: (B, T, 2, 3, 3) intrinsics of each unmirrored crop.
             images: uint8 (B, T, 3, S, S) whole frames.
             hand_valid: bool (B, T, 2), hands (left, right) visible in each frame.
+            flow: (B, T, 2, G, G) optical flow from each clip's first frame (hawor_tune.data.flow); required
+                when the model was built with flow_grid G > 0, ignored otherwise.
 
         Returns:
             HaWoROutput.
         """
-        self._check_inputs(crops, crop_K, images, hand_valid)
+        self._check_inputs(crops, crop_K, images, hand_valid, flow)
         B, T = crops.shape[:2]
         observed = self.observed_mask(hand_valid)
         hands = self.encode_hands(crops)  # (B, T, 2, D)
-        camera = self.encode_frames(images)  # (B, T, D)
+        camera = self.encode_frames(images, flow)  # (B, T, D)
         if self.fusion is not None:
             tokens = self.fusion(torch.cat([hands, camera[:, :, None]], dim=2).flatten(0, 1),
                                  observed.flatten(0, 1)).view(B, T, 3, -1)
@@ -460,7 +495,7 @@ class HaWoR(nn.Module):
         h = self.hand_temporal(hands.transpose(1, 2).flatten(0, 1)).view(B, 2, T, -1).transpose(1, 2)  # (B, T, 2, D)
         crop_K = crop_K.to(self.pixel_mean.dtype)  # full precision even under autocast
         params = self._to_hand_frame(self.hand_head(h).to(crop_K.dtype), crop_K)  # (B, T, 2, P)
-        cam_R, cam_t = self.regress_camera(self.camera_temporal(camera))
+        cam_R, cam_t = self.regress_camera(self.camera_temporal(camera), flow)
         params = self.infill(params, self.mean_params(crop_K), observed)
 
         # MANO in float32 even under autocast: bf16's 8-bit mantissa alone would move a wrist 0.4 m away
@@ -477,7 +512,7 @@ class HaWoR(nn.Module):
                            vertices=vertices, cam_R=cam_R, cam_t=cam_t, observed=observed)
 
     def _check_inputs(self, crops: torch.Tensor, crop_K: torch.Tensor, images: torch.Tensor,
-                      hand_valid: torch.Tensor) -> None:
+                      hand_valid: torch.Tensor, flow: torch.Tensor | None) -> None:
         C, S = self.crop_size, self.img_size
         if crops.dtype != torch.uint8 or crops.dim() != 6 or tuple(crops.shape[2:]) != (2, 3, C, C):
             raise ValueError(f"crops must be uint8 (B, T, 2, 3, {C}, {C}), got {crops.dtype} {tuple(crops.shape)}")
@@ -490,6 +525,10 @@ class HaWoR(nn.Module):
         if hand_valid.dtype != torch.bool or tuple(hand_valid.shape) != (B, T, 2):
             raise ValueError(f"hand_valid must be bool ({B}, {T}, 2), got {hand_valid.dtype} "
                              f"{tuple(hand_valid.shape)}")
+        G = self.flow_grid
+        if G and (flow is None or not flow.is_floating_point() or tuple(flow.shape) != (B, T, 2, G, G)):
+            got = "none" if flow is None else f"{flow.dtype} {tuple(flow.shape)}"
+            raise ValueError(f"flow must be float ({B}, {T}, 2, {G}, {G}) (data.flow_grid = {G}), got {got}")
 
 
 MODEL_INPUTS = ("crops", "crop_K", "images", "hand_valid")
@@ -497,7 +536,7 @@ MODEL_INPUTS = ("crops", "crop_K", "images", "hand_valid")
 
 def run_model(model: nn.Module, batch: dict[str, torch.Tensor]) -> HaWoROutput:
     """The model's forward pass on a data batch (the one place that knows which batch keys it reads)."""
-    return model(*(batch[k] for k in MODEL_INPUTS))
+    return model(*(batch[k] for k in MODEL_INPUTS), flow=batch.get("flow"))
 
 
 def _create_backbone(name: str, img_size: int, kwargs: dict) -> nn.Module:
@@ -629,7 +668,7 @@ def build_model(cfg: ExperimentConfig, *, pretrained: bool = True) -> HaWoR:
                   num_tokens=_token_count(backbone, d.crop_size), crop_size=d.crop_size,
                   camera_backbone=camera_backbone,
                   camera_feature_dim=(camera_backbone or backbone).num_features,
-                  img_size=d.img_size, mano_layers=mano_layers, hand_fusion=m.hand_fusion,
+                  img_size=d.img_size, flow_grid=d.flow_grid, mano_layers=mano_layers, hand_fusion=m.hand_fusion,
                   temporal_dim=m.temporal_dim, temporal_layers=m.temporal_layers, temporal_heads=m.temporal_heads,
                   head_hidden=m.head_hidden, dropout=m.dropout, infiller_hidden=m.infiller_hidden,
                   infiller_layers=m.infiller_layers, infill_mask_prob=m.infill_mask_prob)

@@ -32,6 +32,7 @@ TINY_DATA_OVERRIDES: dict[str, Any] = {
     "data.frame_size": 64,
     "data.crop_size": 32,
     "data.img_size": 32,
+    "data.flow_grid": 4,
     "data.seq_len": 4,
     "data.stride": 2,
     "data.frame_step": 1,

@@ -14,11 +14,12 @@ from conftest import run_concurrently
 
 import hawor_tune.data as data
 from hawor_tune.data import DatasetError, build_dataset, ensure_dataset, read_split
+from hawor_tune.data.flow import clip_flow
 from hawor_tune.mano import HANDS
 
 # conftest's dataset: 64x48 frames letterboxed to 64 (scale 1, 8 rows of padding on top), 32 px hand crops,
-# and the whole frame resized to 32 px (scale 1/2).
-FRAME_SIZE, PAD_Y, CROP, IMG = 64, 8.0, 32, 32
+# the whole frame resized to 32 px (scale 1/2) and its optical flow pooled onto 4 x 4 cells.
+FRAME_SIZE, PAD_Y, CROP, IMG, FLOW = 64, 8.0, 32, 32, 4
 SCALE = IMG / FRAME_SIZE
 FRAMES, SKIP = 40, 10
 CROP_SCALE = 1.3  # data.crop_scale's default: box side over the visible keypoints' extent
@@ -82,7 +83,7 @@ def test_batch_has_the_spec_dtypes_and_shapes(synthetic_dataset):
                 "crop_joints2d": ((B, T, 2, 21, 2), "torch.float32"),
                 "joints_visible": ((B, T, 2, 21), "torch.bool"), "scored": ((B, T), "torch.bool"),
                 "images": ((B, T, 3, S, S), "torch.uint8"), "K": ((B, 3, 3), "torch.float32"),
-                "dist": ((B, 8), "torch.float32"), "joints3d": ((B, T, 2, 21, 3), "torch.float32"),
+                "flow": ((B, T, 2, FLOW, FLOW), "torch.float32"), "dist": ((B, 8), "torch.float32"), "joints3d": ((B, T, 2, 21, 3), "torch.float32"),
                 "joints2d": ((B, T, 2, 21, 2), "torch.float32"), "rotmats": ((B, T, 2, 16, 3, 3), "torch.float32"),
                 "betas": ((B, T, 2, 10), "torch.float32"), "hand_valid": ((B, T, 2), "torch.bool"),
                 "cam_R": ((B, T, 3, 3), "torch.float32"), "cam_t": ((B, T, 3), "torch.float32"),
@@ -109,11 +110,15 @@ def test_frames_follow_ioi_offset_and_skip_the_ends(synthetic_dataset):
     assert frames.min() == SKIP - ioi and frames.max() == FRAMES - SKIP - 1 - ioi
     item = ds[1]
     sid, seq = ds.sequences[int(item["seq_index"])].split("/")
+    frames = []
     for t, f in enumerate(item["frame_index"].tolist()):
         # Image index = annotation index + ioi_offset; the whole-frame input is the letterboxed frame resized.
-        frame = _letterboxed_frame(synthetic_dataset.root / "images" / sid / seq / "0" / f"{f + misc[sid]['ioi_offset']:05d}.jpg")
-        expected = cv2.resize(frame, (IMG, IMG), interpolation=cv2.INTER_AREA)
+        frames.append(_letterboxed_frame(synthetic_dataset.root / "images" / sid / seq / "0" / f"{f + misc[sid]['ioi_offset']:05d}.jpg"))
+        expected = cv2.resize(frames[-1], (IMG, IMG), interpolation=cv2.INTER_AREA)
         np.testing.assert_array_equal(item["images"][t].permute(1, 2, 0).numpy(), expected)
+    # The flow comes from the same full-size frames, in units of the frame's focal length.
+    focal = float(item["K"][0, 0]) / SCALE
+    np.testing.assert_allclose(item["flow"].numpy(), clip_flow(frames, focal, FLOW), atol=1e-5)
 
 
 # ---- Hand crops -------------------------------------------------------------------------------------------

@@ -246,8 +246,8 @@ def test_camera_known_rotation_and_translation() -> None:
     batch["hand_valid"][:] = False  # camera loss is not masked by hand visibility
     pred_R = torch.eye(3).expand(B, T, 3, 3)
     pred_t = torch.zeros(B, T, 3)
-    # ||Rz(theta) - I||_F^2 = 4 (1 - cos theta), over 9 entries.
-    rot = 4 * (1 - math.cos(theta)) / 9
+    # Rz(theta) - I has entries cos theta - 1 (twice) and -+sin theta: L1 2 (1 - cos theta) + 2 sin theta.
+    rot = 2 * (1 - math.cos(theta)) + 2 * math.sin(theta)
     expected = np.mean([rot + 0.1 * t * (math.cos(theta) + math.sin(theta)) for t in range(1, T)])
     value = losses.camera_loss(pred_R, pred_t, batch["cam_R"], batch["cam_t"])
     assert value.item() == pytest.approx(expected, rel=1e-4)

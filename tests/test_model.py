@@ -21,7 +21,8 @@ from hawor_tune.procedural_hand import make_procedural_hand
 
 S = 32  # side of the whole frames
 C = 32  # side of the hand crops
-TINY = {**TINY_MODEL_OVERRIDES, "data.img_size": S, "data.crop_size": C, "mano.model_dir": ""}
+G = 8  # cells per side of the optical flow
+TINY = {**TINY_MODEL_OVERRIDES, "data.img_size": S, "data.crop_size": C, "data.flow_grid": G, "mano.model_dir": ""}
 MIRROR_X = torch.tensor([-1.0, 1.0, 1.0])
 
 
@@ -82,6 +83,7 @@ def _batch(B: int = 2, T: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
         "crop_K": A @ K,
         "crop_joints2d": a[..., None, None] * joints2d + shift[..., None, :],
         "images": torch.randint(0, 256, (B, T, 3, S, S), generator=gen, dtype=torch.uint8),
+        "flow": torch.randn(B, T, 2, G, G, generator=gen),
         "K": K.expand(B, 3, 3).clone(),
         "dist": torch.zeros(B, 8),
         "joints3d": joints3d,
@@ -195,6 +197,7 @@ def test_gradients_reach_every_stage() -> None:
     total.backward()
     stages = {"backbone": model.backbone, "spatial head": model.spatial_head,
               "camera backbone": model.camera_backbone, "camera projection": model.camera_proj,
+              "flow projection": model.flow_proj,
               "fusion": model.fusion, "hand temporal": model.hand_temporal, "camera temporal": model.camera_temporal,
               "hand head": model.hand_head, "camera head": model.camera_head,
               "left infiller": model.infillers[0], "right infiller": model.infillers[1]}
@@ -329,7 +332,8 @@ def test_pretrained_weights_adapt_to_another_input_size(tmp_path) -> None:
 
 
 def test_a_hawor_tune_model_loads_every_tensor_that_fits(tmp_path) -> None:
-    # The source's heads are narrower: their hidden layers do not fit and keep the fresh initialisation.
+    # The source's heads (and the flow MLP, as wide as them) are narrower: their hidden layers do not fit and
+    # keep the fresh initialisation.
     narrow = {"model.head_hidden": 16}
     source = _model(seed=1, **narrow)
     path = export_model(tmp_path / "model.pt", model=source, config=_config(**narrow), epoch=3)
@@ -338,7 +342,7 @@ def test_a_hawor_tune_model_loads_every_tensor_that_fits(tmp_path) -> None:
     src = source.state_dict()
     assert loaded.keys() == src.keys()
     misfits = {name for name, value in loaded.items() if src[name].shape != value.shape}
-    assert misfits and all(name.startswith(("hand_head.", "camera_head.")) for name in misfits)
+    assert misfits and all(name.startswith(("hand_head.", "camera_head.", "flow_proj.")) for name in misfits)
     for name, value in loaded.items():
         assert torch.equal(value, fresh[name] if name in misfits else src[name]), name
 
@@ -436,8 +440,31 @@ def test_bad_config_is_named(overrides: dict, match: str) -> None:
     ("crop_K", lambda x: x[:, 0]),  # one K per clip
     ("hand_valid", lambda x: x.float()),
     ("hand_valid", lambda x: x[..., :1]),
+    ("flow", lambda x: x[..., : G // 2, : G // 2]),  # another grid
+    ("flow", lambda x: x[:, :1]),  # fewer frames than the crops
+    ("flow", lambda x: x.to(torch.uint8)),
+    ("flow", lambda x: None),  # the model was built to read it
 ])
 def test_bad_inputs_are_rejected_naming_the_argument(eval_model: HaWoR, key: str, corrupt) -> None:
     batch = _batch(1, 2)
     with pytest.raises(ValueError, match=f"^{key} must be"):
         run_model(eval_model, {**batch, key: corrupt(batch[key])})
+
+
+def test_camera_reads_the_flow(eval_model: HaWoR) -> None:
+    batch = _batch(1, 4)
+    with torch.no_grad():
+        still = run_model(eval_model, {**batch, "flow": torch.zeros_like(batch["flow"])})
+        moving = run_model(eval_model, batch)
+    assert not torch.allclose(still.cam_t[:, 1:], moving.cam_t[:, 1:])
+    torch.testing.assert_close(still.cam_t[:, 0], moving.cam_t[:, 0])  # frame 0 is the reference either way
+
+
+def test_camera_without_flow_reads_the_frames_only() -> None:
+    model = _model(**{"data.flow_grid": 0}).eval()
+    assert model.flow_proj is None
+    batch = _batch(1, 4)
+    del batch["flow"]
+    with torch.no_grad():
+        out = run_model(model, batch)
+    assert torch.isfinite(out.cam_t).all()

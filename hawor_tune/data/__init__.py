@@ -118,7 +118,8 @@ def build_dataset(cfg: ExperimentConfig, split: str, *, cached: bool = True) -> 
     mano = [build_mano(cfg.mano, side, fix_left_shapedirs=False) for side in HANDS]
     return ArcticClips(root, split, mano=mano, seq_len=d.seq_len, stride=d.stride, frame_step=d.frame_step,
                        frame_size=d.frame_size, crop_size=d.crop_size, crop_scale=d.crop_scale,
-                       crop_jitter=d.crop_jitter, img_size=d.img_size, min_visible_joints=d.min_visible_joints,
+                       crop_jitter=d.crop_jitter, img_size=d.img_size, flow_grid=d.flow_grid,
+                       min_visible_joints=d.min_visible_joints,
                        valid_rule=resolve_valid_rule(d.valid_rule, root),
                        cache_dir=d.cache_dir or None, cached=cached,
                        extra_splits=("val",) if split == "train" and d.train_on_val else ())

@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 
 from hawor_tune.data.cache import FrameCache, FrameSource, Letterbox, cache_root, read_frame
 from hawor_tune.data.crop import crop_matrix, hand_boxes, jitter_boxes, map_points, unflip_matrix, warp_crop
+from hawor_tune.data.flow import clip_flow
 from hawor_tune.errors import HaworTuneError
 from hawor_tune.geometry import project_points
 from hawor_tune.mano import HANDS, MANOLayer
@@ -381,8 +382,9 @@ class ArcticClips(Dataset):
     """Clips of ``seq_len`` frames from one split, as the batch dicts of the project spec.
 
     Each frame gives one ``crop_size`` crop per hand, centred on the hand's visible 2D keypoints (box side
-    ``crop_scale`` x their extent; left hands mirrored), and the whole frame at ``img_size`` for the camera
-    branch. Training crops are jittered (``crop_jitter``); val/test use the unjittered box, the
+    ``crop_scale`` x their extent; left hands mirrored), and for the camera branch the whole frame at
+    ``img_size`` and, with ``flow_grid``, the dense optical flow from the clip's first frame to each frame
+    (:func:`hawor_tune.data.flow.clip_flow`, key ``flow``). Training crops are jittered (``crop_jitter``); val/test use the unjittered box, the
     ground-truth-box protocol of hand-pose benchmarks (HaMeR, HaWoR).
 
     Training clips start every ``stride`` frames. Val/test clips do not overlap and the last one is aligned
@@ -402,6 +404,7 @@ class ArcticClips(Dataset):
         crop_scale: box side over the keypoints' extent.
         crop_jitter: random shift (fraction of the side) and scale (1 +- this) of training boxes.
         img_size: side of the whole-frame input.
+        flow_grid: cells per side of the pooled optical flow; 0 gives no ``flow``.
         min_visible_joints, valid_rule: see :func:`load_sequence`.
         cache_dir: where frame caches live (default: ``<root>/../cache``).
         cached: read frames from the cache (built on first use) instead of decoding JPEGs.
@@ -410,11 +413,11 @@ class ArcticClips(Dataset):
 
     def __init__(self, root: str | os.PathLike, split: str, *, mano: Sequence[MANOLayer], seq_len: int,
                  stride: int, frame_step: int = 1, frame_size: int = 224, crop_size: int = 64,
-                 crop_scale: float = 1.3, crop_jitter: float = 0.0, img_size: int = 64,
+                 crop_scale: float = 1.3, crop_jitter: float = 0.0, img_size: int = 64, flow_grid: int = 0,
                  min_visible_joints: int = 8, valid_rule: str = "visible_joints", cache_dir: str | os.PathLike | None = None, cached: bool = True,
                  extra_splits: Sequence[str] = ()) -> None:
         self.root, self.split, self.seq_len = Path(root), split, seq_len
-        self.frame_size, self.crop_size, self.img_size = frame_size, crop_size, img_size
+        self.frame_size, self.crop_size, self.img_size, self.flow_grid = frame_size, crop_size, img_size, flow_grid
         self.crop_scale, self.crop_jitter = crop_scale, crop_jitter if split == "train" else 0.0
         self.sequences = [name for s in (split, *extra_splits) for name in read_split(self.root, s)]
         if not self.sequences:
@@ -485,8 +488,10 @@ class ArcticClips(Dataset):
         crop_K = np.empty((T, 2, 3, 3), dtype=np.float32)
         crop_joints2d = np.empty((T, 2, 21, 2), dtype=np.float32)
         images = np.empty((T, 3, self.img_size, self.img_size), dtype=np.uint8)
+        frames = []
         for t in range(T):
             frame = self._frame(start + t)
+            frames.append(frame)
             images[t] = cv2.resize(frame, (self.img_size, self.img_size), interpolation=cv2.INTER_AREA).transpose(2, 0, 1)
             for h, side_name in enumerate(HANDS):
                 A = crop_matrix(centre[t, h], float(side[t, h]), C, flip=side_name == "left")
@@ -501,6 +506,8 @@ class ArcticClips(Dataset):
                 "K": torch.from_numpy((self._resize @ K).astype(np.float32)),
                 "joints2d": torch.from_numpy(map_points(self._resize, self._frames["joints2d"][sl]).astype(np.float32)),
                 "dist": torch.from_numpy(self._dist[s].copy()), "scored": torch.from_numpy(scored)}
+        if self.flow_grid:
+            item["flow"] = torch.from_numpy(clip_flow(frames, float(K[0, 0]), self.flow_grid))
         for key in ("joints3d", "rotmats", "betas", "hand_valid", "joints_visible", "cam_R", "cam_t"):
             item[key] = torch.from_numpy(self._frames[key][sl].copy())
         item["seq_index"] = torch.tensor(s, dtype=torch.int64)
