@@ -237,7 +237,7 @@ class FlowHead(nn.Module):
     """A fixed linear map from frame t's pooled optical flow straight to its camera-pose offset (the camera
     head's 6D rotation offset and translation), added to the camera head's output.
 
-    It is fitted by least squares, not trained (``hawor_tune.pretrain.fit_flow_head``), as HaWoR is handed a
+    It is fitted by least squares, not trained (``hawor_tune.flow_fit``), as HaWoR is handed a
     ready-made SLAM: its weight and bias are buffers (saved and loaded with the model, left alone by the
     optimiser, whose per-parameter steps would swamp weights this small). Zero, as built: a static camera.
     """

@@ -100,9 +100,10 @@ def _resume_point(newest: str | None) -> str | None:
 
 
 def prepare_data(cfg: ExperimentConfig) -> None:
-    """Generate the dataset (if configured), build the frame caches and the hand-pretrained start once,
-    before trials start (each is cached; a later search re-uses them)."""
+    """Generate the dataset (if configured), build the frame caches, the hand-pretrained start and the camera's
+    flow-head fit once, before trials start (each is cached; a later search re-uses them)."""
     from hawor_tune.data import build_dataset, ensure_dataset
+    from hawor_tune.flow_fit import ensure_flow_fit
     from hawor_tune.pretrain import ensure_pretrained
 
     t0 = time.perf_counter()
@@ -112,6 +113,7 @@ def prepare_data(cfg: ExperimentConfig) -> None:
     log.info("data ready in %.1f s", time.perf_counter() - t0)
     t0 = time.perf_counter()
     ensure_pretrained(cfg)
+    ensure_flow_fit(cfg)
     log.info("pretrained start ready in %.1f s", time.perf_counter() - t0)
 
 

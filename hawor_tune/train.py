@@ -195,6 +195,7 @@ def fit(config: ExperimentConfig, on_epoch: EpochHook | None = None,
         A :class:`FitResult`; ``status`` is ``diverged`` with the reason when the loss became non-finite.
     """
     from hawor_tune.data import build_dataloader
+    from hawor_tune.flow_fit import ensure_flow_fit, load_flow_fit
     from hawor_tune.model import build_model
     from hawor_tune.pretrain import ensure_pretrained
 
@@ -214,7 +215,10 @@ def fit(config: ExperimentConfig, on_epoch: EpochHook | None = None,
 
     train_loader = build_dataloader(cfg, "train", shuffle=True, seed=cfg.train.seed)
     val_loader = build_dataloader(cfg, "val", shuffle=False)
-    model = build_model(cfg, pretrained=resume_from is None).to(device)
+    model = build_model(cfg, pretrained=resume_from is None)
+    if resume_from is None and model.flow_head is not None:
+        load_flow_fit(model, ensure_flow_fit(cfg))  # the camera's flow head: fitted once, cached
+    model = model.to(device)
     optimizer = build_optimizer(model, cfg)
     steps = len(train_loader) if not cfg.train.max_train_batches else min(len(train_loader), cfg.train.max_train_batches)
     scheduler = build_scheduler(optimizer, cfg, steps)

@@ -11,6 +11,7 @@ from hawor_tune import train
 from hawor_tune.checkpoint import export_model, latest_checkpoint, load_checkpoint, load_model
 from hawor_tune.config import save_config
 from hawor_tune.evaluation import evaluate, mean_pose_baseline
+from hawor_tune.flow_fit import ensure_flow_fit
 from hawor_tune.pretrain import ensure_pretrained
 from hawor_tune.train import REPORTED_METRICS, fit, lr_factor
 
@@ -38,6 +39,9 @@ def test_fit_reports_every_epoch_with_a_checkpoint(tiny_cfg):
         assert state["epoch"] == 2 and state["config"] == resolved.to_dict() and state["optimizer"]
     # keep_checkpoints (2) bounds what stays on disk; the newest is found for resuming
     assert latest_checkpoint(cfg.train.out_dir).name == "epoch_0002"
+    # The camera's flow head is the cached least-squares fit, held fixed by training.
+    fitted = torch.load(ensure_flow_fit(cfg), weights_only=True)
+    assert torch.equal(result.model.flow_head.weight.cpu(), fitted["weight"])
 
 
 def test_resumed_run_ends_with_the_same_weights(tiny_cfg, tmp_path):
