@@ -169,6 +169,56 @@ def replay(space_path: Path, grid_dir: Path, *, out: Path, seeds: int, num_sampl
     return result
 
 
+def live(space_path: Path, *, storage: Path, out: Path, methods: str, seed: int, num_samples: int | None,
+         dashboard_port: int) -> dict:
+    """Run ``methods`` live through the service (``hawor_tune.search.run_search``: real training, the space's
+    own concurrency), one search each with this seed, and print the figures the replay predicts for them:
+    final best, epochs used and epochs to within TARGET_GAP of (a)'s final best (or the first method's)."""
+    import dataclasses
+    import json
+
+    from hawor_tune.replay import epochs_to_reach
+    from hawor_tune.results import EPOCHS_FILE, read_rows
+    from hawor_tune.search import run_search
+    from hawor_tune.search_space import load_search_space
+
+    space = load_search_space(space_path)
+    n = num_samples or space.num_samples
+    pick = max if space.mode == "max" else min
+    curves: dict[str, list] = {}
+    t0 = time.perf_counter()
+    for m in methods:
+        m_space = dataclasses.replace(method_space(space, m, seed, n), max_concurrent=space.max_concurrent)
+        name = f"live-{m}-seed{seed}"
+        started = time.perf_counter()
+        run_search(m_space, storage=storage, name=name, dashboard_port=dashboard_port)
+        rows = sorted(read_rows(Path(storage) / name / EPOCHS_FILE), key=lambda r: (r["timestamp"], r["time_total_s"]))
+        curve, best, cost = [], None, 0.0
+        for i, r in enumerate(rows, start=1):  # the epochs in the order the search reported them
+            cost += float(r["time/epoch_s"])
+            best = r[space.metric] if best is None else pick(best, r[space.metric])
+            curve.append((i, cost, float(best)))
+        curves[m] = curve
+        print(f"  ({m}) live: {len(rows)} epochs, {time.perf_counter() - started:.0f} s wall", flush=True)
+    reference = curves["a" if "a" in curves else methods[0]][-1][2]
+    target = reference * (1 - TARGET_GAP) if space.mode == "max" else reference * (1 + TARGET_GAP)
+    summary = {}
+    print(f"\nlive, seed {seed}, {n} trials, {space.max_concurrent} at a time; target: within {TARGET_GAP:.0%} of "
+          f"{reference:.2f} -> {target:.2f} ({space.metric})")
+    for m, c in curves.items():
+        k = epochs_to_reach(c, target, space.mode)
+        summary[m] = {"label": METHODS[m][0], "final_best": c[-1][2], "epochs_total": c[-1][0],
+                      "hours_total": c[-1][1] / 3600, "epochs_to_target": k}
+        print(f"({m}) {METHODS[m][0]:54s} final best {c[-1][2]:.2f}  epochs {c[-1][0]:3d}  "
+              f"({c[-1][1] / 3600:.2f} h of training)  epochs to target {k:.0f}")
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"seed": seed, "num_samples": n, "reference": reference, "target": target, "summary": summary,
+              "curves": {m: [list(p) for p in c] for m, c in curves.items()}, "wall_s": time.perf_counter() - t0}
+    (out / f"live-seed{seed}.json").write_text(json.dumps(result, indent=1))
+    print(f"wrote {out / f'live-seed{seed}.json'}")
+    return result
+
+
 def _plot(runs: dict, summary: dict, target: float, metric: str, path: Path) -> None:
     """Best value so far against cumulative epochs and against cumulative recorded training time: the median
     over seeds and its 25-75 % band (a finished run holds its final value)."""
@@ -235,6 +285,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--record-grid", action="store_true", help="train the live grid once")
     p.add_argument("--replay", action="store_true", help="replay every method over the recorded grid")
+    p.add_argument("--live", action="store_true",
+                   help="run --methods live through the service, one seed (--live-seed), to confirm the replay")
+    p.add_argument("--live-seed", type=_positive_int_or_zero, default=0)
     p.add_argument("--overheads", action="store_true", help="measure the service's own costs (run last: uses both cores)")
     p.add_argument("--smoke", action="store_true", help="with --overheads: a couple of batches per run, to check the plumbing")
     p.add_argument("--grid", help="the recorded grid's folder (default: <storage>/<name>)")
@@ -266,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError(f"--grid {grid}: no epochs.parquet there; record the grid first (--record-grid)")
             replay(Path(args.space), grid, out=Path(args.out), seeds=args.seeds, num_samples=args.num_samples,
                    methods=args.methods, first_point=args.first_point)
+        if args.live:
+            live(Path(args.space), storage=Path(args.storage), out=Path(args.out), methods=args.methods,
+                 seed=args.live_seed, num_samples=args.num_samples, dashboard_port=args.dashboard_port)
         if args.overheads:
             from _overheads import measure_overheads
             measure_overheads(Path(args.out), smoke=args.smoke)

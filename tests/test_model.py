@@ -468,3 +468,10 @@ def test_camera_without_flow_reads_the_frames_only() -> None:
     with torch.no_grad():
         out = run_model(model, batch)
     assert torch.isfinite(out.cam_t).all()
+
+
+def test_the_flow_head_is_fitted_not_trained(eval_model: HaWoR) -> None:
+    # Its weights are buffers: saved with the model, invisible to the optimiser; zero as built (a static camera).
+    assert not any(name.startswith("flow_head.") for name, _ in eval_model.named_parameters())
+    assert {"flow_head.weight", "flow_head.bias"} <= set(eval_model.state_dict())
+    assert float(eval_model.flow_head.weight.abs().sum()) == 0.0
