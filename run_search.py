@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import math
 import shlex
+import socket
 import sys
 import time
 from pathlib import Path
@@ -58,8 +59,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mlflow", nargs="?", const="", metavar="URI",
                    help="log every trial to MLflow (optional extra): a tracking URI or folder "
                         "(default: the local file store <storage>/mlruns)")
-    p.add_argument("--dashboard-port", type=int, default=8265, help="local dashboard port (default: %(default)s)")
+    p.add_argument("--dashboard-port", type=_port, default=8265,
+                   help="local dashboard port, 0 for any free one (default: %(default)s)")
     return p.parse_args(argv)
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a port number 0-65535, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number 0-65535 (0: any free port), got {value}")
+    return value
+
+
+def check_dashboard_port(port: int) -> None:
+    """Refuse a dashboard port another program already listens on, before the local Ray starts (Ray would
+    fail later with a traceback from its dashboard process)."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise UsageError(f"--dashboard-port {port}: 127.0.0.1:{port} is in use ({e.strerror}; another Ray "
+                             f"dashboard?); pass a free port, or 0 for any free one") from None
 
 
 def _experiment_name(args: argparse.Namespace, space_path: Path, storage: Path) -> str:
@@ -172,8 +197,11 @@ def main(argv: list[str] | None = None) -> int:
 def _search(args: argparse.Namespace, argv: list[str]) -> int:
     from hawor_tune.results import check_resumable, check_storage
 
-    # Where the search writes is checked first: it is cheap, and loading the space imports torch.
+    # Where the search writes and the dashboard's port are checked first: cheap, and loading the space
+    # imports torch.
     storage = check_storage(args.storage, label="--storage")
+    if not args.address:
+        check_dashboard_port(args.dashboard_port)
     name = _experiment_name(args, Path(args.space), storage)
     if args.resume:
         check_resumable(storage, name)

@@ -7,6 +7,7 @@ import ipaddress
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -138,7 +139,7 @@ def test_interrupted_search_resumes_to_exactly_num_samples(tmp_path, synthetic_d
 ])
 def test_cli_bad_input_one_line_exit_2(tmp_path, synthetic_dataset, capsys, args, fragment):
     space = write_search_space(tmp_path, synthetic_dataset)
-    argv = [a.replace("{space}", str(space)) for a in args] + ["--storage", str(tmp_path / "r")]
+    argv = [a.replace("{space}", str(space)) for a in args] + ["--storage", str(tmp_path / "r"), "--dashboard-port", "0"]
     assert _exit_code(run_search.main, argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err and fragment in err[-1]
@@ -156,6 +157,26 @@ def test_cli_unwritable_storage_is_one_line_before_anything_starts(tmp_path, cap
     assert len(err) == 1 and err[0].startswith(f"error: --storage {storage}: ")
     assert "folder this user can write" in err[0]
     assert not ray.is_initialized()
+
+
+def test_cli_dashboard_port_in_use_is_one_line_before_anything_starts(tmp_path, capsys):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # The space does not exist: the port is checked before the space is read or Ray starts.
+        code = _exit_code(run_search.main, ["--space", "nope.yaml", "--storage", str(tmp_path / "r"),
+                                            "--dashboard-port", str(port)])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --dashboard-port {port}: 127.0.0.1:{port} is in use")
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("port", ["70000", "-1", "http"])
+def test_cli_dashboard_port_out_of_range_is_refused(tmp_path, capsys, port):
+    assert _exit_code(run_search.main, ["--space", "nope.yaml", "--dashboard-port", port]) == 2
+    assert "--dashboard-port" in capsys.readouterr().err
 
 
 def _exit_code(main, argv) -> int:
