@@ -100,7 +100,7 @@ def _resume_point(newest: str | None) -> str | None:
 
 
 def prepare_data(cfg: ExperimentConfig) -> None:
-    """Generate the dataset (if configured), build the frame caches, the hand-pretrained start and the camera's
+    """Generate the dataset (if configured), build the frame and flow caches, the hand-pretrained start and the camera's
     flow-head fit once, before trials start (each is cached; a later search re-uses them)."""
     from hawor_tune.data import build_dataset, ensure_dataset
     from hawor_tune.flow_fit import ensure_flow_fit

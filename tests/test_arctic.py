@@ -121,6 +121,19 @@ def test_frames_follow_ioi_offset_and_skip_the_ends(synthetic_dataset):
     np.testing.assert_allclose(item["flow"].numpy(), clip_flow(frames, focal, FLOW), atol=1e-5)
 
 
+def test_cached_flows_equal_the_flows_of_the_clips_frames(synthetic_dataset):
+    cfg = synthetic_dataset.config()
+    cached = build_dataset(cfg, "train")
+    direct = build_dataset(cfg, "train", cached=False)
+    (flow_file,) = cached.cache.folder.parent.glob(f"flow-train-{cfg.data.seq_len}f-*.npy")
+    for i in (0, len(cached) - 1):
+        np.testing.assert_array_equal(cached[i]["flow"].numpy(), direct[i]["flow"].numpy())
+    assert cached[0]["flow"][0].abs().sum() == 0 and cached[0]["flow"][1:].abs().sum() > 0  # frame 0 is the reference
+    before = flow_file.stat().st_mtime_ns
+    build_dataset(cfg, "train")  # re-opened, not rebuilt
+    assert flow_file.stat().st_mtime_ns == before
+
+
 # ---- Hand crops -------------------------------------------------------------------------------------------
 
 def _box_map(uv: np.ndarray, visible: np.ndarray) -> np.ndarray:

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from hawor_tune.data.flow import FLOW_UNITS, clip_flow
+from hawor_tune.data.flow import FLOW_UNITS, cached_clip_flows, clip_flow
 
 
 def _texture(size: int = 128, seed: int = 0) -> np.ndarray:
@@ -47,3 +47,44 @@ def test_a_single_frame_has_zero_flow() -> None:
 def test_bad_arguments_are_named(grid: int, focal: float) -> None:
     with pytest.raises(ValueError, match="grid must be >= 1 and focal > 0"):
         clip_flow([_texture(), _texture()], focal, grid)
+
+
+# ---- The flow cache ---------------------------------------------------------------------------------------
+
+SHAPE = (3, 2, 2, 4, 4)
+
+
+def _counting(calls: list[int]):
+    """A compute function that records which clips it was asked for; clip i's flow is all i."""
+    def compute(i: int) -> np.ndarray:
+        calls.append(i)
+        return np.full(SHAPE[1:], float(i), dtype=np.float32)
+    return compute
+
+
+def test_cached_flows_are_computed_once_and_reused(tmp_path) -> None:
+    calls: list[int] = []
+    first = cached_clip_flows(tmp_path, name="train", key={"clips": [1, 2, 3]}, shape=SHAPE, compute=_counting(calls))
+    again = cached_clip_flows(tmp_path, name="train", key={"clips": [1, 2, 3]}, shape=SHAPE, compute=_counting(calls))
+    assert calls == [0, 1, 2]  # the second call read the file
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_array_equal(again[:, 0, 0, 0, 0], [0.0, 1.0, 2.0])
+    assert len(list(tmp_path.glob("flow-train-*.npy"))) == 1
+
+
+def test_other_clips_get_their_own_file(tmp_path) -> None:
+    calls: list[int] = []
+    cached_clip_flows(tmp_path, name="train", key={"clips": [1, 2, 3]}, shape=SHAPE, compute=_counting(calls))
+    cached_clip_flows(tmp_path, name="train", key={"clips": [1, 2, 4]}, shape=SHAPE, compute=_counting(calls))
+    assert calls == [0, 1, 2, 0, 1, 2]
+    assert len(list(tmp_path.glob("flow-train-*.npy"))) == 2
+
+
+def test_a_damaged_flow_cache_is_rebuilt(tmp_path) -> None:
+    calls: list[int] = []
+    cached_clip_flows(tmp_path, name="val", key="k", shape=SHAPE, compute=_counting(calls))
+    (path,) = tmp_path.glob("flow-val-*.npy")
+    path.write_bytes(path.read_bytes()[:200])  # cut short, as by a full disk outside the atomic write
+    flows = cached_clip_flows(tmp_path, name="val", key="k", shape=SHAPE, compute=_counting(calls))
+    assert calls == [0, 1, 2, 0, 1, 2]
+    np.testing.assert_array_equal(flows[:, 0, 0, 0, 0], [0.0, 1.0, 2.0])

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from hawor_tune.data.cache import FrameCache, FrameSource, Letterbox, cache_root, read_frame
 from hawor_tune.data.crop import crop_matrix, hand_boxes, jitter_boxes, map_points, unflip_matrix, warp_crop
-from hawor_tune.data.flow import clip_flow
+from hawor_tune.data.flow import cached_clip_flows, clip_flow
 from hawor_tune.errors import HaworTuneError
 from hawor_tune.geometry import project_points
 from hawor_tune.mano import HANDS, MANOLayer
@@ -454,9 +454,29 @@ class ArcticClips(Dataset):
                                                   sources=sources)
             if self.cache.names != self.sequences or self.cache.counts != counts:
                 raise DatasetError(f"frame cache {self.cache.folder} does not match split '{split}'; delete it")
+        # Every clip's optical flow, computed once beside the frame cache and shared by all runs (it depends
+        # only on the clip's frames); without the frame cache it is computed per item.
+        self._flow: np.ndarray | None = None
+        if flow_grid and self.cache is not None and seq_len > 1:  # one frame has no flow
+            key = {"frames": self.cache.folder.name, "clips": [(s, p) for s, p, _ in self._clips],
+                   "focal": self._K[:, 0, 0].tolist()}
+            self._flow = cached_clip_flows(self.cache.folder.parent, name=f"{split}-{seq_len}f", key=key,
+                                           shape=(len(self._clips), seq_len, 2, flow_grid, flow_grid),
+                                           compute=self._compute_flow)
 
     def __len__(self) -> int:
         return len(self._clips)
+
+    def _clip_frames(self, index: int) -> list[np.ndarray]:
+        """The seq_len (S, S, 3) uint8 RGB frames of clip ``index``."""
+        s, p, _ = self._clips[index]
+        start = int(self._offsets[s]) + p
+        return [self._frame(start + t) for t in range(self.seq_len)]
+
+    def _compute_flow(self, index: int) -> np.ndarray:
+        """(T, 2, G, G) optical flow of clip ``index`` (:func:`hawor_tune.data.flow.clip_flow`)."""
+        s = self._clips[index][0]
+        return clip_flow(self._clip_frames(index), float(self._K[s, 0, 0]), self.flow_grid)
 
     @property
     def hand_valid(self) -> np.ndarray:
@@ -488,10 +508,8 @@ class ArcticClips(Dataset):
         crop_K = np.empty((T, 2, 3, 3), dtype=np.float32)
         crop_joints2d = np.empty((T, 2, 21, 2), dtype=np.float32)
         images = np.empty((T, 3, self.img_size, self.img_size), dtype=np.uint8)
-        frames = []
-        for t in range(T):
-            frame = self._frame(start + t)
-            frames.append(frame)
+        frames = self._clip_frames(index)
+        for t, frame in enumerate(frames):
             images[t] = cv2.resize(frame, (self.img_size, self.img_size), interpolation=cv2.INTER_AREA).transpose(2, 0, 1)
             for h, side_name in enumerate(HANDS):
                 A = crop_matrix(centre[t, h], float(side[t, h]), C, flip=side_name == "left")
@@ -507,7 +525,8 @@ class ArcticClips(Dataset):
                 "joints2d": torch.from_numpy(map_points(self._resize, self._frames["joints2d"][sl]).astype(np.float32)),
                 "dist": torch.from_numpy(self._dist[s].copy()), "scored": torch.from_numpy(scored)}
         if self.flow_grid:
-            item["flow"] = torch.from_numpy(clip_flow(frames, float(K[0, 0]), self.flow_grid))
+            item["flow"] = torch.from_numpy(np.array(self._flow[index]) if self._flow is not None
+                                            else clip_flow(frames, float(K[0, 0]), self.flow_grid))
         for key in ("joints3d", "rotmats", "betas", "hand_valid", "joints_visible", "cam_R", "cam_t"):
             item[key] = torch.from_numpy(self._frames[key][sl].copy())
         item["seq_index"] = torch.tensor(s, dtype=torch.int64)

@@ -10,17 +10,33 @@ clip's first frame to every frame at the frame cache's full resolution, and pool
 
 The flow is divided by the focal length (so it is in radians of view angle near the image centre, the same
 on any camera) and multiplied by 100: a 1 degree turn gives about 1.7.
+
+A clip's flow depends only on its frames, so :func:`cached_clip_flows` computes every clip's once and keeps
+them in a file beside the frame cache, memory-mapped and shared by every run and trial that uses the same
+clips: a search's trials draw the same training clips again and again, and the flow would otherwise be most
+of the loader's work.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import cv2
 import numpy as np
+from filelock import FileLock
+
+from hawor_tune.atomic import atomic_write
+
+log = logging.getLogger(__name__)
 
 FLOW_UNITS = 100.0  # flow in 1/100 focal lengths
+# Bump when clip_flow's output changes, so that cached flows are not re-used.
+FLOW_VERSION = 1
 
 
 @functools.lru_cache(maxsize=1)
@@ -52,3 +68,62 @@ def clip_flow(frames: Sequence[np.ndarray], focal: float, grid: int) -> np.ndarr
         out[t] = cv2.resize(flow, (grid, grid), interpolation=cv2.INTER_AREA).transpose(2, 0, 1)
     out *= FLOW_UNITS / focal
     return out
+
+
+def cached_clip_flows(folder: str | Path, *, name: str, key: object, shape: tuple[int, ...],
+                      compute: Callable[[int], np.ndarray]) -> np.ndarray:
+    """Every clip's flow, computed once and kept in ``folder``; memory-mapped, read-only.
+
+    The file is ``flow-<name>-<hash>.npy``, the hash of ``key`` (everything the flows depend on: which frames
+    each clip holds, the grid, FLOW_VERSION), built once under a file lock however many processes ask at the
+    same time, written atomically, and rebuilt when it is damaged.
+
+    Args:
+        folder: the cache folder (beside the frame cache).
+        name: readable part of the file name (e.g. the split).
+        key: JSON-serialisable description of the clips.
+        shape: (clips, T, 2, G, G), the array's shape.
+        compute: clip index -> its (T, 2, G, G) float32 flow (:func:`clip_flow`).
+
+    Returns:
+        A (clips, T, 2, G, G) float32 array.
+    """
+    spec = json.dumps({"version": FLOW_VERSION, "key": key, "shape": list(shape)}, sort_keys=True, default=str)
+    path = Path(folder) / f"flow-{name}-{hashlib.sha1(spec.encode()).hexdigest()[:16]}.npy"
+    flows = _open_valid(path, shape)
+    if flows is not None:
+        return flows
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        flows = _open_valid(path, shape)  # another process may have built it while we waited
+        if flows is None:
+            log.info("building the %s flow cache: %d clips -> %s", name, shape[0], path)
+            out = np.empty(shape, dtype=np.float32)
+            for i in range(shape[0]):
+                out[i] = compute(i)
+
+            def write(tmp: Path) -> None:
+                with open(tmp, "wb") as f:
+                    np.save(f, out)
+
+            atomic_write(path, write)
+            flows = _open_valid(path, shape)
+    if flows is None:
+        raise OSError(f"flow cache {path} was written but cannot be read back")
+    return flows
+
+
+def _open_valid(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The flows in ``path``; None when there is no file yet or it is damaged (logged; it is rebuilt)."""
+    if not path.is_file():
+        return None
+    try:
+        flows = np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as e:
+        log.warning("rebuilding a damaged flow cache %s: %s", path, e)
+        return None
+    if flows.dtype != np.float32 or flows.shape != tuple(shape):
+        log.warning("rebuilding the flow cache %s: it holds %s %s, expected float32 %s", path, flows.dtype,
+                    flows.shape, tuple(shape))
+        return None
+    return flows
