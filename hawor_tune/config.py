@@ -139,6 +139,8 @@ class LossConfig:
 @dataclass
 class OptimConfig:
     lr: float = _spec(3e-4, low=1e-8, high=1.0, doc="fine-tuning the hand-pretrained start (pretrain.lr trains it)")
+    backbone_lr_scale: float = _spec(1.0, low=0.0, high=1.0, doc="the crop backbone's learning rate as a fraction of "
+                                     "lr: a pretrained backbone is fine-tuned more gently than the layers around it")
     weight_decay: float = _spec(1e-4, low=0.0, high=1.0)
     warmup_epochs: float = _spec(0.5, low=0.0, high=1000.0)
     min_lr_ratio: float = _spec(0.05, low=0.0, high=1.0, doc="cosine floor as a fraction of lr")

@@ -85,16 +85,23 @@ class FitResult:
 # ----------------------------------------------------------------------------------------------------------
 
 def build_optimizer(model: nn.Module, cfg: ExperimentConfig) -> torch.optim.AdamW:
-    """AdamW with no weight decay on biases, norms and embeddings (1-d parameters)."""
-    decay, no_decay = [], []
+    """AdamW with no weight decay on biases, norms and embeddings (1-d parameters), and the crop backbone's
+    parameters (``model.backbone``, when the model has one) at ``optim.backbone_lr_scale`` x the learning rate."""
+    o = cfg.optim
+    backbone = getattr(model, "backbone", None)
+    in_backbone = {id(p) for p in backbone.parameters()} if isinstance(backbone, nn.Module) else set()
+    # Groups in a fixed order, the rest of the model's first: param_groups[0]["lr"] is the run's learning rate.
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {
+        (part, decay): [] for part in (False, True) for decay in (True, False)}
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    o = cfg.optim
+            groups[(id(p) in in_backbone, p.ndim >= 2)].append(p)
     # fused: one kernel for all tensors; on a CPU the per-tensor loop took a quarter of a training step
     # (measured 0.07 s against 0.25 s with foreach for 12 M parameters on one thread).
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [{"params": params, "weight_decay": o.weight_decay if decay else 0.0,
+          "lr": o.lr * (o.backbone_lr_scale if part else 1.0)}
+         for (part, decay), params in groups.items() if params],
         lr=o.lr, betas=(o.beta1, o.beta2), fused=True)
 
 

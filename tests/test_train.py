@@ -12,6 +12,7 @@ from hawor_tune.checkpoint import export_model, latest_checkpoint, load_checkpoi
 from hawor_tune.config import save_config
 from hawor_tune.evaluation import evaluate, mean_pose_baseline
 from hawor_tune.flow_fit import ensure_flow_fit
+from hawor_tune.model import build_model
 from hawor_tune.pretrain import ensure_pretrained
 from hawor_tune.train import REPORTED_METRICS, fit, lr_factor
 
@@ -77,6 +78,19 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(9, **kw) == pytest.approx(0.1 + 0.9 * 0.5)      # half-way down the cosine
     assert lr_factor(14, **kw) == pytest.approx(0.1)
     assert lr_factor(40, **kw) == pytest.approx(0.1)
+
+
+def test_backbone_learning_rate_is_scaled_and_one_d_parameters_are_not_decayed(tiny_cfg):
+    cfg = tiny_cfg(optim__lr=1e-3, optim__backbone_lr_scale=0.1, optim__weight_decay=0.01)
+    model = build_model(cfg, pretrained=False)
+    optimizer = train.build_optimizer(model, cfg)
+    setting = {id(p): (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+    backbone = {id(p) for p in model.backbone.parameters()}
+    for name, p in model.named_parameters():
+        lr = 1e-4 if id(p) in backbone else 1e-3
+        assert setting[id(p)] == pytest.approx((lr, 0.01 if p.ndim >= 2 else 0.0)), name
+    assert len(setting) == sum(1 for p in model.parameters() if p.requires_grad)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)  # the run's own rate is reported
 
 
 def test_evaluate_exported_model_and_baseline(tiny_cfg, tmp_path):
