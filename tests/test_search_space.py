@@ -165,7 +165,7 @@ INVALID = [
     ("resources: {memory: 4}", "resources.memory: unknown key", "allowed keys are cpu, gpu"),
     ("params: {}", "params:", "must map dotted config keys"),
     ("params: {optim.learning_rate: {type: uniform, low: 0.1, high: 0.2}}", "params.optim.learning_rate:",
-     "allowed: beta1, beta2"),
+     "allowed: backbone_lr_scale, beta1, beta2"),
     ("params: {optim: {type: uniform, low: 0.1, high: 0.2}}", "params.optim:", "is a section"),
     ("params: {train.epochs: {type: randint, low: 2, high: 6}}", "params.train.epochs:", "fix it in overrides"),
     ("params: {train.threads: {type: randint, low: 1, high: 2}}", "params.train.threads:", "CPU resources"),
