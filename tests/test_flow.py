@@ -88,3 +88,15 @@ def test_a_damaged_flow_cache_is_rebuilt(tmp_path) -> None:
     flows = cached_clip_flows(tmp_path, name="val", key="k", shape=SHAPE, compute=_counting(calls))
     assert calls == [0, 1, 2, 0, 1, 2]
     np.testing.assert_array_equal(flows[:, 0, 0, 0, 0], [0.0, 1.0, 2.0])
+
+
+def test_an_unwritable_cache_folder_falls_back_to_no_cache(tmp_path, monkeypatch) -> None:
+    import hawor_tune.data.flow as flow
+
+    def refuse(path, writer):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(flow, "atomic_write", refuse)  # root may write anywhere, so the refusal is simulated
+    calls: list[int] = []
+    assert cached_clip_flows(tmp_path, name="val", key="k", shape=SHAPE, compute=_counting(calls)) is None
+    assert not list(tmp_path.glob("flow-val-*.npy"))

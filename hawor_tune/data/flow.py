@@ -71,12 +71,14 @@ def clip_flow(frames: Sequence[np.ndarray], focal: float, grid: int) -> np.ndarr
 
 
 def cached_clip_flows(folder: str | Path, *, name: str, key: object, shape: tuple[int, ...],
-                      compute: Callable[[int], np.ndarray]) -> np.ndarray:
+                      compute: Callable[[int], np.ndarray]) -> np.ndarray | None:
     """Every clip's flow, computed once and kept in ``folder``; memory-mapped, read-only.
 
     The file is ``flow-<name>-<hash>.npy``, the hash of ``key`` (everything the flows depend on: which frames
     each clip holds, the grid, FLOW_VERSION), built once under a file lock however many processes ask at the
-    same time, written atomically, and rebuilt when it is damaged.
+    same time, written atomically, and rebuilt when it is damaged. A folder this process may not write to
+    (e.g. frame caches prepared on a read-only share) gives None, with a warning: the caller then computes
+    each clip's flow when it is read, as without a cache.
 
     Args:
         folder: the cache folder (beside the frame cache).
@@ -86,28 +88,32 @@ def cached_clip_flows(folder: str | Path, *, name: str, key: object, shape: tupl
         compute: clip index -> its (T, 2, G, G) float32 flow (:func:`clip_flow`).
 
     Returns:
-        A (clips, T, 2, G, G) float32 array.
+        A (clips, T, 2, G, G) float32 array, or None (see above).
     """
     spec = json.dumps({"version": FLOW_VERSION, "key": key, "shape": list(shape)}, sort_keys=True, default=str)
     path = Path(folder) / f"flow-{name}-{hashlib.sha1(spec.encode()).hexdigest()[:16]}.npy"
     flows = _open_valid(path, shape)
     if flows is not None:
         return flows
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        flows = _open_valid(path, shape)  # another process may have built it while we waited
-        if flows is None:
-            log.info("building the %s flow cache: %d clips -> %s", name, shape[0], path)
-            out = np.empty(shape, dtype=np.float32)
-            for i in range(shape[0]):
-                out[i] = compute(i)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock"):
+            flows = _open_valid(path, shape)  # another process may have built it while we waited
+            if flows is None:
+                log.info("building the %s flow cache: %d clips -> %s", name, shape[0], path)
+                out = np.empty(shape, dtype=np.float32)
+                for i in range(shape[0]):
+                    out[i] = compute(i)
 
-            def write(tmp: Path) -> None:
-                with open(tmp, "wb") as f:
-                    np.save(f, out)
+                def write(tmp: Path) -> None:
+                    with open(tmp, "wb") as f:
+                        np.save(f, out)
 
-            atomic_write(path, write)
-            flows = _open_valid(path, shape)
+                atomic_write(path, write)
+                flows = _open_valid(path, shape)
+    except PermissionError as e:
+        log.warning("cannot write the flow cache %s (%s): computing each clip's flow when it is read", path, e)
+        return None
     if flows is None:
         raise OSError(f"flow cache {path} was written but cannot be read back")
     return flows
