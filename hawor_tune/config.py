@@ -45,6 +45,9 @@ class SyntheticConfig:
     image_width: int = _spec(224, low=32, high=2800)
     image_height: int = _spec(224, low=32, high=2000)
     seed: int = _spec(0, low=0)
+    motion: str = _spec("video", choices=("video", "frames"),
+                        doc="video: smooth motion; frames: every frame's hand pose drawn on its own (a single-image "
+                            "hand set, for the one-time pretraining; its held-out subjects get one sequence each)")
 
 
 @dataclass
@@ -113,11 +116,17 @@ class PretrainConfig:
     hand-pretrained backbone; with no such weights on a laptop, this makes one). Used when
     model.pretrained_path is empty and epochs > 0."""
 
-    epochs: int = _spec(10, low=0, high=1000, doc="0 disables pretraining; the default's 10 epochs over the "
-                        "CPU profile's training split take about 7 minutes on 2 cores")
+    epochs: int = _spec(10, low=0, high=1000, doc="0 disables pretraining; the CPU profile's 10 epochs of 112 "
+                        "batches take about 7 minutes on 2 cores")
     batch_size: int = _spec(32, low=1, high=4096, doc="single frames per batch")
-    max_train_batches: int = _spec(0, low=0, doc="cap per epoch; 0 = the whole split")
+    max_train_batches: int = _spec(112, low=0, doc="random batches per epoch (of 180 in the CPU profile's "
+                                   "single-frame set; 112 is its whole training split); 0 = all")
     lr: float = _spec(1e-3, low=1e-8, high=1.0)
+    frames_sequences: int = _spec(12, low=0, high=50, doc="on generated data, train on a generated single-frame hand "
+                                  "set (every frame's pose drawn on its own) with this many sequences per training "
+                                  "subject instead of the training split's video frames; 0 = the training split")
+    frames_per_sequence: int = _spec(100, low=40, high=5000, doc="annotated frames per sequence of that set, "
+                                     "before ARCTIC's 10+10 skip")
 
 
 @dataclass

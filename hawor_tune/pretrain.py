@@ -1,9 +1,10 @@
 """A hand-pretrained start for every run: one per-frame pretraining of the hand branch, cached.
 
-HaWoR fine-tunes a hand-pretrained backbone (HaMeR's) and never trains from scratch. With no such weights
-on a laptop, :func:`ensure_pretrained` makes one: the same model trained on single frames of the training
-split (wrist-relative 3D keypoints, 2D keypoints and MANO parameters; no temporal or camera terms) by the
-project's one training loop, :func:`hawor_tune.train.fit`. The result is cached beside the frame cache
+HaWoR fine-tunes a hand-pretrained backbone (HaMeR's, trained on single images of many hands) and never
+trains from scratch. With no such weights on a laptop, :func:`ensure_pretrained` makes one: the same model
+trained on single frames (wrist-relative 3D keypoints, 2D keypoints and MANO parameters; no temporal or
+camera terms) by the project's one training loop, :func:`hawor_tune.train.fit`. On generated data those
+frames come from a generated single-image hand set (:func:`pretrain_data`). The result is cached beside the frame cache
 under a key of everything it depends on (the data, the hand model, the model architecture, the
 pretraining settings), built once under a file lock however many trials ask at the same time,
 and re-used, never re-trained, while nothing changed. With ``model.pretrained_path`` set (e.g. HaMeR's
@@ -22,14 +23,14 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from hawor_tune.config import ExperimentConfig, LossConfig, OptimConfig
+from hawor_tune.config import DataConfig, ExperimentConfig, LossConfig, OptimConfig
 from hawor_tune.data.cache import cache_root
-from hawor_tune.data.synthetic import MARKER
+from hawor_tune.data.synthetic import GENERATOR_VERSION, MARKER
 
 log = logging.getLogger(__name__)
 
 # Bump when what the pretraining does changes, so that old cached weights are not re-used.
-PRETRAIN_VERSION = 1
+PRETRAIN_VERSION = 2
 # Per-frame hand terms only: a one-frame clip has no motion, and the searched loss weights must not change
 # the shared start (or every trial would pretrain its own).
 PRETRAIN_LOSS = dataclasses.replace(LossConfig(), temporal=0.0, camera=0.0, hand_world=0.0)
@@ -40,11 +41,37 @@ PRETRAIN_SEED = 0
 _CLIP_KEYS = ("seq_len", "stride", "flow_grid", "batch_size", "num_workers", "train_on_val", "cache_dir")
 
 
+def pretrain_data(cfg: ExperimentConfig) -> DataConfig:
+    """The single frames ``cfg``'s start is trained on.
+
+    On generated data: a generated single-frame hand set of the same subjects (``motion: frames``, every
+    frame's hand pose drawn on its own), ``pretrain.frames_sequences`` sequences per training subject, kept
+    in the cache under a key of its settings; its validation split is one sequence of the validation
+    subject. Within a video sequence the fingers barely change, so the training split's frames show few
+    distinct hands (``benchmarks/bench_fingers.py``). On real ARCTIC, or with ``frames_sequences: 0``: the
+    training split's frames.
+    """
+    p, d = cfg.pretrain, cfg.data
+    data = dataclasses.replace(d, seq_len=1, stride=1, batch_size=p.batch_size, train_on_val=False)
+    root = Path(d.root)
+    generated = (root / MARKER).is_file() or (d.generate and not (root / "raw_seqs").is_dir())
+    if not p.frames_sequences or not generated:
+        return data
+    synth = dataclasses.replace(d.synthetic, motion="frames", sequences_per_subject=p.frames_sequences,
+                                frames_per_sequence=p.frames_per_sequence)
+    spec = {"synthetic": dataclasses.asdict(synth), "generator": GENERATOR_VERSION, "mano": dataclasses.asdict(cfg.mano)}
+    key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    cache = cache_root(d.cache_dir, d.root)
+    return dataclasses.replace(data, root=str(cache / "pretrained" / f"frames-{key}"), generate=True,
+                               cache_dir=str(cache), synthetic=synth)
+
+
 def pretrain_config(cfg: ExperimentConfig, out_dir: str | Path) -> ExperimentConfig:
-    """The per-frame training run that makes ``cfg``'s start: same data, hand model and architecture."""
+    """The per-frame training run that makes ``cfg``'s start: same hand model and architecture, the frames
+    of :func:`pretrain_data`."""
     p = cfg.pretrain
     pcfg = copy.deepcopy(cfg)
-    pcfg.data = dataclasses.replace(cfg.data, seq_len=1, stride=1, batch_size=p.batch_size, train_on_val=False)
+    pcfg.data = pretrain_data(cfg)
     pcfg.model = dataclasses.replace(cfg.model, pretrained_path="", infill_mask_prob=0.0)
     pcfg.loss = copy.deepcopy(PRETRAIN_LOSS)
     pcfg.optim = OptimConfig(lr=p.lr, warmup_epochs=0.25)  # not the run's (searched) optimiser settings
@@ -91,8 +118,8 @@ def ensure_pretrained(cfg: ExperimentConfig) -> ExperimentConfig:
                 run_dir = path.with_name(f".{path.stem}.run")
                 shutil.rmtree(run_dir, ignore_errors=True)  # left by a killed pretraining
                 pcfg = pretrain_config(cfg, run_dir)
-                log.warning("pretraining the hand branch once on single frames (%d epochs); cached at %s",
-                            pcfg.train.epochs, path)
+                log.warning("pretraining the hand branch once on single frames of %s (%d epochs); cached at %s",
+                            pcfg.data.root, pcfg.train.epochs, path)
                 result = fit(pcfg)
                 if result.status != "completed":
                     raise RuntimeError(f"pretraining {result.status}: {result.reason}")

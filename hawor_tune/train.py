@@ -223,7 +223,7 @@ def fit(config: ExperimentConfig, on_epoch: EpochHook | None = None,
     train_loader = build_dataloader(cfg, "train", shuffle=True, seed=cfg.train.seed)
     val_loader = build_dataloader(cfg, "val", shuffle=False)
     model = build_model(cfg, pretrained=resume_from is None)
-    if resume_from is None and model.flow_head is not None:
+    if resume_from is None and model.flow_head is not None and cfg.data.seq_len > 1:  # one frame has no flow
         load_flow_fit(model, ensure_flow_fit(cfg))  # the camera's flow head: fitted once, cached
     model = model.to(device)
     optimizer = build_optimizer(model, cfg)

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import TINY_MODEL_OVERRIDES, run_concurrently
 
 from hawor_tune.checkpoint import load_checkpoint
 from hawor_tune.model import build_model
-from hawor_tune.pretrain import ensure_pretrained, pretrain_config, pretrain_key, pretrained_file
+from hawor_tune.data import build_dataset
+from hawor_tune.data.synthetic import MARKER
+from hawor_tune.pretrain import ensure_pretrained, pretrain_config, pretrain_data, pretrain_key, pretrained_file
 
-PRETRAIN = {"pretrain.epochs": 1, "pretrain.max_train_batches": 2, "pretrain.batch_size": 4}
+PRETRAIN = {"pretrain.epochs": 1, "pretrain.max_train_batches": 2, "pretrain.batch_size": 4,
+            "pretrain.frames_sequences": 1, "pretrain.frames_per_sequence": 40}
 
 
 @pytest.fixture()
@@ -30,7 +36,8 @@ def test_the_key_ignores_what_a_run_may_vary(synthetic_dataset, key, value):
 
 @pytest.mark.parametrize("key, value", [
     ("model.temporal_dim", 64), ("model.backbone_kwargs", {"depth": 2, "patch_size": 16}), ("data.crop_size", 48),
-    ("data.crop_scale", 1.5), ("pretrain.epochs", 2), ("pretrain.lr", 0.01),
+    ("data.crop_scale", 1.5), ("pretrain.epochs", 2), ("pretrain.lr", 0.01), ("pretrain.frames_sequences", 2),
+    ("pretrain.frames_per_sequence", 60),
 ])
 def test_the_key_follows_what_the_weights_depend_on(synthetic_dataset, key, value):
     base = synthetic_dataset.config({**TINY_MODEL_OVERRIDES, **PRETRAIN})
@@ -57,6 +64,7 @@ def test_built_once_then_reused_and_loaded(cfg):
     # The file is a self-describing hawor-tune model whose weights a fresh model starts from.
     state = load_checkpoint(path)
     assert state["config"]["data"]["seq_len"] == 1
+    assert state["config"]["data"]["root"] == pretrain_data(cfg).root  # trained on the single-frame set
     model = build_model(again)
     for name in ("backbone", "spatial_head", "hand_head"):
         for key, value in getattr(model, name).state_dict().items():
@@ -68,3 +76,27 @@ def test_disabled_or_own_weights_need_no_pretraining(cfg, synthetic_dataset):
     assert ensure_pretrained(off) is off
     own = synthetic_dataset.config({**TINY_MODEL_OVERRIDES, **PRETRAIN, "model.pretrained_path": "/x/y.pt"})
     assert ensure_pretrained(own) is own
+
+
+def test_on_generated_data_the_start_learns_from_a_generated_single_frame_set(cfg, synthetic_dataset, tmp_path):
+    data = pretrain_data(cfg)
+    assert Path(data.root).parent == Path(cfg.data.cache_dir) / "pretrained" and data.cache_dir == cfg.data.cache_dir
+    assert (data.synthetic.motion, data.synthetic.sequences_per_subject, data.synthetic.frames_per_sequence,
+            data.synthetic.seed) == ("frames", 1, 40, cfg.data.synthetic.seed)
+    assert (data.seq_len, data.batch_size) == (1, 4)
+    frames = build_dataset(pretrain_config(cfg, tmp_path / "p"), "train")  # generated on first use, in its folder
+    assert json.loads((Path(data.root) / MARKER).read_text())["synthetic"]["motion"] == "frames"
+    assert frames.root == Path(data.root) and [s.split("/")[0] for s in frames.sequences] == ["s01", "s02"]
+    assert pretrain_data(cfg).root == data.root  # the same settings, the same set
+    other = synthetic_dataset.config({**TINY_MODEL_OVERRIDES, **PRETRAIN, "data.cache_dir": cfg.data.cache_dir,
+                                      "pretrain.frames_per_sequence": 60})
+    assert pretrain_data(other).root != data.root
+
+
+def test_without_a_single_frame_set_the_start_learns_from_the_training_split(synthetic_dataset, tmp_path):
+    off = synthetic_dataset.config({**TINY_MODEL_OVERRIDES, **PRETRAIN, "pretrain.frames_sequences": 0})
+    assert pretrain_data(off).root == off.data.root and pretrain_data(off).synthetic.motion == "video"
+    (tmp_path / "real" / "raw_seqs").mkdir(parents=True)  # real ARCTIC: no generator marker
+    real = synthetic_dataset.config({**TINY_MODEL_OVERRIDES, **PRETRAIN, "data.root": str(tmp_path / "real"),
+                                     "data.generate": False})
+    assert pretrain_data(real).root == str(tmp_path / "real")

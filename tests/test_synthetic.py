@@ -143,3 +143,30 @@ def test_background_rays_invert_the_lens(synthetic_dataset):
         uv, _ = cv2.projectPoints(points, np.zeros(3), np.zeros(3), truth["K"], truth["dist"])
         u, v = np.meshgrid(np.arange(w), np.arange(h))
         np.testing.assert_allclose(uv.reshape(h, w, 2), np.stack([u, v], axis=-1), atol=1e-3)
+
+
+def test_frames_motion_draws_every_frame_on_its_own_for_the_same_subjects(synthetic_dataset, tmp_path):
+    video = synthetic_dataset.config().data.synthetic
+    frames = SyntheticConfig(**{**video.__dict__, "motion": "frames", "sequences_per_subject": 2})
+    truth = generate(tmp_path / "frames", frames, ManoConfig())
+    splits = json.loads((tmp_path / "frames" / "splits_json" / "protocol_p2.json").read_text())
+    # Two sequences per training subject, one per held-out subject, none repeating a video sequence's seed.
+    assert {k: sorted(e.split("/")[0] for e in v) for k, v in splits.items()} == {
+        "train": ["s01", "s01", "s02", "s02"], "val": ["s03"], "test": ["s04"]}
+    for name, t in truth.items():  # the same subjects: same hand shapes and lens as the video set's
+        sid = name.split("/")[0]
+        same = next(v for k, v in synthetic_dataset.truth.items() if k.startswith(sid + "/"))
+        np.testing.assert_array_equal(t["betas"], same["betas"])
+        np.testing.assert_array_equal(t["K"], same["K"])
+        assert not np.allclose(t["joints_cam"], same["joints_cam"])
+
+    def step_over_spread(sets) -> float:
+        """Mean change of the wrist-relative joints between consecutive frames over their spread."""
+        rel = [t["joints_cam"] - t["joints_cam"][:, :, :1] for t in sets]
+        step = np.mean([np.linalg.norm(np.diff(r, axis=0), axis=-1).mean() for r in rel])
+        pooled = np.concatenate(rel)
+        return step / np.linalg.norm(pooled - pooled.mean(0), axis=-1).mean()
+
+    # Video: consecutive frames nearly alike. Independent frames: as far apart as any two frames.
+    assert step_over_spread(synthetic_dataset.truth.values()) < 0.3
+    assert step_over_spread(truth.values()) > 1.0

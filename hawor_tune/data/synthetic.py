@@ -14,6 +14,12 @@ Frames are rendered by :mod:`hawor_tune.data.render`: hands and box over a room 
 table just under the hands and a back wall 0.7-1.3 m ahead), ray-cast per pixel through the lens with the
 full camera pose, so the head's few centimetres of drift show as parallax, not only its turns.
 
+With ``motion: frames`` the same subjects (same seed) get other sequences whose every frame draws the
+hands' wrist offsets, orientations and finger poses on its own, from the same distributions the smooth
+motion passes through: a single-image hand set, the kind HaMeR trains on, for the one-time pretraining
+(:mod:`hawor_tune.pretrain`); within a video sequence the fingers barely change, so a network trained on
+its frames sees few distinct hands.
+
 Everything is drawn from ``numpy.random.SeedSequence(seed)``: the same seed gives byte-identical files.
 """
 
@@ -62,6 +68,7 @@ _SKIN = np.array([[176, 198, 234], [146, 172, 218], [118, 152, 200], [92, 126, 1
 _FINGER_AMPLITUDE = (0.9, 0.6, 0.5, 0.4, 0.3, 0.3)
 # Orientation swing around the neutral pose: about the finger axis, the palm normal, their cross product.
 _ORIENT_AMPLITUDE = np.radians([60.0, 30.0, 45.0])
+_FRAMES_STREAM = 1_000_000  # spawn key of the ``frames`` sets' sequence seeds, beyond any video sequence's
 _ORIENT_GAIN = 1.3  # a sum of sines with unit total weight rarely nears 1; this widens the typical swing
 
 
@@ -70,7 +77,7 @@ def generate(root: str | os.PathLike, synth: SyntheticConfig, mano_cfg: ManoConf
 
     Args:
         root: folder to create (it must not exist, or be empty); it plays ``arctic_data/data``.
-        synth: sizes and seed. Subject s<N> is the test split, s<N-1> validation, the rest training.
+        synth: sizes, seed and motion. Subject s<N> is the test split, s<N-1> validation, the rest training.
         mano_cfg: the hand model the hands are posed and rendered with; read the data with the same one.
 
     Returns:
@@ -98,18 +105,29 @@ def generate(root: str | os.PathLike, synth: SyntheticConfig, mano_cfg: ManoConf
         split = "test" if i == n - 1 else "val" if i == n - 2 else "train"
         pairs = [(o, a) for o in _OBJECTS for a in _ACTIONS]
         pairs = [pairs[k] for k in rng.permutation(len(pairs))]
-        for j, seq_seed in enumerate(seed.spawn(synth.sequences_per_subject)):
+        for j, seq_seed in enumerate(_sequence_seeds(seed, synth, held_out=split != "train")):
             obj, action = pairs[j % len(pairs)]
             name = f"{obj}_{action}_{j // len(pairs) + 1:02d}"
             events = {"excursion": (i + j) % 3 != 2, "excursion_hand": (i + j) % 2}
             truth[f"{sid}/{name}"] = _write_sequence(root, sid, name, np.random.default_rng(seq_seed), subject,
-                                                     layers, axes, synth.frames_per_sequence, events)
+                                                     layers, axes, synth.frames_per_sequence, events,
+                                                     independent=synth.motion == "frames")
             splits[split].append(f"{sid}/{name}")
     _write_json(root / "meta" / "misc.json", misc)
     _write_json(root / "splits_json" / "protocol_p2.json", splits)
     _write_json(root / MARKER, {"generator_version": GENERATOR_VERSION, "mano_kind": layers[0].kind,
                                 "synthetic": dataclasses.asdict(synth)})
     return truth
+
+
+def _sequence_seeds(subject: np.random.SeedSequence, synth: SyntheticConfig,
+                    held_out: bool) -> list[np.random.SeedSequence]:
+    """Seeds of one subject's sequences. A ``frames`` set draws from its own stream (no sequence repeats
+    one of the video set's) and gives a held-out subject a single sequence: enough for a validation log."""
+    if synth.motion == "video":
+        return subject.spawn(synth.sequences_per_subject)
+    stream = np.random.SeedSequence(subject.entropy, spawn_key=(*subject.spawn_key, _FRAMES_STREAM))
+    return stream.spawn(1 if held_out else synth.sequences_per_subject)
 
 
 # ---- Subjects and cameras ------------------------------------------------------------------------------
@@ -314,15 +332,19 @@ def _box_motion(rng: np.random.Generator, t: np.ndarray, head: _Head,
 
 def _write_sequence(root: Path, sid: str, name: str, rng: np.random.Generator, subject: dict[str, Any],
                     layers: tuple[MANOLayer, MANOLayer], axes: list[np.ndarray], frames: int,
-                    events: dict[str, Any]) -> dict[str, Any]:
+                    events: dict[str, Any], independent: bool = False) -> dict[str, Any]:
     t = np.arange(frames) / FPS
     head = _head_motion(rng, t)
+    # Independent frames read the hands' smooth signals at random, far-apart times: each frame's pose is a
+    # fresh draw from the distribution the video's motion passes through.
+    hand_t = rng.uniform(0.0, 1000.0, frames) if independent else t
     # Out of view for up to 1.5 s, reached in 0.4 s (brisk, but a human speed): sideways, down and back.
     excursion = _window(rng, frames, int(min(1.5 * FPS, 0.4 * (frames - 2 * EDGE_FRAMES))), int(0.4 * FPS))
     joints_w, verts_w, orient_w, params = [], [], [], {}
     for h, layer in enumerate(layers):
         away = excursion[:, None] * [0.35, 0.2, -0.12] if events["excursion"] and events["excursion_hand"] == h else None
-        joints, verts, orient, params[layer.side] = _hand_motion(rng, t, layer, axes[h], subject["betas"][h], head, away)
+        joints, verts, orient, params[layer.side] = _hand_motion(rng, hand_t, layer, axes[h], subject["betas"][h], head,
+                                                                 away)
         joints_w.append(joints)
         verts_w.append(verts)
         orient_w.append(orient)
