@@ -12,7 +12,13 @@ curve says how much more data would help. ``--holdout`` also scores a share of t
 are never trained on (the training subjects, new sequences), which tells new sequences from new subjects.
 
     python benchmarks/bench_fingers.py [--config configs/tiny.yaml] [--shares 0.25 0.5 1.0] [--steps 400]
-                                       [--set key=value ...]
+                                       [--pretrain-set] [--set key=value ...]
+
+``--pretrain-set`` trains on the crops of the hand-pretrained start's generated single-frame set
+(:func:`hawor_tune.pretrain.pretrain_data`: every frame's pose drawn on its own) instead of the training
+split's video frames, still scored on the validation split. First it prints how much of the validation
+split's mean-pose PA-MPJPE is the hand's shape and how much its fingers: the ground truth's own joints
+through the hand model with the mean fingers (shape error only left) or with the mean shape (fingers only).
 
 ``--set`` overrides the config, e.g. a larger generated dataset in its own folder:
 ``--set data.root=data/arctic_synthetic_x50 --set data.synthetic.sequences_per_subject=50``.
@@ -59,6 +65,35 @@ def finger_crops(cfg, split: str) -> tuple[torch.Tensor, torch.Tensor, np.ndarra
     return torch.stack(crops), torch.stack(targets).float(), np.array(seqs)
 
 
+def pa_parts(cfg, split: str) -> dict[str, float]:
+    """PA-MPJPE (mm) of the true hands posed with the mean fingers, with the mean shape (betas 0), and with
+    both, over ``split``'s valid hand-frames: what the shape and the fingers each add to the mean pose's."""
+    import torch
+
+    from hawor_tune.data import build_dataset
+    from hawor_tune.mano import HANDS, build_mano
+    from hawor_tune.metrics import pa_mpjpe
+
+    frames = build_dataset(cfg, split)
+    labels = {k: np.concatenate([frames[i][k][:1] for i in range(len(frames))]) for k in ("rotmats", "betas",
+                                                                                          "hand_valid")}
+    parts = {"mean fingers": [], "mean shape": [], "both": []}
+    for h, side in enumerate(HANDS):
+        layer = build_mano(cfg.mano, side, fix_left_shapedirs=False)  # the labels' own hand model
+        valid = labels["hand_valid"][:, h]
+        rot = torch.from_numpy(labels["rotmats"][valid, h]).double()  # (N, 16, 3, 3)
+        betas = torch.from_numpy(labels["betas"][valid, h]).double()
+        mean = layer.pose_to_rotmats(torch.zeros(len(rot), 3, dtype=torch.float64),
+                                     torch.zeros(len(rot), 45, dtype=torch.float64), relative_to_mean=True)[:, 1:]
+        mean_fingers = torch.cat([rot[:, :1], mean], dim=1)
+        with torch.no_grad():
+            truth = layer(rot, betas).joints.numpy()
+            for name, (r, b) in {"mean fingers": (mean_fingers, betas), "mean shape": (rot, torch.zeros_like(betas)),
+                                 "both": (mean_fingers, torch.zeros_like(betas))}.items():
+                parts[name].append(pa_mpjpe(layer(r, b).joints.numpy(), truth))
+    return {k: float(np.concatenate(v).mean() * 1000) for k, v in parts.items()}
+
+
 def probe(train_x, train_y, evals: list[tuple[torch.Tensor, torch.Tensor]], *, steps: int, batch: int,
           seed: int) -> list[float]:
     """Train a fresh ResNet-10 on (train_x, train_y); returns the explained variance on train and on each
@@ -99,6 +134,8 @@ def main() -> None:
     parser.add_argument("--holdout", type=float, default=0.0,
                         help="share of the training sequences never trained on, scored apart (0 <= share < 1)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--pretrain-set", action="store_true",
+                        help="train on the pretraining's generated single-frame set instead of the training split")
     parser.add_argument("--set", action="append", default=[], metavar="key=value")
     args = parser.parse_args()
     bad = [s for s in args.shares if not 0 < s <= 1]
@@ -110,6 +147,7 @@ def main() -> None:
 
     from hawor_tune.config import load_config, parse_override
     from hawor_tune.errors import HaworTuneError
+    from hawor_tune.pretrain import pretrain_config
 
     torch.set_num_threads(args.threads)
     try:
@@ -118,8 +156,12 @@ def main() -> None:
                                                   "data.crop_jitter": 0.0})
     except HaworTuneError as e:
         parser.error(str(e).splitlines()[0])
+    parts = pa_parts(cfg, "val")
+    print(f"val PA-MPJPE of the true hands with the mean fingers {parts['mean fingers']:.2f} mm (the fingers' "
+          f"error alone), with the mean shape {parts['mean shape']:.2f} mm (the shape's error alone), with both "
+          f"{parts['both']:.2f} mm")
     t0 = time.perf_counter()
-    tx, ty, tseq = finger_crops(cfg, "train")
+    tx, ty, tseq = finger_crops(pretrain_config(cfg, "unused") if args.pretrain_set else cfg, "train")
     vx, vy, _ = finger_crops(cfg, "val")
     print(f"{len(tx)} training and {len(vx)} validation hand crops ({cfg.data.crop_size} px) from "
           f"{len(np.unique(tseq))} training sequences, loaded in {time.perf_counter() - t0:.0f} s; "

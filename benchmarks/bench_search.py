@@ -22,9 +22,11 @@ from hawor_tune.cli import ArgumentParser, UsageError, fail  # noqa: E402
 from hawor_tune.errors import HaworTuneError  # noqa: E402
 
 
-def record_grid(space_path: Path, *, storage: Path, name: str, n: int, seed: int, dashboard_port: int) -> Path:
-    """Train ``n`` quasi-random configurations of the space live, one at a time on one CPU, every one to the
-    full epoch budget (fifo: nobody stops a trial), exporting every epoch as a search does."""
+def record_grid(space_path: Path, *, storage: Path, name: str, n: int, seed: int, dashboard_port: int,
+                concurrency: int = 1) -> Path:
+    """Train ``n`` quasi-random configurations of the space live, ``concurrency`` at a time on one CPU each,
+    every one to the full epoch budget (fifo: nobody stops a trial), exporting every epoch as a search does.
+    The recorded epoch times, the replay's cost, are those of ``concurrency`` trials sharing the machine."""
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -41,7 +43,7 @@ def record_grid(space_path: Path, *, storage: Path, name: str, n: int, seed: int
     exp_dir = storage / name
     exp_dir.mkdir(parents=True, exist_ok=False)
     prepare_data(space.base_config)
-    start_ray(None, dashboard_port, num_cpus=1)
+    start_ray(None, dashboard_port, num_cpus=concurrency)
     epochs = space.base_config.train.epochs
     exporter = ParquetExporter(exp_dir, metric=space.metric, mode=space.mode, max_epochs=epochs,
                                param_paths=list(space.params))
@@ -49,8 +51,8 @@ def record_grid(space_path: Path, *, storage: Path, name: str, n: int, seed: int
     tuner = tune.Tuner(
         trainable, param_space=tune_param_space(space.params),
         tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=len(grid),
-                                    search_alg=BasicVariantGenerator(points_to_evaluate=grid, max_concurrent=1),
-                                    scheduler=FIFOScheduler(), max_concurrent_trials=1, reuse_actors=True),
+                                    search_alg=BasicVariantGenerator(points_to_evaluate=grid, max_concurrent=concurrency),
+                                    scheduler=FIFOScheduler(), max_concurrent_trials=concurrency, reuse_actors=True),
         run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1, callbacks=[exporter],
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
     t0 = time.perf_counter()
@@ -303,6 +305,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", default="lr_seq-grid")
     p.add_argument("--grid-size", type=_positive_int, default=12)
     p.add_argument("--grid-seed", type=_positive_int_or_zero, default=0)
+    p.add_argument("--grid-concurrency", type=_positive_int, default=1,
+                   help="grid trials at a time, one CPU each (default: %(default)s)")
     p.add_argument("--dashboard-port", type=int, default=8266)
     return p.parse_args(argv)
 
@@ -312,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.record_grid:
             record_grid(Path(args.space), storage=Path(args.storage), name=args.name, n=args.grid_size,
+                        concurrency=args.grid_concurrency,
                         seed=args.grid_seed, dashboard_port=args.dashboard_port)
         if args.replay:
             grid = Path(args.grid) if args.grid else Path(args.storage) / args.name
