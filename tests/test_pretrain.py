@@ -10,10 +10,16 @@ import torch
 from conftest import TINY_MODEL_OVERRIDES, run_concurrently
 
 from hawor_tune.checkpoint import load_checkpoint
-from hawor_tune.model import build_model
 from hawor_tune.data import build_dataset
 from hawor_tune.data.synthetic import MARKER
-from hawor_tune.pretrain import ensure_pretrained, pretrain_config, pretrain_data, pretrain_key, pretrained_file
+from hawor_tune.model import build_model
+from hawor_tune.pretrain import (
+    ensure_pretrained,
+    pretrain_config,
+    pretrain_data,
+    pretrain_key,
+    pretrained_file,
+)
 
 PRETRAIN = {"pretrain.epochs": 1, "pretrain.max_train_batches": 2, "pretrain.batch_size": 4,
             "pretrain.frames_sequences": 1, "pretrain.frames_per_sequence": 40}
