@@ -13,8 +13,6 @@ cache under a key of what it depends on, made once under a file lock, and re-use
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +24,7 @@ from filelock import FileLock
 
 from hawor_tune.atomic import atomic_write
 from hawor_tune.config import ExperimentConfig
-from hawor_tune.data.cache import cache_root
+from hawor_tune.data.cache import cache_root, spec_key
 from hawor_tune.data.synthetic import MARKER
 from hawor_tune.geometry import matrix_to_rot6d, relative_camera_pose
 
@@ -83,7 +81,7 @@ def flow_fit_key(cfg: ExperimentConfig) -> str:
     data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in _IGNORED_KEYS}
     marker = Path(cfg.data.root) / MARKER
     spec = {"version": FIT_VERSION, "data": data, "dataset": marker.read_text() if marker.is_file() else None}
-    return hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return spec_key(spec)
 
 
 def flow_fit_file(cfg: ExperimentConfig) -> Path:

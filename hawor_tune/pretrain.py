@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -24,7 +22,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from hawor_tune.config import DataConfig, ExperimentConfig, LossConfig, OptimConfig
-from hawor_tune.data.cache import cache_root
+from hawor_tune.data.cache import cache_root, spec_key
 from hawor_tune.data.synthetic import GENERATOR_VERSION, MARKER
 
 log = logging.getLogger(__name__)
@@ -60,9 +58,8 @@ def pretrain_data(cfg: ExperimentConfig) -> DataConfig:
     synth = dataclasses.replace(d.synthetic, motion="frames", sequences_per_subject=p.frames_sequences,
                                 frames_per_sequence=p.frames_per_sequence)
     spec = {"synthetic": dataclasses.asdict(synth), "generator": GENERATOR_VERSION, "mano": dataclasses.asdict(cfg.mano)}
-    key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     cache = cache_root(d.cache_dir, d.root)
-    return dataclasses.replace(data, root=str(cache / "pretrained" / f"frames-{key}"), generate=True,
+    return dataclasses.replace(data, root=str(cache / "pretrained" / f"frames-{spec_key(spec)}"), generate=True,
                                cache_dir=str(cache), synthetic=synth)
 
 
@@ -92,7 +89,7 @@ def pretrain_key(cfg: ExperimentConfig) -> str:
             "pretrain": dataclasses.asdict(cfg.pretrain), "loss": dataclasses.asdict(PRETRAIN_LOSS),
             "precision": cfg.train.precision,
             "dataset": marker.read_text() if marker.is_file() else None}
-    return hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return spec_key(spec)
 
 
 def pretrained_file(cfg: ExperimentConfig) -> Path:

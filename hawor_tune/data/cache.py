@@ -104,6 +104,12 @@ def cache_root(cache_dir: str | os.PathLike | None, root: str | os.PathLike) -> 
     return Path(cache_dir) if cache_dir else Path(root).parent / "cache"
 
 
+def spec_key(spec: object) -> str:
+    """The 12-hex-digit key of a cached artefact: a hash of ``spec``, a JSON-serialisable description of
+    everything the artefact depends on (values JSON cannot hold are written as their ``str``)."""
+    return hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def read_frame(path: str | os.PathLike, box: Letterbox) -> np.ndarray:
     """Decode one JPEG and letterbox it.
 
