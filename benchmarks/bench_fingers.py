@@ -18,7 +18,8 @@ are never trained on (the training subjects, new sequences), which tells new seq
 (:func:`hawor_tune.pretrain.pretrain_data`: every frame's pose drawn on its own) instead of the training
 split's video frames, still scored on the validation split. First it prints how much of the validation
 split's mean-pose PA-MPJPE is the hand's shape and how much its fingers: the ground truth's own joints
-through the hand model with the mean fingers (shape error only left) or with the mean shape (fingers only).
+through the hand model with the mean fingers (only the fingers' error left) or with the mean shape (only
+the shape's error left).
 
 ``--set`` overrides the config, e.g. a larger generated dataset in its own folder:
 ``--set data.root=data/arctic_synthetic_x50 --set data.synthetic.sequences_per_subject=50``.
