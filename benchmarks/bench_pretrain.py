@@ -12,7 +12,8 @@ Variants (each against the CPU profile's defaults): ``default``; ``crop64`` (64 
 (the ResNet's last stage at stride 16: 3x3 instead of 2x2 tokens from a 48 px crop); ``mano_x25`` and
 ``mano_x100`` (the MANO rotation term 25x / 100x heavier); ``kp2d_x10``; ``lr_x3`` (the pretraining learning rate 3x); ``vit_tiny`` (a plain
 ViT-Tiny, depth 6, 8 px patches); ``video_frames`` (the training split's video frames instead of the generated
-single-frame hand set); ``frames_x2`` (that set twice as large).
+single-frame hand set); ``frames_x2`` (that set twice as large); ``subjects_x6`` and ``subjects_x12`` (that set's
+72 sequences spread over 36 or 72 training subjects, new people beside the dataset's six).
 
 Val MPJPE and PA-MPJPE are scored on the dataset's validation split; the per-epoch curve is the
 pretraining's own validation, on the set it trains from.
@@ -41,6 +42,8 @@ VARIANTS: dict[str, dict[str, dict[str, object]]] = {
     "lr_x3": {"config": {"pretrain.lr": 3e-3}},
     "video_frames": {"config": {"pretrain.frames_sequences": 0}},
     "frames_x2": {"config": {"pretrain.frames_sequences": 24}},
+    "subjects_x6": {"config": {"pretrain.frames_subjects": 30, "pretrain.frames_sequences": 2}},
+    "subjects_x12": {"config": {"pretrain.frames_subjects": 66, "pretrain.frames_sequences": 1}},
     "vit_tiny": {"config": {"model.backbone": "vit_tiny_patch16_224",
                             "model.backbone_kwargs": {"patch_size": 8, "depth": 6, "dynamic_img_size": True}}},
 }

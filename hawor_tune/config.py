@@ -48,6 +48,8 @@ class SyntheticConfig:
     motion: str = _spec("video", choices=("video", "frames"),
                         doc="video: smooth motion; frames: every frame's hand pose drawn on its own (a single-image "
                             "hand set, for the one-time pretraining; its held-out subjects get one sequence each)")
+    extra_subjects: int = _spec(0, low=0, high=500, doc="more training subjects after sNN, new people (a single-image "
+                                "hand set's many hands); sNN-1 and sNN stay val and test")
 
 
 @dataclass
@@ -127,6 +129,8 @@ class PretrainConfig:
                                   "subject instead of the training split's video frames; 0 = the training split")
     frames_per_sequence: int = _spec(100, low=40, high=5000, doc="annotated frames per sequence of that set, "
                                      "before ARCTIC's 10+10 skip")
+    frames_subjects: int = _spec(0, low=0, high=500, doc="new training subjects (hand shapes, skins, lenses) that "
+                                 "set adds to the dataset's, as single-image sets hold many more people than a video set")
 
 
 @dataclass

@@ -56,7 +56,7 @@ def pretrain_data(cfg: ExperimentConfig) -> DataConfig:
     if not p.frames_sequences or not generated:
         return data
     synth = dataclasses.replace(d.synthetic, motion="frames", sequences_per_subject=p.frames_sequences,
-                                frames_per_sequence=p.frames_per_sequence)
+                                frames_per_sequence=p.frames_per_sequence, extra_subjects=p.frames_subjects)
     spec = {"synthetic": dataclasses.asdict(synth), "generator": GENERATOR_VERSION, "mano": dataclasses.asdict(cfg.mano)}
     cache = cache_root(d.cache_dir, d.root)
     return dataclasses.replace(data, root=str(cache / "pretrained" / f"frames-{spec_key(spec)}"), generate=True,

@@ -97,6 +97,9 @@ def test_on_generated_data_the_start_learns_from_a_generated_single_frame_set(cf
     other = synthetic_dataset.config({**TINY_MODEL_OVERRIDES, **PRETRAIN, "data.cache_dir": cfg.data.cache_dir,
                                       "pretrain.frames_per_sequence": 60})
     assert pretrain_data(other).root != data.root
+    more = synthetic_dataset.config({**TINY_MODEL_OVERRIDES, **PRETRAIN, "data.cache_dir": cfg.data.cache_dir,
+                                     "pretrain.frames_subjects": 3})
+    assert pretrain_data(more).synthetic.extra_subjects == 3 and pretrain_data(more).root != data.root
 
 
 def test_without_a_single_frame_set_the_start_learns_from_the_training_split(synthetic_dataset, tmp_path):

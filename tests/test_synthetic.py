@@ -170,3 +170,20 @@ def test_frames_motion_draws_every_frame_on_its_own_for_the_same_subjects(synthe
     # Video: consecutive frames nearly alike. Independent frames: as far apart as any two frames.
     assert step_over_spread(synthetic_dataset.truth.values()) < 0.3
     assert step_over_spread(truth.values()) > 1.0
+
+
+def test_extra_subjects_are_new_training_people_after_the_held_out_ones(synthetic_dataset, tmp_path):
+    video = synthetic_dataset.config().data.synthetic
+    more = SyntheticConfig(**{**video.__dict__, "motion": "frames", "extra_subjects": 2})
+    truth = generate(tmp_path / "more", more, ManoConfig())
+    splits = json.loads((tmp_path / "more" / "splits_json" / "protocol_p2.json").read_text())
+    # s03 and s04 stay val and test; s05 and s06 are new training subjects.
+    assert {k: sorted(e.split("/")[0] for e in v) for k, v in splits.items()} == {
+        "train": ["s01", "s02", "s05", "s06"], "val": ["s03"], "test": ["s04"]}
+    betas = {name.split("/")[0]: t["betas"] for name, t in truth.items()}
+    for sid in ("s01", "s02", "s03", "s04"):  # the dataset's own people are the same people
+        same = next(v for k, v in synthetic_dataset.truth.items() if k.startswith(sid + "/"))
+        np.testing.assert_array_equal(betas[sid], same["betas"])
+    for new in ("s05", "s06"):  # the new ones are nobody else
+        assert all(not np.allclose(betas[new], betas[sid]) for sid in betas if sid != new)
+    assert set(json.loads((tmp_path / "more" / "meta" / "misc.json").read_text())) == {f"s0{i}" for i in range(1, 7)}

@@ -77,7 +77,8 @@ def generate(root: str | os.PathLike, synth: SyntheticConfig, mano_cfg: ManoConf
 
     Args:
         root: folder to create (it must not exist, or be empty); it plays ``arctic_data/data``.
-        synth: sizes, seed and motion. Subject s<N> is the test split, s<N-1> validation, the rest training.
+        synth: sizes, seed and motion. Subject s<N> is the test split, s<N-1> validation, the rest (and the
+            ``extra_subjects`` after s<N>) training.
         mano_cfg: the hand model the hands are posed and rendered with; read the data with the same one.
 
     Returns:
@@ -97,7 +98,7 @@ def generate(root: str | os.PathLike, synth: SyntheticConfig, mano_cfg: ManoConf
     misc: dict[str, Any] = {}
     splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
     truth: dict[str, dict[str, Any]] = {}
-    for i, seed in enumerate(np.random.SeedSequence(synth.seed).spawn(n)):
+    for i, seed in enumerate(np.random.SeedSequence(synth.seed).spawn(n + synth.extra_subjects)):
         sid = f"s{i + 1:02d}"
         rng = np.random.default_rng(seed)
         subject = _make_subject(rng, synth.image_width, synth.image_height)
