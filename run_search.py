@@ -223,8 +223,10 @@ def _search(args: argparse.Namespace, argv: list[str]) -> int:
                                  ("search_seed", args.seed)) if v is not None}
     space = dataclasses.replace(space, **changes)
 
-    from hawor_tune.search import run_search, start_ray
+    from hawor_tune.search import prepare_in_background, run_search, start_ray
 
+    # The data check (on a first search: the data's generation and the pretraining) runs while Ray starts.
+    preparing = prepare_in_background(space.base_config)
     try:
         url = start_ray(args.address, args.dashboard_port)
     except (ConnectionError, RuntimeError, ValueError) as e:
@@ -236,7 +238,7 @@ def _search(args: argparse.Namespace, argv: list[str]) -> int:
     print(f"experiment: {storage / name}")
     outcome = run_search(space, storage=storage, name=name, resume=args.resume, address=args.address,
                          dashboard_port=args.dashboard_port, verbose=1 if args.verbose else 0, mlflow_uri=mlflow_uri,
-                         warm_trials=warm_trials)
+                         warm_trials=warm_trials, prepared=preparing)
     resume = _resume_command(argv, name)
     if print_summary(outcome.experiment_dir, space.metric, space.mode, resume):
         # Ray Tune stops on Ctrl-C (SIGINT) and returns: say so on stderr and in the exit status.

@@ -12,8 +12,10 @@ import errno
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,6 +117,25 @@ def prepare_data(cfg: ExperimentConfig) -> None:
     ensure_pretrained(cfg)
     ensure_flow_fit(cfg)
     log.info("pretrained start ready in %.1f s", time.perf_counter() - t0)
+
+
+def prepare_in_background(cfg: ExperimentConfig) -> Future:
+    """:func:`prepare_data` in a thread of its own, so that the local Ray starts meanwhile (each takes
+    seconds of a search's start-up); the returned future re-raises its error. The thread is a daemon: Ctrl-C
+    ends the search without waiting for a first search's data generation or pretraining, whose results are
+    written atomically and made again by the next search."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            prepare_data(cfg)
+        except BaseException as e:  # handed to whoever waits on the future
+            future.set_exception(e)
+        else:
+            future.set_result(None)
+
+    threading.Thread(target=run, name="prepare-data", daemon=True).start()
+    return future
 
 
 def _searcher(space: SearchSpace, warm_trials: list | None = None, *, first_point_default: bool = True) -> Any:
@@ -385,7 +406,8 @@ def _record_callbacks(space: SearchSpace, exp_dir: Path, verbose: int, mlflow_ur
 
 def run_search(space: SearchSpace, *, storage: str | os.PathLike, name: str, resume: bool = False,
                address: str | None = None, dashboard_port: int = 8265, verbose: int = 0,
-               mlflow_uri: str | None = None, warm_trials: list | None = None) -> SearchOutcome:
+               mlflow_uri: str | None = None, warm_trials: list | None = None,
+               prepared: Future | None = None) -> SearchOutcome:
     """Run (or resume) a search; results land in ``<storage>/<name>``.
 
     Args:
@@ -400,11 +422,16 @@ def run_search(space: SearchSpace, *, storage: str | os.PathLike, name: str, res
         mlflow_uri: log every trial to this MLflow tracking URI (:mod:`hawor_tune.mlflow_tracking`).
         warm_trials: an earlier search's finished Optuna trials that seed the sampler
             (:func:`hawor_tune.optuna_study.warm_start_trials`).
+        prepared: the data's preparation, already started by :func:`prepare_in_background`; None prepares
+            it here.
     """
     storage = check_storage(storage)
     exp_dir = check_resumable(storage, name, label="resume") if resume else _claim(storage / name)
     try:
-        prepare_data(space.base_config)
+        if prepared is None:
+            prepare_data(space.base_config)
+        else:
+            prepared.result()
     except BaseException:
         if not resume:
             with contextlib.suppress(OSError):

@@ -50,6 +50,7 @@ from hawor_tune.config import (
     load_config,
     parse_override,
 )
+from hawor_tune.epoch_metrics import REPORTED_METRICS
 from hawor_tune.errors import HaworTuneError
 
 logger = logging.getLogger(__name__)
@@ -279,7 +280,7 @@ def load_search_space(path: str | os.PathLike, *, extra_overrides: Iterable[str]
     if fixed != overrides:
         cfg = build(fixed, "--set", "fix that --set value")
 
-    metrics, modes = check.objectives(raw["metric"], raw["mode"], _reported_metrics())
+    metrics, modes = check.objectives(raw["metric"], raw["mode"], REPORTED_METRICS)
     num_samples = check.integer("num_samples", raw["num_samples"], low=1)
     max_concurrent = check.integer("max_concurrent", raw.get("max_concurrent", 1), low=1)
 
@@ -335,13 +336,6 @@ def load_search_space(path: str | os.PathLike, *, extra_overrides: Iterable[str]
                        grace_period=grace_period, reduction_factor=reduction_factor, resources_cpu=cpu,
                        resources_gpu=gpu, params=params, metrics=metrics, modes=modes,
                        search_stopped_as=stopped_as)
-
-
-def _reported_metrics() -> tuple[str, ...]:
-    # Imported here: the trainer pulls in torch, and this module must stay importable without it.
-    from hawor_tune.train import REPORTED_METRICS
-
-    return tuple(REPORTED_METRICS)
 
 
 class _Checker:

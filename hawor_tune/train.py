@@ -46,18 +46,6 @@ from hawor_tune.runtime import (
 
 log = logging.getLogger(__name__)
 
-LOSS_TERMS = ("mano_params", "betas", "keypoint_3d", "keypoint_2d", "temporal", "camera", "hand_world")
-# Every metric a trial reports once per epoch; a search space's `metric` must be one of these.
-REPORTED_METRICS = (
-    "val/mpjpe", "val/mpjpe_left", "val/mpjpe_right",
-    "val/pa_mpjpe", "val/pa_mpjpe_left", "val/pa_mpjpe_right", "val/mpjpe_infilled",
-    "val/w_mpjpe", "val/wa_mpjpe", "val/accel_error",
-    "val/cam_trans_error", "val/cam_rot_error", "val/cam_accel_error", "val/cam_jerk",
-    "train/loss", *(f"train/{t}" for t in LOSS_TERMS),
-    "lr", "epoch", "time/epoch_s",
-)
-
-
 EpochHook = Callable[[dict[str, float], str], None]
 
 

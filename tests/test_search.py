@@ -412,3 +412,21 @@ def test_a_multi_objective_space_gets_optunas_multi_objective_sampler(tmp_path):
     (told,) = searcher._ot_study.trials  # Ray's searcher holds its study privately; Optuna got both values
     assert told.values == [40.0, 3.0]
     assert [d.name for d in searcher._ot_study.directions] == ["MINIMIZE", "MAXIMIZE"]
+
+
+def test_a_data_fault_found_while_ray_starts_is_one_line_and_frees_the_name(tmp_path, synthetic_dataset, capsys,
+                                                                              monkeypatch):
+    # The data is checked in a thread while Ray starts (hawor_tune.search.prepare_in_background); its
+    # error still ends the CLI with one line and exit 2, and the experiment's name stays free.
+    import hawor_tune.search as search
+
+    started = []
+    monkeypatch.setattr(search, "start_ray", lambda *a, **k: started.append(True))
+    (tmp_path / "empty").mkdir()
+    space = write_search_space(tmp_path, synthetic_dataset)
+    argv = ["--space", str(space), "--storage", str(tmp_path / "r"), "--name", "x", "--dashboard-port", "0",
+            "--set", f"data.root={tmp_path / 'empty'}", "--set", "data.generate=false"]
+    assert _exit_code(run_search.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tmp_path / "empty") in err[0], err
+    assert started and not (tmp_path / "r" / "x").exists()

@@ -10,11 +10,12 @@ from conftest import TINY_MODEL_OVERRIDES
 from hawor_tune import train
 from hawor_tune.checkpoint import export_model, latest_checkpoint, load_checkpoint, load_model
 from hawor_tune.config import save_config
+from hawor_tune.epoch_metrics import REPORTED_METRICS
 from hawor_tune.evaluation import evaluate, mean_pose_baseline
 from hawor_tune.flow_fit import ensure_flow_fit
 from hawor_tune.model import build_model
 from hawor_tune.pretrain import ensure_pretrained
-from hawor_tune.train import REPORTED_METRICS, fit, lr_factor
+from hawor_tune.train import fit, lr_factor
 
 
 @pytest.fixture
