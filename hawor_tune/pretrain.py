@@ -104,14 +104,16 @@ def ensure_pretrained(cfg: ExperimentConfig) -> ExperimentConfig:
     """
     if cfg.model.pretrained_path or cfg.pretrain.epochs == 0:
         return cfg
-    from hawor_tune.checkpoint import export_model
-    from hawor_tune.train import fit
-
     path = pretrained_file(cfg)
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):
             if not path.is_file():  # another process may have made it while we waited
+                # Imported only to train: the trainer's torch, timm and torchvision imports take seconds of
+                # every search's start-up, which finds the start cached.
+                from hawor_tune.checkpoint import export_model
+                from hawor_tune.train import fit
+
                 run_dir = path.with_name(f".{path.stem}.run")
                 shutil.rmtree(run_dir, ignore_errors=True)  # left by a killed pretraining
                 pcfg = pretrain_config(cfg, run_dir)
