@@ -389,6 +389,7 @@ def test_ctrl_c_exits_130_with_the_resume_command_and_no_traceback(tmp_path, mon
 
     monkeypatch.setattr(search, "run_search", interrupted)
     monkeypatch.setattr(search, "start_ray", lambda *a, **k: None)
+    monkeypatch.setattr(search, "prepare_in_background", lambda cfg: None)  # this space's base reads no data
     space = write_space(tmp_path)
     argv = ["--space", str(space), "--storage", str(tmp_path / "r"), "--name", "x", "--set", "train.epochs=3"]
     assert run_search.main(argv) == 130
