@@ -145,17 +145,27 @@ def test_background_rays_invert_the_lens(synthetic_dataset):
         np.testing.assert_allclose(uv.reshape(h, w, 2), np.stack([u, v], axis=-1), atol=1e-3)
 
 
+def generate_variant(dataset, folder: Path, **changes) -> tuple[dict, dict[str, list[str]]]:
+    """The session dataset's synthetic settings with ``changes``, generated into ``folder``: its ground truth
+    and each split's subject of every sequence, sorted."""
+    synth = SyntheticConfig(**{**dataset.config().data.synthetic.__dict__, **changes})
+    truth = generate(folder, synth, ManoConfig())
+    splits = json.loads((folder / "splits_json" / "protocol_p2.json").read_text())
+    return truth, {k: sorted(e.split("/")[0] for e in v) for k, v in splits.items()}
+
+
+def subject_truth(dataset, sid: str) -> dict:
+    """The ground truth of the session dataset's first sequence of subject ``sid``."""
+    return next(v for k, v in dataset.truth.items() if k.startswith(sid + "/"))
+
+
 def test_frames_motion_draws_every_frame_on_its_own_for_the_same_subjects(synthetic_dataset, tmp_path):
-    video = synthetic_dataset.config().data.synthetic
-    frames = SyntheticConfig(**{**video.__dict__, "motion": "frames", "sequences_per_subject": 2})
-    truth = generate(tmp_path / "frames", frames, ManoConfig())
-    splits = json.loads((tmp_path / "frames" / "splits_json" / "protocol_p2.json").read_text())
+    truth, subjects = generate_variant(synthetic_dataset, tmp_path / "frames", motion="frames",
+                                       sequences_per_subject=2)
     # Two sequences per training subject, one per held-out subject, none repeating a video sequence's seed.
-    assert {k: sorted(e.split("/")[0] for e in v) for k, v in splits.items()} == {
-        "train": ["s01", "s01", "s02", "s02"], "val": ["s03"], "test": ["s04"]}
+    assert subjects == {"train": ["s01", "s01", "s02", "s02"], "val": ["s03"], "test": ["s04"]}
     for name, t in truth.items():  # the same subjects: same hand shapes and lens as the video set's
-        sid = name.split("/")[0]
-        same = next(v for k, v in synthetic_dataset.truth.items() if k.startswith(sid + "/"))
+        same = subject_truth(synthetic_dataset, name.split("/")[0])
         np.testing.assert_array_equal(t["betas"], same["betas"])
         np.testing.assert_array_equal(t["K"], same["K"])
         assert not np.allclose(t["joints_cam"], same["joints_cam"])
@@ -173,17 +183,12 @@ def test_frames_motion_draws_every_frame_on_its_own_for_the_same_subjects(synthe
 
 
 def test_extra_subjects_are_new_training_people_after_the_held_out_ones(synthetic_dataset, tmp_path):
-    video = synthetic_dataset.config().data.synthetic
-    more = SyntheticConfig(**{**video.__dict__, "motion": "frames", "extra_subjects": 2})
-    truth = generate(tmp_path / "more", more, ManoConfig())
-    splits = json.loads((tmp_path / "more" / "splits_json" / "protocol_p2.json").read_text())
+    truth, subjects = generate_variant(synthetic_dataset, tmp_path / "more", motion="frames", extra_subjects=2)
     # s03 and s04 stay val and test; s05 and s06 are new training subjects.
-    assert {k: sorted(e.split("/")[0] for e in v) for k, v in splits.items()} == {
-        "train": ["s01", "s02", "s05", "s06"], "val": ["s03"], "test": ["s04"]}
+    assert subjects == {"train": ["s01", "s02", "s05", "s06"], "val": ["s03"], "test": ["s04"]}
     betas = {name.split("/")[0]: t["betas"] for name, t in truth.items()}
     for sid in ("s01", "s02", "s03", "s04"):  # the dataset's own people are the same people
-        same = next(v for k, v in synthetic_dataset.truth.items() if k.startswith(sid + "/"))
-        np.testing.assert_array_equal(betas[sid], same["betas"])
+        np.testing.assert_array_equal(betas[sid], subject_truth(synthetic_dataset, sid)["betas"])
     for new in ("s05", "s06"):  # the new ones are nobody else
         assert all(not np.allclose(betas[new], betas[sid]) for sid in betas if sid != new)
     assert set(json.loads((tmp_path / "more" / "meta" / "misc.json").read_text())) == {f"s0{i}" for i in range(1, 7)}
