@@ -532,6 +532,20 @@ def test_generated_data_must_match_the_configured_hand_model(synthetic_dataset, 
         ensure_dataset(synthetic_dataset.config({"data.root": str(root)}))
 
 
+def test_a_set_made_before_a_setting_existed_reads_as_its_default(synthetic_dataset, tmp_path):
+    # Markers written before `motion` and `extra_subjects` existed lack them: such a set is a video set
+    # with no extra subjects, and a config asking for anything else is told to regenerate.
+    root = _copy(synthetic_dataset.root, tmp_path)
+    marker = root / ".synthetic.json"
+    info = json.loads(marker.read_text())
+    for key in ("motion", "extra_subjects"):
+        del info["synthetic"][key]
+    marker.write_text(json.dumps(info))
+    assert ensure_dataset(synthetic_dataset.config({"data.root": str(root)})) == root
+    with pytest.raises(DatasetError, match="delete"):
+        ensure_dataset(synthetic_dataset.config({"data.root": str(root), "data.synthetic.motion": "frames"}))
+
+
 def test_train_on_val_folds_the_validation_sequences_into_training(synthetic_dataset):
     from hawor_tune.data import build_dataset
 

@@ -21,7 +21,7 @@ import torch
 from filelock import FileLock
 from torch.utils.data import DataLoader
 
-from hawor_tune.config import ExperimentConfig
+from hawor_tune.config import ExperimentConfig, SyntheticConfig
 from hawor_tune.data.arctic import (
     SPLITS,
     ArcticClips,
@@ -93,8 +93,8 @@ def _check_generated(root: Path, cfg: ExperimentConfig) -> None:
                            "regenerate it or point data.root elsewhere")
     wanted = {"generator_version": GENERATOR_VERSION, "synthetic": dataclasses.asdict(cfg.data.synthetic)}
     found = {k: info.get(k) for k in wanted}
-    if isinstance(found["synthetic"], dict):  # sets made before these settings existed: videos, no extra subjects
-        found["synthetic"] = {"motion": "video", "extra_subjects": 0, **found["synthetic"]}
+    if isinstance(found["synthetic"], dict):  # a setting added after the set was made has its default there
+        found["synthetic"] = {**dataclasses.asdict(SyntheticConfig()), **found["synthetic"]}
     if cfg.data.generate and found != wanted:
         raise DatasetError(f"{root} was generated with {found} but the config asks for {wanted}; delete {root} "
                            "to regenerate it, or point data.root elsewhere")
