@@ -38,6 +38,7 @@ from hawor_tune.runtime import (
     autocast,
     autocast_dtype,
     capped,
+    keep_freed_memory,
     seed_everything,
     select_device,
     set_rng_state,
@@ -199,6 +200,7 @@ def fit(config: ExperimentConfig, on_epoch: EpochHook | None = None,
         torch.set_num_threads(cfg.train.threads)
     # Adam's second moments decay into denormal floats, which x86 CPUs process ~100x slower.
     torch.set_flush_denormal(True)
+    keep_freed_memory()
     if resume_from is None:
         cfg = ensure_pretrained(cfg)  # the hand-pretrained start (made once, cached); recorded in config.yaml
     device = select_device(cfg.train.device)
