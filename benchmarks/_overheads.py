@@ -10,6 +10,11 @@ Every run trains the CPU profile's base configuration (``configs/tiny.yaml``: th
   (``run_search.py``), 4 epochs: the median wall time of epochs 2-4 between consecutive epoch ends
   (checkpoint included in both; the median, as one epoch's time varies by a few per cent from run to run),
   and the start-up from ``run_search.py``'s start to the first trial's first training step;
+- the Tune overhead once more, **paired**: a one-trial search of 6 epochs with a bare ``fit()`` of 5 epochs
+  started beside it when the trial's first epoch ends, one core each, so that both train at the same time
+  and this machine's drift (10 % between runs minutes apart) falls on both alike: the trial's epochs 3-6
+  against the bare run's 2-5 (medians). Both are slower than alone (they share the memory bus), as are the
+  two concurrent trials below;
 - a two-trial search, 2 trials at once on 1 CPU each, 2 epochs, against one trial: epochs per hour from the
   median epoch time, and the
   peak memory of the driver and of each trial (RSS, and USS: the pages only that process holds, so the
@@ -25,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +41,7 @@ BASE = ROOT / "configs" / "tiny.yaml"
 
 
 EPOCHS = 4  # of the bare fit() and the one-trial search
+PAIRED_EPOCHS = 6  # of the paired one-trial search; its bare fit() runs one epoch fewer
 
 # --smoke: every run cut to a couple of batches, to check the plumbing in a minute (its figures mean nothing).
 SMOKE = {"train.max_train_batches": 2, "train.max_eval_batches": 1}
@@ -96,9 +103,11 @@ class _MemoryWatch:
                 peak["uss"] = max(peak["uss"], info.uss)
 
 
-def _search(space: Path, storage: Path, name: str) -> dict[str, Any]:
+def _search(space: Path, storage: Path, name: str, on_first_epoch: Callable[[], None] | None = None
+            ) -> dict[str, Any]:
     """Run ``run_search.py`` on ``space``; the times each epoch row first appeared in epochs.parquet (polled
-    every 0.1 s), every row, the memory peaks and the start time."""
+    every 0.1 s), every row, the memory peaks and the start time. ``on_first_epoch`` is called once, when
+    the first epoch row appears."""
     from hawor_tune.results import read_rows
 
     parquet = storage / name / "epochs.parquet"
@@ -125,6 +134,9 @@ def _search(space: Path, storage: Path, name: str) -> dict[str, Any]:
                     continue
                 for r in rows:
                     seen.setdefault((str(r["trial_id"]), int(r["epoch"])), time.time())
+                if seen and on_first_epoch is not None:
+                    on_first_epoch()
+                    on_first_epoch = None
     reader.join(timeout=5)
     if proc.returncode != 0:
         raise RuntimeError("run_search.py failed:\n" + "\n".join(text for _, text in lines[-40:]))
@@ -147,17 +159,31 @@ print("ENDS " + json.dumps(ends))
 """
 
 
-def _bare_fit(out_dir: Path, epochs: int, extra: dict) -> list[tuple[float, float]]:
-    """``fit()`` of the base configuration in a child process on one thread; each epoch's end (wall clock,
-    after its checkpoint) and its ``time/epoch_s``."""
+def _start_bare_fit(out_dir: Path, epochs: int, extra: dict) -> tuple[subprocess.Popen, Path]:
+    """``fit()`` of the base configuration in a child process on one thread (see :func:`_bare_ends`)."""
     overrides = {"train.out_dir": str(out_dir), "train.threads": 1, "train.epochs": epochs, "train.keep_checkpoints": 1,
                  **extra}
-    proc = subprocess.run([sys.executable, "-c", _BARE_FIT, str(BASE), json.dumps(overrides)], cwd=ROOT,
-                          capture_output=True, text=True, check=False)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ENDS ")]
+    out_dir.mkdir(parents=True)
+    # Its output goes to files: a pipe nobody reads while it trains would fill and stall it.
+    with open(out_dir / "stdout.txt", "w") as stdout, open(out_dir / "stderr.txt", "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", _BARE_FIT, str(BASE), json.dumps(overrides)], cwd=ROOT,
+                                stdout=stdout, stderr=stderr, text=True)
+    return proc, out_dir
+
+
+def _bare_ends(started: tuple[subprocess.Popen, Path]) -> list[tuple[float, float]]:
+    """Each epoch's end (wall clock, after its checkpoint) and its ``time/epoch_s``, once the run exits."""
+    proc, out_dir = started
+    proc.wait()
+    lines = [ln for ln in (out_dir / "stdout.txt").read_text().splitlines() if ln.startswith("ENDS ")]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"bare fit failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"bare fit failed:\n{(out_dir / 'stderr.txt').read_text()[-3000:]}")
     return [tuple(e) for e in json.loads(lines[-1][5:])]
+
+
+def _epoch_gaps(ends: list[float], epochs: range) -> float:
+    """Median wall time of ``epochs`` (1-based), each the gap between its end and the previous epoch's."""
+    return float(np.median([ends[e - 1] - ends[e - 2] for e in epochs]))
 
 
 def _in_process(steps: int) -> dict[str, Any]:
@@ -237,9 +263,15 @@ def measure_overheads(out: Path, *, smoke: bool = False) -> dict[str, Any]:
         extra = SMOKE if smoke else {}
         figures["step"] = _in_process(steps=3 if smoke else 20)
         print(f"bare fit(), {EPOCHS} epochs ...", flush=True)
-        bare = _bare_fit(work / "bare", epochs=EPOCHS, extra=extra)
+        bare = _bare_ends(_start_bare_fit(work / "bare", epochs=EPOCHS, extra=extra))
         print(f"one-trial search, {EPOCHS} epochs ...", flush=True)
         one = _search(_space_file(work, num_samples=1, max_concurrent=1, epochs=EPOCHS, extra=extra), work / "r", "one")
+        print(f"paired: a one-trial search of {PAIRED_EPOCHS} epochs and a bare fit() beside it ...", flush=True)
+        beside: list[tuple[subprocess.Popen, Path]] = []
+        paired = _search(_space_file(work, num_samples=1, max_concurrent=1, epochs=PAIRED_EPOCHS, extra=extra),
+                         work / "r", "paired", on_first_epoch=lambda: beside.append(
+                             _start_bare_fit(work / "beside", epochs=PAIRED_EPOCHS - 1, extra=extra)))
+        paired_bare = _bare_ends(beside[0])
         print("two trials at once, 2 epochs each ...", flush=True)
         two = _search(_space_file(work, num_samples=2, max_concurrent=2, epochs=2, extra=extra), work / "r", "two")
 
@@ -250,6 +282,11 @@ def measure_overheads(out: Path, *, smoke: bool = False) -> dict[str, Any]:
     figures["tune_epoch_wall_s"] = float(np.median([seen[k] - seen[k - 1] for k in later]))
     figures["bare_epoch_wall_s"] = float(np.median([bare[k][0] - bare[k - 1][0] for k in later]))
     figures["tune_overhead"] = figures["tune_epoch_wall_s"] / figures["bare_epoch_wall_s"] - 1
+    (paired_id,) = {tid for tid, _ in paired["seen"]}
+    paired_seen = [paired["seen"][(paired_id, e)] for e in range(1, PAIRED_EPOCHS + 1)]
+    figures["paired_tune_epoch_wall_s"] = _epoch_gaps(paired_seen, range(3, PAIRED_EPOCHS + 1))
+    figures["paired_bare_epoch_wall_s"] = _epoch_gaps([end for end, _ in paired_bare], range(2, PAIRED_EPOCHS))
+    figures["paired_tune_overhead"] = figures["paired_tune_epoch_wall_s"] / figures["paired_bare_epoch_wall_s"] - 1
     figures["tune_epoch_inside_fit_s"] = float(np.median([rows[k + 1]["time/epoch_s"] for k in later]))
     figures["bare_epoch_inside_fit_s"] = float(np.median([bare[k][1] for k in later]))
     # The first step starts when epoch 1's clock starts: its row's appearance less its time/epoch_s (the report
@@ -282,6 +319,10 @@ def _print(f: dict[str, Any]) -> None:
         (f"Tune overhead: trial / bare fit() epoch wall - 1 (median, epochs 2-{EPOCHS})",
          f"{f['tune_overhead']:+.1%} ({f['tune_epoch_wall_s']:.1f} s vs {f['bare_epoch_wall_s']:.1f} s; inside "
          f"fit {f['tune_epoch_inside_fit_s']:.1f} vs {f['bare_epoch_inside_fit_s']:.1f} s)", "<= 3 %"),
+        (f"Tune overhead, paired: trial epochs 3-{PAIRED_EPOCHS} / bare fit() epochs 2-{PAIRED_EPOCHS - 1} "
+         "at the same time, wall - 1 (medians)",
+         f"{f['paired_tune_overhead']:+.1%} ({f['paired_tune_epoch_wall_s']:.1f} s vs "
+         f"{f['paired_bare_epoch_wall_s']:.1f} s)", "<= 3 %"),
         ("Start-up: run_search.py start -> first trial's first step", f"{f['startup_s']:.1f} s (output lines at "
          + ", ".join(f"{k} {v} s" for k, v in f["startup_milestones_s"].items()) + ")", "<= 15 s"),
         ("Concurrency: 2 trials at once vs 1, epochs/hour",
