@@ -23,6 +23,7 @@ Every run trains the CPU profile's base configuration (``configs/tiny.yaml``: th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -103,11 +104,14 @@ class _MemoryWatch:
                 peak["uss"] = max(peak["uss"], info.uss)
 
 
-def _search(space: Path, storage: Path, name: str, on_first_epoch: Callable[[], None] | None = None
-            ) -> dict[str, Any]:
-    """Run ``run_search.py`` on ``space``; the times each epoch row first appeared in epochs.parquet (polled
-    every 0.1 s), every row, the memory peaks and the start time. ``on_first_epoch`` is called once, when
-    the first epoch row appears."""
+def _search(space: Path, storage: Path, name: str, on_first_epoch: Callable[[], None] | None = None,
+            watch_memory: bool = True) -> dict[str, Any]:
+    """Run ``run_search.py`` on ``space``; the times each epoch row first appeared in epochs.parquet (its
+    modification time polled every 0.1 s, the file read when it changed), every row, the memory peaks (with
+    ``watch_memory``) and the start time. ``on_first_epoch`` is called once, when the first epoch row appears.
+
+    Watching the memory reads each trial's page map four times a second, which holds the trial's memory map
+    lock while it does: the paired timing, whose bare ``fit()`` nobody watches, leaves it off."""
     from hawor_tune.results import read_rows
 
     parquet = storage / name / "epochs.parquet"
@@ -124,14 +128,21 @@ def _search(space: Path, storage: Path, name: str, on_first_epoch: Callable[[], 
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    with _MemoryWatch(proc.pid) as memory:
+    memory = _MemoryWatch(proc.pid) if watch_memory else contextlib.nullcontext()
+    read_mtime = None
+    with memory:
         while proc.poll() is None:
             time.sleep(0.1)
-            if parquet.is_file():
+            try:
+                mtime = parquet.stat().st_mtime_ns
+            except FileNotFoundError:
+                continue
+            if mtime != read_mtime:
                 try:
                     rows = read_rows(parquet)
                 except Exception:  # noqa: BLE001 - a file being replaced; read it next time
                     continue
+                read_mtime = mtime
                 for r in rows:
                     seen.setdefault((str(r["trial_id"]), int(r["epoch"])), time.time())
                 if seen and on_first_epoch is not None:
@@ -143,8 +154,8 @@ def _search(space: Path, storage: Path, name: str, on_first_epoch: Callable[[], 
     rows = read_rows(parquet)
     milestones = {key: next((round(t, 1) for t, text in lines if key in text), None)
                   for key in ("data ready", "pretrained start ready", "dashboard", "RUNNING")}
-    return {"start": t_start, "seen": seen, "rows": rows, "driver": memory.driver,
-            "trials": list(memory.trials.values()), "milestones": milestones}
+    return {"start": t_start, "seen": seen, "rows": rows, "driver": getattr(memory, "driver", None),
+            "trials": list(getattr(memory, "trials", {}).values()), "milestones": milestones}
 
 
 _BARE_FIT = """
@@ -269,7 +280,7 @@ def measure_overheads(out: Path, *, smoke: bool = False) -> dict[str, Any]:
         print(f"paired: a one-trial search of {PAIRED_EPOCHS} epochs and a bare fit() beside it ...", flush=True)
         beside: list[tuple[subprocess.Popen, Path]] = []
         paired = _search(_space_file(work, num_samples=1, max_concurrent=1, epochs=PAIRED_EPOCHS, extra=extra),
-                         work / "r", "paired", on_first_epoch=lambda: beside.append(
+                         work / "r", "paired", watch_memory=False, on_first_epoch=lambda: beside.append(
                              _start_bare_fit(work / "beside", epochs=PAIRED_EPOCHS - 1, extra=extra)))
         paired_bare = _bare_ends(beside[0])
         print("two trials at once, 2 epochs each ...", flush=True)

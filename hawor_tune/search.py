@@ -227,6 +227,11 @@ def start_ray(address: str | None, dashboard_port: int, num_cpus: int | None = N
     """Join a cluster (``address``) or start an embedded local Ray that listens on 127.0.0.1 only: GCS,
     raylet, workers, agents and the dashboard (whose token the user pastes, see ``ray get-auth-token``).
 
+    The local Ray runs its workers, so the trials, at the user's own priority (nice 0, as a plain training
+    run), not at Ray's default nice 15: there every CPU cycle that the driver, Ray's daemons or anything else
+    on the machine wants is taken from the trials first, which made a trial's epochs 5-20 % slower than
+    the same ``fit()`` run alone (``benchmarks/bench_search.py --overheads``). A cluster keeps its own setting.
+
     Returns:
         The dashboard URL, when there is one.
     """
@@ -238,7 +243,7 @@ def start_ray(address: str | None, dashboard_port: int, num_cpus: int | None = N
         with _loopback_node():
             ctx = ray.init(num_cpus=num_cpus, _node_ip_address=LOOPBACK, include_dashboard=True,
                            dashboard_host=LOOPBACK, dashboard_port=dashboard_port,
-                           logging_level=logging.WARNING)
+                           logging_level=logging.WARNING, _system_config={"worker_niceness": 0})
     url = getattr(ctx, "dashboard_url", None)
     return f"http://{url}" if url and not url.startswith("http") else url
 

@@ -284,7 +284,7 @@ def _loopback(address: str) -> bool:
     return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
 
 
-def test_local_ray_listens_on_loopback_only():
+def test_local_ray_listens_on_loopback_only_and_runs_workers_at_the_users_priority():
     import psutil
 
     assert not ray.is_initialized()
@@ -292,7 +292,8 @@ def test_local_ray_listens_on_loopback_only():
     try:
         url = start_ray(None, dashboard_port=0, num_cpus=1)
         assert url and url.startswith("http://127.0.0.1:")
-        ray.get(ray.remote(lambda: 1).remote())  # a worker is up
+        # A worker is up, at this process's niceness (Ray's default would add 15).
+        assert ray.get(ray.remote(lambda: os.nice(0)).remote()) == os.nice(0)
         # Every Ray process (GCS, raylet, dashboard, agents, workers) is this process or one of its descendants.
         deadline, names = time.time() + 30, set()
         while time.time() < deadline:
