@@ -104,9 +104,13 @@ def write_parquet_atomic(rows: list[dict[str, Any]], path: str | os.PathLike,
 
 def read_table(path: str | os.PathLike) -> pa.Table:
     """Read a parquet file through one open handle: a path-based read stats the file and opens it again, so
-    a concurrent atomic replace (the exporter refreshes the files while a search runs) could tear it."""
+    a concurrent atomic replace (the exporter refreshes the files while a search runs) could tear it.
+
+    On one thread: with pyarrow's thread pool (26.0) the interpreter sometimes aborted at exit after such a
+    read ("terminate called without an active exception", status 134), and these files are small.
+    """
     with open(path, "rb") as f:
-        return pq.read_table(f)
+        return pq.read_table(f, use_threads=False)
 
 
 def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
