@@ -154,8 +154,8 @@ def _search(space: Path, storage: Path, name: str, on_first_epoch: Callable[[], 
     rows = read_rows(parquet)
     milestones = {key: next((round(t, 1) for t, text in lines if key in text), None)
                   for key in ("data ready", "pretrained start ready", "dashboard", "RUNNING")}
-    return {"start": t_start, "seen": seen, "rows": rows, "driver": getattr(memory, "driver", None),
-            "trials": list(getattr(memory, "trials", {}).values()), "milestones": milestones}
+    return {"start": t_start, "seen": seen, "rows": rows, "driver": memory.driver if watch_memory else None,
+            "trials": list(memory.trials.values()) if watch_memory else [], "milestones": milestones}
 
 
 _BARE_FIT = """
@@ -289,9 +289,9 @@ def measure_overheads(out: Path, *, smoke: bool = False) -> dict[str, Any]:
     rows = {int(r["epoch"]): r for r in one["rows"]}
     (trial_id,) = {tid for tid, _ in one["seen"]}
     seen = [one["seen"][(trial_id, e)] for e in range(1, EPOCHS + 1)]
-    later = range(1, EPOCHS)  # epochs 2.. as gaps between consecutive epoch ends
-    figures["tune_epoch_wall_s"] = float(np.median([seen[k] - seen[k - 1] for k in later]))
-    figures["bare_epoch_wall_s"] = float(np.median([bare[k][0] - bare[k - 1][0] for k in later]))
+    later = range(1, EPOCHS)  # 0-based indices of epochs 2..EPOCHS
+    figures["tune_epoch_wall_s"] = _epoch_gaps(seen, range(2, EPOCHS + 1))
+    figures["bare_epoch_wall_s"] = _epoch_gaps([end for end, _ in bare], range(2, EPOCHS + 1))
     figures["tune_overhead"] = figures["tune_epoch_wall_s"] / figures["bare_epoch_wall_s"] - 1
     (paired_id,) = {tid for tid, _ in paired["seen"]}
     paired_seen = [paired["seen"][(paired_id, e)] for e in range(1, PAIRED_EPOCHS + 1)]
