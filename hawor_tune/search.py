@@ -230,7 +230,11 @@ def start_ray(address: str | None, dashboard_port: int, num_cpus: int | None = N
     The local Ray runs its workers, so the trials, at the user's own priority (nice 0, as a plain training
     run), not at Ray's default nice 15: there every CPU cycle that the driver, Ray's daemons or anything else
     on the machine wants is taken from the trials first, which made a trial's epochs 5-20 % slower than
-    the same ``fit()`` run alone (``benchmarks/bench_search.py --overheads``). A cluster keeps its own setting.
+    the same ``fit()`` run alone (``benchmarks/bench_search.py --overheads``). It starts no idle workers
+    ahead of time (Ray's default starts one per CPU when the driver connects): a Tune trial never runs in
+    one, because Tune gives its trial actors a runtime environment of their own (an environment variable)
+    and Ray only hands an actor an idle worker started with the same one, so they only took CPU from the
+    start-up, about 3 s of the first trial's on 2 cores. A cluster keeps its own settings.
 
     Returns:
         The dashboard URL, when there is one.
@@ -243,7 +247,8 @@ def start_ray(address: str | None, dashboard_port: int, num_cpus: int | None = N
         with _loopback_node():
             ctx = ray.init(num_cpus=num_cpus, _node_ip_address=LOOPBACK, include_dashboard=True,
                            dashboard_host=LOOPBACK, dashboard_port=dashboard_port,
-                           logging_level=logging.WARNING, _system_config={"worker_niceness": 0})
+                           logging_level=logging.WARNING,
+                           _system_config={"worker_niceness": 0, "prestart_worker_first_driver": False})
     url = getattr(ctx, "dashboard_url", None)
     return f"http://{url}" if url and not url.startswith("http") else url
 

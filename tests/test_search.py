@@ -279,12 +279,22 @@ def _listening(process) -> list[tuple[str, str, int]]:
     return out
 
 
+def _is_worker(process) -> bool:
+    import psutil
+
+    try:
+        return any(part.endswith("default_worker.py") for part in process.cmdline()) or \
+            process.cmdline()[0].startswith("ray::IDLE")
+    except (psutil.NoSuchProcess, IndexError):
+        return False
+
+
 def _loopback(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%")[0])
     return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
 
 
-def test_local_ray_listens_on_loopback_only_and_runs_workers_at_the_users_priority():
+def test_local_ray_listens_on_loopback_only_and_runs_workers_at_the_users_priority_on_demand():
     import psutil
 
     assert not ray.is_initialized()
@@ -292,6 +302,9 @@ def test_local_ray_listens_on_loopback_only_and_runs_workers_at_the_users_priori
     try:
         url = start_ray(None, dashboard_port=0, num_cpus=1)
         assert url and url.startswith("http://127.0.0.1:")
+        # No idle worker started ahead of time (Ray's default starts them while ray.init runs).
+        time.sleep(1.0)
+        assert not [p for p in psutil.Process().children(recursive=True) if _is_worker(p)]
         # A worker is up, at this process's niceness (Ray's default would add 15).
         assert ray.get(ray.remote(lambda: os.nice(0)).remote()) == os.nice(0)
         # Every Ray process (GCS, raylet, dashboard, agents, workers) is this process or one of its descendants.
