@@ -2,7 +2,9 @@
 
 A reader, a concurrent writer or a crash sees the old file or the new one, never a torn one: a rename within
 one file system replaces the name in one step. Everything a running search, a resume or a report may read
-(parquet results, checkpoints, configs, figures, metrics) is written through here.
+(parquet results, checkpoints, configs, figures, metrics) is written through here. :func:`build_once` makes
+a cached artefact (the generated dataset, frame and flow caches, the pretrained start) once however many
+processes ask for it at the same time.
 """
 
 from __future__ import annotations
@@ -14,9 +16,13 @@ import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from filelock import FileLock
 
 from hawor_tune.errors import HaworTuneError
+
+T = TypeVar("T")
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -125,6 +131,35 @@ def atomic_replace_dir(path: str | os.PathLike, writer: Callable[[Path], Any]) -
         shutil.rmtree(tmp, ignore_errors=True)
     _fsync_dir(path.parent)
     return path
+
+
+def build_once(path: str | os.PathLike, find: Callable[[], T | None], build: Callable[[], Any]) -> T | None:
+    """What ``find()`` returns, after ``build()`` has made it if ``find()`` found nothing (None).
+
+    Many processes (the search's driver, its trials) may ask at the same time: the build runs under the file
+    lock ``<path>.lock`` and ``find()`` looks again once the lock is taken, since another process may have
+    built it meanwhile. ``build`` should write atomically, so that a killed build leaves nothing ``find``
+    accepts.
+
+    Args:
+        path: the artefact; its lock file sits beside it and its folder is created if missing.
+        find: the artefact if it is there and sound, else None.
+        build: makes it.
+
+    Returns:
+        ``find()``'s answer after the build: still None if the build made nothing it accepts (callers say why).
+    """
+    found = find()
+    if found is not None:
+        return found
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{path}.lock"):
+        found = find()
+        if found is None:
+            build()
+            found = find()
+    return found
 
 
 def _temp_path(path: Path, tag: str) -> Path:

@@ -20,9 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from filelock import FileLock
 
-from hawor_tune.atomic import atomic_write
+from hawor_tune.atomic import atomic_write, build_once
 from hawor_tune.config import ExperimentConfig
 from hawor_tune.data.cache import cache_root, spec_key
 from hawor_tune.data.synthetic import MARKER
@@ -96,19 +95,19 @@ def ensure_flow_fit(cfg: ExperimentConfig) -> Path | None:
     from hawor_tune.data import build_dataset
 
     path = flow_fit_file(cfg)
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(path) + ".lock"):
-            if not path.is_file():  # another process may have made it while we waited
-                fcfg = dataclasses.replace(cfg, data=dataclasses.replace(
-                    cfg.data, seq_len=FIT_FRAMES, stride=FIT_STRIDE, crop_jitter=0.0, train_on_val=False))
-                clips = build_dataset(fcfg, "train")
-                log.warning("fitting the camera's flow head once on %d training clips; cached at %s",
-                            min(len(clips), FIT_CLIPS), path)
-                fit = fit_flow_head(clips)
-                log.warning("flow head fitted on %d frames: camera translation error %.1f mm on them, against "
-                            "%.1f mm for a static camera", fit["frames"], fit["fit_mm"], fit["static_mm"])
-                atomic_write(path, lambda tmp: torch.save(fit, tmp))
+
+    def build() -> None:
+        fcfg = dataclasses.replace(cfg, data=dataclasses.replace(
+            cfg.data, seq_len=FIT_FRAMES, stride=FIT_STRIDE, crop_jitter=0.0, train_on_val=False))
+        clips = build_dataset(fcfg, "train")
+        log.warning("fitting the camera's flow head once on %d training clips; cached at %s",
+                    min(len(clips), FIT_CLIPS), path)
+        fit = fit_flow_head(clips)
+        log.warning("flow head fitted on %d frames: camera translation error %.1f mm on them, against "
+                    "%.1f mm for a static camera", fit["frames"], fit["fit_mm"], fit["static_mm"])
+        atomic_write(path, lambda tmp: torch.save(fit, tmp))
+
+    build_once(path, lambda: path if path.is_file() else None, build)
     return path
 
 

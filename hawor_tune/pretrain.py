@@ -19,8 +19,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from filelock import FileLock
-
+from hawor_tune.atomic import build_once
 from hawor_tune.config import DataConfig, ExperimentConfig, LossConfig, OptimConfig
 from hawor_tune.data.cache import cache_root, spec_key
 from hawor_tune.data.synthetic import GENERATOR_VERSION, MARKER
@@ -105,26 +104,25 @@ def ensure_pretrained(cfg: ExperimentConfig) -> ExperimentConfig:
     if cfg.model.pretrained_path or cfg.pretrain.epochs == 0:
         return cfg
     path = pretrained_file(cfg)
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(path) + ".lock"):
-            if not path.is_file():  # another process may have made it while we waited
-                # Imported only to train: the trainer's torch, timm and torchvision imports take seconds of
-                # every search's start-up, which finds the start cached.
-                from hawor_tune.checkpoint import export_model
-                from hawor_tune.train import fit
-
-                run_dir = path.with_name(f".{path.stem}.run")
-                shutil.rmtree(run_dir, ignore_errors=True)  # left by a killed pretraining
-                pcfg = pretrain_config(cfg, run_dir)
-                log.warning("pretraining the hand branch once on single frames of %s (%d epochs); cached at %s",
-                            pcfg.data.root, pcfg.train.epochs, path)
-                result = fit(pcfg)
-                if result.status != "completed":
-                    raise RuntimeError(f"pretraining {result.status}: {result.reason}")
-                export_model(path, model=result.model, config=pcfg, epoch=result.epochs_run,
-                             history=result.history)
-                shutil.rmtree(run_dir, ignore_errors=True)
+    build_once(path, lambda: path if path.is_file() else None, lambda: _pretrain(cfg, path))
     out = copy.deepcopy(cfg)
     out.model.pretrained_path = str(path)
     return out
+
+
+def _pretrain(cfg: ExperimentConfig, path: Path) -> None:
+    # Imported only to train: the trainer's torch, timm and torchvision imports take seconds of every
+    # search's start-up, which finds the start cached.
+    from hawor_tune.checkpoint import export_model
+    from hawor_tune.train import fit
+
+    run_dir = path.with_name(f".{path.stem}.run")
+    shutil.rmtree(run_dir, ignore_errors=True)  # left by a killed pretraining
+    pcfg = pretrain_config(cfg, run_dir)
+    log.warning("pretraining the hand branch once on single frames of %s (%d epochs); cached at %s",
+                pcfg.data.root, pcfg.train.epochs, path)
+    result = fit(pcfg)
+    if result.status != "completed":
+        raise RuntimeError(f"pretraining {result.status}: {result.reason}")
+    export_model(path, model=result.model, config=pcfg, epoch=result.epochs_run, history=result.history)
+    shutil.rmtree(run_dir, ignore_errors=True)

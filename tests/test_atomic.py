@@ -1,5 +1,5 @@
 """Tests for hawor_tune.atomic: writes land whole, a failed write changes nothing, concurrent writes never tear,
-a full disk is one line."""
+a full disk is one line, a cached artefact is built once however many ask for it."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import errno
 import io
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from hawor_tune.atomic import (
     atomic_write,
     atomic_write_bytes,
     atomic_write_text,
+    build_once,
 )
 
 OLD = b"old content\n"
@@ -191,3 +193,46 @@ def test_other_write_errors_are_not_disk_full(tmp_path):
     with pytest.raises(PermissionError) as info:
         atomic_write(tmp_path / "f", denied)
     assert not isinstance(info.value, DiskFullError)
+
+
+def _made(path: Path) -> Callable[[], Path | None]:
+    """``find`` of an artefact that is sound when it holds exactly b"made"."""
+    return lambda: path if path.is_file() and path.read_bytes() == b"made" else None
+
+
+def test_build_once_builds_once_for_concurrent_callers(tmp_path: Path) -> None:
+    path, builds = tmp_path / "sub" / "artefact.bin", []
+
+    def build() -> None:
+        builds.append(threading.get_ident())
+        time.sleep(0.3)  # the other callers arrive meanwhile and wait on the lock
+        atomic_write_bytes(path, b"made")
+
+    results, errors = run_concurrently(lambda: build_once(path, _made(path), build), n=4)
+    assert not errors and results == [path] * 4
+    assert len(builds) == 1
+    assert build_once(path, _made(path), build) == path and len(builds) == 1  # found: not built again
+
+
+def test_build_once_rebuilds_what_find_rejects(tmp_path: Path) -> None:
+    path, builds = tmp_path / "artefact.bin", []
+    path.write_bytes(b"torn")
+
+    def build() -> None:
+        builds.append(1)
+        atomic_write_bytes(path, b"made")
+
+    assert build_once(path, _made(path), build) == path
+    assert path.read_bytes() == b"made" and builds == [1]
+
+
+def test_build_once_is_none_when_the_build_makes_nothing_and_raises_what_the_build_raises(tmp_path: Path) -> None:
+    path = tmp_path / "artefact.bin"
+    assert build_once(path, _made(path), lambda: None) is None
+
+    def failing() -> None:
+        raise WriterFailed("no")
+
+    with pytest.raises(WriterFailed):
+        build_once(path, _made(path), failing)
+    assert build_once(path, _made(path), lambda: atomic_write_bytes(path, b"made")) == path  # lock released

@@ -18,9 +18,9 @@ import uuid
 from pathlib import Path
 
 import torch
-from filelock import FileLock
 from torch.utils.data import DataLoader
 
+from hawor_tune.atomic import build_once
 from hawor_tune.config import ExperimentConfig, SyntheticConfig
 from hawor_tune.data.arctic import (
     SPLITS,
@@ -55,10 +55,8 @@ def ensure_dataset(cfg: ExperimentConfig) -> Path:
             raise DatasetError(f"data.root {root} holds no dataset (no raw_seqs/ folder): point data.root at "
                                "ARCTIC's 'arctic_data/data' folder, or set data.generate=true to generate a "
                                "synthetic dataset there")
-        root.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(root) + ".lock"):
-            if not (root / "raw_seqs").is_dir():  # no other process generated it while we waited
-                _generate_atomically(root, cfg)
+        build_once(root, lambda: root if (root / "raw_seqs").is_dir() else None,
+                   lambda: _generate_atomically(root, cfg))
     _check_generated(root, cfg)
     return root
 

@@ -28,8 +28,8 @@ from typing import Any
 
 import cv2
 import numpy as np
-from filelock import FileLock
 
+from hawor_tune.atomic import build_once
 from hawor_tune.errors import HaworTuneError
 
 # Bump when the cache's content or layout changes, so that old caches are not read.
@@ -212,24 +212,20 @@ class FrameCache:
         """
         cache_dir = Path(cache_dir)
         folder = cache_dir / f"frames-{split}-{size}px-{_cache_key(root, split, size, sources)}"
-        cache = cls._open_valid(folder)
-        if cache is not None:
-            return cache
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(folder) + ".lock"):
-            cache = cls._open_valid(folder)  # another process may have built it while we waited
-            if cache is None:
-                for stale in cache_dir.glob(f".{folder.name}.tmp-*"):  # left by a killed builder
-                    shutil.rmtree(stale, ignore_errors=True)
-                shutil.rmtree(folder, ignore_errors=True)  # incomplete (no index) or damaged
-                tmp = cache_dir / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
-                try:
-                    _build(tmp, root=root, split=split, size=size, sources=sources, threads=threads)
-                    os.replace(tmp, folder)
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                cache = cls(folder)
-        return cache
+
+        def build() -> None:
+            for stale in cache_dir.glob(f".{folder.name}.tmp-*"):  # left by a killed builder
+                shutil.rmtree(stale, ignore_errors=True)
+            shutil.rmtree(folder, ignore_errors=True)  # incomplete (no index) or damaged
+            tmp = cache_dir / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+            try:
+                _build(tmp, root=root, split=split, size=size, sources=sources, threads=threads)
+                os.replace(tmp, folder)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+        cache = build_once(folder, lambda: cls._open_valid(folder), build)
+        return cache if cache is not None else cls(folder)  # built but unreadable: cls() says why
 
     @classmethod
     def _open_valid(cls, folder: Path) -> FrameCache | None:

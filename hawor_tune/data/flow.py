@@ -28,9 +28,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from filelock import FileLock
 
-from hawor_tune.atomic import atomic_write
+from hawor_tune.atomic import atomic_write, build_once
 
 log = logging.getLogger(__name__)
 
@@ -92,25 +91,21 @@ def cached_clip_flows(folder: str | Path, *, name: str, key: object, shape: tupl
     """
     spec = json.dumps({"version": FLOW_VERSION, "key": key, "shape": list(shape)}, sort_keys=True, default=str)
     path = Path(folder) / f"flow-{name}-{hashlib.sha1(spec.encode()).hexdigest()[:16]}.npy"
-    flows = _open_valid(path, shape)
-    if flows is not None:
-        return flows
+
+    def build() -> None:
+        log.info("building the %s flow cache: %d clips -> %s", name, shape[0], path)
+        out = np.empty(shape, dtype=np.float32)
+        for i in range(shape[0]):
+            out[i] = compute(i)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.save(f, out)
+
+        atomic_write(path, write)
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(path) + ".lock"):
-            flows = _open_valid(path, shape)  # another process may have built it while we waited
-            if flows is None:
-                log.info("building the %s flow cache: %d clips -> %s", name, shape[0], path)
-                out = np.empty(shape, dtype=np.float32)
-                for i in range(shape[0]):
-                    out[i] = compute(i)
-
-                def write(tmp: Path) -> None:
-                    with open(tmp, "wb") as f:
-                        np.save(f, out)
-
-                atomic_write(path, write)
-                flows = _open_valid(path, shape)
+        flows = build_once(path, lambda: _open_valid(path, shape), build)
     except PermissionError as e:
         log.warning("cannot write the flow cache %s (%s): computing each clip's flow when it is read", path, e)
         return None
