@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -445,3 +446,35 @@ def test_a_data_fault_found_while_ray_starts_is_one_line_and_frees_the_name(tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(tmp_path / "empty") in err[0], err
     assert started and not (tmp_path / "r" / "x").exists()
+
+
+def test_data_prepared_before_is_checked_in_a_thread_at_the_lowest_priority(synthetic_dataset, monkeypatch):
+    import hawor_tune.search as search
+
+    cfg = synthetic_dataset.config()
+    search.prepare_data(cfg)  # what a first search does: here the caches and the flow-head fit
+    checked = []
+    real = search.prepare_data
+
+    def recording(c):
+        checked.append((threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        real(c)
+
+    monkeypatch.setattr(search, "prepare_data", recording)
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert search.prepare_in_background(cfg).result(timeout=120) is True
+    ((thread, nice),) = checked
+    assert thread != threading.get_native_id()
+    if sys.platform.startswith("linux"):
+        assert nice == 19
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine  # that thread's alone
+
+
+def test_a_first_search_is_left_to_the_caller(tmp_path, synthetic_dataset, monkeypatch):
+    import hawor_tune.search as search
+
+    called = []
+    monkeypatch.setattr(search, "prepare_data", lambda c: called.append(c))
+    fresh = synthetic_dataset.config({"data.root": str(tmp_path / "not_generated_yet")})
+    assert search.prepare_in_background(fresh).result(timeout=60) is False
+    assert called == [] and not (tmp_path / "not_generated_yet").exists()
