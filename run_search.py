@@ -225,7 +225,7 @@ def _search(args: argparse.Namespace, argv: list[str]) -> int:
 
     from hawor_tune.search import prepare_in_background, run_search, start_ray
 
-    # The check of data an earlier search prepared runs while Ray starts (a first search prepares it after).
+    # The data check (on a first search: the data's generation and the pretraining) runs while Ray starts.
     preparing = prepare_in_background(space.base_config)
     try:
         url = start_ray(args.address, args.dashboard_port)

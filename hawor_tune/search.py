@@ -142,30 +142,47 @@ def _yield_cpu() -> None:
 
 
 def prepare_in_background(cfg: ExperimentConfig) -> Future:
-    """Check ``cfg``'s data (:func:`prepare_data`) in a thread of its own while the local Ray starts, when an
-    earlier search prepared it (:func:`_made_before`). The future's result says whether it did: False leaves a
-    first search's one-time generation and pretraining (minutes) to the caller, at the caller's priority; an
-    error is re-raised by the future.
+    """:func:`prepare_data` in threads of their own, so that the local Ray starts meanwhile; the returned
+    future re-raises its error.
 
-    The thread runs at nice 19. On 2 cores the check (importing torch, re-reading both splits' labels: about
-    4 s of CPU) otherwise took the CPU that Ray's own start-up needs: ``ray.init`` took 5.0-5.8 s alone and
-    7.1-10.4 s beside it, and the first trial waits for both. The thread is a daemon: Ctrl-C does not wait
-    for it."""
+    Data an earlier search prepared (:func:`_made_before`) is only checked, in a thread at nice 19: on 2 cores
+    the check (importing torch, re-reading both splits' labels: about 4 s of CPU) otherwise took the CPU that
+    Ray's own start-up needs (``ray.init`` took 5.0-5.8 s alone, 7.1-10.4 s beside it), and the first trial
+    waits for both. A first search's one-time generation and pretraining (minutes) run in a second thread at
+    the caller's priority (a thread's nice value is its own, and a thread cannot raise it again). Both are
+    daemons: Ctrl-C does not wait for them; what they make is written atomically and made again by the next
+    search."""
     future: Future = Future()
+    made_before: Future = Future()
 
-    def run() -> None:
+    def check() -> None:
         _yield_cpu()
         try:
             made = _made_before(cfg)
-            if made:
-                prepare_data(cfg)
         except BaseException as e:  # handed to whoever waits on the future
+            made_before.set_result(True)  # nothing for the other thread to do
             future.set_exception(e)
-        else:
-            future.set_result(made)
+            return
+        made_before.set_result(made)
+        if made:
+            _settle(future, cfg)
 
-    threading.Thread(target=run, name="prepare-data", daemon=True).start()
+    def first_time() -> None:
+        if not made_before.result():
+            _settle(future, cfg)
+
+    threading.Thread(target=check, name="check-data", daemon=True).start()
+    threading.Thread(target=first_time, name="prepare-data", daemon=True).start()
     return future
+
+
+def _settle(future: Future, cfg: ExperimentConfig) -> None:
+    try:
+        prepare_data(cfg)
+    except BaseException as e:  # handed to whoever waits on the future
+        future.set_exception(e)
+    else:
+        future.set_result(None)
 
 
 def _searcher(space: SearchSpace, warm_trials: list | None = None, *, first_point_default: bool = True) -> Any:
@@ -463,14 +480,16 @@ def run_search(space: SearchSpace, *, storage: str | os.PathLike, name: str, res
         mlflow_uri: log every trial to this MLflow tracking URI (:mod:`hawor_tune.mlflow_tracking`).
         warm_trials: an earlier search's finished Optuna trials that seed the sampler
             (:func:`hawor_tune.optuna_study.warm_start_trials`).
-        prepared: the data's check, already started by :func:`prepare_in_background`; None, or a check that
-            found the one-time preparation still to do, prepares it here.
+        prepared: the data's preparation, already started by :func:`prepare_in_background`; None prepares
+            it here.
     """
     storage = check_storage(storage)
     exp_dir = check_resumable(storage, name, label="resume") if resume else _claim(storage / name)
     try:
-        if prepared is None or not prepared.result():
+        if prepared is None:
             prepare_data(space.base_config)
+        else:
+            prepared.result()
     except BaseException:
         if not resume:
             with contextlib.suppress(OSError):

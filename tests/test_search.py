@@ -462,7 +462,7 @@ def test_data_prepared_before_is_checked_in_a_thread_at_the_lowest_priority(synt
 
     monkeypatch.setattr(search, "prepare_data", recording)
     mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    assert search.prepare_in_background(cfg).result(timeout=120) is True
+    assert search.prepare_in_background(cfg).result(timeout=120) is None
     ((thread, nice),) = checked
     assert thread != threading.get_native_id()
     if sys.platform.startswith("linux"):
@@ -470,11 +470,14 @@ def test_data_prepared_before_is_checked_in_a_thread_at_the_lowest_priority(synt
         assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine  # that thread's alone
 
 
-def test_a_first_search_is_left_to_the_caller(tmp_path, synthetic_dataset, monkeypatch):
+def test_a_first_search_is_prepared_in_a_thread_at_the_callers_priority(tmp_path, synthetic_dataset, monkeypatch):
     import hawor_tune.search as search
 
-    called = []
-    monkeypatch.setattr(search, "prepare_data", lambda c: called.append(c))
+    prepared = []
+    monkeypatch.setattr(search, "prepare_data", lambda c: prepared.append(
+        (c, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))))
     fresh = synthetic_dataset.config({"data.root": str(tmp_path / "not_generated_yet")})
-    assert search.prepare_in_background(fresh).result(timeout=60) is False
-    assert called == [] and not (tmp_path / "not_generated_yet").exists()
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert search.prepare_in_background(fresh).result(timeout=60) is None
+    ((cfg, thread, nice),) = prepared  # generation and pretraining, once
+    assert cfg is fresh and thread != threading.get_native_id() and nice == mine
