@@ -96,12 +96,17 @@ def pretrained_file(cfg: ExperimentConfig) -> Path:
     return cache_root(cfg.data.cache_dir, cfg.data.root) / "pretrained" / f"hand-{pretrain_key(cfg)}.pt"
 
 
+def makes_own_start(cfg: ExperimentConfig) -> bool:
+    """Whether ``cfg`` starts from a pretraining of its own: it names no weights and does not disable it."""
+    return not cfg.model.pretrained_path and cfg.pretrain.epochs != 0
+
+
 def ensure_pretrained(cfg: ExperimentConfig) -> ExperimentConfig:
     """``cfg`` with ``model.pretrained_path`` pointing at its hand-pretrained start, made once if needed.
 
     Returns ``cfg`` itself when it names its own weights or disables pretraining (``pretrain.epochs: 0``).
     """
-    if cfg.model.pretrained_path or cfg.pretrain.epochs == 0:
+    if not makes_own_start(cfg):
         return cfg
     path = pretrained_file(cfg)
     build_once(path, lambda: path if path.is_file() else None, lambda: _pretrain(cfg, path))

@@ -125,11 +125,11 @@ def _made_before(cfg: ExperimentConfig) -> bool:
     start and the camera's flow-head fit are cached. :func:`prepare_data` then only checks them (and builds a
     frame or flow cache that is missing)."""
     from hawor_tune.flow_fit import flow_fit_file
-    from hawor_tune.pretrain import pretrained_file
+    from hawor_tune.pretrain import makes_own_start, pretrained_file
 
     if not (Path(cfg.data.root) / "raw_seqs").is_dir():
         return False
-    if not (cfg.model.pretrained_path or cfg.pretrain.epochs == 0 or pretrained_file(cfg).is_file()):
+    if makes_own_start(cfg) and not pretrained_file(cfg).is_file():
         return False
     return not cfg.data.flow_grid or flow_fit_file(cfg).is_file()
 
