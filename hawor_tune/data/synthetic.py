@@ -20,7 +20,8 @@ motion passes through: a single-image hand set, the kind HaMeR trains on, for th
 (:mod:`hawor_tune.pretrain`); within a video sequence the fingers barely change, so a network trained on
 its frames sees few distinct hands.
 
-Everything is drawn from ``numpy.random.SeedSequence(seed)``: the same seed gives byte-identical files.
+Everything is drawn from ``numpy.random.SeedSequence(seed)``, each sequence from its own stream: the same seed
+gives byte-identical files, however many processes render them (one per CPU for a set of any size).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,7 +75,8 @@ _FRAMES_STREAM = 1_000_000  # spawn key of the ``frames`` sets' sequence seeds, 
 _ORIENT_GAIN = 1.3  # a sum of sines with unit total weight rarely nears 1; this widens the typical swing
 
 
-def generate(root: str | os.PathLike, synth: SyntheticConfig, mano_cfg: ManoConfig) -> dict[str, dict[str, Any]]:
+def generate(root: str | os.PathLike, synth: SyntheticConfig, mano_cfg: ManoConfig,
+             workers: int | None = None) -> dict[str, dict[str, Any]]:
     """Write a synthetic dataset in ARCTIC's layout at ``root`` and return its ground truth.
 
     Args:
@@ -80,6 +84,9 @@ def generate(root: str | os.PathLike, synth: SyntheticConfig, mano_cfg: ManoConf
         synth: sizes, seed and motion. Subject s<N> is the test split, s<N-1> validation, the rest (and the
             ``extra_subjects`` after s<N>) training.
         mano_cfg: the hand model the hands are posed and rendered with; read the data with the same one.
+        workers: processes that render sequences side by side (the files are the same for any number).
+            None: one per CPU this process may use, or only this process for a set under
+            ``_POOL_MIN_FRAMES`` frames.
 
     Returns:
         Per sequence ``"<sid>/<seq>"``, arrays over all annotated frames computed in the generator's own
@@ -91,13 +98,11 @@ def generate(root: str | os.PathLike, synth: SyntheticConfig, mano_cfg: ManoConf
     root = Path(root)
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"cannot generate a synthetic dataset into {root}: the folder is not empty")
-    # Annotations in ARCTIC's convention: its MANO layers never flip the left shapedirs (see data.build_dataset).
-    layers = tuple(build_mano(mano_cfg, side, fix_left_shapedirs=False) for side in HANDS)
-    axes = [_hand_axes(layer) for layer in layers]
+    layers = _hand_layers(mano_cfg)
     n = synth.subjects
     misc: dict[str, Any] = {}
     splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
-    truth: dict[str, dict[str, Any]] = {}
+    jobs: list[_SequenceJob] = []
     for i, seed in enumerate(np.random.SeedSequence(synth.seed).spawn(n + synth.extra_subjects)):
         sid = f"s{i + 1:02d}"
         rng = np.random.default_rng(seed)
@@ -110,15 +115,75 @@ def generate(root: str | os.PathLike, synth: SyntheticConfig, mano_cfg: ManoConf
             obj, action = pairs[j % len(pairs)]
             name = f"{obj}_{action}_{j // len(pairs) + 1:02d}"
             events = {"excursion": (i + j) % 3 != 2, "excursion_hand": (i + j) % 2}
-            truth[f"{sid}/{name}"] = _write_sequence(root, sid, name, np.random.default_rng(seq_seed), subject,
-                                                     layers, axes, synth.frames_per_sequence, events,
-                                                     independent=synth.motion == "frames")
+            jobs.append(_SequenceJob(root, sid, name, seq_seed, subject, synth.frames_per_sequence, events,
+                                     independent=synth.motion == "frames"))
             splits[split].append(f"{sid}/{name}")
+    if workers is None:
+        workers = _usable_cpus() if len(jobs) * synth.frames_per_sequence >= _POOL_MIN_FRAMES else 1
+    truth = dict(zip((f"{job.sid}/{job.name}" for job in jobs), _write_sequences(jobs, mano_cfg, layers, workers)))
     _write_json(root / "meta" / "misc.json", misc)
     _write_json(root / "splits_json" / "protocol_p2.json", splits)
     _write_json(root / MARKER, {"generator_version": GENERATOR_VERSION, "mano_kind": layers[0].kind,
                                 "synthetic": dataclasses.asdict(synth)})
     return truth
+
+
+# Rendering is single-threaded Python (one fill per triangle), so one process per CPU renders sequences side
+# by side. Starting one costs about 2 s (it imports torch): smaller sets stay in the calling process.
+_POOL_MIN_FRAMES = 2000
+
+
+@dataclass(frozen=True)
+class _SequenceJob:
+    """One sequence to write: everything it needs but the hand model, which each process builds once."""
+
+    root: Path
+    sid: str
+    name: str
+    seed: np.random.SeedSequence  # the sequence's own stream: its files do not depend on which process writes it
+    subject: dict[str, Any]
+    frames: int
+    events: dict[str, Any]
+    independent: bool
+
+
+def _hand_layers(mano_cfg: ManoConfig) -> tuple[MANOLayer, MANOLayer]:
+    # Annotations in ARCTIC's convention: its MANO layers never flip the left shapedirs (see data.build_dataset).
+    return tuple(build_mano(mano_cfg, side, fix_left_shapedirs=False) for side in HANDS)
+
+
+def _usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _write_sequences(jobs: list[_SequenceJob], mano_cfg: ManoConfig, layers: tuple[MANOLayer, MANOLayer],
+                     workers: int) -> list[dict[str, Any]]:
+    """Each job's ground truth, in order, its files written by ``workers`` processes (1: this one, with
+    ``layers``; others build them from ``mano_cfg``)."""
+    if workers <= 1 or len(jobs) <= 1:
+        axes = [_hand_axes(layer) for layer in layers]
+        return [_write_job(job, (layers, axes)) for job in jobs]
+    # Spawned, not forked: the caller may be a threaded process (a search's driver prepares its data beside
+    # ray.init), and a fork copies only the forking thread, with whatever locks the others held.
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_init_writer, initargs=(mano_cfg,)) as pool:
+        return list(pool.map(_write_job, jobs))
+
+
+_HandModel = tuple[tuple[MANOLayer, MANOLayer], list[np.ndarray]]  # both hands' layers and their axes
+_worker_hands: _HandModel | None = None  # a rendering process's own, built once by _init_writer
+
+
+def _init_writer(mano_cfg: ManoConfig) -> None:
+    global _worker_hands
+    layers = _hand_layers(mano_cfg)
+    _worker_hands = layers, [_hand_axes(layer) for layer in layers]
+
+
+def _write_job(job: _SequenceJob, hands: _HandModel | None = None) -> dict[str, Any]:
+    layers, axes = hands or _worker_hands
+    return _write_sequence(job.root, job.sid, job.name, np.random.default_rng(job.seed), job.subject, layers,
+                           axes, job.frames, job.events, independent=job.independent)
 
 
 def _sequence_seeds(subject: np.random.SeedSequence, synth: SyntheticConfig,
