@@ -21,7 +21,7 @@ motion passes through: a single-image hand set, the kind HaMeR trains on, for th
 its frames sees few distinct hands.
 
 Everything is drawn from ``numpy.random.SeedSequence(seed)``, each sequence from its own stream: the same seed
-gives byte-identical files, however many processes render them (one per CPU for a set of any size).
+gives byte-identical files, however many processes render them (one per CPU for a large set).
 """
 
 from __future__ import annotations
