@@ -382,40 +382,71 @@ class MANOLayer(nn.Module):
             :class:`MANOOutput` with vertices (..., V, 3) and joints (..., 21, 3), OpenPose order.
         """
         lead = tuple(rotmats.shape[:-3])
+        self._check_shapes(rotmats, betas, transl)
+        R = rotmats.reshape(-1, NUM_KINEMATIC_JOINTS, 3, 3)  # (N, 16, 3, 3)
+        n, v = R.shape[0], self.num_vertices
+        G_t, vertices = self._skin(R, betas.reshape(n, self.num_betas), None)  # (N, 16, 3), (N, 3, V)
+        tips = vertices[:, :, self.tip_vertex_ids].transpose(1, 2)  # (N, 5, 3)
+        keypoints = torch.cat([G_t, tips], dim=1)[:, OPENPOSE_ORDER]  # (N, 21, 3)
+        vertices = vertices.transpose(1, 2).contiguous()  # (N, V, 3); contiguous so that callers can .view()
+        if transl is not None:
+            t = transl.reshape(n, 1, 3).to(vertices.dtype)
+            vertices, keypoints = vertices + t, keypoints + t
+        return MANOOutput(vertices=vertices.reshape(*lead, v, 3),
+                          joints=keypoints.reshape(*lead, NUM_JOINTS, 3))
+
+    def joints(self, rotmats: torch.Tensor, betas: torch.Tensor, transl: torch.Tensor | None = None) -> torch.Tensor:
+        """The joints of :meth:`forward`, (..., 21, 3), the same values, without the vertices: only the five
+        fingertip vertices are skinned, not all V (778 for MANO). Labels need only the joints."""
+        lead = tuple(rotmats.shape[:-3])
+        self._check_shapes(rotmats, betas, transl)
+        R = rotmats.reshape(-1, NUM_KINEMATIC_JOINTS, 3, 3)  # (N, 16, 3, 3)
+        n = R.shape[0]
+        G_t, tips = self._skin(R, betas.reshape(n, self.num_betas), self.tip_vertex_ids)  # (N, 16, 3), (N, 3, 5)
+        keypoints = torch.cat([G_t, tips.transpose(1, 2)], dim=1)[:, OPENPOSE_ORDER]  # (N, 21, 3)
+        if transl is not None:
+            keypoints = keypoints + transl.reshape(n, 1, 3).to(keypoints.dtype)
+        return keypoints.reshape(*lead, NUM_JOINTS, 3)
+
+    def _check_shapes(self, rotmats: torch.Tensor, betas: torch.Tensor, transl: torch.Tensor | None) -> None:
+        lead = tuple(rotmats.shape[:-3])
         if tuple(rotmats.shape[-3:]) != (NUM_KINEMATIC_JOINTS, 3, 3) or tuple(betas.shape) != (
                 *lead, self.num_betas):
             raise ValueError(f"MANO forward expects rotmats (..., 16, 3, 3) and betas (..., {self.num_betas}) "
                              f"with equal leading dims, got {tuple(rotmats.shape)} and {tuple(betas.shape)}")
         if transl is not None and tuple(transl.shape) != (*lead, 3):
             raise ValueError(f"MANO forward expects transl {(*lead, 3)}, got {tuple(transl.shape)}")
-        dtype, v = rotmats.dtype, self.num_vertices
-        R = rotmats.reshape(-1, NUM_KINEMATIC_JOINTS, 3, 3)  # (N, 16, 3, 3)
-        b = betas.reshape(-1, self.num_betas).to(dtype)  # (N, B)
-        n = R.shape[0]
 
-        v_posed = self._template_cm.to(dtype) + (b @ self._shapedirs_cm.to(dtype)).view(n, 3, v)  # (N, 3, V)
+    def _skin(self, R: torch.Tensor, betas: torch.Tensor,
+              vertex_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Joint positions (N, 16, 3) and skinned vertices (N, 3, V'), coordinate-major, of rotations
+        (N, 16, 3, 3) and betas (N, B): all V vertices, or only ``vertex_ids`` (V',), each computed exactly
+        as among all."""
+        dtype, v = R.dtype, self.num_vertices
+        b = betas.to(dtype)  # (N, B)
+        n = R.shape[0]
+        template, shapedirs = self._template_cm, self._shapedirs_cm  # (3, V), (B, 3*V)
+        posedirs, weights = self._posedirs_cm, self._weights_t  # (135, 3*V), (16, V)
+        if vertex_ids is not None:
+            v = len(vertex_ids)
+            template, weights = template[:, vertex_ids], weights[:, vertex_ids]
+            shapedirs = shapedirs.view(-1, 3, self.num_vertices)[:, :, vertex_ids].reshape(-1, 3 * v)
+            posedirs = posedirs.view(-1, 3, self.num_vertices)[:, :, vertex_ids].reshape(-1, 3 * v)
+
+        v_posed = template.to(dtype) + (b @ shapedirs.to(dtype)).view(n, 3, v)  # (N, 3, V)
         joints = self._joint_template.to(dtype) + torch.einsum("jck,nk->njc", self._joint_shapedirs.to(dtype),
                                                                b)  # (N, 16, 3)
         if self._use_posedirs:
             eye = torch.eye(3, dtype=dtype, device=R.device)
             pose_feature = (R[:, 1:] - eye).reshape(n, -1)  # (N, 135)
-            v_posed = v_posed + (pose_feature @ self._posedirs_cm.to(dtype)).view(n, 3, v)
+            v_posed = v_posed + (pose_feature @ posedirs.to(dtype)).view(n, 3, v)
 
         G_R, G_t = self._forward_kinematics(R, joints)  # (N, 16, 3, 3), (N, 16, 3)
         # Each joint's transform maps a rest point x to G_R (x - J) + G_t; blend those per vertex.
         offset = G_t - (G_R @ joints[..., None])[..., 0]  # (N, 16, 3)
         A = torch.cat([G_R, offset[..., None]], dim=-1).reshape(n, NUM_KINEMATIC_JOINTS, 12)  # (N, 16, 12)
-        T = (A.transpose(1, 2) @ self._weights_t.to(dtype)).view(n, 3, 4, v)  # (N, 3, 4, V)
-        vertices = (T[:, :, :3] * v_posed[:, None]).sum(2) + T[:, :, 3]  # (N, 3, V)
-
-        tips = vertices[:, :, self.tip_vertex_ids].transpose(1, 2)  # (N, 5, 3)
-        keypoints = torch.cat([G_t, tips], dim=1)[:, OPENPOSE_ORDER]  # (N, 21, 3)
-        vertices = vertices.transpose(1, 2).contiguous()  # (N, V, 3); contiguous so that callers can .view()
-        if transl is not None:
-            t = transl.reshape(n, 1, 3).to(dtype)
-            vertices, keypoints = vertices + t, keypoints + t
-        return MANOOutput(vertices=vertices.reshape(*lead, v, 3),
-                          joints=keypoints.reshape(*lead, NUM_JOINTS, 3))
+        T = (A.transpose(1, 2) @ weights.to(dtype)).view(n, 3, 4, v)  # (N, 3, 4, V)
+        return G_t, (T[:, :, :3] * v_posed[:, None]).sum(2) + T[:, :, 3]  # (N, 3, V)
 
     def _forward_kinematics(self, R: torch.Tensor, joints: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Global rotations (N, 16, 3, 3) and positions (N, 16, 3) of the joints, one depth level at a time."""

@@ -237,6 +237,27 @@ def test_forward_matches_numpy_reference(kind: str, side: str) -> None:
         np.testing.assert_allclose(joints[i], ref_j, atol=2e-6)
 
 
+@pytest.mark.parametrize("side", HANDS)
+@pytest.mark.parametrize("kind", ["procedural", "official"])
+def test_joints_alone_match_the_reference_and_forward(kind: str, side: str) -> None:
+    # Labels are built from joints() alone: the same joints as forward()'s, to the last bit, in a batch of
+    # leading dims (2, 3) with and without a translation.
+    params, layer = _model(kind, side)
+    rng = np.random.default_rng(3)
+    rotmats, betas, transl = _random_pose(6, seed=4), rng.normal(0, 1.5, (6, 10)), rng.normal(0, 0.3, (6, 3))
+    as_t = lambda a: torch.tensor(a, dtype=torch.float32).reshape(2, 3, *a.shape[1:])  # noqa: E731
+    with torch.no_grad():
+        for t in (None, as_t(transl)):
+            joints = layer.joints(as_t(rotmats), as_t(betas), t)
+            assert joints.shape == (2, 3, NUM_JOINTS, 3) and joints.dtype == torch.float32
+            assert torch.equal(joints, layer(as_t(rotmats), as_t(betas), t).joints)
+    for i in range(6):
+        _, ref_j = _reference(params, side, kind, rotmats[i], betas[i], transl[i])
+        np.testing.assert_allclose(joints.reshape(6, NUM_JOINTS, 3)[i].numpy(), ref_j, atol=2e-6)
+    with pytest.raises(ValueError, match="rotmats"):
+        layer.joints(as_t(rotmats)[..., :2, :], as_t(betas))
+
+
 def test_openpose_constants_agree_with_finger_layout() -> None:
     joints16, tips = np.arange(16.0)[:, None], np.arange(16.0, 21.0)[:, None]
     assert OPENPOSE_ORDER == _openpose(joints16, tips)[:, 0].astype(int).tolist()

@@ -342,8 +342,8 @@ def _posed_joints(layer: MANOLayer, rot: np.ndarray, pose: np.ndarray, trans: np
                   shape: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """World joints (N, 21, 3) and rotation matrices (N, 16, 3, 3) of ARCTIC's MANO parameters.
 
-    float32, like the stored parameters: float64 would double the cost (all vertices are skinned to get
-    the fingertips) for no precision the labels can use.
+    float32, like the stored parameters: float64 would cost more for no precision the labels can use. Only
+    the joints are posed (:meth:`MANOLayer.joints`): a trial builds its splits' labels while it starts.
     """
     joints, rotmats = [], []
     as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
@@ -352,7 +352,7 @@ def _posed_joints(layer: MANOLayer, rot: np.ndarray, pose: np.ndarray, trans: np
             sl = slice(s, s + _MANO_CHUNK)
             r = layer.pose_to_rotmats(as_tensor(rot[sl]), as_tensor(pose[sl]), relative_to_mean=True)
             betas = as_tensor(shape).expand(len(r), -1)
-            joints.append(layer(r, betas, as_tensor(trans[sl])).joints.double().numpy())
+            joints.append(layer.joints(r, betas, as_tensor(trans[sl])).double().numpy())
             rotmats.append(r.double().numpy())
     return np.concatenate(joints), np.concatenate(rotmats)
 
