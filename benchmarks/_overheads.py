@@ -104,6 +104,34 @@ class _MemoryWatch:
                 peak["uss"] = max(peak["uss"], info.uss)
 
 
+def measure_startup(out: Path, runs: int) -> dict[str, Any]:
+    """Start-up alone, ``runs`` times: one-trial searches of one epoch of a couple of batches (``SMOKE``), each
+    from ``run_search.py``'s start to its trial's first training step, as in :func:`measure_overheads`.
+    One run varies by seconds with what else the machine does; the median of several is the figure."""
+    from hawor_tune.config import load_config
+    from hawor_tune.search import prepare_data
+
+    out.mkdir(parents=True, exist_ok=True)
+    prepare_data(load_config(str(BASE)))
+    times, milestones = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        space = _space_file(work, num_samples=1, max_concurrent=1, epochs=1, extra=SMOKE)
+        for k in range(runs):
+            run = _search(space, work / "r", f"startup{k}", watch_memory=False)
+            ((_, first),) = run["seen"].items()
+            times.append(first - float(run["rows"][0]["time/epoch_s"]) - run["start"])
+            milestones.append(run["milestones"])
+            print(f"run {k + 1}/{runs}: start-up {times[-1]:.1f} s (output lines at "
+                  + ", ".join(f"{key} {v} s" for key, v in run["milestones"].items()) + ")", flush=True)
+    figures = {"startup_s": times, "median_s": float(np.median(times)), "milestones_s": milestones,
+               "load_average": os.getloadavg()[0]}
+    (out / "startup.json").write_text(json.dumps(figures, indent=1))
+    print(f"start-up over {runs} runs: median {figures['median_s']:.1f} s, {min(times):.1f}-{max(times):.1f} s "
+          f"(goal <= 15 s); wrote startup.json in {out}")
+    return figures
+
+
 def _search(space: Path, storage: Path, name: str, on_first_epoch: Callable[[], None] | None = None,
             watch_memory: bool = True) -> dict[str, Any]:
     """Run ``run_search.py`` on ``space``; the times each epoch row first appeared in epochs.parquet (its

@@ -2,6 +2,8 @@
 
     python benchmarks/bench_search.py --record-grid --storage /tmp/bench_grid      # once: the live grid
     python benchmarks/bench_search.py --replay --grid /tmp/bench_grid/lr_seq-grid --out benchmarks/out
+    python benchmarks/bench_search.py --overheads --out /tmp/bench_over                 # the service's costs
+    python benchmarks/bench_search.py --startup 8 --out /tmp/bench_startup              # its start-up alone
 
 See README, "Performance", for what each mode measures and the figures.
 """
@@ -291,6 +293,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run --methods live through the service, one seed (--live-seed), to confirm the replay")
     p.add_argument("--live-seed", type=_positive_int_or_zero, default=0)
     p.add_argument("--overheads", action="store_true", help="measure the service's own costs (run last: uses both cores)")
+    p.add_argument("--startup", type=_positive_int, metavar="RUNS",
+                   help="measure only the start-up, over RUNS one-trial searches of one short epoch (run alone)")
     p.add_argument("--smoke", action="store_true", help="with --overheads: a couple of batches per run, to check the plumbing")
     p.add_argument("--grid", help="the recorded grid's folder (default: <storage>/<name>)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "out"), help="folder for results.json and figures")
@@ -327,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.live:
             live(Path(args.space), storage=Path(args.storage), out=Path(args.out), methods=args.methods,
                  seed=args.live_seed, num_samples=args.num_samples, dashboard_port=args.dashboard_port)
+        if args.startup:
+            from _overheads import measure_startup
+            measure_startup(Path(args.out), args.startup)
         if args.overheads:
             from _overheads import measure_overheads
             measure_overheads(Path(args.out), smoke=args.smoke)

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -52,14 +53,24 @@ def train_trial(params: dict[str, Any], space: SearchSpace) -> None:
 
     Resumes from ``tune.get_checkpoint()`` (a retried or restored trial) and reports every epoch's
     metrics with that epoch's checkpoint. Torch uses as many threads as the trial has CPUs.
+
+    ``fit()`` writes into a temporary folder, removed when the trial ends (or ASHA stops it), not into
+    the trial's folder: Ray copies that folder to the storage after every report and never deletes there,
+    so each epoch's checkpoint would be stored once more, and left in Ray's session folder under /tmp for
+    good. Tune's own copy of each reported checkpoint (``CheckpointConfig(num_to_keep=2)``) is the one kept.
     """
+    with tempfile.TemporaryDirectory(prefix="hawor-trial-") as run_dir:
+        _train_trial(params, space, run_dir)
+
+
+def _train_trial(params: dict[str, Any], space: SearchSpace, run_dir: str) -> None:
     from hawor_tune.train import fit
 
     ctx = tune.get_context()
     cpus = ctx.get_trial_resources().required_resources.get("CPU", 1) if ctx.get_trial_resources() else 1
     threads = max(1, math.ceil(cpus))
-    cfg = space.trial_config(params, {"train.out_dir": os.path.join(ctx.get_trial_dir(), "run"),
-                                      "train.threads": threads, "train.keep_checkpoints": 1})
+    cfg = space.trial_config(params, {"train.out_dir": run_dir, "train.threads": threads,
+                                      "train.keep_checkpoints": 1})
     node_id = ray.get_runtime_context().get_node_id()
 
     # Each result names its epoch as Ray's training_iteration, which otherwise counts reports: a trial that
