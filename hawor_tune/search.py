@@ -57,7 +57,8 @@ def train_trial(params: dict[str, Any], space: SearchSpace) -> None:
     ``fit()`` writes into a temporary folder, removed when the trial ends (or ASHA stops it), not into
     the trial's folder: Ray copies that folder to the storage after every report and never deletes there,
     so each epoch's checkpoint would be stored once more, and left in Ray's session folder under /tmp for
-    good. Tune's own copy of each reported checkpoint (``CheckpointConfig(num_to_keep=2)``) is the one kept.
+    good. Tune's own copies of the reported checkpoints are the ones kept (``CheckpointConfig(num_to_keep=2)``:
+    the two best by the metric, and the newest).
     """
     with tempfile.TemporaryDirectory(prefix="hawor-trial-") as run_dir:
         _train_trial(params, space, run_dir)

@@ -254,10 +254,13 @@ def fit(config: ExperimentConfig, on_epoch: EpochHook | None = None,
                                              epoch=epoch, optimizer=optimizer, scheduler=scheduler,
                                              history=history))
         prune_checkpoints(ckpt_root, cfg.train.keep_checkpoints)
+        # One-frame clips (the pretraining's) have no camera motion to score: their camera errors are NaN.
+        cam = (f"{val['cam_trans_error']:.1f} mm / {val['cam_rot_error']:.2f} deg"
+               if math.isfinite(val["cam_trans_error"]) else "n/a")
         print(f"epoch {epoch:3d}/{cfg.train.epochs}  loss {losses['loss']:.4f}  "
               f"val MPJPE {val['mpjpe']:.1f} mm (L {val['mpjpe_left']:.1f} / R {val['mpjpe_right']:.1f})  "
-              f"PA-MPJPE {val['pa_mpjpe']:.1f} mm  cam {val['cam_trans_error']:.1f} mm / "
-              f"{val['cam_rot_error']:.2f} deg  lr {record['lr']:.2e}  {record['time/epoch_s']:.1f} s", flush=True)
+              f"PA-MPJPE {val['pa_mpjpe']:.1f} mm  cam {cam}  lr {record['lr']:.2e}  {record['time/epoch_s']:.1f} s",
+              flush=True)
         if on_epoch is not None:
             on_epoch(record, checkpoint_dir)
     return FitResult("completed", f"trained {last_epoch} epochs", len(history), history, checkpoint_dir, model)
