@@ -54,11 +54,12 @@ def train_trial(params: dict[str, Any], space: SearchSpace) -> None:
     Resumes from ``tune.get_checkpoint()`` (a retried or restored trial) and reports every epoch's
     metrics with that epoch's checkpoint. Torch uses as many threads as the trial has CPUs.
 
-    ``fit()`` writes into a temporary folder, removed when the trial ends (or ASHA stops it), not into
-    the trial's folder: Ray copies that folder to the storage after every report and never deletes there,
-    so each epoch's checkpoint would be stored once more, and left in Ray's session folder under /tmp for
-    good. Tune's own copies of the reported checkpoints are the ones kept (``CheckpointConfig(num_to_keep=2)``:
-    the two best by the metric, and the newest).
+    ``fit()`` writes into a temporary folder (in the system's temporary directory), removed when the trial
+    ends or ASHA stops it (a worker killed outright leaves it there), not into the trial's folder: Ray
+    copies that folder to the storage after every report and never deletes there, so each epoch's
+    checkpoint would be stored once more, and left in Ray's session folder under /tmp for good. Tune's own
+    copies of the reported checkpoints are the ones kept (``CheckpointConfig(num_to_keep=2)``: the two best
+    by the metric, and the newest).
     """
     with tempfile.TemporaryDirectory(prefix="hawor-trial-") as run_dir:
         _train_trial(params, space, run_dir)
