@@ -13,9 +13,16 @@ import torch
 from conftest import run_concurrently
 
 import hawor_tune.data as data
-from hawor_tune.data import DatasetError, build_dataset, ensure_dataset, read_split
+from hawor_tune.data import (
+    DatasetError,
+    build_dataset,
+    ensure_dataset,
+    load_sequence,
+    load_sequences,
+    read_split,
+)
 from hawor_tune.data.flow import clip_flow
-from hawor_tune.mano import HANDS
+from hawor_tune.mano import HANDS, build_mano
 
 # conftest's dataset: 64x48 frames letterboxed to 64 (scale 1, 8 rows of padding on top), 32 px hand crops,
 # the whole frame resized to 32 px (scale 1/2) and its optical flow pooled onto 4 x 4 cells.
@@ -73,6 +80,22 @@ def test_labels_match_the_generators_ground_truth(synthetic_dataset, split):
         # Finger rotations are proper rotations (what the MANO layer was given).
         R = item["rotmats"].double().numpy()
         np.testing.assert_allclose(np.linalg.det(R), 1.0, atol=1e-5)
+
+
+def test_a_split_posed_at_once_equals_its_sequences_one_at_a_time(synthetic_dataset):
+    # A dataset poses each hand once for all its sequences: each sequence's labels, cut from the middle of
+    # that batch, must be exactly those it gets alone.
+    cfg = synthetic_dataset.config()
+    mano = [build_mano(cfg.mano, side, fix_left_shapedirs=False) for side in HANDS]
+    names = [n for split in ("train", "val", "test") for n in read_split(synthetic_dataset.root, split)]
+    kwargs = {"mano": mano, "frame_size": FRAME_SIZE, "frame_step": 2}
+    together = load_sequences(synthetic_dataset.root, names, **kwargs)
+    assert [lab.name for lab in together] == names
+    for lab in together:
+        alone = load_sequence(synthetic_dataset.root, lab.name, **kwargs)
+        for key in ("frame_index", "joints3d", "joints2d", "rotmats", "betas", "hand_valid", "joints_visible",
+                    "cam_R", "cam_t", "K", "dist"):
+            np.testing.assert_array_equal(getattr(lab, key), getattr(alone, key), err_msg=f"{lab.name} {key}")
 
 
 def test_batch_has_the_spec_dtypes_and_shapes(synthetic_dataset):

@@ -28,6 +28,7 @@ from hawor_tune.data.arctic import (
     DatasetError,
     SequenceLabels,
     load_sequence,
+    load_sequences,
     read_split,
 )
 from hawor_tune.data.cache import CACHE_FORMAT_VERSION, FrameCache, Letterbox, read_frame
@@ -36,7 +37,7 @@ from hawor_tune.mano import HANDS, build_mano
 
 __all__ = ["CACHE_FORMAT_VERSION", "SPLITS", "ArcticClips", "DatasetError", "FrameCache", "Letterbox",
            "SequenceLabels", "build_dataloader", "build_dataset", "ensure_dataset", "generate", "load_sequence",
-           "read_frame", "read_split", "resolve_valid_rule"]
+           "load_sequences", "read_frame", "read_split", "resolve_valid_rule"]
 
 
 def ensure_dataset(cfg: ExperimentConfig) -> Path:

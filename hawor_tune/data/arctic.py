@@ -236,13 +236,53 @@ def load_sequence(root: str | os.PathLike, name: str, *, mano: Sequence[MANOLaye
     Raises:
         DatasetError: a file is missing, truncated or has wrong keys or shapes (the message names it).
     """
+    return load_sequences(root, [name], mano=mano, frame_size=frame_size, frame_step=frame_step,
+                          min_visible_joints=min_visible_joints, valid_rule=valid_rule, misc=misc)[0]
+
+
+def load_sequences(root: str | os.PathLike, names: Sequence[str], *, mano: Sequence[MANOLayer], frame_size: int,
+                   frame_step: int = 1, min_visible_joints: int = 8, valid_rule: str = "visible_joints",
+                   misc: dict[str, Any] | None = None) -> list[SequenceLabels]:
+    """:func:`load_sequence` of each of ``names``, in order, with each hand's MANO posed once for all of them
+    (one call per hand instead of one per sequence and hand: a trial builds its splits' labels while it
+    starts). The labels are the same, to the last bit, as one sequence at a time."""
     root = Path(root)
     if valid_rule not in VALID_RULES:
         raise ValueError(f"valid_rule must be one of {list(VALID_RULES)}, got {valid_rule!r}")
     if [layer.side for layer in mano] != list(HANDS):
         raise ValueError(f"mano must be layers for {HANDS} in that order, got {[layer.side for layer in mano]}")
-    sid, seq = name.split("/")
     misc = _read_json(root / MISC_FILE) if misc is None else misc
+    raw = [_read_sequence(root, name, frame_size, frame_step, misc) for name in names]
+    counts = [len(r.vidx) for r in raw]
+    posed = []  # per hand: world joints (N, 21, 3) and rotations (N, 16, 3, 3) of every sequence's frames
+    for h, layer in enumerate(mano):
+        p = {key: np.concatenate([r.hands[h][key] for r in raw]) for key in ("rot", "pose", "trans", "shape")}
+        posed.append(_posed_joints(layer, p["rot"], p["pose"], p["trans"], p["shape"]))
+    ends = np.cumsum(counts)
+    return [_label_sequence(r, [(j[e - n:e], rm[e - n:e]) for j, rm in posed], min_visible_joints, valid_rule)
+            for r, n, e in zip(raw, counts, ends)]
+
+
+@dataclass
+class _RawSequence:
+    """One sequence's checked files, cut to the kept frames: what :func:`_label_sequence` needs besides the
+    posed hands."""
+
+    name: str
+    hands: list[dict[str, np.ndarray]]  # per hand (left, right): rot (N, 3), pose (N, 45), trans (N, 3), shape (N, 10)
+    vidx: np.ndarray  # (N,) annotation indices kept
+    image_paths: list[Path]
+    box: Letterbox
+    K_img: np.ndarray  # (3, 3) intrinsics of the stored frames
+    K: np.ndarray  # (3, 3) intrinsics of the capture size (ARCTIC's)
+    dist: np.ndarray  # (8,)
+    size: tuple[int, int]  # capture (width, height)
+    R: np.ndarray  # (N, 3, 3) world to camera
+    T: np.ndarray  # (N, 3)
+
+
+def _read_sequence(root: Path, name: str, frame_size: int, frame_step: int, misc: dict[str, Any]) -> _RawSequence:
+    sid, seq = name.split("/")
     (width, height), ioi = _subject_meta(root, misc, sid)
 
     mano_path = root / "raw_seqs" / sid / f"{seq}.mano.npy"
@@ -272,30 +312,37 @@ def load_sequence(root: str | os.PathLike, name: str, *, mano: Sequence[MANOLaye
                            f"at each end (ioi_offset {ioi})")
     image_paths = _image_paths(root, sid, seq, vidx + ioi, ioi)
     box, K_img = _frame_geometry(root, sid, image_paths[0], K, (width, height), frame_size)
+    kept = [{"rot": hands[side]["rot"][vidx], "pose": hands[side]["pose"][vidx], "trans": hands[side]["trans"][vidx],
+             "shape": np.broadcast_to(hands[side]["shape"], (len(vidx), 10))} for side in HANDS]
+    return _RawSequence(name=name, hands=kept, vidx=vidx, image_paths=image_paths, box=box, K_img=K_img, K=K,
+                        dist=dist, size=(width, height), R=R_all[vidx], T=T_all[vidx])
 
-    # MANO in the world, then into the camera of each frame.
-    R, T = R_all[vidx], T_all[vidx]  # (N, 3, 3), (N, 3)
-    joints3d, rotmats, betas = [], [], []
-    for side, layer in zip(HANDS, mano):
-        p = hands[side]
-        j, r = _posed_joints(layer, p["rot"][vidx], p["pose"][vidx], p["trans"][vidx], p["shape"])
+
+def _label_sequence(raw: _RawSequence, posed: list[tuple[np.ndarray, np.ndarray]], min_visible_joints: int,
+                    valid_rule: str) -> SequenceLabels:
+    """A sequence's labels from its files and its hands posed in the world (per hand: joints (N, 21, 3),
+    rotations (N, 16, 3, 3)): into the camera of each frame, projected, and checked for visibility."""
+    R, T = raw.R, raw.T  # (N, 3, 3), (N, 3)
+    joints3d, rotmats = [], []
+    for j, r in posed:
         joints3d.append(np.einsum("nij,nkj->nki", R, j) + T[:, None])  # (N, 21, 3)
+        r = r.copy()
         r[:, 0] = R @ r[:, 0]  # global orientation relative to the camera
         rotmats.append(r)
-        betas.append(np.broadcast_to(p["shape"], (len(vidx), 10)))
     joints3d = np.stack(joints3d, axis=1)  # (N, 2, 21, 3)
-    K_box = box.transform_K(K_img)
-    joints2d = project_points(torch.from_numpy(joints3d), torch.from_numpy(K_box), torch.from_numpy(dist)).numpy()
-    visible = _joints_visible(joints3d, joints2d, box, K_img, dist)  # (N, 2, 21)
+    K_box = raw.box.transform_K(raw.K_img)
+    joints2d = project_points(torch.from_numpy(joints3d), torch.from_numpy(K_box), torch.from_numpy(raw.dist)).numpy()
+    visible = _joints_visible(joints3d, joints2d, raw.box, raw.K_img, raw.dist)  # (N, 2, 21)
     if valid_rule == "arctic":
-        valid = arctic_valid(joints3d, K, dist, (width, height))  # (N, 2)
+        valid = arctic_valid(joints3d, raw.K, raw.dist, raw.size)  # (N, 2)
     else:
         valid = visible[..., 0] & (visible.sum(-1) >= min_visible_joints)  # (N, 2)
 
     f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
-    return SequenceLabels(name=name, image_paths=image_paths, letterbox=box, K=f32(K_box), dist=f32(dist),
-                          frame_index=vidx.astype(np.int64), joints3d=f32(joints3d), joints2d=f32(joints2d),
-                          rotmats=f32(np.stack(rotmats, axis=1)), betas=f32(np.stack(betas, axis=1)),
+    return SequenceLabels(name=raw.name, image_paths=raw.image_paths, letterbox=raw.box, K=f32(K_box),
+                          dist=f32(raw.dist), frame_index=raw.vidx.astype(np.int64), joints3d=f32(joints3d),
+                          joints2d=f32(joints2d), rotmats=f32(np.stack(rotmats, axis=1)),
+                          betas=f32(np.stack([hand["shape"] for hand in raw.hands], axis=1)),
                           hand_valid=valid, joints_visible=visible, cam_R=f32(R), cam_t=f32(T))
 
 
@@ -340,7 +387,8 @@ def _frame_geometry(root: Path, sid: str, first: Path, K: np.ndarray, size: tupl
 
 def _posed_joints(layer: MANOLayer, rot: np.ndarray, pose: np.ndarray, trans: np.ndarray,
                   shape: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """World joints (N, 21, 3) and rotation matrices (N, 16, 3, 3) of ARCTIC's MANO parameters.
+    """World joints (N, 21, 3) and rotation matrices (N, 16, 3, 3) of ARCTIC's MANO parameters, ``shape``
+    (N, 10) per frame.
 
     float32, like the stored parameters: float64 would cost more for no precision the labels can use. Only
     the joints are posed (:meth:`MANOLayer.joints`): a trial builds its splits' labels while it starts.
@@ -351,7 +399,7 @@ def _posed_joints(layer: MANOLayer, rot: np.ndarray, pose: np.ndarray, trans: np
         for s in range(0, len(rot), _MANO_CHUNK):
             sl = slice(s, s + _MANO_CHUNK)
             r = layer.pose_to_rotmats(as_tensor(rot[sl]), as_tensor(pose[sl]), relative_to_mean=True)
-            betas = as_tensor(shape).expand(len(r), -1)
+            betas = as_tensor(shape[sl])
             joints.append(layer.joints(r, betas, as_tensor(trans[sl])).double().numpy())
             rotmats.append(r.double().numpy())
     return np.concatenate(joints), np.concatenate(rotmats)
@@ -423,9 +471,8 @@ class ArcticClips(Dataset):
         if not self.sequences:
             raise DatasetError(f"{self.root / SPLITS_FILE}: split '{split}' has no sequences")
         misc = _read_json(self.root / MISC_FILE)
-        labels = [load_sequence(self.root, name, mano=mano, frame_size=frame_size, frame_step=frame_step,
+        labels = load_sequences(self.root, self.sequences, mano=mano, frame_size=frame_size, frame_step=frame_step,
                                 min_visible_joints=min_visible_joints, valid_rule=valid_rule, misc=misc)
-                  for name in self.sequences]
         counts = [len(lab.frame_index) for lab in labels]
         self._clips = [(s, p, first) for s, n in enumerate(counts) for p, first in _clip_starts(n, seq_len, stride, split)]
         if not self._clips:
