@@ -386,12 +386,10 @@ class MANOLayer(nn.Module):
         R = rotmats.reshape(-1, NUM_KINEMATIC_JOINTS, 3, 3)  # (N, 16, 3, 3)
         n, v = R.shape[0], self.num_vertices
         G_t, vertices = self._skin(R, betas.reshape(n, self.num_betas), None)  # (N, 16, 3), (N, 3, V)
-        tips = vertices[:, :, self.tip_vertex_ids].transpose(1, 2)  # (N, 5, 3)
-        keypoints = torch.cat([G_t, tips], dim=1)[:, OPENPOSE_ORDER]  # (N, 21, 3)
+        keypoints = _openpose_keypoints(G_t, vertices[:, :, self.tip_vertex_ids], transl)  # (N, 21, 3)
         vertices = vertices.transpose(1, 2).contiguous()  # (N, V, 3); contiguous so that callers can .view()
         if transl is not None:
-            t = transl.reshape(n, 1, 3).to(vertices.dtype)
-            vertices, keypoints = vertices + t, keypoints + t
+            vertices = vertices + transl.reshape(n, 1, 3).to(vertices.dtype)
         return MANOOutput(vertices=vertices.reshape(*lead, v, 3),
                           joints=keypoints.reshape(*lead, NUM_JOINTS, 3))
 
@@ -403,10 +401,7 @@ class MANOLayer(nn.Module):
         R = rotmats.reshape(-1, NUM_KINEMATIC_JOINTS, 3, 3)  # (N, 16, 3, 3)
         n = R.shape[0]
         G_t, tips = self._skin(R, betas.reshape(n, self.num_betas), self.tip_vertex_ids)  # (N, 16, 3), (N, 3, 5)
-        keypoints = torch.cat([G_t, tips.transpose(1, 2)], dim=1)[:, OPENPOSE_ORDER]  # (N, 21, 3)
-        if transl is not None:
-            keypoints = keypoints + transl.reshape(n, 1, 3).to(keypoints.dtype)
-        return keypoints.reshape(*lead, NUM_JOINTS, 3)
+        return _openpose_keypoints(G_t, tips, transl).reshape(*lead, NUM_JOINTS, 3)
 
     def _check_shapes(self, rotmats: torch.Tensor, betas: torch.Tensor, transl: torch.Tensor | None) -> None:
         lead = tuple(rotmats.shape[:-3])
@@ -418,7 +413,7 @@ class MANOLayer(nn.Module):
             raise ValueError(f"MANO forward expects transl {(*lead, 3)}, got {tuple(transl.shape)}")
 
     def _skin(self, R: torch.Tensor, betas: torch.Tensor,
-              vertex_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+              vertex_ids: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Joint positions (N, 16, 3) and skinned vertices (N, 3, V'), coordinate-major, of rotations
         (N, 16, 3, 3) and betas (N, B): all V vertices, or only ``vertex_ids`` (V',), each computed exactly
         as among all."""
@@ -457,6 +452,15 @@ class MANOLayer(nn.Module):
             G_R = torch.cat([G_R, PR @ R[:, level]], dim=1)
             G_t = torch.cat([G_t, (PR @ rel[:, level, :, None])[..., 0] + Pt], dim=1)
         return G_R[:, self._level_order_to_joint], G_t[:, self._level_order_to_joint]
+
+
+def _openpose_keypoints(G_t: torch.Tensor, tips: torch.Tensor, transl: torch.Tensor | None) -> torch.Tensor:
+    """The 21 keypoints (N, 21, 3) in OpenPose order from the 16 joint positions (N, 16, 3) and the five
+    fingertip vertices, coordinate-major (N, 3, 5), moved by ``transl`` (..., 3) when given."""
+    keypoints = torch.cat([G_t, tips.transpose(1, 2)], dim=1)[:, OPENPOSE_ORDER]  # (N, 21, 3)
+    if transl is None:
+        return keypoints
+    return keypoints + transl.reshape(-1, 1, 3).to(keypoints.dtype)
 
 
 # ---- Building ------------------------------------------------------------------------------------------
