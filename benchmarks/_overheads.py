@@ -16,7 +16,8 @@ Every run trains the CPU profile's base configuration (``configs/tiny.yaml``: th
   against the bare run's 2-5 (medians). Both are slower than alone (they share the memory bus), as are the
   two concurrent trials below;
 - a two-trial search, 2 trials at once on 1 CPU each, 2 epochs, against one trial: epochs per hour from the
-  median epoch time, and the
+  median epoch time; the share of a core each trial, the driver and Ray's other processes got while both
+  trials ran (what bounds the concurrency and the paired overhead on 2 cores); and the
   peak memory of the driver and of each trial (RSS, and USS: the pages only that process holds, so the
   memory-mapped frame cache, shared, is not in it).
 """
@@ -62,18 +63,30 @@ def _space_file(folder: Path, *, num_samples: int, max_concurrent: int, epochs: 
     return path
 
 
-class _MemoryWatch:
-    """Samples, every 0.25 s, the RSS and USS of a process and of its descendants that are Ray trial workers
-    (``ray::ImplicitFunc``/``ray::train_trial``); keeps each one's peak."""
+class _ProcessWatch:
+    """Watches a search's process tree (the driver, ``pid``, and its descendants: Ray's daemons and workers).
+
+    Every 0.25 s it reads each process's RSS and CPU time (``/proc/<pid>/statm`` and ``stat``: microseconds);
+    every 5 s it refreshes the tree and reads the USS of the driver and of each Ray trial worker
+    (``ray::ImplicitFunc``/``ray::train_trial``). It keeps each one's peaks, and the CPU shares of the trials,
+    the driver and Ray's other processes while the most trials ran at once (:meth:`cpu_shares`).
+
+    The USS takes the process's whole page map (psutil reads ``/proc/<pid>/smaps_rollup``): about 16 ms of
+    CPU per trial of 1.5 GB here. Read four times a second from two trials and the driver, as this watch
+    did up to overheads run 11, that was a fifth of a core, taken from the two trials that had both cores."""
+
+    TICK_S = 0.25
+    TREE_EVERY = 20  # ticks: the tree and the USS every 5 s
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.driver = {"rss": 0, "uss": 0}
         self.trials: dict[int, dict[str, int]] = {}
+        self.ticks: list[tuple[float, float, dict[int, tuple[str, float]]]] = []  # (time, own CPU, {pid: (kind, CPU s)})
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> _MemoryWatch:
+    def __enter__(self) -> _ProcessWatch:
         self._thread.start()
         return self
 
@@ -81,27 +94,64 @@ class _MemoryWatch:
         self._stop.set()
         self._thread.join()
 
+    def _kind(self, p: Any) -> str:
+        if p.pid == self.pid:
+            return "driver"
+        cmd = " ".join(p.cmdline()[:1])
+        return "trial" if cmd.startswith(("ray::ImplicitFunc", "ray::train_trial")) else "ray"
+
     def _run(self) -> None:
         import psutil
 
         root = psutil.Process(self.pid)
-        while not self._stop.wait(0.25):
-            try:
-                procs = [root, *root.children(recursive=True)]
-            except psutil.Error:
-                continue
-            for p in procs:
+        procs: dict[int, tuple[Any, str]] = {}
+        tick = 0
+        while not self._stop.wait(self.TICK_S):
+            full = tick % self.TREE_EVERY == 0
+            tick += 1
+            if full:
                 try:
-                    cmd = " ".join(p.cmdline()[:1])
-                    if p.pid != self.pid and not (cmd.startswith("ray::ImplicitFunc") or
-                                                  cmd.startswith("ray::train_trial")):
-                        continue
-                    info = p.memory_full_info()
+                    for p in [root, *root.children(recursive=True)]:
+                        # A worker takes its ray:: title after it starts: a "ray" process may become a trial.
+                        if procs.get(p.pid, (None, "ray"))[1] == "ray":
+                            procs[p.pid] = (procs.get(p.pid, (p,))[0], self._kind(p))
+                except psutil.Error:
+                    pass
+            cpu: dict[int, tuple[str, float]] = {}
+            for pid, (p, kind) in list(procs.items()):
+                try:
+                    times = p.cpu_times()
+                    rss = p.memory_info().rss
+                    uss = p.memory_full_info().uss if full and kind != "ray" else 0
                 except (psutil.Error, OSError):
+                    del procs[pid]
                     continue
-                peak = self.driver if p.pid == self.pid else self.trials.setdefault(p.pid, {"rss": 0, "uss": 0})
-                peak["rss"] = max(peak["rss"], info.rss)
-                peak["uss"] = max(peak["uss"], info.uss)
+                cpu[pid] = (kind, times.user + times.system)
+                if kind != "ray":
+                    peak = self.driver if kind == "driver" else self.trials.setdefault(pid, {"rss": 0, "uss": 0})
+                    peak["rss"] = max(peak["rss"], rss)
+                    peak["uss"] = max(peak["uss"], uss)
+            self.ticks.append((time.time(), time.thread_time(), cpu))
+
+    def cpu_shares(self) -> dict[str, Any] | None:
+        """Share of one core each trial, the driver, Ray's other processes together and this watch got, from
+        the first to the last tick at which the most trials were alive (None when no trial was seen)."""
+        counts = [sum(kind == "trial" for kind, _ in cpu.values()) for _, _, cpu in self.ticks]
+        most = max(counts, default=0)
+        if most == 0:
+            return None
+        first = counts.index(most)
+        last = len(counts) - 1 - counts[::-1].index(most)
+        (t0, own0, cpu0), (t1, own1, cpu1) = self.ticks[first], self.ticks[last]
+        if t1 - t0 < 1.0:
+            return None
+        span = t1 - t0
+        used = {pid: (kind, (busy - cpu0[pid][1] if pid in cpu0 else busy) / span) for pid, (kind, busy) in cpu1.items()}
+        return {"window_s": span,
+                "trials": sorted((share for kind, share in used.values() if kind == "trial"), reverse=True),
+                "driver": sum(share for kind, share in used.values() if kind == "driver"),
+                "ray": sum(share for kind, share in used.values() if kind == "ray"),
+                "watch": (own1 - own0) / span}
 
 
 def measure_startup(out: Path, runs: int) -> dict[str, Any]:
@@ -142,11 +192,12 @@ def _startup_s(run: dict[str, Any]) -> float:
 def _search(space: Path, storage: Path, name: str, on_first_epoch: Callable[[], None] | None = None,
             watch_memory: bool = True) -> dict[str, Any]:
     """Run ``run_search.py`` on ``space``; the times each epoch row first appeared in epochs.parquet (its
-    modification time polled every 0.1 s, the file read when it changed), every row, the memory peaks (with
-    ``watch_memory``) and the start time. ``on_first_epoch`` is called once, when the first epoch row appears.
+    modification time polled every 0.1 s, the file read when it changed), every row, the memory peaks and CPU
+    shares (with ``watch_memory``: :class:`_ProcessWatch`) and the start time. ``on_first_epoch`` is called
+    once, when the first epoch row appears.
 
-    Watching the memory reads each trial's page map four times a second, which holds the trial's memory map
-    lock while it does: the paired timing, whose bare ``fit()`` nobody watches, leaves it off."""
+    The watch reads each trial's page map every 5 s, which holds the trial's memory map lock while it does:
+    the paired timing, whose bare ``fit()`` nobody watches, leaves it off."""
     from hawor_tune.results import read_rows
 
     parquet = storage / name / "epochs.parquet"
@@ -163,7 +214,7 @@ def _search(space: Path, storage: Path, name: str, on_first_epoch: Callable[[], 
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    memory = _MemoryWatch(proc.pid) if watch_memory else contextlib.nullcontext()
+    memory = _ProcessWatch(proc.pid) if watch_memory else contextlib.nullcontext()
     read_mtime = None
     with memory:
         while proc.poll() is None:
@@ -190,7 +241,8 @@ def _search(space: Path, storage: Path, name: str, on_first_epoch: Callable[[], 
     milestones = {key: next((round(t, 1) for t, text in lines if key in text), None)
                   for key in ("data ready", "pretrained start ready", "dashboard", "RUNNING")}
     return {"start": t_start, "seen": seen, "rows": rows, "driver": memory.driver if watch_memory else None,
-            "trials": list(memory.trials.values()) if watch_memory else [], "milestones": milestones}
+            "trials": list(memory.trials.values()) if watch_memory else [], "milestones": milestones,
+            "cpu": memory.cpu_shares() if watch_memory else None}
 
 
 _BARE_FIT = """
@@ -349,11 +401,19 @@ def measure_overheads(out: Path, *, smoke: bool = False) -> dict[str, Any]:
         "driver_2": {k: v * mib for k, v in two["driver"].items()},
         "trial_1": [{k: v * mib for k, v in t.items()} for t in one["trials"]],
         "trial_2": [{k: v * mib for k, v in t.items()} for t in two["trials"]]}
+    figures["cpu_share_2"] = two["cpu"]
     figures["smoke"] = smoke
     (out / ("overheads-smoke.json" if smoke else "overheads.json")).write_text(json.dumps(figures, indent=1))
     _print(figures)
     print(f"\nwrote overheads{'-smoke' if smoke else ''}.json in {out} (load average now {os.getloadavg()[0]:.2f})")
     return figures
+
+
+def _cpu_row(c: dict[str, Any] | None) -> str:
+    if c is None:
+        return "n/a (no window with the trials alive)"
+    return (" + ".join(f"{t:.1%}" for t in c["trials"]) + f" / {c['driver']:.1%} / {c['ray']:.1%} / {c['watch']:.1%}"
+            f" of a core (over {c['window_s']:.0f} s)")
 
 
 def _print(f: dict[str, Any]) -> None:
@@ -379,6 +439,8 @@ def _print(f: dict[str, Any]) -> None:
          f"{s['step_gflop']:.1f} GFLOP per step of {s['batch']}, {s['step_s']:.2f} s)", "report"),
         ("Profile top 3 (self CPU time of 5 steps)",
          "; ".join(f"{k} {v:.0%}" for k, v in s["profile_top3"]), "explain"),
+        ("CPU while 2 trials ran: each trial / driver / Ray's other processes / this benchmark's watch",
+         _cpu_row(f["cpu_share_2"]), "explain"),
         ("Peak memory, driver (1 trial / 2 trials), RSS",
          f"{m['driver_1']['rss']:.0f} / {m['driver_2']['rss']:.0f} MiB", "report"),
         ("Peak memory per trial, 1 trial: RSS / USS",
