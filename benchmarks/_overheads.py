@@ -64,22 +64,24 @@ def _space_file(folder: Path, *, num_samples: int, max_concurrent: int, epochs: 
 
 
 class _ProcessWatch:
-    """Watches a search's process tree (the driver, ``pid``, and its descendants: Ray's daemons and workers).
+    """Watches a process tree: ``root`` and its descendants, among them a search's driver (``driver``), Ray's
+    daemons and workers, and a bare ``fit()`` when ``root`` is this benchmark.
 
     Every 0.25 s it reads each process's RSS and CPU time (``/proc/<pid>/statm`` and ``stat``: microseconds);
-    every 5 s it refreshes the tree and reads the USS of the driver and of each Ray trial worker
-    (``ray::ImplicitFunc``/``ray::train_trial``). It keeps each one's peaks, and the CPU shares of the trials,
-    the driver and Ray's other processes while the most trials ran at once (:meth:`cpu_shares`).
+    every 5 s it refreshes the tree and, with ``uss``, reads the USS of the driver and of each Ray trial worker
+    (``ray::ImplicitFunc``/``ray::train_trial``). It keeps the driver's and each trial's peaks, and the CPU
+    shares while the most trainings ran at once (:meth:`cpu_shares`).
 
     The USS takes the process's whole page map (psutil reads ``/proc/<pid>/smaps_rollup``): about 16 ms of
-    CPU per trial of 1.5 GB here. Read four times a second from two trials and the driver, as this watch
-    did up to overheads run 11, that was a fifth of a core, taken from the two trials that had both cores."""
+    CPU per trial of 1.5 GB here, with the trial's memory map lock held. Read four times a second from two
+    trials and the driver, as this watch did up to overheads run 11, that was a fifth of a core, taken from
+    the two trials that had both cores."""
 
     TICK_S = 0.25
     TREE_EVERY = 20  # ticks: the tree and the USS every 5 s
 
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
+    def __init__(self, root: int, driver: int, *, uss: bool) -> None:
+        self.root, self.driver_pid, self.uss = root, driver, uss
         self.driver = {"rss": 0, "uss": 0}
         self.trials: dict[int, dict[str, int]] = {}
         self.ticks: list[tuple[float, float, dict[int, tuple[str, float]]]] = []  # (time, own CPU, {pid: (kind, CPU s)})
@@ -95,15 +97,19 @@ class _ProcessWatch:
         self._thread.join()
 
     def _kind(self, p: Any) -> str:
-        if p.pid == self.pid:
+        if p.pid == self.driver_pid:
             return "driver"
-        cmd = " ".join(p.cmdline()[:1])
-        return "trial" if cmd.startswith(("ray::ImplicitFunc", "ray::train_trial")) else "ray"
+        if p.pid == self.root:
+            return "bench"
+        cmd = p.cmdline()
+        if cmd and cmd[0].startswith(("ray::ImplicitFunc", "ray::train_trial")):
+            return "trial"
+        return "bare" if "from hawor_tune.train import fit" in " ".join(cmd) else "ray"
 
     def _run(self) -> None:
         import psutil
 
-        root = psutil.Process(self.pid)
+        root = psutil.Process(self.root)
         procs: dict[int, tuple[Any, str]] = {}
         tick = 0
         while not self._stop.wait(self.TICK_S):
@@ -122,21 +128,22 @@ class _ProcessWatch:
                 try:
                     times = p.cpu_times()
                     rss = p.memory_info().rss
-                    uss = p.memory_full_info().uss if full and kind != "ray" else 0
+                    uss = p.memory_full_info().uss if self.uss and full and kind in ("driver", "trial") else 0
                 except (psutil.Error, OSError):
                     del procs[pid]
                     continue
                 cpu[pid] = (kind, times.user + times.system)
-                if kind != "ray":
+                if kind in ("driver", "trial"):
                     peak = self.driver if kind == "driver" else self.trials.setdefault(pid, {"rss": 0, "uss": 0})
                     peak["rss"] = max(peak["rss"], rss)
                     peak["uss"] = max(peak["uss"], uss)
             self.ticks.append((time.time(), time.thread_time(), cpu))
 
     def cpu_shares(self) -> dict[str, Any] | None:
-        """Share of one core each trial, the driver, Ray's other processes together and this watch got, from
-        the first to the last tick at which the most trials were alive (None when no trial was seen)."""
-        counts = [sum(kind == "trial" for kind, _ in cpu.values()) for _, _, cpu in self.ticks]
+        """Share of one core each trial and bare ``fit()`` got, and the driver, Ray's other processes together,
+        this benchmark's process and its watch, from the first to the last tick at which the most trainings
+        (trials and bare runs) were alive; None when none was seen."""
+        counts = [sum(kind in ("trial", "bare") for kind, _ in cpu.values()) for _, _, cpu in self.ticks]
         most = max(counts, default=0)
         if most == 0:
             return None
@@ -146,12 +153,13 @@ class _ProcessWatch:
         if t1 - t0 < 1.0:
             return None
         span = t1 - t0
-        used = {pid: (kind, (busy - cpu0[pid][1] if pid in cpu0 else busy) / span) for pid, (kind, busy) in cpu1.items()}
-        return {"window_s": span,
-                "trials": sorted((share for kind, share in used.values() if kind == "trial"), reverse=True),
-                "driver": sum(share for kind, share in used.values() if kind == "driver"),
-                "ray": sum(share for kind, share in used.values() if kind == "ray"),
-                "watch": (own1 - own0) / span}
+        used = [(kind, (busy - cpu0[pid][1] if pid in cpu0 else busy) / span) for pid, (kind, busy) in cpu1.items()]
+        shares: dict[str, Any] = {"window_s": span, "watch": (own1 - own0) / span}
+        for kind in ("trial", "bare"):
+            shares[kind] = sorted((share for k, share in used if k == kind), reverse=True)
+        for kind in ("driver", "ray", "bench"):
+            shares[kind] = sum(share for k, share in used if k == kind)
+        return shares
 
 
 def measure_startup(out: Path, runs: int) -> dict[str, Any]:
@@ -168,7 +176,7 @@ def measure_startup(out: Path, runs: int) -> dict[str, Any]:
         work = Path(tmp)
         space = _space_file(work, num_samples=1, max_concurrent=1, epochs=1, extra=SMOKE)
         for k in range(runs):
-            run = _search(space, work / "r", f"startup{k}", watch_memory=False)
+            run = _search(space, work / "r", f"startup{k}", watch="off")
             times.append(_startup_s(run))
             milestones.append(run["milestones"])
             print(f"run {k + 1}/{runs}: start-up {times[-1]:.1f} s (output lines at "
@@ -190,14 +198,13 @@ def _startup_s(run: dict[str, Any]) -> float:
 
 
 def _search(space: Path, storage: Path, name: str, on_first_epoch: Callable[[], None] | None = None,
-            watch_memory: bool = True) -> dict[str, Any]:
+            watch: str = "memory") -> dict[str, Any]:
     """Run ``run_search.py`` on ``space``; the times each epoch row first appeared in epochs.parquet (its
-    modification time polled every 0.1 s, the file read when it changed), every row, the memory peaks and CPU
-    shares (with ``watch_memory``: :class:`_ProcessWatch`) and the start time. ``on_first_epoch`` is called
-    once, when the first epoch row appears.
-
-    The watch reads each trial's page map every 5 s, which holds the trial's memory map lock while it does:
-    the paired timing, whose bare ``fit()`` nobody watches, leaves it off."""
+    modification time polled every 0.1 s, the file read when it changed), every row, the start time and what
+    ``watch`` asks of a :class:`_ProcessWatch`: ``memory``, the search's memory peaks and CPU shares;
+    ``cpu``, the CPU shares of this whole benchmark's process tree (a bare ``fit()`` beside the search
+    included), reading no page map, as that holds the watched process's memory map lock; ``off``, nothing.
+    ``on_first_epoch`` is called once, when the first epoch row appears."""
     from hawor_tune.results import read_rows
 
     parquet = storage / name / "epochs.parquet"
@@ -214,9 +221,10 @@ def _search(space: Path, storage: Path, name: str, on_first_epoch: Callable[[], 
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    memory = _ProcessWatch(proc.pid) if watch_memory else contextlib.nullcontext()
+    watcher = (_ProcessWatch(proc.pid if watch == "memory" else os.getpid(), proc.pid, uss=watch == "memory")
+               if watch != "off" else None)
     read_mtime = None
-    with memory:
+    with watcher or contextlib.nullcontext():
         while proc.poll() is None:
             time.sleep(0.1)
             try:
@@ -240,9 +248,9 @@ def _search(space: Path, storage: Path, name: str, on_first_epoch: Callable[[], 
     rows = read_rows(parquet)
     milestones = {key: next((round(t, 1) for t, text in lines if key in text), None)
                   for key in ("data ready", "pretrained start ready", "dashboard", "RUNNING")}
-    return {"start": t_start, "seen": seen, "rows": rows, "driver": memory.driver if watch_memory else None,
-            "trials": list(memory.trials.values()) if watch_memory else [], "milestones": milestones,
-            "cpu": memory.cpu_shares() if watch_memory else None}
+    return {"start": t_start, "seen": seen, "rows": rows, "milestones": milestones,
+            "driver": watcher.driver if watcher else None, "trials": list(watcher.trials.values()) if watcher else [],
+            "cpu": watcher.cpu_shares() if watcher else None}
 
 
 _BARE_FIT = """
@@ -367,7 +375,7 @@ def measure_overheads(out: Path, *, smoke: bool = False) -> dict[str, Any]:
         print(f"paired: a one-trial search of {PAIRED_EPOCHS} epochs and a bare fit() beside it ...", flush=True)
         beside: list[tuple[subprocess.Popen, Path]] = []
         paired = _search(_space_file(work, num_samples=1, max_concurrent=1, epochs=PAIRED_EPOCHS, extra=extra),
-                         work / "r", "paired", watch_memory=False, on_first_epoch=lambda: beside.append(
+                         work / "r", "paired", watch="cpu", on_first_epoch=lambda: beside.append(
                              _start_bare_fit(work / "beside", epochs=PAIRED_EPOCHS - 1, extra=extra)))
         paired_bare = _bare_ends(beside[0])
         print("two trials at once, 2 epochs each ...", flush=True)
@@ -402,6 +410,7 @@ def measure_overheads(out: Path, *, smoke: bool = False) -> dict[str, Any]:
         "trial_1": [{k: v * mib for k, v in t.items()} for t in one["trials"]],
         "trial_2": [{k: v * mib for k, v in t.items()} for t in two["trials"]]}
     figures["cpu_share_2"] = two["cpu"]
+    figures["cpu_share_paired"] = paired["cpu"]
     figures["smoke"] = smoke
     (out / ("overheads-smoke.json" if smoke else "overheads.json")).write_text(json.dumps(figures, indent=1))
     _print(figures)
@@ -409,11 +418,16 @@ def measure_overheads(out: Path, *, smoke: bool = False) -> dict[str, Any]:
     return figures
 
 
-def _cpu_row(c: dict[str, Any] | None) -> str:
+def _cpu_row(c: dict[str, Any] | None, parts: tuple[str, ...]) -> str:
+    """The shares of ``parts`` (keys of :meth:`_ProcessWatch.cpu_shares`), ' / '-separated, in % of a core."""
     if c is None:
-        return "n/a (no window with the trials alive)"
-    return (" + ".join(f"{t:.1%}" for t in c["trials"]) + f" / {c['driver']:.1%} / {c['ray']:.1%} / {c['watch']:.1%}"
-            f" of a core (over {c['window_s']:.0f} s)")
+        return "n/a (no window with the trainings alive)"
+
+    def cell(part: str) -> str:
+        share = c[part]
+        return " + ".join(f"{x:.1%}" for x in share) if isinstance(share, list) else f"{share:.1%}"
+
+    return " / ".join(cell(part) for part in parts) + f" of a core (over {c['window_s']:.0f} s)"
 
 
 def _print(f: dict[str, Any]) -> None:
@@ -439,8 +453,10 @@ def _print(f: dict[str, Any]) -> None:
          f"{s['step_gflop']:.1f} GFLOP per step of {s['batch']}, {s['step_s']:.2f} s)", "report"),
         ("Profile top 3 (self CPU time of 5 steps)",
          "; ".join(f"{k} {v:.0%}" for k, v in s["profile_top3"]), "explain"),
+        ("CPU while paired: trial / bare fit() / driver / Ray's other processes / this benchmark",
+         _cpu_row(f["cpu_share_paired"], ("trial", "bare", "driver", "ray", "bench")), "explain"),
         ("CPU while 2 trials ran: each trial / driver / Ray's other processes / this benchmark's watch",
-         _cpu_row(f["cpu_share_2"]), "explain"),
+         _cpu_row(f["cpu_share_2"], ("trial", "driver", "ray", "watch")), "explain"),
         ("Peak memory, driver (1 trial / 2 trials), RSS",
          f"{m['driver_1']['rss']:.0f} / {m['driver_2']['rss']:.0f} MiB", "report"),
         ("Peak memory per trial, 1 trial: RSS / USS",
