@@ -460,6 +460,14 @@ def _break_corrupt_image(root, sid, seq):
     return [f"{sid}/{seq}/0/{name}", "cannot be decoded"]
 
 
+def _break_first_image(root, sid, seq):
+    # The first frame read (image index max(10, ioi_offset)) also gives the frames' size, from its header.
+    ioi = json.loads((root / "meta" / "misc.json").read_text())[sid]["ioi_offset"]
+    name = f"{max(10, ioi):05d}.jpg"
+    (root / "images" / sid / seq / "0" / name).write_bytes(b"not a jpeg")
+    return [f"{sid}/{seq}/0/{name}", "cannot be decoded"]
+
+
 def _break_truncated_image(root, sid, seq):
     # A JPEG cut short decodes in OpenCV, greyed: it must be refused, not cached.
     ioi = json.loads((root / "meta" / "misc.json").read_text())[sid]["ioi_offset"]
@@ -486,7 +494,7 @@ def _break_split_entry(root, sid, seq):
 
 @pytest.mark.parametrize("break_it", [
     _break_truncated_mano, _break_truncated_egocam, _break_pose_shape, _break_missing_hand, _break_camera_shape,
-    _break_frame_count, _break_missing_image, _break_corrupt_image, _break_truncated_image, _break_misc_subject,
+    _break_frame_count, _break_missing_image, _break_corrupt_image, _break_first_image, _break_truncated_image, _break_misc_subject,
     _break_split_entry,
 ], ids=lambda f: f.__name__[len("_break_"):])
 def test_bad_files_raise_errors_naming_them(synthetic_dataset, tmp_path, break_it):
