@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -198,6 +199,9 @@ def fit(config: ExperimentConfig, on_epoch: EpochHook | None = None,
     cfg = config
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+        # OpenCV's own pool (the loader's crops and resizes) to the same count: by default it runs one thread
+        # per CPU of the machine, so a 1-CPU trial's crops also ran on the core of the trial beside it.
+        cv2.setNumThreads(cfg.train.threads)
     # Adam's second moments decay into denormal floats, which x86 CPUs process ~100x slower.
     torch.set_flush_denormal(True)
     keep_freed_memory()

@@ -3,6 +3,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import cv2
 import pytest
 import torch
 from conftest import TINY_MODEL_OVERRIDES
@@ -44,6 +45,18 @@ def test_fit_reports_every_epoch_with_a_checkpoint(tiny_cfg):
     # The camera's flow head is the cached least-squares fit, held fixed by training.
     fitted = torch.load(ensure_flow_fit(cfg), weights_only=True)
     assert torch.equal(result.model.flow_head.weight.cpu(), fitted["weight"])
+
+
+def test_fit_keeps_torch_and_opencv_to_the_run_s_threads(tiny_cfg):
+    # A 1-CPU trial: OpenCV's pool runs one thread per CPU of the machine unless told otherwise.
+    saved = torch.get_num_threads(), cv2.getNumThreads()
+    cv2.setNumThreads(2)
+    try:
+        fit(tiny_cfg(train__epochs=1, train__threads=1))
+        assert (torch.get_num_threads(), cv2.getNumThreads()) == (1, 1)
+    finally:
+        torch.set_num_threads(saved[0])
+        cv2.setNumThreads(saved[1])
 
 
 def test_resumed_run_ends_with_the_same_weights(tiny_cfg, tmp_path):
