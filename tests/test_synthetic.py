@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -126,6 +128,19 @@ def test_same_seed_gives_byte_identical_files(tmp_path):
     # Another seed changes every array file.
     assert {p.read_bytes() for p in (tmp_path / "a").rglob("*.npy")}.isdisjoint(
         p.read_bytes() for p in (tmp_path / "c").rglob("*.npy"))
+
+
+def test_a_program_read_from_stdin_renders_in_its_own_process(tmp_path):
+    # A spawned process re-imports the main module from its file; a program piped to `python -` has none,
+    # so its rendering processes would all fail: it renders in its own process instead.
+    program = ("from hawor_tune.config import ManoConfig, SyntheticConfig\n"
+               "from hawor_tune.data.synthetic import generate\n"
+               "synth = SyntheticConfig(subjects=3, sequences_per_subject=1, frames_per_sequence=40, image_width=32,"
+               " image_height=32)\n"
+               f"print(len(generate({str(tmp_path / 'set')!r}, synth, ManoConfig(), workers=2)))\n")
+    done = subprocess.run([sys.executable, "-"], input=program, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "3"
 
 
 def test_refuses_to_write_into_a_non_empty_folder(tmp_path):

@@ -31,6 +31,7 @@ import json
 import math
 import multiprocessing
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,11 +157,22 @@ def _usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def _spawn_can_start() -> bool:
+    """Whether a spawned process can import this program's main module, as multiprocessing's spawn makes
+    it: not when the program was read from standard input (``python -``, ``__file__`` '<stdin>'), where
+    every rendering process would fail before its first sequence."""
+    main = sys.modules.get("__main__")
+    if getattr(getattr(main, "__spec__", None), "name", None):  # python -m module
+        return True
+    path = getattr(main, "__file__", None)
+    return path is None or os.path.isfile(path)  # None: python -c, an interactive session, a notebook
+
+
 def _write_sequences(jobs: list[_SequenceJob], mano_cfg: ManoConfig, layers: tuple[MANOLayer, MANOLayer],
                      workers: int) -> list[dict[str, Any]]:
     """Each job's ground truth, in order, its files written by ``workers`` processes (1: this one, with
     ``layers``; others build them from ``mano_cfg``)."""
-    if workers <= 1 or len(jobs) <= 1:
+    if workers <= 1 or len(jobs) <= 1 or not _spawn_can_start():
         axes = [_hand_axes(layer) for layer in layers]
         return [_write_job(job, (layers, axes)) for job in jobs]
     # Spawned, not forked: the caller may be a threaded process (a search's driver prepares its data beside
