@@ -537,9 +537,11 @@ class ArcticClips(Dataset):
 
     def _frame(self, i: int) -> np.ndarray:
         """(S, S, 3) uint8 RGB frame ``i`` of the split at frame_size."""
-        if self.cache is not None:
-            return np.ascontiguousarray(self.cache.frames[i].transpose(1, 2, 0))
-        return np.ascontiguousarray(read_frame(self._paths[i], self._boxes[self._seq_of_frame[i]]).transpose(1, 2, 0))
+        chw = self.cache.frames[i] if self.cache is not None else read_frame(self._paths[i],
+                                                                             self._boxes[self._seq_of_frame[i]])
+        # OpenCV interleaves the planes about 17x faster than numpy's strided copy (16 against 274 us at
+        # 224 px), which was 43 % of the pretraining loader's time; the same bytes.
+        return cv2.merge(list(chw))
 
     def frame_with_intrinsics(self, index: int, t: int) -> tuple[np.ndarray, np.ndarray]:
         """Frame ``t`` of clip ``index`` at frame_size, (S, S, 3) uint8 RGB, and its (3, 3) intrinsics."""
