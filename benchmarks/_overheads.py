@@ -119,8 +119,8 @@ class _ProcessWatch:
                 try:
                     for p in [root, *root.children(recursive=True)]:
                         # A worker takes its ray:: title after it starts: a "ray" process may become a trial.
-                        if procs.get(p.pid, (None, "ray"))[1] == "ray":
-                            procs[p.pid] = (procs.get(p.pid, (p,))[0], self._kind(p))
+                        if procs.get(p.pid, (p, "ray"))[1] == "ray":
+                            procs[p.pid] = (p, self._kind(p))
                 except psutil.Error:
                     pass
             cpu: dict[int, tuple[str, float]] = {}
