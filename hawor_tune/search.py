@@ -7,6 +7,7 @@ prepares the data once, starts or joins Ray, builds the Tuner (or restores it) a
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import logging
@@ -45,6 +46,8 @@ from hawor_tune.tune_space import OPTUNA_DIRECTIONS, optuna_distributions, tune_
 log = logging.getLogger(__name__)
 
 INTERRUPTED = "INTERRUPTED"
+# How long a worker's exit waits for a stopped trial to free its training state (train_trial).
+_STOP_GRACE_S = 30.0
 _FINAL = ("TERMINATED", "ERROR")
 
 
@@ -60,9 +63,30 @@ def train_trial(params: dict[str, Any], space: SearchSpace) -> None:
     checkpoint would be stored once more, and left in Ray's session folder under /tmp for good. Tune's own
     copies of the reported checkpoints are the ones kept (``CheckpointConfig(num_to_keep=2)``: the two best
     by the metric, and the newest).
+
+    A trial that Tune stops (ASHA, or its last epoch) leaves ``tune.report`` by ``SystemExit(0)`` in its own
+    thread, and Tune does not wait for that thread: the worker may exit at once. Freeing the training's
+    tensors while the interpreter shuts down aborted the worker (torch frees a tensor without the GIL; a
+    thread that takes the GIL back during finalization is ended by ``pthread_exit``, which unwinds through
+    a C++ destructor: SIGABRT, a crash dump of a hundred lines in the search's output, and the temporary
+    folder possibly left behind). So the trial lets go of everything before it re-raises the stop, and the
+    worker's exit waits for that (``atexit``, at most ``_STOP_GRACE_S``).
     """
-    with tempfile.TemporaryDirectory(prefix="hawor-trial-") as run_dir:
-        _train_trial(params, space, run_dir)
+    released = threading.Event()
+    atexit.register(released.wait, _STOP_GRACE_S)
+    try:
+        try:
+            with tempfile.TemporaryDirectory(prefix="hawor-trial-") as run_dir:
+                _train_trial(params, space, run_dir)
+        except SystemExit as stop:  # leaving this block frees its traceback, and every tensor fit() held
+            code = stop.code
+        else:
+            code = None
+    finally:
+        released.set()
+        atexit.unregister(released.wait)
+    if code is not None:
+        raise SystemExit(code)
 
 
 def _train_trial(params: dict[str, Any], space: SearchSpace, run_dir: str) -> None:

@@ -362,6 +362,47 @@ def test_a_trial_resumes_from_its_newest_readable_checkpoint(tmp_path, caplog, t
     assert _resume_point(None) is None
 
 
+# A worker as Ray Tune runs one: the trainable in a daemon thread (Ray's RunnerThread swallows SystemExit(0));
+# Tune stops the trial, whose tune.report then raises SystemExit(0), and the worker exits at once.
+_STOPPED_WORKER = """
+import sys, threading
+import torch
+import hawor_tune.search as search
+
+holding, stop = threading.Event(), threading.Event()
+
+def fit_until_stopped(params, space, run_dir):
+    state = [torch.nn.Linear(64, 64) for _ in range(3000)]  # the tensors fit() holds when Tune stops it
+    print(run_dir, flush=True)
+    holding.set()
+    stop.wait()
+    raise SystemExit(0)  # as ray.tune.report leaves a stopped trial
+
+search._train_trial = fit_until_stopped
+
+def runner():
+    try:
+        search.train_trial({}, None)
+    except SystemExit as e:
+        assert e.code == 0
+
+threading.Thread(target=runner, daemon=True).start()
+holding.wait()
+stop.set()
+sys.exit(0)
+"""
+
+
+def test_a_worker_exiting_as_tune_stops_its_trial_exits_cleanly_and_leaves_no_run_folder():
+    """Freeing a stopped trial's tensors while the worker's interpreter shut down aborted it (SIGABRT and a
+    crash dump in the search's output, seen at the end of the default search)."""
+    done = subprocess.run([sys.executable, "-c", _STOPPED_WORKER], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Fatal Python error" not in done.stderr
+    run_dir = Path(done.stdout.split()[0])
+    assert run_dir.name.startswith("hawor-trial-") and not run_dir.exists()
+
+
 def test_a_second_search_under_a_taken_name_is_refused_before_anything_starts(tmp_path):
     from hawor_tune.results import StorageError
 
