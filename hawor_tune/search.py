@@ -233,10 +233,8 @@ def _searcher(space: SearchSpace, warm_trials: list | None = None, *, first_poin
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    # Seed the sampler itself: OptunaSearch ignores `seed` when a sampler is passed. Fewer random start-up
-    # trials than Optuna's default 10, or TPE would never act in a 10-16 trial search.
-    sampler = optuna.samplers.TPESampler(seed=space.search_seed,
-                                         n_startup_trials=max(2, min(10, space.num_samples // 3)))
+    # Seed the sampler itself: OptunaSearch ignores `seed` when a sampler is passed.
+    sampler = optuna.samplers.TPESampler(seed=space.search_seed, n_startup_trials=space.tpe_startup_trials)
     # Given its space up front, OptunaSearch ignores TuneConfig's metric/mode, so it gets them here too
     # (both from the one search-space file).
     # With lists of metrics and modes (a multi-objective space) TPE is Optuna's multi-objective TPE.

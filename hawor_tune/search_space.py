@@ -12,7 +12,7 @@ multi-objective search), the trial budget
     mode: min
     num_samples: 16
     max_concurrent: 2
-    search: {algorithm: optuna, seed: 0, stopped_as: complete}   # optuna | random; complete | pruned
+    search: {algorithm: optuna, seed: 0, stopped_as: complete, startup_trials: 4}   # optuna | random; ...
     scheduler: {type: asha, max_epochs: 8, grace_period: 1, reduction_factor: 3}   # asha | fifo
     resources: {cpu: 1, gpu: 0}
     params:
@@ -141,10 +141,20 @@ class SearchSpace:
     modes: tuple[str, ...] = ()
     # How Optuna hears of a trial the scheduler stopped (``search.stopped_as``, one of STOPPED_AS).
     search_stopped_as: str = DEFAULT_STOPPED_AS
+    # TPE's random start-up trials (``search.startup_trials``); None: :meth:`tpe_startup_trials`'s default.
+    search_startup_trials: int | None = None
 
     def __post_init__(self) -> None:
         self.metrics = tuple(self.metrics) or (self.metric,)
         self.modes = tuple(self.modes) or (self.mode,)
+
+    @property
+    def tpe_startup_trials(self) -> int:
+        """TPE's random start-up trials: ``search.startup_trials``, else a third of the trials, at least 2 and at
+        most Optuna's default 10 (with Optuna's 10, TPE would never act in a 10-16 trial search)."""
+        if self.search_startup_trials is not None:
+            return self.search_startup_trials
+        return max(2, min(10, self.num_samples // 3))
 
     @property
     def is_multi_objective(self) -> bool:
@@ -284,7 +294,7 @@ def load_search_space(path: str | os.PathLike, *, extra_overrides: Iterable[str]
     num_samples = check.integer("num_samples", raw["num_samples"], low=1)
     max_concurrent = check.integer("max_concurrent", raw.get("max_concurrent", 1), low=1)
 
-    search = check.section("search", raw.get("search"), ("algorithm", "seed", "stopped_as"))
+    search = check.section("search", raw.get("search"), ("algorithm", "seed", "stopped_as", "startup_trials"))
     algorithm = search.get("algorithm", "optuna")
     if algorithm not in ALGORITHMS:
         raise check.error("search.algorithm", f"must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
@@ -295,6 +305,12 @@ def load_search_space(path: str | os.PathLike, *, extra_overrides: Iterable[str]
     if "stopped_as" in search and algorithm != "optuna":
         raise check.error("search.stopped_as", f"{stopped_as!r}: only algorithm optuna is told how a stopped "
                           f"trial ended; remove it or use algorithm: optuna")
+    startup_trials = None
+    if "startup_trials" in search:
+        startup_trials = check.integer("search.startup_trials", search["startup_trials"], low=0)
+        if algorithm != "optuna":
+            raise check.error("search.startup_trials", f"{startup_trials}: only algorithm optuna (TPE) has random "
+                              f"start-up trials; remove it or use algorithm: optuna")
 
     sched = check.section("scheduler", raw.get("scheduler"), ("type", "max_epochs", "grace_period",
                                                               "reduction_factor"))
@@ -335,7 +351,7 @@ def load_search_space(path: str | os.PathLike, *, extra_overrides: Iterable[str]
                        search_seed=seed, scheduler_type=sched_type, max_epochs=max_epochs,
                        grace_period=grace_period, reduction_factor=reduction_factor, resources_cpu=cpu,
                        resources_gpu=gpu, params=params, metrics=metrics, modes=modes,
-                       search_stopped_as=stopped_as)
+                       search_stopped_as=stopped_as, search_startup_trials=startup_trials)
 
 
 class _Checker:

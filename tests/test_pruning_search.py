@@ -52,6 +52,19 @@ def test_a_diverged_trial_keeps_rays_ending():
     assert told["diverged"].state == TrialState.COMPLETE and told["diverged"].value == float("inf")
 
 
+@pytest.mark.parametrize(("snippet", "startup"), [
+    ("num_samples: 30", 10),                                  # a third of 30, at most Optuna's default 10
+    ("num_samples: 12", 4),                                   # a third of 12
+    ("{num_samples: 12, search: {startup_trials: 7}}", 7),    # the file's own
+    ("{num_samples: 12, search: {startup_trials: 0}}", 0),
+])
+def test_tpe_gets_the_spaces_start_up_trials(tmp_path, snippet, startup):
+    from hawor_tune.search import _searcher as build
+
+    space = load_search_space(write_space(tmp_path, snippet))
+    assert build(space).searcher._sampler._n_startup_trials == startup
+
+
 @pytest.mark.parametrize(("stopped_as", "cls"), [("pruned", PruningOptunaSearch), ("complete", OptunaSearch)])
 def test_the_space_file_chooses_the_searcher(tmp_path, stopped_as, cls):
     from hawor_tune.search import _searcher as build

@@ -72,6 +72,7 @@ def test_optional_sections_take_their_defaults(tmp_path, monkeypatch):
     assert (space.num_samples, space.max_concurrent, space.search_algorithm, space.search_seed) == (4, 1, "optuna", 0)
     assert (space.scheduler_type, space.max_epochs, space.grace_period, space.reduction_factor) == ("asha", 6, 1, 3)
     assert space.search_stopped_as == "complete"
+    assert space.tpe_startup_trials == 2  # 4 trials: the floor of 2 (a third of them is 1)
     assert (space.resources_cpu, space.resources_gpu) == (1.0, 0.0)
     assert space.params == {"optim.lr": ParamSpec("optim.lr", "loguniform", low=1e-4, high=1e-2)}
 
@@ -126,7 +127,11 @@ INVALID = [
     ("max_concurrent: 0", "max_concurrent:", "integer >= 1"),
     ("search: {algorithm: tpe}", "search.algorithm:", "optuna, random"),
     ("search: {seed: -1}", "search.seed:", "integer >= 0"),
-    ("search: {sampler: tpe}", "search.sampler: unknown key", "allowed keys are algorithm, seed, stopped_as"),
+    ("search: {sampler: tpe}", "search.sampler: unknown key",
+     "allowed keys are algorithm, seed, stopped_as, startup_trials"),
+    ("search: {startup_trials: -1}", "search.startup_trials:", "integer >= 0"),
+    ("search: {startup_trials: 2.5}", "search.startup_trials:", "integer >= 0"),
+    ("search: {algorithm: random, startup_trials: 4}", "search.startup_trials:", "4: only algorithm optuna"),
     ("search: {stopped_as: pruneed}", "search.stopped_as:", "must be one of complete, pruned, got 'pruneed'"),
     ("search: {algorithm: random, stopped_as: pruned}", "search.stopped_as:", "'pruned': only algorithm optuna"),
     ("search: optuna", "search:", "must be a mapping"),
