@@ -92,6 +92,9 @@ def train_trial(params: dict[str, Any], space: SearchSpace) -> None:
 def _train_trial(params: dict[str, Any], space: SearchSpace, run_dir: str) -> None:
     from hawor_tune.train import fit
 
+    # Ray logs every reported checkpoint's full path (a line of some 300 characters per trial and epoch) into
+    # the search's output, beside fit()'s own epoch line; the paths are in the trial folders.
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     ctx = tune.get_context()
     cpus = ctx.get_trial_resources().required_resources.get("CPU", 1) if ctx.get_trial_resources() else 1
     threads = max(1, math.ceil(cpus))

@@ -6,6 +6,7 @@ import errno
 import ipaddress
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -128,6 +129,9 @@ def test_interrupted_search_resumes_to_exactly_num_samples(tmp_path, synthetic_d
                                   "--dashboard-port", "0"), cwd=tmp_path, env=env, capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    output = resumed.stdout + resumed.stderr
+    assert re.search(r"epoch +[12]/2 +loss", output)  # the trials' own epoch lines reach the search's output
+    assert "Checkpoint successfully created" not in output and "Fatal Python error" not in output
     after = {r["trial_id"]: r for r in read_rows(trials_file)}
     assert len(after) == 4 and all(r["status"] == "TERMINATED" for r in after.values())
     epochs = read_rows(storage / "r" / "epochs.parquet")
