@@ -54,7 +54,7 @@ def record_grid(space_path: Path, *, storage: Path, name: str, n: int, seed: int
         trainable, param_space=tune_param_space(space.params),
         tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=len(grid),
                                     search_alg=BasicVariantGenerator(points_to_evaluate=grid, max_concurrent=concurrency),
-                                    scheduler=FIFOScheduler(), max_concurrent_trials=concurrency, reuse_actors=True),
+                                    scheduler=FIFOScheduler(), reuse_actors=True),
         run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1, callbacks=[exporter],
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
     t0 = time.perf_counter()

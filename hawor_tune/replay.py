@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +178,7 @@ def replay_search(space: SearchSpace, grid: RecordedGrid, *, storage: str | Path
     from hawor_tune.search import _scheduler, _searcher
     from hawor_tune.tune_space import tune_param_space
 
+    space = replace(space, max_concurrent=1)  # the searcher's own limit: Tune's max_concurrent_trials only warns
     epochs: list[ReplayedEpoch] = []
 
     class _Collect(tune.Callback):
@@ -191,8 +192,7 @@ def replay_search(space: SearchSpace, grid: RecordedGrid, *, storage: str | Path
         trainable, param_space=tune_param_space(space.params) if space.search_algorithm == "random" else {},
         tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=space.num_samples,
                                     search_alg=_searcher(space, first_point_default=first_point_default),
-                                    scheduler=_scheduler(space),
-                                    max_concurrent_trials=1, reuse_actors=True),
+                                    scheduler=_scheduler(space), reuse_actors=True),
         run_config=tune.RunConfig(name=name, storage_path=str(Path(storage).resolve()), verbose=0,
                                   callbacks=[_Collect()], checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
     tuner.fit()

@@ -551,8 +551,7 @@ def run_search(space: SearchSpace, *, storage: str | os.PathLike, name: str, res
             param_space=tune_param_space(space.params) if space.search_algorithm == "random" else {},
             tune_config=tune.TuneConfig(
                 metric=space.metric, mode=space.mode, num_samples=space.num_samples,
-                search_alg=_searcher(space, warm_trials), scheduler=_scheduler(space),
-                max_concurrent_trials=space.max_concurrent, reuse_actors=True),
+                search_alg=_searcher(space, warm_trials), scheduler=_scheduler(space), reuse_actors=True),
             run_config=tune.RunConfig(
                 name=name, storage_path=str(storage), verbose=verbose, callbacks=callbacks,
                 failure_config=tune.FailureConfig(max_failures=2),

@@ -80,6 +80,25 @@ def test_search_end_to_end_parquet_matches_reports(tiny_search):
     assert first_params == pytest.approx(space.default_point())
 
 
+def test_a_search_runs_at_most_max_concurrent_trials_at_once(tmp_path, synthetic_dataset):
+    """The searcher's own concurrency limit holds (TuneConfig's max_concurrent_trials is not passed: beside a
+    ConcurrencyLimiter, Ray only warns and ignores it)."""
+    space = load_search_space(write_search_space(tmp_path, synthetic_dataset, num_samples=3, epochs=1,
+                                                 max_concurrent=1))
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        outcome = run_search_fn(space, storage=tmp_path / "results", name="one", verbose=0)
+    finally:
+        ray.shutdown()
+    spans = []  # (start, end) of each trial; Ray's timestamps are whole seconds
+    for trial_dir in (d for d in outcome.experiment_dir.iterdir() if (d / "result.json").is_file()):
+        reported = _reported(trial_dir)
+        spans.append((reported[0]["timestamp"] - reported[0]["time_this_iter_s"], reported[-1]["timestamp"]))
+    spans.sort()
+    assert len(spans) == 3
+    assert all(end - 1.0 <= start for (_, end), (start, _) in zip(spans, spans[1:])), spans
+
+
 def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path, synthetic_dataset):
     from ray.cluster_utils import Cluster
 
@@ -132,6 +151,7 @@ def test_interrupted_search_resumes_to_exactly_num_samples(tmp_path, synthetic_d
     output = resumed.stdout + resumed.stderr
     assert re.search(r"epoch +[12]/2 +loss", output)  # the trials' own epoch lines reach the search's output
     assert "Checkpoint successfully created" not in output and "Fatal Python error" not in output
+    assert "max_concurrent_trials" not in output  # the searcher's ConcurrencyLimiter alone limits the trials
     after = {r["trial_id"]: r for r in read_rows(trials_file)}
     assert len(after) == 4 and all(r["status"] == "TERMINATED" for r in after.values())
     epochs = read_rows(storage / "r" / "epochs.parquet")
