@@ -74,19 +74,20 @@ def train_trial(params: dict[str, Any], space: SearchSpace) -> None:
     """
     released = threading.Event()
     atexit.register(released.wait, _STOP_GRACE_S)
+    stop: SystemExit | None = None
     try:
         try:
             with tempfile.TemporaryDirectory(prefix="hawor-trial-") as run_dir:
                 _train_trial(params, space, run_dir)
-        except SystemExit as stop:  # leaving this block frees its traceback, and every tensor fit() held
-            code = stop.code
-        else:
-            code = None
+        except SystemExit as e:
+            # A fresh one, with no traceback: leaving this block frees the caught one's, and every tensor
+            # of fit()'s frames it holds.
+            stop = SystemExit(e.code)
     finally:
         released.set()
         atexit.unregister(released.wait)
-    if code is not None:
-        raise SystemExit(code)
+    if stop is not None:
+        raise stop
 
 
 def _train_trial(params: dict[str, Any], space: SearchSpace, run_dir: str) -> None:
