@@ -124,6 +124,9 @@ class PretrainConfig:
     max_train_batches: int = _spec(112, low=0, doc="random batches per epoch (of 180 in the CPU profile's "
                                    "single-frame set; 112 is its whole training split); 0 = all")
     lr: float = _spec(1e-3, low=1e-8, high=1.0)
+    mano_params: float = _spec(0.5, low=0.0, doc="weight of the MANO rotation term in the pretraining (the other "
+                               "hand terms keep loss.*'s defaults): 25x the fine-tuning default, which took the "
+                               "CPU profile's start from 28.3 to 24.5 mm val MPJPE (benchmarks/bench_pretrain.py)")
     frames_sequences: int = _spec(12, low=0, high=50, doc="on generated data, train on a generated single-frame hand "
                                   "set (every frame's pose drawn on its own) with this many sequences per training "
                                   "subject instead of the training split's video frames; 0 = the training split")

@@ -207,6 +207,26 @@ def test_gradients_reach_every_stage() -> None:
         assert any(float(g.abs().sum()) > 0 for g in grads), name
 
 
+def test_a_shared_cnn_backbone_keeps_the_hand_crops_batch_norm_statistics() -> None:
+    """The frames pass through the hand backbone too (no camera backbone); its batch-norm running statistics
+    must be those of the crops alone, which is what evaluation normalises the crops with."""
+    cnn = {"model.backbone": "resnet10t", "model.backbone_kwargs": {}, "model.camera_backbone": ""}
+    model = _model(**cnn).train()
+    reference = _model(**cnn).backbone.train()  # same seed: the same initial weights and statistics
+    batch = _batch(2, 3)
+    with torch.no_grad():
+        run_model(model, batch)
+        reference.forward_features(model._normalise(batch["crops"].flatten(0, 2)))
+    stats = {k: v for k, v in model.backbone.state_dict().items() if "running" in k}
+    assert stats, "precondition: the backbone has batch-norm statistics"
+    for key, value in stats.items():
+        torch.testing.assert_close(value, reference.state_dict()[key], msg=key)
+    model.eval()
+    frames = model.encode_frames(batch["images"], batch["flow"])  # the frames' features read the same way
+    model.train()
+    torch.testing.assert_close(model.encode_frames(batch["images"], batch["flow"]), frames)
+
+
 def test_infiller_only_overwrites_unobserved_frames() -> None:
     # Without fusion, what counts as observed only changes the infiller (with it, also who attends to whom).
     model = _model(**{"model.hand_fusion": False}).eval()

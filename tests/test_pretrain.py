@@ -43,7 +43,7 @@ def test_the_key_ignores_what_a_run_may_vary(synthetic_dataset, key, value):
 @pytest.mark.parametrize("key, value", [
     ("model.temporal_dim", 64), ("model.backbone_kwargs", {"depth": 2, "patch_size": 16}), ("data.crop_size", 48),
     ("data.crop_scale", 1.5), ("pretrain.epochs", 2), ("pretrain.lr", 0.01), ("pretrain.frames_sequences", 2),
-    ("pretrain.frames_per_sequence", 60),
+    ("pretrain.frames_per_sequence", 60), ("pretrain.mano_params", 0.02),
 ])
 def test_the_key_follows_what_the_weights_depend_on(synthetic_dataset, key, value):
     base = synthetic_dataset.config({**TINY_MODEL_OVERRIDES, **PRETRAIN})
@@ -55,6 +55,14 @@ def test_pretraining_is_single_frame_hand_terms_only(cfg, tmp_path):
     assert (p.data.seq_len, p.train.epochs, p.pretrain.epochs) == (1, 1, 0)
     assert p.loss.temporal == p.loss.camera == p.loss.hand_world == 0.0
     assert p.loss.keypoint_3d > 0
+
+
+def test_the_pretraining_weighs_the_mano_rotations_by_its_own_key(synthetic_dataset, tmp_path):
+    cfg = synthetic_dataset.config({**TINY_MODEL_OVERRIDES, **PRETRAIN, "pretrain.mano_params": 0.3,
+                                    "loss.mano_params": 0.004, "loss.keypoint_3d": 7.0})
+    p = pretrain_config(cfg, tmp_path / "p")
+    assert p.loss.mano_params == 0.3
+    assert p.loss.keypoint_3d == 1.0  # the run's own (searched) weights do not reach the shared start
 
 
 def test_built_once_then_reused_and_loaded(cfg, capsys):
