@@ -12,7 +12,7 @@ curve says how much more data would help. ``--holdout`` also scores a share of t
 are never trained on (the training subjects, new sequences), which tells new sequences from new subjects.
 
     python benchmarks/bench_fingers.py [--config configs/tiny.yaml] [--shares 0.25 0.5 1.0] [--steps 400]
-                                       [--pretrain-set] [--set key=value ...]
+                                       [--pretrain-set] [--set key=value ...] [--model PATH]
 
 ``--pretrain-set`` trains on the crops of the hand-pretrained start's generated single-frame set
 (:func:`hawor_tune.pretrain.pretrain_data`: every frame's pose drawn on its own) instead of the training
@@ -20,6 +20,12 @@ split's video frames, still scored on the validation split. First it prints how 
 split's mean-pose PA-MPJPE is the hand's shape and how much its fingers: the ground truth's own joints
 through the hand model with the mean fingers (only the fingers' error left) or with the mean shape (only
 the shape's error left).
+
+``--model PATH`` trains no probe: it asks where a trained model file (the cached hand-pretrained start,
+``data/cache/pretrained/hand-<key>.pt``, or a run's ``model.pt``) keeps or loses the fingers. On the
+training crops (``--pretrain-set``: the start's own single-frame set) and on validation it prints the finger
+variance explained by a ridge readout of the backbone's spatial tokens, by one of the spatial head's token
+(what the rest of the model reads) and by the model's own prediction.
 
 ``--set`` overrides the config, e.g. a larger generated dataset in its own folder:
 ``--set data.root=data/arctic_synthetic_x50 --set data.synthetic.sequences_per_subject=50``.
@@ -40,6 +46,7 @@ if TYPE_CHECKING:
     import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+RIDGE_LAMBDA = 0.1  # the readouts' ridge penalty per sample, on standardised features
 
 
 def finger_crops(cfg, split: str) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
@@ -124,6 +131,78 @@ def probe(train_x, train_y, evals: list[tuple[torch.Tensor, torch.Tensor]], *, s
     return [explained(train_x, train_y)] + [explained(x, y) for x, y in evals]
 
 
+def model_readouts(model, cfg, split: str, *, max_batches: int = 0) -> dict[str, torch.Tensor]:
+    """What a trained HaWoR model carries of the fingers of ``split``'s valid hand crops, in right-hand
+    form: the backbone's spatial tokens (N, L*F) and the spatial head's token (N, D) that the rest of the
+    model reads, its own finger prediction (N, 90, 6D) and the truth (N, 90)."""
+    import torch
+
+    from hawor_tune.data import build_dataloader
+    from hawor_tune.geometry import matrix_to_rot6d
+    from hawor_tune.mano import HANDS
+    from hawor_tune.model import MIRROR_ROT6D, run_model
+
+    seen: dict[str, torch.Tensor] = {}
+    hook = model.spatial_head.register_forward_hook(
+        lambda _m, args, out: seen.update(tokens=args[0].flatten(1), head=out))
+    mirror = torch.tensor(MIRROR_ROT6D).repeat(15)
+    parts: dict[str, list[torch.Tensor]] = {"tokens": [], "head": [], "pred": [], "truth": []}
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(build_dataloader(cfg, split, shuffle=False)):
+                if max_batches and i >= max_batches:
+                    break
+                out = run_model(model, batch)
+                valid = batch["hand_valid"]  # (B, T, 2), the order of the crops the head saw
+                sign = torch.ones(2, 90)
+                sign[HANDS.index("left")] = mirror
+                sign = sign.expand(*valid.shape, 90)[valid]  # (N, 90) left hands into right-hand form
+                parts["tokens"].append(seen["tokens"][valid.flatten()])
+                parts["head"].append(seen["head"][valid.flatten()])
+                parts["pred"].append(matrix_to_rot6d(out.rotmats[..., 1:, :, :])[valid].flatten(1) * sign)
+                parts["truth"].append(matrix_to_rot6d(batch["rotmats"][..., 1:, :, :].float())[valid].flatten(1) * sign)
+    finally:
+        hook.remove()
+    return {k: torch.cat(v).double() for k, v in parts.items()}
+
+
+def explained(pred: torch.Tensor, truth: torch.Tensor) -> float:
+    """1 - residual / variance of ``truth`` about its own mean (0: the mean pose)."""
+    return 1.0 - float((pred - truth).square().sum(1).mean() / (truth - truth.mean(0)).square().sum(1).mean())
+
+
+def ridge_readout(train_x, train_y, evals, *, lam: float = RIDGE_LAMBDA) -> list[float]:
+    """Explained variance of a ridge regression (standardised features, penalty ``lam`` per sample) fitted on
+    (train_x, train_y), on the training set and on each (x, y) of ``evals``."""
+    import torch
+
+    mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
+    a = (train_x - mu) / sd
+    y_mean = train_y.mean(0)
+    w = torch.linalg.solve(a.T @ a + lam * len(a) * torch.eye(a.shape[1], dtype=a.dtype), a.T @ (train_y - y_mean))
+    return [explained(((x - mu) / sd) @ w + y_mean, y) for x, y in [(train_x, train_y), *evals]]
+
+
+def diagnose_model(path: str, cfg, train_cfg, *, max_batches: int) -> None:
+    """Print where a trained model's finger information is: in its backbone's tokens, in the spatial head's
+    token, in its own prediction."""
+    from hawor_tune.checkpoint import load_model
+
+    model, _ = load_model(path)
+    train = model_readouts(model, train_cfg, "train", max_batches=max_batches)
+    val = model_readouts(model, cfg, "val")
+    print(f"{path}: {len(train['truth'])} training and {len(val['truth'])} validation hand crops; finger "
+          f"variance explained (0: the mean pose), train / val")
+    for name in ("tokens", "head"):
+        width = train[name].shape[1]
+        fit = ridge_readout(train[name], train["truth"], [(val[name], val["truth"])])
+        print(f"  ridge readout of the {'backbone tokens' if name == 'tokens' else 'spatial head token'} "
+              f"({width} features): {fit[0]:.2f} / {fit[1]:.2f}")
+    print(f"  the model's own finger prediction: {explained(train['pred'], train['truth']):.2f} / "
+          f"{explained(val['pred'], val['truth']):.2f}; its spread {float(train['pred'].std(0).norm() / train['truth'].std(0).norm()):.2f} of the truth's")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
@@ -138,6 +217,10 @@ def main() -> None:
     parser.add_argument("--pretrain-set", action="store_true",
                         help="train on the pretraining's generated single-frame set instead of the training split")
     parser.add_argument("--set", action="append", default=[], metavar="key=value")
+    parser.add_argument("--model", help="instead of the probe: where a trained model file (e.g. the cached "
+                        "hand-pretrained start) keeps or loses the fingers")
+    parser.add_argument("--model-batches", type=int, default=0,
+                        help="training batches read for --model's readouts (0: all)")
     args = parser.parse_args()
     bad = [s for s in args.shares if not 0 < s <= 1]
     if bad or args.steps < 1 or args.batch < 1 or not 0 <= args.holdout < 1:
@@ -157,6 +240,10 @@ def main() -> None:
                                                   "data.crop_jitter": 0.0})
     except HaworTuneError as e:
         parser.error(str(e).splitlines()[0])
+    if args.model:
+        diagnose_model(args.model, cfg, pretrain_config(cfg, "unused") if args.pretrain_set else cfg,
+                       max_batches=args.model_batches)
+        return
     parts = pa_parts(cfg, "val")
     print(f"val PA-MPJPE of the true hands with the mean fingers {parts['mean fingers']:.2f} mm (the fingers' "
           f"error alone), with the mean shape {parts['mean shape']:.2f} mm (the shape's error alone), with both "

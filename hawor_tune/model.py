@@ -357,8 +357,7 @@ class HaWoR(nn.Module):
             feats = self.camera_backbone(x)
         else:
             # The shared backbone's batch-norm statistics stay the hand crops' own: frames updating them
-            # too left evaluation normalising crops with a crop-frame mix that training never saw (val
-            # MPJPE of the hand-pretrained start 24.7 -> 23.5 mm with crop-only statistics).
+            # too left evaluation normalising crops with a crop-frame mix that training never used.
             with frozen_batch_norm(self.backbone):
                 feats = spatial_tokens(self.backbone, x).mean(1)
         tokens = self.camera_proj(feats)  # (B*T, D)
