@@ -11,7 +11,8 @@ balance can be judged by whether it teaches the fingers (PA-MPJPE) and not only 
 Variants (each against the CPU profile's defaults): ``default``; ``crop64`` (64 px crops); ``stride16``
 (the ResNet's last stage at stride 16: 3x3 instead of 2x2 tokens from a 48 px crop); ``mano_hamer`` (the
 MANO rotation term at HaMeR's 1 : 50 to the 3D keypoints, 0.02, the default before it became 25x that) and
-``mano_x4`` (4x the default, 2.0); ``kp2d_x10``; ``lr_x3`` (the pretraining learning rate 3x); ``vit_tiny`` (a plain
+``mano_x4`` (4x the default, 2.0); ``jitter0`` (the pretraining's crops unjittered); ``batch16`` (batches of 16
+frames, twice as many steps: the same frames seen); ``kp2d_x10``; ``lr_x3`` (the pretraining learning rate 3x); ``vit_tiny`` (a plain
 ViT-Tiny, depth 6, 8 px patches); ``video_frames`` (the training split's video frames instead of the generated
 single-frame hand set); ``frames_x2`` (that set twice as large); ``subjects_x6`` and ``subjects_x12`` (that set's
 72 sequences spread over 36 or 72 training subjects, new people beside the dataset's six).
@@ -34,13 +35,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCORE_BATCHES = 20  # batches of the frames a variant trained on, scored for its "seen PA"
 
-VARIANTS: dict[str, dict[str, dict[str, object]]] = {
+VARIANTS: dict[str, dict[str, object]] = {
     "default": {},
     "crop64": {"config": {"data.crop_size": 64}},
     "stride16": {"config": {"model.backbone_kwargs": {"output_stride": 16}}},
     "mano_hamer": {"config": {"pretrain.mano_params": 0.02}},
     "mano_x4": {"config": {"pretrain.mano_params": 2.0}},
     "kp2d_x10": {"loss": {"keypoint_2d": 1.0}},
+    "jitter0": {"config": {"data.crop_jitter": 0.0}},
+    "batch16": {"config": {"pretrain.batch_size": 16}, "steps": 2},
     "lr_x3": {"config": {"pretrain.lr": 3e-3}},
     "video_frames": {"config": {"pretrain.frames_sequences": 0}},
     "frames_x2": {"config": {"pretrain.frames_sequences": 24}},
@@ -66,7 +69,7 @@ def run_one(config: str, epochs: int, batches: int, variant: str, out_dir: str, 
 
     spec = VARIANTS[variant]
     cfg = load_config(config, overrides=spec.get("config", {}))
-    cfg.pretrain = dataclasses.replace(cfg.pretrain, epochs=epochs, max_train_batches=batches)
+    cfg.pretrain = dataclasses.replace(cfg.pretrain, epochs=epochs, max_train_batches=batches * spec.get("steps", 1))
     pcfg = pretrain_config(cfg, out_dir)
     pcfg.loss = dataclasses.replace(pcfg.loss, **spec.get("loss", {}))
     pcfg.train.threads = 1
