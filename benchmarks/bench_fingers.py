@@ -123,12 +123,12 @@ def probe(train_x, train_y, evals: list[tuple[torch.Tensor, torch.Tensor]], *, s
         opt.step()
     net.eval()
 
-    def explained(x, y) -> float:
+    def score(x, y) -> float:
         with torch.no_grad():
             pred = torch.cat([net(norm(x[s:s + 256])) for s in range(0, len(x), 256)]) * sd + mu
-        return 1.0 - float((pred - y).square().sum(1).mean() / (y - y.mean(0)).square().sum(1).mean())
+        return explained(pred, y)
 
-    return [explained(train_x, train_y)] + [explained(x, y) for x, y in evals]
+    return [score(train_x, train_y)] + [score(x, y) for x, y in evals]
 
 
 def model_readouts(model, cfg, split: str, *, max_batches: int = 0) -> dict[str, torch.Tensor]:
