@@ -84,7 +84,8 @@ def test_labels_match_the_generators_ground_truth(synthetic_dataset, split):
 
 def test_a_split_posed_at_once_equals_its_sequences_one_at_a_time(synthetic_dataset):
     # A dataset poses each hand once for all its sequences: each sequence's labels, cut from the middle of
-    # that batch, must be exactly those it gets alone.
+    # that batch, must be those it gets alone. To the last float32 bit on some CPUs; on others (seen on an
+    # AVX-512 EPYC) the matrix products' blocking follows the batch size and moves a coordinate by one ulp.
     cfg = synthetic_dataset.config()
     mano = [build_mano(cfg.mano, side, fix_left_shapedirs=False) for side in HANDS]
     names = [n for split in ("train", "val", "test") for n in read_split(synthetic_dataset.root, split)]
@@ -95,7 +96,8 @@ def test_a_split_posed_at_once_equals_its_sequences_one_at_a_time(synthetic_data
         alone = load_sequence(synthetic_dataset.root, lab.name, **kwargs)
         for key in ("frame_index", "joints3d", "joints2d", "rotmats", "betas", "hand_valid", "joints_visible",
                     "cam_R", "cam_t", "K", "dist"):
-            np.testing.assert_array_equal(getattr(lab, key), getattr(alone, key), err_msg=f"{lab.name} {key}")
+            np.testing.assert_allclose(getattr(lab, key), getattr(alone, key), rtol=1e-6, atol=0,
+                                       err_msg=f"{lab.name} {key}")
 
 
 def test_batch_has_the_spec_dtypes_and_shapes(synthetic_dataset):
