@@ -12,7 +12,8 @@ Variants (each against the CPU profile's defaults): ``default``; ``crop64`` (64 
 (the ResNet's last stage at stride 16: 3x3 instead of 2x2 tokens from a 48 px crop); ``mano_hamer`` (the
 MANO rotation term at HaMeR's 1 : 50 to the 3D keypoints, 0.02, the default before it became 25x that) and
 ``mano_x4`` (4x the default, 2.0); ``jitter0`` (the pretraining's crops unjittered); ``batch16`` (batches of 16
-frames, twice as many steps: the same frames seen); ``kp2d_x10``; ``lr_x3`` (the pretraining learning rate 3x); ``vit_tiny`` (a plain
+frames, twice as many steps: the same frames seen); ``kp2d_x10``; ``lr_x3`` (the pretraining learning rate 3x); ``bf16`` (bf16
+autocast on the CPU); ``vit_tiny`` (a plain
 ViT-Tiny, depth 6, 8 px patches); ``video_frames`` (the training split's video frames instead of the generated
 single-frame hand set); ``frames_x2`` (that set twice as large); ``subjects_x6`` and ``subjects_x12`` (that set's
 72 sequences spread over 36 or 72 training subjects, new people beside the dataset's six).
@@ -45,6 +46,7 @@ VARIANTS: dict[str, dict[str, object]] = {
     "jitter0": {"config": {"data.crop_jitter": 0.0}},
     "batch16": {"config": {"pretrain.batch_size": 16}, "steps": 2},
     "lr_x3": {"config": {"pretrain.lr": 3e-3}},
+    "bf16": {"config": {"train.precision": "bf16"}},
     "video_frames": {"config": {"pretrain.frames_sequences": 0}},
     "frames_x2": {"config": {"pretrain.frames_sequences": 24}},
     "subjects_x6": {"config": {"pretrain.frames_subjects": 30, "pretrain.frames_sequences": 2}},

@@ -171,7 +171,8 @@ class TrainConfig:
     seed: int = _spec(0, low=0)
     device: str = _spec("auto", choices=("auto", "cpu", "cuda", "mps"))
     precision: str = _spec("auto", choices=("auto", "fp32", "bf16", "fp16"),
-                           doc="auto: bf16 autocast on CUDA, fp32 elsewhere")
+                           doc="auto: bf16 autocast on CUDA and on CPUs with bf16 in hardware "
+                           "(AVX512-BF16, AMX), fp32 elsewhere")
     threads: int = _spec(0, low=0, high=1024, doc="torch CPU threads; 0 keeps torch's default")
     out_dir: str = _spec("runs/default", doc="checkpoints and logs of a single run")
     max_train_batches: int = _spec(60, low=0, doc="random batches per epoch (of 180 on the CPU profile); 0 = the whole split")

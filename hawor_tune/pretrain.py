@@ -87,14 +87,16 @@ def pretrain_config(cfg: ExperimentConfig, out_dir: str | Path) -> ExperimentCon
 
 
 def pretrain_key(cfg: ExperimentConfig) -> str:
-    """Hash of everything the pretrained weights depend on."""
+    """Hash of everything the pretrained weights depend on; the precision as this machine resolves ``auto``."""
+    from hawor_tune.runtime import resolved_precision  # torch: only where a key is needed
+
     data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in _CLIP_KEYS}
     marker = Path(cfg.data.root) / MARKER
     spec = {"version": PRETRAIN_VERSION, "data": data, "mano": dataclasses.asdict(cfg.mano),
             "model": {k: v for k, v in dataclasses.asdict(cfg.model).items()
                       if k not in ("pretrained_path", "infill_mask_prob")},
             "pretrain": dataclasses.asdict(cfg.pretrain), "loss": dataclasses.asdict(pretrain_loss(cfg)),
-            "precision": cfg.train.precision,
+            "precision": resolved_precision(cfg.train.device, cfg.train.precision),
             "dataset": marker.read_text() if marker.is_file() else None}
     return spec_key(spec)
 

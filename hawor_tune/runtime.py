@@ -61,11 +61,29 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
 
 
+def native_bf16_cpu() -> bool:
+    """Whether this CPU has bf16 arithmetic in hardware (x86's AVX512-BF16 or AMX). Elsewhere oneDNN
+    emulates bf16, slower than fp32."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these queries: assume not
+        return False
+
+
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """The autocast dtype for a precision setting: bf16 on CUDA for ``auto``, none (fp32) on CPU."""
+    """The autocast dtype for a precision setting; ``auto`` is bf16 on CUDA and on a CPU with bf16 in
+    hardware (:func:`native_bf16_cpu`: the CPU profile's training step 1.5x faster there, its accuracy
+    unchanged, measured in README), none (fp32) elsewhere."""
     if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
+        fast = device.type == "cuda" or (device.type == "cpu" and native_bf16_cpu())
+        return torch.bfloat16 if fast else None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def resolved_precision(device_name: str, precision: str) -> str:
+    """What ``train.device`` and ``train.precision`` compute in on this machine: ``fp32``, ``bf16`` or ``fp16``."""
+    dtype = autocast_dtype(select_device(device_name), precision)
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def seed_everything(seed: int) -> None:
