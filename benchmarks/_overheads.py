@@ -4,8 +4,8 @@ Every run trains the CPU profile's base configuration (``configs/tiny.yaml``: th
 ``search_spaces/lr_seq.yaml``) on one torch thread, from the cached data and pretrained start:
 
 - in this process: the loader alone against the training step (batches per second, the data share of a step),
-  the step's FLOPs (``torch.utils.flop_counter.FlopCounterMode``) against this machine's measured float32
-  matmul FLOP/s, and a ``torch.profiler`` top three of a step's time;
+  the step's FLOPs (``torch.utils.flop_counter.FlopCounterMode``) against this machine's measured matmul
+  FLOP/s in the precision the step computes in (``train.precision``), and a ``torch.profiler`` top three of a step's time;
 - ``fit()`` bare in a child process, 4 epochs, against the same configuration as a one-trial search
   (``run_search.py``), 4 epochs: the median wall time of epochs 2-4 between consecutive epoch ends
   (checkpoint included in both; the median, as one epoch's time varies by a few per cent from run to run),
@@ -301,7 +301,7 @@ def _in_process(steps: int) -> dict[str, Any]:
     from hawor_tune.data import build_dataloader
     from hawor_tune.model import build_model
     from hawor_tune.pretrain import ensure_pretrained
-    from hawor_tune.runtime import select_device
+    from hawor_tune.runtime import resolved_precision, select_device
     from hawor_tune.train import build_optimizer, train_one_epoch
 
     torch.set_num_threads(1)
@@ -333,7 +333,10 @@ def _in_process(steps: int) -> dict[str, Any]:
         train_one_epoch(model, loader, optimizer, None, cfg, device, max_batches=2)
     step_flops = counter.get_total_flops() / 2
 
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    # The peak to compare with: this machine's matmul in the precision the step computes in.
+    precision = resolved_precision("cpu", cfg.train.precision)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
     torch.mm(a, b)
     reps = 20
     t0 = time.perf_counter()
@@ -352,7 +355,8 @@ def _in_process(steps: int) -> dict[str, Any]:
             "loader_vs_step": loader_rate * step_s, "data_share": timed.wait_s / (step_s * steps),
             "step_gflop": step_flops / 1e9, "achieved_gflops": step_flops / step_s / 1e9,
             "matmul_gflops": matmul_flops / 1e9, "flop_efficiency": step_flops / step_s / matmul_flops,
-            "profile_top3": top, "batch": f"{cfg.data.batch_size} clips x {cfg.data.seq_len} frames"}
+            "profile_top3": top, "batch": f"{cfg.data.batch_size} clips x {cfg.data.seq_len} frames",
+            "precision": precision}
 
 
 def measure_overheads(out: Path, *, smoke: bool = False) -> dict[str, Any]:
@@ -448,7 +452,7 @@ def _print(f: dict[str, Any]) -> None:
         ("Input pipeline: loader batches/s vs training steps/s",
          f"{s['loader_vs_step']:.0f}x ({s['loader_batches_per_s']:.1f} vs {s['steps_per_s']:.2f})", ">= 20x"),
         ("Data share of a training step", f"{s['data_share']:.1%}", "< 5 %"),
-        ("CPU efficiency: step FLOP/s vs 1-thread matmul FLOP/s",
+        (f"CPU efficiency: step FLOP/s vs 1-thread {s.get('precision', 'fp32')} matmul FLOP/s",
          f"{s['flop_efficiency']:.1%} ({s['achieved_gflops']:.2f} of {s['matmul_gflops']:.1f} GFLOP/s; "
          f"{s['step_gflop']:.1f} GFLOP per step of {s['batch']}, {s['step_s']:.2f} s)", "report"),
         ("Profile top 3 (self CPU time of 5 steps)",

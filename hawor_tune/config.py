@@ -118,8 +118,9 @@ class PretrainConfig:
     hand-pretrained backbone; with no such weights on a laptop, this makes one). Used when
     model.pretrained_path is empty and epochs > 0."""
 
-    epochs: int = _spec(10, low=0, high=1000, doc="0 disables pretraining; the CPU profile's 10 epochs of 112 "
-                        "batches take about 5 minutes on 2 cores in bf16, 7 in fp32")
+    epochs: int = _spec(16, low=0, high=1000, doc="0 disables pretraining; the CPU profile's 16 epochs of 112 "
+                        "batches take about 8 minutes on 2 cores in bf16, 12 in fp32; 16 rather than 10 took its "
+                        "start from 23.8 to 21.1 mm val MPJPE (benchmarks/bench_pretrain.py)")
     batch_size: int = _spec(32, low=1, high=4096, doc="single frames per batch")
     max_train_batches: int = _spec(112, low=0, doc="random batches per epoch (of 180 in the CPU profile's "
                                    "single-frame set; 112 is its whole training split); 0 = all")
