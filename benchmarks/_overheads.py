@@ -5,7 +5,8 @@ Every run trains the CPU profile's base configuration (``configs/tiny.yaml``: th
 
 - in this process: the loader alone against the training step (batches per second, the data share of a step),
   the step's FLOPs (``torch.utils.flop_counter.FlopCounterMode``) against this machine's measured matmul
-  FLOP/s in the precision the step computes in (``train.precision``), and a ``torch.profiler`` top three of a step's time;
+  FLOP/s in the precision the step computes in (``train.precision``), and a ``torch.profiler`` top three of
+  a step's time;
 - ``fit()`` bare in a child process, 4 epochs, against the same configuration as a one-trial search
   (``run_search.py``), 4 epochs: the median wall time of epochs 2-4 between consecutive epoch ends
   (checkpoint included in both; the median, as one epoch's time varies by a few per cent from run to run),
@@ -301,7 +302,7 @@ def _in_process(steps: int) -> dict[str, Any]:
     from hawor_tune.data import build_dataloader
     from hawor_tune.model import build_model
     from hawor_tune.pretrain import ensure_pretrained
-    from hawor_tune.runtime import resolved_precision, select_device
+    from hawor_tune.runtime import autocast_dtype, resolved_precision, select_device
     from hawor_tune.train import build_optimizer, train_one_epoch
 
     torch.set_num_threads(1)
@@ -335,7 +336,7 @@ def _in_process(steps: int) -> dict[str, Any]:
 
     # The peak to compare with: this machine's matmul in the precision the step computes in.
     precision = resolved_precision("cpu", cfg.train.precision)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dtype = autocast_dtype(device, cfg.train.precision) or torch.float32
     a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
     torch.mm(a, b)
     reps = 20

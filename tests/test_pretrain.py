@@ -51,12 +51,12 @@ def test_the_key_follows_what_the_weights_depend_on(synthetic_dataset, key, valu
     assert pretrain_key(synthetic_dataset.config({**TINY_MODEL_OVERRIDES, **PRETRAIN, key: value})) != pretrain_key(base)
 
 
-
 def test_auto_precision_shares_the_start_of_the_precision_it_means_on_this_machine(synthetic_dataset):
     keys = {p: pretrain_key(synthetic_dataset.config({**TINY_MODEL_OVERRIDES, **PRETRAIN, "train.device": "cpu",
                                                       "train.precision": p})) for p in ("auto", "fp32", "bf16")}
     assert keys["fp32"] != keys["bf16"]
     assert keys["auto"] == keys["bf16" if native_bf16_cpu() else "fp32"]
+
 
 def test_pretraining_is_single_frame_hand_terms_only(cfg, tmp_path):
     p = pretrain_config(cfg, tmp_path / "p")
