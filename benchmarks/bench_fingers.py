@@ -12,7 +12,7 @@ curve says how much more data would help. ``--holdout`` also scores a share of t
 are never trained on (the training subjects, new sequences), which tells new sequences from new subjects.
 
     python benchmarks/bench_fingers.py [--config configs/tiny.yaml] [--shares 0.25 0.5 1.0] [--steps 400]
-                                       [--pretrain-set] [--set key=value ...] [--model PATH]
+                                       [--cosine] [--pretrain-set] [--set key=value ...] [--model PATH]
 
 ``--pretrain-set`` trains on the crops of the hand-pretrained start's generated single-frame set
 (:func:`hawor_tune.pretrain.pretrain_data`: every frame's pose drawn on its own) instead of the training
@@ -103,9 +103,9 @@ def pa_parts(cfg, split: str) -> dict[str, float]:
 
 
 def probe(train_x, train_y, evals: list[tuple[torch.Tensor, torch.Tensor]], *, steps: int, batch: int,
-          seed: int) -> list[float]:
-    """Train a fresh ResNet-10 on (train_x, train_y); returns the explained variance on train and on each
-    (x, y) of ``evals``."""
+          seed: int, cosine: bool = False) -> list[float]:
+    """Train a fresh ResNet-10 on (train_x, train_y), at a constant learning rate or (``cosine``) one decayed
+    to 0 over ``steps``; returns the explained variance on train and on each (x, y) of ``evals``."""
     import timm
     import torch
 
@@ -113,6 +113,7 @@ def probe(train_x, train_y, evals: list[tuple[torch.Tensor, torch.Tensor]], *, s
     mu, sd = train_y.mean(0), train_y.std(0) + 1e-3
     net = timm.create_model("resnet10t", pretrained=False, num_classes=train_y.shape[1])
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if cosine else None
     norm = lambda x: x.float() / 255.0 - 0.5  # noqa: E731
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
@@ -121,6 +122,8 @@ def probe(train_x, train_y, evals: list[tuple[torch.Tensor, torch.Tensor]], *, s
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if schedule is not None:
+            schedule.step()
     net.eval()
 
     def score(x, y) -> float:
@@ -209,6 +212,8 @@ def main() -> None:
     parser.add_argument("--shares", type=float, nargs="+", default=[0.25, 0.5, 1.0],
                         help="shares of the training sequences to train on (0 < share <= 1)")
     parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--cosine", action="store_true",
+                        help="decay the probe's learning rate to 0 over --steps (cosine) instead of keeping it")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--holdout", type=float, default=0.0,
@@ -267,7 +272,8 @@ def main() -> None:
     print(header)
     for share in args.shares:
         keep = np.isin(tseq, order[: max(1, round(share * len(order)))])
-        scores = probe(tx[keep], ty[keep], evals, steps=args.steps, batch=args.batch, seed=args.seed)
+        scores = probe(tx[keep], ty[keep], evals, steps=args.steps, batch=args.batch, seed=args.seed,
+                       cosine=args.cosine)
         print(f"{share:>6.2f} {int(np.isin(order, tseq[keep]).sum()):>10} {int(keep.sum()):>6} {scores[0]:>16.2f} "
               + " ".join(f"{v:>14.2f}" if i == 0 else f"{v:>19.2f}" for i, v in enumerate(scores[1:])), flush=True)
 

@@ -14,8 +14,8 @@ MANO rotation term at HaMeR's 1 : 50 to the 3D keypoints, 0.02, the default befo
 ``mano_x4`` (4x the default, 2.0); ``jitter0`` (the pretraining's crops unjittered); ``batch16`` (batches of 16
 frames, twice as many steps: the same frames seen); ``kp2d_x10``; ``lr_x3`` (the pretraining learning rate 3x);
 ``bf16`` (bf16 autocast, on any CPU); ``vit_tiny`` (a plain ViT-Tiny, depth 6, 8 px patches); ``video_frames``
-(the training split's video frames instead of the generated single-frame hand set); ``frames_x2`` (that set
-twice as large); ``subjects_x6`` and ``subjects_x12`` (that set's 72 sequences spread over 36 or 72 training
+(the training split's video frames instead of the generated single-frame hand set); ``frames_x2`` and ``frames_x4`` (that set
+twice or four times as large); ``subjects_x6`` and ``subjects_x12`` (that set's 72 sequences spread over 36 or 72 training
 subjects, new people beside the dataset's six).
 
 Val MPJPE and PA-MPJPE are scored on the dataset's validation split; the per-epoch curve is the
@@ -49,6 +49,7 @@ VARIANTS: dict[str, dict[str, object]] = {
     "bf16": {"config": {"train.precision": "bf16"}},
     "video_frames": {"config": {"pretrain.frames_sequences": 0}},
     "frames_x2": {"config": {"pretrain.frames_sequences": 24}},
+    "frames_x4": {"config": {"pretrain.frames_sequences": 48}},
     "subjects_x6": {"config": {"pretrain.frames_subjects": 30, "pretrain.frames_sequences": 2}},
     "subjects_x12": {"config": {"pretrain.frames_subjects": 66, "pretrain.frames_sequences": 1}},
     "vit_tiny": {"config": {"model.backbone": "vit_tiny_patch16_224",
