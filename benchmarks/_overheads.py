@@ -16,11 +16,12 @@ Every run trains the CPU profile's base configuration (``configs/tiny.yaml``: th
   and this machine's drift (10 % between runs minutes apart) falls on both alike: the trial's epochs 3-6
   against the bare run's 2-5 (medians). Both are slower than alone (they share the memory bus), as are the
   two concurrent trials below;
-- a two-trial search, 2 trials at once on 1 CPU each, 2 epochs, against one trial: epochs per hour from the
-  median epoch time; the share of a core each trial, the driver and Ray's other processes got while both
-  trials ran (what bounds the concurrency and the paired overhead on 2 cores); and the
-  peak memory of the driver and of each trial (RSS, and USS: the pages only that process holds, so the
-  memory-mapped frame cache, shared, is not in it).
+- a two-trial search, 2 trials at once on 1 CPU each, against one trial, both with ``EPOCHS`` epochs per
+  trial: epochs per hour from each trial's median epoch time (with 2 epochs a median was a mean that took in
+  the first epoch, which the one-trial side's median of 4 leaves out); the share of a core each trial, the
+  driver and Ray's other processes got while both trials ran (what bounds the concurrency and the paired
+  overhead on 2 cores); and the peak memory of the driver and of each trial (RSS, and USS: the pages only
+  that process holds, so the memory-mapped frame cache, shared, is not in it).
 """
 
 from __future__ import annotations
@@ -383,8 +384,8 @@ def measure_overheads(out: Path, *, smoke: bool = False) -> dict[str, Any]:
                          work / "r", "paired", watch="cpu", on_first_epoch=lambda: beside.append(
                              _start_bare_fit(work / "beside", epochs=PAIRED_EPOCHS - 1, extra=extra)))
         paired_bare = _bare_ends(beside[0])
-        print("two trials at once, 2 epochs each ...", flush=True)
-        two = _search(_space_file(work, num_samples=2, max_concurrent=2, epochs=2, extra=extra), work / "r", "two")
+        print(f"two trials at once, {EPOCHS} epochs each ...", flush=True)
+        two = _search(_space_file(work, num_samples=2, max_concurrent=2, epochs=EPOCHS, extra=extra), work / "r", "two")
 
     rows = {int(r["epoch"]): r for r in one["rows"]}
     (trial_id,) = {tid for tid, _ in one["seen"]}
