@@ -312,7 +312,9 @@ def _complete_basis(rows: list[np.ndarray]) -> np.ndarray:
     res = [residual(e) for e in np.eye(POSE_DIM)]
     while len(basis) < POSE_DIM:
         # Largest residual first (ties to the lowest index) keeps the completion well conditioned and fixed.
-        best = int(np.argmax([np.linalg.norm(v) for v in res]))
+        # Rounded before they are compared: the dot products' last bits follow the CPU's BLAS kernel, and
+        # unrounded norms broke exact ties differently on different CPUs (other completion vectors).
+        best = int(np.argmax(np.round([np.linalg.norm(v) for v in res], 9)))
         basis.append(res[best] / np.linalg.norm(res[best]))
         res = [v - np.dot(v, basis[-1]) * basis[-1] for v in res]
     return np.stack(basis)
