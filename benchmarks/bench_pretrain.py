@@ -14,9 +14,9 @@ MANO rotation term at HaMeR's 1 : 50 to the 3D keypoints, 0.02, the default befo
 ``mano_x4`` (4x the default, 2.0); ``jitter0`` (the pretraining's crops unjittered); ``batch16`` (batches of 16
 frames, twice as many steps: the same frames seen); ``kp2d_x10``; ``lr_x3`` (the pretraining learning rate 3x);
 ``bf16`` (bf16 autocast, on any CPU); ``vit_tiny`` (a plain ViT-Tiny, depth 6, 8 px patches); ``video_frames``
-(the training split's video frames instead of the generated single-frame hand set); ``frames_x2`` and ``frames_x4`` (that set
-twice or four times as large); ``subjects_x6`` and ``subjects_x12`` (that set's 72 sequences spread over 36 or 72 training
-subjects, new people beside the dataset's six).
+(the training split's video frames instead of the generated single-frame hand set); ``frames_x2`` and
+``frames_x4`` (that set twice or four times as large); ``subjects_x6`` and ``subjects_x12`` (that set's 72
+sequences spread over 36 or 72 training subjects, new people beside the dataset's six).
 
 Val MPJPE and PA-MPJPE are scored on the dataset's validation split; the per-epoch curve is the
 pretraining's own validation, on the set it trains from.

@@ -314,8 +314,9 @@ def _complete_basis(rows: list[np.ndarray]) -> np.ndarray:
         # Largest residual first (ties to the lowest index) keeps the completion well conditioned and fixed.
         # Rounded before they are compared: the dot products' last bits follow the CPU's BLAS kernel, and
         # unrounded norms broke exact ties differently on different CPUs (other completion vectors).
-        best = int(np.argmax(np.round([np.linalg.norm(v) for v in res], 9)))
-        basis.append(res[best] / np.linalg.norm(res[best]))
+        norms = [np.linalg.norm(v) for v in res]
+        best = int(np.argmax(np.round(norms, 9)))
+        basis.append(res[best] / norms[best])
         res = [v - np.dot(v, basis[-1]) * basis[-1] for v in res]
     return np.stack(basis)
 
