@@ -20,8 +20,10 @@ Every run trains the CPU profile's base configuration (``configs/tiny.yaml``: th
   trial: epochs per hour from each trial's median epoch time (with 2 epochs a median was a mean that took in
   the first epoch, which the one-trial side's median of 4 leaves out); the share of a core each trial, the
   driver and Ray's other processes got while both trials ran (what bounds the concurrency and the paired
-  overhead on 2 cores); and the peak memory of the driver and of each trial (RSS, and USS: the pages only
-  that process holds, so the memory-mapped frame cache, shared, is not in it).
+  overhead on 2 cores); the same concurrency of two bare ``fit()``s without Ray (what the machine itself
+  gives two 1-thread trainings: they share its L3 and memory bus); and the peak memory of the driver and of
+  each trial (RSS, and USS: the pages only that process holds, so the memory-mapped frame cache, shared, is
+  not in it).
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ class _ProcessWatch:
     """Watches a process tree: ``root`` and its descendants, among them a search's driver (``driver``), Ray's
     daemons and workers, and a bare ``fit()`` when ``root`` is this benchmark.
 
-    Every 0.25 s it reads each process's RSS and CPU time (``/proc/<pid>/statm`` and ``stat``: microseconds);
+    Every second it reads each process's RSS and CPU time (``/proc/<pid>/statm`` and ``stat``: microseconds);
     every 5 s it refreshes the tree and, with ``uss``, reads the USS of the driver and of each Ray trial worker
     (``ray::ImplicitFunc``/``ray::train_trial``). It keeps the driver's and each trial's peaks, and the CPU
     shares while the most trainings ran at once (:meth:`cpu_shares`).
@@ -77,10 +79,11 @@ class _ProcessWatch:
     The USS takes the process's whole page map (psutil reads ``/proc/<pid>/smaps_rollup``): about 16 ms of
     CPU per trial of 1.5 GB here, with the trial's memory map lock held. Read four times a second from two
     trials and the driver, as this watch did up to overheads run 11, that was a fifth of a core, taken from
-    the two trials that had both cores."""
+    the two trials that had both cores. Reading RSS and CPU time four times a second still took 2.4 % of a
+    core while two trials ran (overheads runs 17-20); once a second it takes a quarter of that."""
 
-    TICK_S = 0.25
-    TREE_EVERY = 20  # ticks: the tree and the USS every 5 s
+    TICK_S = 1.0
+    TREE_EVERY = 5  # ticks: the tree and the USS every 5 s
 
     def __init__(self, root: int, driver: int, *, uss: bool) -> None:
         self.root, self.driver_pid, self.uss = root, driver, uss
@@ -386,6 +389,9 @@ def measure_overheads(out: Path, *, smoke: bool = False) -> dict[str, Any]:
         paired_bare = _bare_ends(beside[0])
         print(f"two trials at once, {EPOCHS} epochs each ...", flush=True)
         two = _search(_space_file(work, num_samples=2, max_concurrent=2, epochs=EPOCHS, extra=extra), work / "r", "two")
+        print(f"two bare fit()s at once, no Ray, {EPOCHS} epochs each ...", flush=True)
+        pair = [_start_bare_fit(work / f"pair{k}", epochs=EPOCHS, extra=extra) for k in range(2)]
+        pair_ends = [_bare_ends(started) for started in pair]
 
     rows = {int(r["epoch"]): r for r in one["rows"]}
     (trial_id,) = {tid for tid, _ in one["seen"]}
@@ -409,6 +415,10 @@ def measure_overheads(out: Path, *, smoke: bool = False) -> dict[str, Any]:
         per_trial.setdefault(str(r["trial_id"]), []).append(float(r["time/epoch_s"]))
     two_rate = sum(3600 / float(np.median(times)) for times in per_trial.values())
     figures.update(epochs_per_hour_1=one_rate, epochs_per_hour_2=two_rate, concurrency_speedup=two_rate / one_rate)
+    bare_rate = 3600 / float(np.median([inside for _, inside in bare]))
+    pair_rate = sum(3600 / float(np.median([inside for _, inside in ends])) for ends in pair_ends)
+    figures.update(bare_epochs_per_hour_1=bare_rate, bare_epochs_per_hour_2=pair_rate,
+                   bare_concurrency_speedup=pair_rate / bare_rate)
     mib = 1 / 2 ** 20
     figures["memory_mib"] = {
         "driver_1": {k: v * mib for k, v in one["driver"].items()},
@@ -451,6 +461,9 @@ def _print(f: dict[str, Any]) -> None:
          + ", ".join(f"{k} {v} s" for k, v in f["startup_milestones_s"].items()) + ")", "<= 15 s"),
         ("Concurrency: 2 trials at once vs 1, epochs/hour",
          f"{f['concurrency_speedup']:.2f}x ({f['epochs_per_hour_2']:.0f} vs {f['epochs_per_hour_1']:.0f})", ">= 1.8x"),
+        ("Concurrency of the machine itself: 2 bare fit()s at once vs 1, no Ray, epochs/hour",
+         f"{f['bare_concurrency_speedup']:.2f}x ({f['bare_epochs_per_hour_2']:.0f} vs {f['bare_epochs_per_hour_1']:.0f})",
+         "explain"),
         ("Input pipeline: loader batches/s vs training steps/s",
          f"{s['loader_vs_step']:.0f}x ({s['loader_batches_per_s']:.1f} vs {s['steps_per_s']:.2f})", ">= 20x"),
         ("Data share of a training step", f"{s['data_share']:.1%}", "< 5 %"),

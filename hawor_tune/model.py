@@ -696,4 +696,8 @@ def build_model(cfg: ExperimentConfig, *, pretrained: bool = True) -> HaWoR:
                   infiller_layers=m.infiller_layers, infill_mask_prob=m.infill_mask_prob)
     if pretrained and m.pretrained_path:
         _load_pretrained(model, m.pretrained_path)
-    return model
+    # Convolution weights channels-last, so their outputs are too: oneDNN (CPU) and cuDNN then convolve and
+    # pool without reordering every activation to and from their blocked layouts. A CPU profile step on one
+    # thread: 265 -> 230 ms in bf16, 338 -> 316 ms in fp32 (medians of 8 alternating 10-step rounds, one
+    # process; README "Performance"). The same arithmetic, so the same results up to rounding.
+    return model.to(memory_format=torch.channels_last)

@@ -227,6 +227,31 @@ def test_a_shared_cnn_backbone_keeps_the_hand_crops_batch_norm_statistics() -> N
     torch.testing.assert_close(model.encode_frames(batch["images"], batch["flow"]), frames)
 
 
+def test_a_cnn_backbone_runs_channels_last_and_computes_what_the_plain_layout_does() -> None:
+    """The model keeps its convolutions channels-last (faster on oneDNN and cuDNN); its outputs and gradients
+    are those of the same weights in the plain contiguous layout, up to rounding."""
+    cnn = {"model.backbone": "resnet10t", "model.backbone_kwargs": {}, "model.camera_backbone": "resnet10t"}
+    model = _model(**cnn).train()
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert any(not w.is_contiguous() for w in convs)  # a 1x1 kernel is both; a 3x3 one is not
+    plain = _model(**cnn).train().to(memory_format=torch.contiguous_format)  # same seed: the same weights
+    assert all(m.weight.is_contiguous() for m in plain.modules() if isinstance(m, torch.nn.Conv2d))
+    batch = _batch(2, 3)
+    outs = []
+    for m in (model, plain):
+        torch.manual_seed(1)  # the same hidden frames for the infiller
+        out = run_model(m, batch)
+        compute_losses(out, batch, LossConfig())[0].backward()
+        outs.append(out)
+    for f in dataclasses.fields(HaWoROutput):
+        torch.testing.assert_close(getattr(outs[0], f.name), getattr(outs[1], f.name), rtol=1e-4, atol=1e-5,
+                                   msg=f.name)
+    for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
 def test_infiller_only_overwrites_unobserved_frames() -> None:
     # Without fusion, what counts as observed only changes the infiller (with it, also who attends to whom).
     model = _model(**{"model.hand_fusion": False}).eval()
