@@ -20,7 +20,9 @@ Every run trains the CPU profile's base configuration (``configs/tiny.yaml``: th
   trial: epochs per hour from each trial's median epoch time (with 2 epochs a median was a mean that took in
   the first epoch, which the one-trial side's median of 4 leaves out); the share of a core each trial, the
   driver and Ray's other processes got while both trials ran (what bounds the concurrency and the paired
-  overhead on 2 cores); the same concurrency of two bare ``fit()``s without Ray (what the machine itself
+  overhead on 2 cores), read without the page maps (up to run 22 the USS reads of this search's memory
+  watch, which hold a trial's memory map lock, ran during it); a second two-trial search of 2 epochs gives
+  the memory peaks with two at once; the same concurrency of two bare ``fit()``s without Ray (what the machine itself
   gives two 1-thread trainings: they share its L3 and memory bus); and the peak memory of the driver and of
   each trial (RSS, and USS: the pages only that process holds, so the memory-mapped frame cache, shared, is
   not in it).
@@ -388,7 +390,11 @@ def measure_overheads(out: Path, *, smoke: bool = False) -> dict[str, Any]:
                              _start_bare_fit(work / "beside", epochs=PAIRED_EPOCHS - 1, extra=extra)))
         paired_bare = _bare_ends(beside[0])
         print(f"two trials at once, {EPOCHS} epochs each ...", flush=True)
-        two = _search(_space_file(work, num_samples=2, max_concurrent=2, epochs=EPOCHS, extra=extra), work / "r", "two")
+        two = _search(_space_file(work, num_samples=2, max_concurrent=2, epochs=EPOCHS, extra=extra), work / "r", "two",
+                      watch="cpu")
+        print("two trials at once again, 2 epochs each, their memory watched ...", flush=True)
+        two_memory = _search(_space_file(work, num_samples=2, max_concurrent=2, epochs=2, extra=extra), work / "r",
+                             "two-memory")
         print(f"two bare fit()s at once, no Ray, {EPOCHS} epochs each ...", flush=True)
         pair = [_start_bare_fit(work / f"pair{k}", epochs=EPOCHS, extra=extra) for k in range(2)]
         pair_ends = [_bare_ends(started) for started in pair]
@@ -422,9 +428,9 @@ def measure_overheads(out: Path, *, smoke: bool = False) -> dict[str, Any]:
     mib = 1 / 2 ** 20
     figures["memory_mib"] = {
         "driver_1": {k: v * mib for k, v in one["driver"].items()},
-        "driver_2": {k: v * mib for k, v in two["driver"].items()},
+        "driver_2": {k: v * mib for k, v in two_memory["driver"].items()},
         "trial_1": [{k: v * mib for k, v in t.items()} for t in one["trials"]],
-        "trial_2": [{k: v * mib for k, v in t.items()} for t in two["trials"]]}
+        "trial_2": [{k: v * mib for k, v in t.items()} for t in two_memory["trials"]]}
     figures["cpu_share_2"] = two["cpu"]
     figures["cpu_share_paired"] = paired["cpu"]
     figures["smoke"] = smoke
