@@ -21,11 +21,12 @@ Every run trains the CPU profile's base configuration (``configs/tiny.yaml``: th
   the first epoch, which the one-trial side's median of 4 leaves out); the share of a core each trial, the
   driver and Ray's other processes got while both trials ran (what bounds the concurrency and the paired
   overhead on 2 cores), read without the page maps (up to run 22 the USS reads of this search's memory
-  watch, which hold a trial's memory map lock, ran during it); a second two-trial search of 2 epochs gives
-  the memory peaks with two at once; the same concurrency of two bare ``fit()``s without Ray (what the machine itself
-  gives two 1-thread trainings: they share its L3 and memory bus); and the peak memory of the driver and of
-  each trial (RSS, and USS: the pages only that process holds, so the memory-mapped frame cache, shared, is
-  not in it).
+  watch, which hold a trial's memory map lock, ran during it);
+- a second two-trial search of 2 epochs: the peak memory of the driver and of each trial with two at once
+  (RSS, and USS: the pages only that process holds, so the memory-mapped frame cache, shared, is not in it),
+  against the one-trial search's;
+- the same concurrency of two bare ``fit()``s without Ray: what the machine itself gives two 1-thread
+  trainings, which share its L3 and memory bus.
 """
 
 from __future__ import annotations
@@ -81,8 +82,10 @@ class _ProcessWatch:
     The USS takes the process's whole page map (psutil reads ``/proc/<pid>/smaps_rollup``): about 16 ms of
     CPU per trial of 1.5 GB here, with the trial's memory map lock held. Read four times a second from two
     trials and the driver, as this watch did up to overheads run 11, that was a fifth of a core, taken from
-    the two trials that had both cores. Reading RSS and CPU time four times a second still took 2.4 % of a
-    core while two trials ran (overheads runs 17-20); once a second it takes a quarter of that."""
+    the two trials that had both cores. Reading RSS and CPU time four times a second and the USS every 5 s
+    still took 2.0-2.4 % of a core while two trials ran (overheads runs 17-20), and 2.2-2.3 % reading them
+    once a second (runs 21-22): the USS reads are the cost. So the two-trial search whose epochs give the
+    concurrency runs with ``uss=False`` (0.2 % in run 23), and a second one gives the memory peaks."""
 
     TICK_S = 1.0
     TREE_EVERY = 5  # ticks: the tree and the USS every 5 s

@@ -697,7 +697,8 @@ def build_model(cfg: ExperimentConfig, *, pretrained: bool = True) -> HaWoR:
     if pretrained and m.pretrained_path:
         _load_pretrained(model, m.pretrained_path)
     # Convolution weights channels-last, so their outputs are too: oneDNN (CPU) and cuDNN then convolve and
-    # pool without reordering every activation to and from their blocked layouts. A CPU profile step on one
-    # thread: 265 -> 230 ms in bf16, 338 -> 316 ms in fp32 (medians of 8 alternating 10-step rounds, one
-    # process; README "Performance"). The same arithmetic, so the same results up to rounding.
+    # pool without reordering every activation to and from their blocked layouts. The CPU profile's step from
+    # its pretrained start, one thread: 238 -> 205 ms in bf16, 374 -> 336 ms in fp32 (medians of 8 alternating
+    # 10-step rounds in one process; README "Performance"). The same arithmetic: the same results up to
+    # rounding (tests/test_model.py).
     return model.to(memory_format=torch.channels_last)
