@@ -297,6 +297,19 @@ def _bare_ends(started: tuple[subprocess.Popen, Path]) -> list[tuple[float, floa
     return [tuple(e) for e in json.loads(lines[-1][5:])]
 
 
+def _trial_epoch_times(rows: list[dict[str, Any]]) -> list[list[float]]:
+    """Each trial's ``time/epoch_s`` values, one list per trial, from a search's epoch rows."""
+    per_trial: dict[str, list[float]] = {}
+    for r in rows:
+        per_trial.setdefault(str(r["trial_id"]), []).append(float(r["time/epoch_s"]))
+    return list(per_trial.values())
+
+
+def _epochs_per_hour(runs: list[list[float]]) -> float:
+    """Epochs per hour of trainings that ran at the same time: each one's from its median epoch time, added."""
+    return sum(3600 / float(np.median(times)) for times in runs)
+
+
 def _epoch_gaps(ends: list[float], epochs: range) -> float:
     """Median wall time of ``epochs`` (1-based), each the gap between its end and the previous epoch's."""
     return float(np.median([ends[e - 1] - ends[e - 2] for e in epochs]))
@@ -418,14 +431,11 @@ def measure_overheads(out: Path, *, smoke: bool = False) -> dict[str, Any]:
     figures["bare_epoch_inside_fit_s"] = float(np.median([bare[k][1] for k in later]))
     figures["startup_s"] = _startup_s(one)
     figures["startup_milestones_s"] = one["milestones"]
-    one_rate = 3600 / float(np.median([r["time/epoch_s"] for r in one["rows"]]))
-    per_trial: dict[str, list[float]] = {}
-    for r in two["rows"]:
-        per_trial.setdefault(str(r["trial_id"]), []).append(float(r["time/epoch_s"]))
-    two_rate = sum(3600 / float(np.median(times)) for times in per_trial.values())
+    one_rate = _epochs_per_hour(_trial_epoch_times(one["rows"]))
+    two_rate = _epochs_per_hour(_trial_epoch_times(two["rows"]))
     figures.update(epochs_per_hour_1=one_rate, epochs_per_hour_2=two_rate, concurrency_speedup=two_rate / one_rate)
-    bare_rate = 3600 / float(np.median([inside for _, inside in bare]))
-    pair_rate = sum(3600 / float(np.median([inside for _, inside in ends])) for ends in pair_ends)
+    bare_rate = _epochs_per_hour([[inside for _, inside in bare]])
+    pair_rate = _epochs_per_hour([[inside for _, inside in ends] for ends in pair_ends])
     figures.update(bare_epochs_per_hour_1=bare_rate, bare_epochs_per_hour_2=pair_rate,
                    bare_concurrency_speedup=pair_rate / bare_rate)
     mib = 1 / 2 ** 20
