@@ -13,15 +13,13 @@ Every run trains the CPU profile's base configuration (``configs/tiny.yaml``: th
   and the start-up from ``run_search.py``'s start to the first trial's first training step;
 - the Tune overhead once more, **paired**: a one-trial search of 6 epochs with a bare ``fit()`` of 5 epochs
   started beside it when the trial's first epoch ends, one core each, so that both train at the same time
-  and this machine's drift (10 % between runs minutes apart) falls on both alike: the trial's epochs 3-6
+  and the machine's drift between runs minutes apart falls on both alike: the trial's epochs 3-6
   against the bare run's 2-5 (medians). Both are slower than alone (they share the memory bus), as are the
   two concurrent trials below;
 - a two-trial search, 2 trials at once on 1 CPU each, against one trial, both with ``EPOCHS`` epochs per
-  trial: epochs per hour from each trial's median epoch time (with 2 epochs a median was a mean that took in
-  the first epoch, which the one-trial side's median of 4 leaves out); the share of a core each trial, the
-  driver and Ray's other processes got while both trials ran (what bounds the concurrency and the paired
-  overhead on 2 cores), read without the page maps (up to run 22 the USS reads of this search's memory
-  watch, which hold a trial's memory map lock, ran during it);
+  trial: epochs per hour from each trial's median epoch time; the share of a core each trial, the driver and
+  Ray's other processes got while both trials ran (what bounds the concurrency and the paired overhead on 2
+  cores), read without the page maps (a USS read holds the trial's memory map lock, see :class:`_ProcessWatch`);
 - a second two-trial search of 2 epochs: the peak memory of the driver and of each trial with two at once
   (RSS, and USS: the pages only that process holds, so the memory-mapped frame cache, shared, is not in it),
   against the one-trial search's;
@@ -79,13 +77,10 @@ class _ProcessWatch:
     (``ray::ImplicitFunc``/``ray::train_trial``). It keeps the driver's and each trial's peaks, and the CPU
     shares while the most trainings ran at once (:meth:`cpu_shares`).
 
-    The USS takes the process's whole page map (psutil reads ``/proc/<pid>/smaps_rollup``): about 16 ms of
-    CPU per trial of 1.5 GB here, with the trial's memory map lock held. Read four times a second from two
-    trials and the driver, as this watch did up to overheads run 11, that was a fifth of a core, taken from
-    the two trials that had both cores. Reading RSS and CPU time four times a second and the USS every 5 s
-    still took 2.0-2.4 % of a core while two trials ran (overheads runs 17-20), and 2.2-2.3 % reading them
-    once a second (runs 21-22): the USS reads are the cost. So the two-trial search whose epochs give the
-    concurrency runs with ``uss=False`` (0.2 % in run 23), and a second one gives the memory peaks."""
+    The USS walks the process's whole page map (psutil reads ``/proc/<pid>/smaps_rollup``) with the trial's
+    memory map lock held, so it costs the watched trials CPU. Hence it is read only every few seconds, and the
+    two-trial search whose epochs give the concurrency runs with ``uss=False``; a second one gives the memory
+    peaks."""
 
     TICK_S = 1.0
     TREE_EVERY = 5  # ticks: the tree and the USS every 5 s

@@ -5,9 +5,9 @@ loading a batch, set against the time budget of one model step.
     python benchmarks/bench_data.py --set data.num_workers=2 --step-ms 300
     python benchmarks/bench_data.py --config configs/arctic.yaml --keep   # real data: no generation
 
-The default step budget (860 ms) is the CPU profile's training step as ``python benchmarks/bench_train.py
---steps 15`` measured it on a 2-core machine (864 ms for 4 clips x 8 frames, 64 hand crops). Loading should
-take a small fraction of it.
+The default step budget (``--step-ms``) is the CPU profile's training step (4 clips x 8 frames, 64 hand
+crops) as ``python benchmarks/bench_train.py`` measures it on a 2-core machine; pass your own machine's.
+Loading should take a small fraction of it.
 """
 
 from __future__ import annotations

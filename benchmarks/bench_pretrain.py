@@ -10,7 +10,7 @@ balance can be judged by whether it teaches the fingers (PA-MPJPE) and not only 
 
 Variants (each against the CPU profile's defaults): ``default``; ``crop64`` (64 px crops); ``stride16``
 (the ResNet's last stage at stride 16: 3x3 instead of 2x2 tokens from a 48 px crop); ``mano_hamer`` (the
-MANO rotation term at HaMeR's 1 : 50 to the 3D keypoints, 0.02, the default before it became 25x that) and
+MANO rotation term at HaMeR's 1 : 50 to the 3D keypoints, 0.02, a 25th of the default) and
 ``mano_x4`` (4x the default, 2.0); ``jitter0`` (the pretraining's crops unjittered); ``batch16`` (batches of 16
 frames, twice as many steps: the same frames seen); ``kp2d_x10``; ``lr_x3`` (the pretraining learning rate 3x);
 ``bf16`` (bf16 autocast, on any CPU); ``vit_tiny`` (a plain ViT-Tiny, depth 6, 8 px patches); ``video_frames``

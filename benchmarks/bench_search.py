@@ -5,7 +5,7 @@
     python benchmarks/bench_search.py --overheads --out /tmp/bench_over                 # the service's costs
     python benchmarks/bench_search.py --startup 8 --out /tmp/bench_startup              # its start-up alone
 
-See README, "Performance", for what each mode measures and the figures.
+BENCHMARKS.md says what each mode measures and holds the latest figures.
 """
 
 from __future__ import annotations

@@ -186,13 +186,11 @@ def prepare_in_background(cfg: ExperimentConfig) -> Future:
     """:func:`prepare_data` in threads of their own, so that the local Ray starts meanwhile; the returned
     future re-raises its error.
 
-    Data an earlier search prepared (:func:`_made_before`) is only checked, in a thread at nice 19: on 2 cores
-    the check (importing torch, re-reading both splits' labels: about 4 s of CPU) otherwise took the CPU that
-    Ray's own start-up needs (``ray.init`` took 5.0-5.8 s alone, 7.1-10.4 s beside it), and the first trial
-    waits for both. A first search's one-time generation and pretraining (minutes) run in a second thread at
-    the caller's priority (a thread's nice value is its own, and a thread cannot raise it again). Both are
-    daemons: Ctrl-C does not wait for them; what they make is written atomically and made again by the next
-    search."""
+    Data an earlier search prepared (:func:`_made_before`) is only checked, in a thread at nice 19, so that
+    on a small machine Ray's own start-up gets the CPU first (the first trial waits for both). A first
+    search's one-time generation and pretraining run in a second thread at the caller's priority (a thread's
+    nice value is its own, and a thread cannot raise it again). Both are daemons: Ctrl-C does not wait for
+    them; what they make is written atomically and made again by the next search."""
     future: Future = Future()
     made_before: Future = Future()
 
@@ -314,14 +312,12 @@ def start_ray(address: str | None, dashboard_port: int, num_cpus: int | None = N
     raylet, workers, agents and the dashboard (whose token the user pastes, see ``ray get-auth-token``).
 
     The local Ray runs its workers, so the trials, at the user's own priority (nice 0, as a plain training
-    run), not at Ray's default nice 15: there every CPU cycle that the driver, Ray's daemons or anything else
-    on the machine wants is taken from the trials first, which made a trial's epochs 5-20 % slower than
-    the same ``fit()`` run alone (``benchmarks/bench_search.py --overheads``). It starts no idle workers
-    ahead of time (Ray's default starts one per CPU when the driver connects): a Tune trial never runs in
-    one, because Tune gives its trial actors a runtime environment of their own (an environment variable)
-    and Ray only hands an actor an idle worker started with the same one, so they only took CPU from the
-    start-up (the first trial's: 19.4 s against 20.65 s, medians of 8 alternating runs on 2 cores). A cluster
-    keeps its own settings.
+    run), not at Ray's default nice 15, where every CPU cycle that the driver, Ray's daemons or anything else
+    on the machine wants is taken from the trials first. It starts no idle workers ahead of time (Ray's
+    default starts one per CPU when the driver connects): a Tune trial never runs in one, because Tune gives
+    its trial actors a runtime environment of their own (an environment variable) and Ray only hands an
+    actor an idle worker started with the same one, so they would only take CPU from the start-up. A
+    cluster keeps its own settings.
 
     Returns:
         The dashboard URL, when there is one.
