@@ -94,13 +94,31 @@ class ManoConfig:
 class ModelConfig:
     """Crop backbone -> spatial head -> hand fusion -> temporal transformer -> heads -> infiller."""
 
-    backbone: str = _spec("resnet10t", doc="timm model reading each hand crop")
+    backbone: str = _spec("resnet10t", doc="timm model reading each hand crop, or hamer_vit_h: HaMeR's ViT-H/16 "
+                          "(the ViTPose layout, reading the crop's middle 3/4 columns: 256x192 of a 256 px crop)")
     backbone_kwargs: dict = _spec({}, doc="extra keyword arguments for timm.create_model")
     camera_backbone: str = _spec("", doc="timm model reading the whole low-resolution frame; '' shares the hand backbone")
     pretrained_path: str = _spec("", doc="local weights: a hawor-tune model file, a timm backbone state dict "
                                  "or a HaMeR checkpoint; never downloaded")
     require_pretrained: bool = _spec(False, doc="refuse to start without model.pretrained_path (a profile that "
                                      "must fine-tune released weights, never train from scratch)")
+    freeze_backbone: bool = _spec(False, doc="train nothing of the crop backbone but its last trainable_blocks "
+                                  "blocks (HaWoR freezes HaMeR's ViT); a frozen part is not written into checkpoints")
+    trainable_blocks: int = _spec(0, low=0, high=256, doc="with freeze_backbone: the last N transformer blocks "
+                                  "(and the final norm) still train")
+    grad_checkpointing: bool = _spec(False, doc="recompute the backbone's blocks in the backward pass instead of "
+                                     "keeping their activations (timm's set_grad_checkpointing)")
+    hand_path: str = _spec("query", choices=("query", "hawor"),
+                           doc="query: a learned query reads each crop's tokens, then hand fusion, a temporal "
+                           "transformer and an MLP head; hawor: HaWoR's modules in their released shapes (a "
+                           "space-time module over every token across the clip, HaMeR's decoder head, a motion "
+                           "module over the poses), so HaMeR's and HaWoR's checkpoints load into them")
+    decoder_dim: int = _spec(1024, low=8, high=8192, doc="hand_path hawor: width of HaMeR's decoder head")
+    decoder_layers: int = _spec(6, low=1, high=24, doc="hand_path hawor: layers of HaMeR's decoder head")
+    motion_hidden: int = _spec(384, low=8, high=4096, doc="hand_path hawor: width of HaWoR's motion module")
+    motion_layers: int = _spec(6, low=1, high=24, doc="hand_path hawor: layers of HaWoR's motion module")
+    motion_residual: bool = _spec(True, doc="hand_path hawor: the motion module refines the head's poses (a fresh "
+                                  "one passes them through); false replaces them, as HaWoR's released module does")
     hand_fusion: bool = _spec(True, doc="per frame, the two hands and the camera attend to each other")
     temporal_dim: int = _spec(128, low=8, high=4096)
     temporal_layers: int = _spec(2, low=0, high=24)
@@ -156,8 +174,9 @@ class LossConfig:
 @dataclass
 class OptimConfig:
     lr: float = _spec(3e-4, low=1e-8, high=1.0, doc="fine-tuning the hand-pretrained start (pretrain.lr trains it)")
-    backbone_lr_scale: float = _spec(1.0, low=0.0, high=1.0, doc="the crop backbone's learning rate as a fraction of "
-                                     "lr: a pretrained backbone is fine-tuned more gently than the layers around it")
+    backbone_lr_scale: float = _spec(1.0, low=0.0, high=1.0, doc="learning rate of the pretrained parts (the crop "
+                                     "backbone, and the modules a released checkpoint filled) as a fraction of lr: "
+                                     "they are fine-tuned more gently than the parts that start fresh")
     weight_decay: float = _spec(1e-4, low=0.0, high=1.0)
     warmup_epochs: float = _spec(0.5, low=0.0, high=1000.0)
     min_lr_ratio: float = _spec(0.05, low=0.0, high=1.0, doc="cosine floor as a fraction of lr")
@@ -406,6 +425,9 @@ def check_consistency(cfg: ExperimentConfig) -> None:
     if cfg.model.require_pretrained and not cfg.model.pretrained_path:
         raise ConfigError("config key 'model.pretrained_path' is empty but model.require_pretrained is true: "
                           "set it to the backbone weights this profile fine-tunes (e.g. HaMeR's checkpoint)")
+    if cfg.model.trainable_blocks and not cfg.model.freeze_backbone:
+        raise ConfigError(f"config key 'model.trainable_blocks' is {cfg.model.trainable_blocks} but "
+                          "model.freeze_backbone is false: it names the blocks a frozen backbone keeps training")
     if cfg.model.temporal_dim % cfg.model.temporal_heads:
         raise ConfigError(f"model.temporal_dim ({cfg.model.temporal_dim}) must be divisible by "
                           f"model.temporal_heads ({cfg.model.temporal_heads})")

@@ -24,24 +24,22 @@ filling its crop.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hawor_tune.config import ConfigError, ExperimentConfig
-from hawor_tune.errors import MissingFileError
+from hawor_tune.backbones import create_backbone, freeze_backbone, spatial_tokens, token_count
+from hawor_tune.config import ExperimentConfig
 from hawor_tune.geometry import axis_angle_to_matrix, matrix_to_rot6d, rot6d_to_matrix
 from hawor_tune.mano import HANDS, MANOLayer, build_mano
+from hawor_tune.pretrained import load_pretrained
+from hawor_tune.released_modules import BOX_DIM, MANODecoderHead, TemporalAttention, box_code
 
 log = logging.getLogger(__name__)
 
@@ -132,16 +130,6 @@ def frozen_batch_norm(module: nn.Module) -> Iterator[None]:
     finally:
         for m in norms:
             m.train(True)
-
-
-def spatial_tokens(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """(N, 3, C, C) normalised crops -> (N, L, F) the backbone's spatial tokens.
-
-    CNNs give a feature map (N, F, h, w), flattened to h*w tokens; ViTs give their token sequence
-    (prefix tokens included).
-    """
-    feats = backbone.forward_features(x)
-    return feats.flatten(2).transpose(1, 2) if feats.dim() == 4 else feats
 
 
 class SpatialHead(nn.Module):
@@ -295,7 +283,9 @@ class HaWoR(nn.Module):
                  camera_backbone: nn.Module | None, camera_feature_dim: int, img_size: int, flow_grid: int,
                  mano_layers: tuple[MANOLayer, MANOLayer], hand_fusion: bool, temporal_dim: int,
                  temporal_layers: int, temporal_heads: int, head_hidden: int, dropout: float,
-                 infiller_hidden: int, infiller_layers: int, infill_mask_prob: float) -> None:
+                 infiller_hidden: int, infiller_layers: int, infill_mask_prob: float,
+                 hand_path: str = "query", decoder_dim: int = 1024, decoder_layers: int = 6,
+                 motion_hidden: int = 384, motion_layers: int = 6, motion_residual: bool = True) -> None:
         super().__init__()
         if [layer.side for layer in mano_layers] != list(HANDS):
             raise ValueError(f"mano_layers must be sides {HANDS} in that order, got "
@@ -310,19 +300,29 @@ class HaWoR(nn.Module):
 
         D = temporal_dim
         self.backbone = backbone
-        self.spatial_head = SpatialHead(in_dim=feature_dim, dim=D, num_tokens=num_tokens, heads=temporal_heads,
-                                        dropout=dropout)
+        self.hand_path = hand_path
+        if hand_path == "query":
+            self.spatial_head = SpatialHead(in_dim=feature_dim, dim=D, num_tokens=num_tokens, heads=temporal_heads,
+                                            dropout=dropout)
+            # Where the crop lies in the image (HaWoR's box code); zero at first, so a start made without it
+            # predicts what it did.
+            self.box_proj = nn.Linear(BOX_DIM, D)
+            nn.init.zeros_(self.box_proj.weight)
+            nn.init.zeros_(self.box_proj.bias)
         self.camera_backbone = camera_backbone
         self.camera_proj = nn.Sequential(nn.Linear(camera_feature_dim, D), nn.LayerNorm(D))
         # No LayerNorm on the flow's token: its size is the motion's size.
         self.flow_proj = (nn.Sequential(nn.Flatten(), nn.Linear(2 * flow_grid**2, head_hidden), nn.GELU(),
                                         nn.Linear(head_hidden, D)) if flow_grid else None)
         self.flow_head = FlowHead(2 * flow_grid**2, 9) if flow_grid else None
-        self.fusion = HandFusion(dim=D, heads=temporal_heads, dropout=dropout) if hand_fusion else None
         temporal = dict(in_dim=D, dim=D, layers=temporal_layers, heads=temporal_heads, dropout=dropout)
-        self.hand_temporal = TemporalEncoder(**temporal)  # shared by both hands (left ones are mirrored)
+        if hand_path == "query":
+            self.fusion = HandFusion(dim=D, heads=temporal_heads, dropout=dropout) if hand_fusion else None
+            self.hand_temporal = TemporalEncoder(**temporal)  # shared by both hands (left ones are mirrored)
+            self.hand_head = _mlp(D, head_hidden, PARAM_DIM)
+        else:
+            self.fusion = None
         self.camera_temporal = TemporalEncoder(**temporal)
-        self.hand_head = _mlp(D, head_hidden, PARAM_DIM)
         # Camera head reads frame t and frame 0: the pose of t relative to 0 (6D rotation + translation).
         self.camera_head = _mlp(2 * D, head_hidden, 9)
         self.infillers = nn.ModuleList(MotionInfiller(hidden=infiller_hidden, layers=infiller_layers)
@@ -337,6 +337,33 @@ class HaWoR(nn.Module):
         self.register_buffer("mean_rot6d", matrix_to_rot6d(mats).flatten(), persistent=False)  # (96,)
         self.register_buffer("mean_betas", torch.zeros(NUM_BETAS), persistent=False)  # (10,)
 
+        if hand_path == "hawor":
+            # HaWoR's hand modules under their released names (hawor_tune.released_modules): the space-time
+            # module over each token across the clip, HaMeR's decoder head, the motion module over the poses.
+            self.st_module = TemporalAttention(in_dim=feature_dim + BOX_DIM, out_dim=feature_dim, hidden=D,
+                                               layers=temporal_layers, residual=True, gain=LAST_LAYER_GAIN)
+            self.mano_head = MANODecoderHead(context_dim=feature_dim, dim=decoder_dim, depth=decoder_layers,
+                                             init_pose=self.mean_rot6d, init_cam=self._mean_weak_cam(right),
+                                             gain=LAST_LAYER_GAIN)
+            self.motion_module = TemporalAttention(in_dim=ROT6D_DIM + BOX_DIM, out_dim=ROT6D_DIM,
+                                                   hidden=motion_hidden, layers=motion_layers,
+                                                   residual=motion_residual, gain=LAST_LAYER_GAIN)
+        elif hand_path != "query":
+            raise ValueError(f"hand_path must be 'query' or 'hawor', got {hand_path!r}")
+
+    @staticmethod
+    def _mean_weak_cam(right: MANOLayer) -> torch.Tensor:
+        """(3,) the (s, tx, ty) of a hand filling its crop (CROP_METRES across) with its wrist at the centre."""
+        wrist = right._joint_template[0].detach().float().cpu()  # (3,) rest wrist of the mean shape
+        return torch.tensor([2.0 / CROP_METRES, -wrist[0].item(), -wrist[1].item()])
+
+    def train(self, mode: bool = True) -> HaWoR:
+        """A wholly frozen backbone stays in evaluation mode (its dropout and batch norm as pretrained)."""
+        super().train(mode)
+        if mode and not any(p.requires_grad for p in self.backbone.parameters()):
+            self.backbone.eval()
+        return self
+
     # ----- stage 1: features -------------------------------------------------------------------------
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, H, W) -> ImageNet-normalised float."""
@@ -347,6 +374,44 @@ class HaWoR(nn.Module):
         B, T = crops.shape[:2]
         tokens = spatial_tokens(self.backbone, self._normalise(crops.flatten(0, 2)))  # (B*T*2, L, F)
         return self.spatial_head(tokens).view(B, T, 2, -1)
+
+    def box(self, crop_K: torch.Tensor) -> torch.Tensor:
+        """(B, T, 2, 3, 3) -> (B, T, 2, 3) HaWoR's box code of each crop as the network sees it (the left
+        hand's mirrored: its horizontal offset negated)."""
+        code = box_code(crop_K, self.crop_size)
+        sign = code.new_tensor([[-1.0, 1.0, 1.0] if h == "left" else [1.0, 1.0, 1.0] for h in HANDS])  # (2, 3)
+        return code * sign
+
+    def regress_hands_hawor(self, crops: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+        """HaWoR's hand path: uint8 (B, T, 2, 3, C, C) crops and (B, T, 2, 3) box codes -> (B, T, 2, P) offsets
+        from the mean in the (mirrored) crop's frame, as the query path's hand head gives them."""
+        B, T = crops.shape[:2]
+        tokens = spatial_tokens(self.backbone, self._normalise(crops.flatten(0, 2)))  # (B*T*2, L, F)
+        L, F_ = tokens.shape[1:]
+        x = tokens.view(B, T, 2, L, F_).permute(0, 2, 3, 1, 4)  # (B, 2, L, T, F)
+        boxes = box.permute(0, 2, 1, 3)[:, :, None].expand(-1, -1, L, -1, -1)  # (B, 2, L, T, 3)
+        x = self.st_module(torch.cat([x, boxes.to(x.dtype)], dim=-1).flatten(0, 2))  # (B*2*L, T, F)
+        x = x.view(B, 2, L, T, F_).permute(0, 3, 1, 2, 4).flatten(0, 2)  # (B*T*2, L, F)
+        pose, betas, cam = (t.view(B, T, 2, -1) for t in self.mano_head(x))  # (B, T, 2, 96 / 10 / 3)
+        motion_in = torch.cat([pose, box.to(pose.dtype)], dim=-1).transpose(1, 2).flatten(0, 1)  # (B*2, T, 99)
+        pose = self.motion_module(motion_in).view(B, 2, T, -1).transpose(1, 2)  # (B, T, 2, 96)
+        return self._weak_cam_to_offsets(pose.float(), betas.float(), cam.float())
+
+    def _weak_cam_to_offsets(self, pose: torch.Tensor, betas: torch.Tensor, cam: torch.Tensor) -> torch.Tensor:
+        """HaMeR's outputs -> (B, T, 2, P) offsets from the mean (rot6d, betas, (log-scale, u, v)).
+
+        HaMeR's camera (s, tx, ty) translates the MANO hand, whose wrist rests at J0(betas), and projects it
+        with a focal of 5000 over a 256 px crop: the wrist lands at s (J0 + t) / 2 of the crop side from its
+        centre and its depth is 2 f / (C s), so u = s (J0_x + tx), v = s (J0_y + ty) and the log-scale
+        offset is log(s CROP_METRES / 2) (see weak_perspective_to_root).
+        """
+        right = self.mano[HANDS.index("right")]
+        wrist = right._joint_template[0] + right._joint_shapedirs[0] @ betas[..., None]  # (B, T, 2, 3, 1)
+        s = cam[..., 0].clamp_min(1e-2)  # a flipped scale would put the hand behind the camera
+        u = s * (wrist[..., 0, 0] + cam[..., 1])
+        v = s * (wrist[..., 1, 0] + cam[..., 2])
+        weak = torch.stack([torch.log(s * CROP_METRES / 2), u, v], dim=-1)  # (B, T, 2, 3)
+        return torch.cat([pose - self.mean_rot6d, betas - self.mean_betas, weak], dim=-1)
 
     def encode_frames(self, images: torch.Tensor, flow: torch.Tensor | None) -> torch.Tensor:
         """uint8 (B, T, 3, S, S) frames and (B, T, 2, G, G) flow from frame 0 -> (B, T, D) one camera token
@@ -508,15 +573,20 @@ class HaWoR(nn.Module):
         self._check_inputs(crops, crop_K, images, hand_valid, flow)
         B, T = crops.shape[:2]
         observed = self.observed_mask(hand_valid)
-        hands = self.encode_hands(crops)  # (B, T, 2, D)
-        camera = self.encode_frames(images, flow)  # (B, T, D)
-        if self.fusion is not None:
-            tokens = self.fusion(torch.cat([hands, camera[:, :, None]], dim=2).flatten(0, 1),
-                                 observed.flatten(0, 1)).view(B, T, 3, -1)
-            hands, camera = tokens[:, :, :2], tokens[:, :, 2]
-        h = self.hand_temporal(hands.transpose(1, 2).flatten(0, 1)).view(B, 2, T, -1).transpose(1, 2)  # (B, T, 2, D)
         crop_K = crop_K.to(self.pixel_mean.dtype)  # full precision even under autocast
-        params = self._to_hand_frame(self.hand_head(h).to(crop_K.dtype), crop_K)  # (B, T, 2, P)
+        box = self.box(crop_K)  # (B, T, 2, 3)
+        camera = self.encode_frames(images, flow)  # (B, T, D)
+        if self.hand_path == "hawor":
+            canonical = self.regress_hands_hawor(crops, box)  # (B, T, 2, P)
+        else:
+            hands = self.encode_hands(crops) + self.box_proj(box)  # (B, T, 2, D)
+            if self.fusion is not None:
+                tokens = self.fusion(torch.cat([hands, camera[:, :, None]], dim=2).flatten(0, 1),
+                                     observed.flatten(0, 1)).view(B, T, 3, -1)
+                hands, camera = tokens[:, :, :2], tokens[:, :, 2]
+            h = self.hand_temporal(hands.transpose(1, 2).flatten(0, 1)).view(B, 2, T, -1).transpose(1, 2)  # (B, T, 2, D)
+            canonical = self.hand_head(h)
+        params = self._to_hand_frame(canonical.to(crop_K.dtype), crop_K)  # (B, T, 2, P)
         cam_R, cam_t = self.regress_camera(self.camera_temporal(camera), flow)
         params = self.infill(params, self.mean_params(crop_K), observed)
 
@@ -561,144 +631,51 @@ def run_model(model: nn.Module, batch: dict[str, torch.Tensor]) -> HaWoROutput:
     return model(*(batch[k] for k in MODEL_INPUTS), flow=batch.get("flow"))
 
 
-def _create_backbone(name: str, img_size: int, kwargs: dict) -> nn.Module:
-    """timm model without classifier; passes img_size to models that take it (ViTs), not to CNNs."""
-    try:
-        return timm.create_model(name, pretrained=False, num_classes=0, **{"img_size": img_size, **kwargs})
-    except TypeError:
-        if "img_size" in kwargs:
-            raise
-        # CNNs reject img_size; a TypeError from the user's kwargs shows up again here.
-        return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            raise ConfigError(f"config key 'model.backbone': unknown timm model {name!r} "
-                              "(see timm.list_models())") from None
-        raise
+# The modules HaWoR's hand path builds in the released shapes, under the released names: loaded whole from
+# HaMeR's checkpoint (mano_head) or HaWoR's (all three) when the file holds them.
+RELEASED_MODULES = ("st_module", "mano_head", "motion_module")
 
 
-def _load_backbone_weights(backbone: nn.Module, state: dict, path: str) -> None:
-    """Load a state dict into the backbone.
-
-    Classifier weights are ignored; timm's own checkpoint filter of the model family (when it has one)
-    adapts the file, e.g. resamples ViT position embeddings to another input size.
-    """
-    filter_fn = getattr(sys.modules[type(backbone).__module__], "checkpoint_filter_fn", None)
-    if filter_fn is not None and len(inspect.signature(filter_fn).parameters) >= 2:
-        state = filter_fn(state, backbone)
-    try:
-        result = backbone.load_state_dict(state, strict=False)
-    except RuntimeError as e:
-        raise ConfigError(f"{path}: weights do not fit backbone {type(backbone).__name__}: {e}") from None
-    if result.missing_keys:
-        raise ConfigError(f"{path}: weights do not fit the backbone, {len(result.missing_keys)} missing keys "
-                          f"(first: {result.missing_keys[:3]})")
-    if result.unexpected_keys:
-        log.info("%s: ignored %d keys not in the backbone (e.g. the classifier): %s", path,
-                 len(result.unexpected_keys), result.unexpected_keys[:3])
-    log.info("loaded backbone weights from %s", path)
-
-
-def hamer_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map a HaMeR checkpoint's ViT backbone onto timm's ``VisionTransformer`` keys.
-
-    HaMeR (``hamer/models/backbones/vit.py``, the ViTPose ViT) stores ``backbone.*`` with the same block
-    names as timm (``blocks.N.attn.qkv``, ``blocks.N.mlp.fc1``, ``patch_embed.proj``), its final norm as
-    ``last_norm`` (timm: ``norm``), and a ``pos_embed`` of 1 + N positions whose first one it adds to every
-    patch instead of keeping a class token (``x + pos_embed[:, 1:] + pos_embed[:, :1]``). Build the timm
-    ViT with ``class_token: false, global_pool: avg, fc_norm: false`` to receive it (``last_norm``
-    normalises every token, as timm's ``norm`` does; ``fc_norm`` would normalise only the pooled one);
-    position embeddings are resampled to the crop's patch grid by timm's own filter when sizes differ.
-    """
-    out = {}
-    for key, value in state.items():
-        if not key.startswith("backbone."):
-            continue
-        key = key[len("backbone."):]
-        if key.startswith("last_norm."):
-            key = "norm." + key[len("last_norm."):]
-        if key == "pos_embed":
-            value = value[:, 1:] + value[:, :1]
-        out[key] = value
-    return out
-
-
-def _load_pretrained(model: HaWoR, path: str) -> None:
-    """Load ``model.pretrained_path`` into a freshly built model (never downloads).
-
-    Three kinds of file are understood:
-
-    - a hawor-tune model or checkpoint (the per-frame pretraining's output, or any earlier run): every
-      tensor whose name and shape match is loaded (backbone, spatial head, hand head, ...);
-    - a HaMeR checkpoint (``state_dict`` with ``backbone.*`` and ``mano_head.*`` keys): its ViT backbone,
-      mapped by :func:`hamer_to_timm`;
-    - a plain backbone state dict (timm keys), optionally under ``state_dict`` or ``model``.
-    """
-    if not Path(path).is_file():
-        raise MissingFileError(f"config key 'model.pretrained_path': weights file {path!r} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a zip/pickle error from a file that is not a torch weights file
-        raise ConfigError(f"config key 'model.pretrained_path': {path} is not a torch weights file "
-                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    if isinstance(state, dict) and state.get("format") == "hawor-tune-checkpoint":
-        own = model.state_dict()
-        fits = {k: v for k, v in state["model"].items() if k in own and own[k].shape == v.shape}
-        model.load_state_dict(fits, strict=False)
-        if not any(k.startswith("backbone.") for k in fits):
-            raise ConfigError(f"{path}: a hawor-tune model whose backbone does not fit this model's "
-                              f"({model.backbone.__class__.__name__}); retrain it or clear model.pretrained_path")
-        log.info("loaded %d of %d tensors from the hawor-tune model %s", len(fits), len(own), path)
-        return
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise ConfigError(f"{path}: expected a state dict (mapping of tensors), got {type(state).__name__}")
-    if any(k.startswith("backbone.") for k in state):
-        state = hamer_to_timm(state)
-    _load_backbone_weights(model.backbone, state, path)
-
-
-def _token_count(backbone: nn.Module, size: int) -> int:
-    """Spatial tokens the backbone gives for one ``size`` x ``size`` crop."""
-    was_training = backbone.training
-    with torch.no_grad():
-        n = spatial_tokens(backbone.eval(), torch.zeros(1, 3, size, size)).shape[1]
-    backbone.train(was_training)
-    return n
-
-
-def build_model(cfg: ExperimentConfig, *, pretrained: bool = True) -> HaWoR:
+def build_model(cfg: ExperimentConfig, *, pretrained: bool = True, device: str | torch.device | None = None) -> HaWoR:
     """Build the model described by ``cfg.model`` for ``cfg.data``'s crops and frames and ``cfg.mano``'s hands.
 
     Args:
         cfg: experiment config.
         pretrained: load ``model.pretrained_path`` when it is set (a checkpoint being restored does not
-            need it).
+            need it). The parts it filled are recorded in ``model.pretrained_parts``.
+        device: where to build the network (``"meta"`` builds a full-size model without allocating it;
+            the MANO layers are computed on the CPU and moved there).
 
     Raises:
-        ConfigError: unknown backbone, or weights that do not fit it.
+        ConfigError: unknown backbone, weights that do not fit it, or blocks to train that it lacks.
         MissingFileError: model.pretrained_path names a file that does not exist.
     """
     m, d = cfg.model, cfg.data
-    backbone = _create_backbone(m.backbone, d.crop_size, dict(m.backbone_kwargs))
-    camera_backbone = (_create_backbone(m.camera_backbone, d.img_size, dict(m.backbone_kwargs)
-                                        if m.camera_backbone == m.backbone else {}) if m.camera_backbone else None)
     mano_layers = tuple(build_mano(cfg.mano, side) for side in HANDS)
-    model = HaWoR(backbone=backbone, feature_dim=backbone.num_features,
-                  num_tokens=_token_count(backbone, d.crop_size), crop_size=d.crop_size,
-                  camera_backbone=camera_backbone,
-                  camera_feature_dim=(camera_backbone or backbone).num_features,
+    with torch.device(device or "cpu"):  # the large parts; the rest is built on the CPU and moved
+        backbone = create_backbone(m.backbone, d.crop_size, dict(m.backbone_kwargs))
+        camera_backbone = (create_backbone(m.camera_backbone, d.img_size, dict(m.backbone_kwargs)
+                                           if m.camera_backbone == m.backbone else {}) if m.camera_backbone else None)
+        num_tokens = token_count(backbone, d.crop_size)
+    model = HaWoR(backbone=backbone, feature_dim=backbone.num_features, num_tokens=num_tokens, crop_size=d.crop_size,
+                  camera_backbone=camera_backbone, camera_feature_dim=(camera_backbone or backbone).num_features,
                   img_size=d.img_size, flow_grid=d.flow_grid, mano_layers=mano_layers, hand_fusion=m.hand_fusion,
                   temporal_dim=m.temporal_dim, temporal_layers=m.temporal_layers, temporal_heads=m.temporal_heads,
                   head_hidden=m.head_hidden, dropout=m.dropout, infiller_hidden=m.infiller_hidden,
-                  infiller_layers=m.infiller_layers, infill_mask_prob=m.infill_mask_prob)
+                  infiller_layers=m.infiller_layers, infill_mask_prob=m.infill_mask_prob, hand_path=m.hand_path,
+                  decoder_dim=m.decoder_dim, decoder_layers=m.decoder_layers, motion_hidden=m.motion_hidden,
+                  motion_layers=m.motion_layers, motion_residual=m.motion_residual)
+    if device is not None:
+        model.to(device)
+    model.pretrained_parts = ()
     if pretrained and m.pretrained_path:
-        _load_pretrained(model, m.pretrained_path)
+        report = load_pretrained(model, m.pretrained_path,
+                                 released_modules=RELEASED_MODULES if m.hand_path == "hawor" else ())
+        model.pretrained_parts = tuple(report.loaded)
+    if m.freeze_backbone:
+        freeze_backbone(backbone, m.trainable_blocks)
+    if m.grad_checkpointing:
+        backbone.set_grad_checkpointing(True)
     # Convolution weights channels-last, so their outputs are too: oneDNN (CPU) and cuDNN then convolve and
-    # pool without reordering every activation to and from their blocked layouts. The CPU profile's step from
-    # its pretrained start, one thread: 238 -> 205 ms in bf16, 374 -> 336 ms in fp32 (medians of 8 alternating
-    # 10-step rounds in one process; README "Performance"). The same arithmetic: the same results up to
-    # rounding (tests/test_model.py).
+    # pool without reordering every activation to and from their blocked layouts (same results up to rounding).
     return model.to(memory_format=torch.channels_last)

@@ -181,3 +181,100 @@ def run_concurrently(fn: Any, n: int = 3) -> tuple[list[Any], list[BaseException
     for t in threads:
         t.join()
     return results, errors
+
+
+# The GPU profile (configs/arctic.yaml) at test size: its code path (HaMeR's ViT layout, HaWoR's hand modules,
+# a frozen backbone, a HaMeR-format checkpoint) with every module narrow and shallow, on the tiny dataset.
+GPU_PROFILE_SMALL: dict[str, Any] = {
+    "model.backbone_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 8},
+    "model.camera_backbone": "resnet10t",
+    "model.require_pretrained": True,
+    "model.temporal_dim": 32,
+    "model.temporal_layers": 1,
+    "model.temporal_heads": 2,
+    "model.head_hidden": 32,
+    "model.decoder_dim": 32,
+    "model.decoder_layers": 1,
+    "model.motion_hidden": 16,
+    "model.motion_layers": 1,
+    "model.infiller_hidden": 16,
+    "model.infiller_layers": 1,
+    "data.num_workers": 0,
+    "data.batch_size": 2,
+    "train.device": "cpu",
+    "train.epochs": 2,
+    "train.max_train_batches": 2,
+    "train.max_eval_batches": 2,
+}
+GPU_PROFILE_VIT = {"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 8, "decoder_dim": 32, "decoder_depth": 1}
+
+
+def hamer_state(*, crop_size: int, depth: int, embed_dim: int, num_heads: int, patch_size: int, decoder_dim: int,
+                decoder_depth: int, seed: int = 0) -> dict[str, Any]:
+    """Random tensors under the names and shapes of HaMeR's checkpoint (geopavlakos/hamer: ``backbone.*`` of
+    hamer/models/backbones/vit.py with its 1 + N positions and ``last_norm``; ``mano_head.*`` of
+    hamer/models/heads/mano_head.py, 8 heads of 64 channels; a discriminator and MANO buffers that a
+    loader must leave alone), at a size a test chooses."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape: int, scale: float = 0.02) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * scale
+
+    E, grid = embed_dim, (crop_size // patch_size) * (crop_size * 3 // 4 // patch_size)
+    s: dict[str, Any] = {"backbone.pos_embed": r(1, grid + 1, E), "backbone.patch_embed.proj.weight": r(E, 3, patch_size, patch_size),
+                         "backbone.patch_embed.proj.bias": r(E)}
+    for i in range(depth):
+        b = f"backbone.blocks.{i}."
+        s.update({b + "norm1.weight": 1 + r(E), b + "norm1.bias": r(E), b + "attn.qkv.weight": r(3 * E, E),
+                  b + "attn.qkv.bias": r(3 * E), b + "attn.proj.weight": r(E, E), b + "attn.proj.bias": r(E),
+                  b + "norm2.weight": 1 + r(E), b + "norm2.bias": r(E), b + "mlp.fc1.weight": r(4 * E, E),
+                  b + "mlp.fc1.bias": r(4 * E), b + "mlp.fc2.weight": r(E, 4 * E), b + "mlp.fc2.bias": r(E)})
+    s.update({"backbone.last_norm.weight": 1 + r(E), "backbone.last_norm.bias": r(E)})
+    D, inner = decoder_dim, 8 * 64
+    h = "mano_head."
+    s.update({h + "init_hand_pose": r(1, 96, scale=1.0), h + "init_betas": r(1, 10), h + "init_cam": torch.tensor([[9.0, 0.1, 0.2]]),
+              h + "transformer.to_token_embedding.weight": r(D, 1), h + "transformer.to_token_embedding.bias": r(D),
+              h + "transformer.pos_embedding": r(1, 1, D, scale=1.0)})
+    for i in range(decoder_depth):
+        layer = f"{h}transformer.transformer.layers.{i}."
+        for j in range(3):
+            s.update({layer + f"{j}.norm.weight": 1 + r(D), layer + f"{j}.norm.bias": r(D)})
+        s.update({layer + "0.fn.to_qkv.weight": r(3 * inner, D), layer + "0.fn.to_out.0.weight": r(D, inner),
+                  layer + "0.fn.to_out.0.bias": r(D), layer + "1.fn.to_kv.weight": r(2 * inner, E),
+                  layer + "1.fn.to_q.weight": r(inner, D), layer + "1.fn.to_out.0.weight": r(D, inner),
+                  layer + "1.fn.to_out.0.bias": r(D), layer + "2.fn.net.0.weight": r(D, D), layer + "2.fn.net.0.bias": r(D),
+                  layer + "2.fn.net.3.weight": r(D, D), layer + "2.fn.net.3.bias": r(D)})
+    s.update({h + "decpose.weight": r(96, D), h + "decpose.bias": r(96), h + "decshape.weight": r(10, D),
+              h + "decshape.bias": r(10), h + "deccam.weight": r(3, D), h + "deccam.bias": r(3),
+              "discriminator.D_conv1.weight": r(32, 9, 1, 1), "mano.shapedirs": r(778, 3, 10), "initialized": torch.tensor(True)})
+    return s
+
+
+def write_lightning_checkpoint(path: Path, state_dict: dict[str, Any]) -> Path:
+    """Save ``state_dict`` as PyTorch Lightning does, with ``hyper_parameters`` holding a pickled yacs-style
+    ``CfgNode`` from a module that is then uninstalled (as yacs is where hawor-tune runs)."""
+    import sys
+    import types
+
+    import torch
+
+    module = types.ModuleType("fake_yacs.config")
+
+    class CfgNode(dict):
+        def __reduce__(self) -> tuple:
+            return (CfgNode, (), dict(self.__dict__), None, iter(self.items()))
+
+    CfgNode.__module__ = module.__name__
+    CfgNode.__qualname__ = "CfgNode"
+    module.CfgNode = CfgNode
+    sys.modules["fake_yacs"], sys.modules["fake_yacs.config"] = types.ModuleType("fake_yacs"), module
+    try:
+        cfg = CfgNode({"MODEL": CfgNode({"IMAGE_SIZE": 256, "BBOX_SHAPE": [192, 256]})})
+        torch.save({"epoch": 10, "global_step": 1000, "pytorch-lightning_version": "2.1.0",
+                    "state_dict": state_dict, "hyper_parameters": {"cfg": cfg}, "loops": {}, "callbacks": {},
+                    "optimizer_states": [], "lr_schedulers": []}, path)
+    finally:
+        del sys.modules["fake_yacs"], sys.modules["fake_yacs.config"]
+    return path
