@@ -33,8 +33,8 @@ def save_checkpoint(directory: str | os.PathLike, *, model: nn.Module, config: E
                     history: list[dict[str, float]] | None = None) -> Path:
     """Write a self-describing checkpoint folder atomically (:func:`atomic_replace_dir`)."""
     state = {
-        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": epoch,
-        "config": config.to_dict(), "model": model.state_dict(),
+        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": epoch, "config": config.to_dict(),
+        **model_state(model, config),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "rng": rng_state(), "history": history or [],
@@ -51,9 +51,65 @@ def export_model(path: str | os.PathLike, *, model: nn.Module, config: Experimen
                  history: list[dict[str, float]] | None = None) -> Path:
     """Write a single-file, self-describing model (weights + resolved config + history), atomically."""
     state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": epoch,
-             "config": config.to_dict(), "model": model.state_dict(), "optimizer": None, "scheduler": None,
+             "config": config.to_dict(), **model_state(model, config), "optimizer": None, "scheduler": None,
              "history": history or []}
     return atomic_write(path, lambda tmp: _save(state, tmp))
+
+
+def frozen_keys(model: nn.Module) -> set[str]:
+    """State-dict keys that training never changes: frozen parameters, and the buffers of modules whose
+    parameters are all frozen (a frozen batch norm's running statistics)."""
+    keys = {name for name, p in model.named_parameters() if not p.requires_grad}
+    for prefix, module in model.named_modules():
+        params = list(module.parameters(recurse=False))
+        if params and not any(p.requires_grad for p in params):
+            keys |= {f"{prefix}.{b}" if prefix else b for b, _ in module.named_buffers(recurse=False)
+                     if b not in module._non_persistent_buffers_set}
+    return keys
+
+
+def model_state(model: nn.Module, config: ExperimentConfig) -> dict[str, Any]:
+    """The model's part of a checkpoint: its state dict, less the frozen tensors when they come from
+    ``model.pretrained_path`` (recorded by path and SHA-256, checked on load), and the parts that file filled."""
+    from hawor_tune.pretrained import file_digest
+
+    state = model.state_dict()
+    frozen = frozen_keys(model) & set(state)
+    path = config.model.pretrained_path
+    out: dict[str, Any] = {"pretrained_parts": list(getattr(model, "pretrained_parts", ())), "frozen": None}
+    if frozen and path and Path(path).is_file():
+        state = {k: v for k, v in state.items() if k not in frozen}
+        out["frozen"] = {"path": path, "sha256": file_digest(path), "keys": sorted(frozen)}
+    return {"model": state, **out}
+
+
+def needs_pretrained(state: dict[str, Any]) -> bool:
+    """Whether a checkpoint leaves frozen weights to its pretrained file (build the model with them)."""
+    return bool(state.get("frozen"))
+
+
+def load_model_state(model: nn.Module, state: dict[str, Any]) -> None:
+    """Load a checkpoint's weights into a model built from its config (with its pretrained weights where
+    :func:`needs_pretrained`), and restore which parts were pretrained.
+
+    Raises:
+        CheckpointError: the pretrained file changed since the checkpoint was written, or keys disagree.
+    """
+    from hawor_tune.pretrained import file_digest
+
+    frozen = state.get("frozen")
+    if frozen:
+        path = frozen["path"]
+        if not Path(path).is_file() or file_digest(path) != frozen["sha256"]:
+            raise CheckpointError(f"the checkpoint's frozen weights come from {path}, which is missing or has "
+                                  f"changed since (SHA-256 {frozen['sha256'][:12]}...); restore that file")
+    result = model.load_state_dict(state["model"], strict=False)
+    missing = set(result.missing_keys) - set(frozen["keys"] if frozen else ())
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"checkpoint does not fit the model: {len(missing)} missing keys "
+                              f"{sorted(missing)[:3]}, {len(result.unexpected_keys)} unexpected "
+                              f"{result.unexpected_keys[:3]}")
+    model.pretrained_parts = tuple(state.get("pretrained_parts") or ())
 
 
 def _save(state: dict[str, Any], path: Path) -> None:
@@ -95,8 +151,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
 
     state = load_checkpoint(path)
     config = config_from_dict(state["config"])
-    model = build_model(config, pretrained=False)  # the checkpoint holds every weight
-    model.load_state_dict(state["model"])
+    model = build_model(config, pretrained=needs_pretrained(state))
+    load_model_state(model, state)
     return model.to(device), config
 
 
