@@ -7,7 +7,13 @@ import json
 
 import pytest
 import torch
-from conftest import GPU_PROFILE_SMALL, GPU_PROFILE_VIT, hamer_state, write_lightning_checkpoint, write_search_space
+from conftest import (
+    GPU_PROFILE_SMALL,
+    GPU_PROFILE_VIT,
+    hamer_state,
+    write_lightning_checkpoint,
+    write_search_space,
+)
 
 import run_best
 from hawor_tune import train
