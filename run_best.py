@@ -6,8 +6,12 @@
     python run_best.py --config configs/tiny.yaml        # train an explicit config instead
     python run_best.py --eval-only results/.../best/model.pt
     python run_best.py --resume                          # continue an interrupted retrain
+    python run_best.py --eval-only MODEL --boxes BOXES   # test has no labels: predict it from hand boxes
 
 Outputs in --out (default: <experiment>/best): model.pt, config.yaml, metrics.json, report.md, figures/.
+When the test split has no labels (real ARCTIC: protocol p2's test subject), the report evaluates on the
+validation split and says so in its first lines; with --boxes the test split is predicted from per-frame hand
+boxes into predictions/ (formats: docs/evaluation.md).
 Bad input prints one line naming what is wrong and exits 2; anything else is a bug and shows its traceback.
 """
 
@@ -18,9 +22,16 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hawor_tune.cli import ArgumentParser, fail
 from hawor_tune.errors import HaworTuneError
+
+if TYPE_CHECKING:
+    import torch
+
+    from hawor_tune.config import ExperimentConfig
+    from hawor_tune.data.boxes import SequenceBoxes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue an interrupted retrain in --out")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="extra config override (repeatable)")
+    p.add_argument("--boxes", metavar="DIR", help="per-frame hand boxes of the test split, <sid>/<seq>.json (format: "
+                   "docs/evaluation.md): predict it into <out>/predictions (for a test split without labels)")
     args = p.parse_args(argv)
     if (args.trial or args.objective) and (args.config or args.eval_only):
         p.error("--trial and --objective choose a search's trial; they do not go with --config or --eval-only")
@@ -81,9 +94,11 @@ def _run(args: argparse.Namespace) -> int:
 
         model, cfg = load_model(args.eval_only)
         out = Path(args.out) if args.out else Path(args.eval_only).resolve().parent / "eval"
-        result = evaluate_and_report(model, cfg, out, history=None)
-        print(json.dumps(result["test"], indent=2))
+        split, notice, boxes = _evaluation_plan(cfg, args.boxes)
+        result = evaluate_and_report(model, cfg, out, history=None, split=split, notice=notice)
+        print(json.dumps(result[split], indent=2))
         print(f"report: {out / 'report.md'}")
+        _predict(model, cfg, boxes, out)
         return 0
     mlflow_uri = None
     if args.mlflow is not None:  # checked before anything trains
@@ -123,12 +138,15 @@ def _run(args: argparse.Namespace) -> int:
               f"at epoch {epoch}; params {params}")
         print(f"retraining for {cfg.train.epochs} epochs into {out}")
 
+    split, notice, boxes = _evaluation_plan(cfg, args.boxes)  # before training: bad boxes fail in seconds
     result = retrain(cfg, out, resume=args.resume)
-    summary = evaluate_and_report(result.model, cfg, out, history=result.history, exp=exp, chosen=chosen)
-    t, b = summary["test"], summary["baseline"]
-    print(f"test MPJPE {t['mpjpe']:.1f} mm (mean-pose baseline {b['mpjpe']:.1f} mm), PA-MPJPE {t['pa_mpjpe']:.1f} mm, "
+    summary = evaluate_and_report(result.model, cfg, out, history=result.history, exp=exp, chosen=chosen,
+                                  split=split, notice=notice)
+    t, b = summary[split], summary["baseline"]
+    print(f"{split} MPJPE {t['mpjpe']:.1f} mm (mean-pose baseline {b['mpjpe']:.1f} mm), PA-MPJPE {t['pa_mpjpe']:.1f} mm, "
           f"WA-MPJPE {t['wa_mpjpe']:.1f} mm, camera {t['cam_trans_error']:.1f} mm / {t['cam_rot_error']:.2f} deg")
     print(f"model: {out / 'model.pt'}\nreport: {out / 'report.md'}")
+    _predict(result.model, cfg, boxes, out)
     if mlflow_uri:
         from hawor_tune.mlflow_tracking import log_retrain
 
@@ -136,6 +154,33 @@ def _run(args: argparse.Namespace) -> int:
         run_id = log_retrain(mlflow_uri, name, out, params=(chosen or {}).get("params", {}), metrics=t)
         print(f"mlflow: run {run_id} in experiment {name} at {mlflow_uri}")
     return 0
+
+
+def _evaluation_plan(cfg: ExperimentConfig, boxes_dir: str | None
+                     ) -> tuple[str, str | None, list[SequenceBoxes] | None]:
+    """The split the report scores, why it is not test (said on the console too), and the test split's
+    boxes, read and checked now."""
+    from hawor_tune.prediction import split_boxes
+    from hawor_tune.retrain import evaluation_split
+
+    split, notice = evaluation_split(cfg)
+    if notice:
+        print(f"note: {notice}")
+    boxes = split_boxes(cfg, "test", boxes_dir) if boxes_dir else None
+    if split != "test" and boxes is None:
+        print("no test predictions: the test split has no labels and no hand boxes were given (--boxes DIR, one "
+              "JSON per sequence; docs/evaluation.md)")
+    return split, notice, boxes
+
+
+def _predict(model: torch.nn.Module, cfg: ExperimentConfig, boxes: list[SequenceBoxes] | None, out: Path) -> None:
+    if boxes is None:
+        return
+    from hawor_tune.prediction import predict_from_boxes
+    from hawor_tune.retrain import PREDICTIONS_DIR
+
+    index = predict_from_boxes(model, cfg, boxes, out / PREDICTIONS_DIR, split="test")
+    print(f"test predictions: {len(boxes)} sequences in {index.parent} (index {index.name})")
 
 
 if __name__ == "__main__":

@@ -78,10 +78,13 @@ class DataConfig:
     cache_dir: str = _spec("", doc="frame cache folder; '' puts it in <root>/../cache")
     min_visible_joints: int = _spec(8, low=1, high=21, doc="valid_rule visible_joints: valid when the wrist and this many joints are in view")
     valid_rule: str = _spec("auto", choices=("auto", "arctic", "visible_joints"),
-                            doc="hand validity: arctic = ARCTIC's (wrist + 3 joints inside the distorted image), "
+                            doc="hand validity: arctic = ARCTIC's (wrist + 3 joints inside the distorted image, "
+                                "and its is_valid: the object's projected centre in the image), "
                                 "visible_joints = wrist + min_visible_joints in view; auto = arctic on real "
                                 "ARCTIC data, visible_joints on generated data")
     train_on_val: bool = _spec(False, doc="fold the validation sequences into the training split (final retrain)")
+    splits: str = _spec("", doc="a splits file in splits_json/protocol_p2.json's format to use instead (a labelled "
+                        "subject held out as test, when test has no labels); '' = <root>/splits_json/protocol_p2.json")
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 

@@ -41,6 +41,11 @@ FINGERS = {"thumb": [1, 2, 3, 4], "index": [5, 6, 7, 8], "middle": [9, 10, 11, 1
 OFFICIAL_TIP_VERTEX_IDS = [744, 320, 443, 554, 671]
 MANO_FILENAMES = {"left": "MANO_LEFT.pkl", "right": "MANO_RIGHT.pkl"}
 MANO_DIR_ENV = "HAWOR_MANO_DIR"
+# One left-hand convention for labels and predictions: ARCTIC's, the official MANO_LEFT.pkl as stored. ARCTIC
+# fitted its labels and its own networks predict with smplx's MANO layer, which does not negate the left
+# shapedirs' x-component (zc-alexfan/arctic, common/body_models.py, build_mano_aa; smplx issue 48): its left
+# betas mean a shape only in that layer. docs/evaluation.md gives the size of the difference.
+FIX_LEFT_SHAPEDIRS = False
 
 _REQUIRED_KEYS = ("v_template", "shapedirs", "posedirs", "J_regressor", "weights", "kintree_table", "f",
                   "hands_components", "hands_mean")
@@ -487,7 +492,7 @@ def _procedural_params(side: str) -> dict[str, np.ndarray]:
 _LEFT_FIX_LOG = {
     "fixed": "x-component equalled the right model's (smplx issue 48), negated",
     "already fixed": "x-component already mirrors the right model's, used as stored",
-    "off": "fix_left_shapedirs=False, used as stored",
+    "off": "used as stored, ARCTIC's convention for labels and predictions",
     "unrecognised": "x-component matches neither the right model's nor its mirror, used as stored",
 }
 
@@ -499,7 +504,7 @@ def _log_left_shapedirs(path: str, case: str) -> None:
     logger.log(level, "MANO: %s: left-hand shapedirs %s (%s)", path, case, _LEFT_FIX_LOG[case])
 
 
-def build_mano(cfg: ManoConfig, side: str, *, fix_left_shapedirs: bool = True) -> MANOLayer:
+def build_mano(cfg: ManoConfig, side: str, *, fix_left_shapedirs: bool = FIX_LEFT_SHAPEDIRS) -> MANOLayer:
     """The MANO layer for one hand: official files when configured, else the built-in procedural hand.
 
     The model folder is ``cfg.model_dir``, else ``$HAWOR_MANO_DIR``; with neither set the procedural hand
@@ -510,10 +515,9 @@ def build_mano(cfg: ManoConfig, side: str, *, fix_left_shapedirs: bool = True) -
         cfg: the ``mano`` config section.
         side: ``"left"`` or ``"right"``.
         fix_left_shapedirs: for official files, fix MANO_LEFT.pkl's shapedirs where it still needs it (see
-            :class:`MANOLayer`; MANO_RIGHT.pkl in the same folder is read to decide). False uses the file as
-            stored: right for ARCTIC's labels, which were made with smplx's MANO layer and no fix
-            (zc-alexfan/arctic, ``common/body_models.py``, ``build_mano_aa``). No effect on the right hand
-            or the procedural hand, which is built mirrored.
+            :class:`MANOLayer`; MANO_RIGHT.pkl in the same folder is read to decide). The default,
+            :data:`FIX_LEFT_SHAPEDIRS`, uses the file as stored, ARCTIC's convention, for the labels and the
+            network alike. No effect on the right hand or the procedural hand, which is built mirrored.
 
     Raises:
         ValueError: ``side`` is not "left" or "right", or the file is not a MANO pickle.

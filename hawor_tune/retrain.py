@@ -3,7 +3,8 @@
 Used by ``run_best.py``. :func:`load_experiment` reads the search's record and parquet files
 (:mod:`hawor_tune.results`), :func:`choose_best_trial` picks the trial and :func:`best_config` rebuilds its config;
 :func:`retrain` calls the shared :func:`hawor_tune.train.fit`; :func:`evaluate_and_report` evaluates on the
-test split and writes ``model.pt``, ``metrics.json``, ``report.md`` and the figures.
+split :func:`evaluation_split` names (test, or validation when test has no labels, as ARCTIC's protocol-p2 test
+subject has none) and writes ``model.pt``, ``metrics.json``, ``report.md`` and the figures.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"
 METRICS_FILE = "metrics.json"
+PREDICTIONS_DIR = "predictions"
+FALLBACK_SPLIT = "val"  # what the report scores when the test split has no labels
 
 
 class SelectionError(HaworTuneError, ValueError):
@@ -159,16 +162,40 @@ def best_config(exp: Experiment, trial: dict[str, Any], *, overrides: dict[str, 
 # Evaluation on test and the report
 # ----------------------------------------------------------------------------------------------------------
 
-def _overlay_frames(model: torch.nn.Module, cfg: ExperimentConfig, n: int = 6) -> dict[str, np.ndarray]:
-    """A few test frames at the cache's full resolution (``data.frame_size``) with predicted and
-    ground-truth 2D skeletons, spread over the first test clips."""
+def evaluation_split(cfg: ExperimentConfig) -> tuple[str, str | None]:
+    """The split the final report scores, and, when that is not test, the sentence that says why.
+
+    The test split when it has labels; else the validation split (ARCTIC keeps protocol p2's test labels for
+    its leaderboard, so real ARCTIC lands here), with a warning that its figures are not a held-out estimate.
+    ``data.splits`` can name a splits file whose test split is a labelled subject held out instead. Checked
+    before anything trains.
+
+    Raises:
+        DatasetError: the splits file is malformed, or a split is only partly labelled.
+    """
+    from hawor_tune.data import ensure_dataset, split_is_labelled
+
+    if split_is_labelled(ensure_dataset(cfg), "test", splits_file=cfg.data.splits or None):
+        return "test", None
+    why = ("The test split has no labels (ARCTIC keeps protocol p2's test labels for its leaderboard; data.splits "
+           "can hold out a labelled subject as test instead): this report evaluates on the validation split")
+    if cfg.data.train_on_val:
+        return FALLBACK_SPLIT, (f"{why}, which this model was also trained on (data.train_on_val): its figures "
+                                f"are training-set figures, not an estimate on unseen data.")
+    return FALLBACK_SPLIT, (f"{why}, which the search also used to choose the configuration: its figures are "
+                            f"optimistic.")
+
+
+def _overlay_frames(model: torch.nn.Module, cfg: ExperimentConfig, split: str, n: int = 6) -> dict[str, np.ndarray]:
+    """A few frames of ``split`` at the cache's full resolution (``data.frame_size``) with predicted and
+    ground-truth 2D skeletons, spread over its first clips."""
     from torch.utils.data import default_collate
 
     from hawor_tune.data import build_dataset
     from hawor_tune.geometry import project_points
 
     device = next(model.parameters()).device
-    dataset = build_dataset(cfg, "test")
+    dataset = build_dataset(cfg, split)
     clips = np.unique(np.linspace(0, len(dataset) - 1, num=min(n, len(dataset))).astype(int))
     batch = default_collate([dataset[int(i)] for i in clips])
     model.eval()
@@ -188,7 +215,7 @@ def _overlay_frames(model: torch.nn.Module, cfg: ExperimentConfig, n: int = 6) -
 
 
 def _trajectory(preds: Any) -> dict[str, np.ndarray]:
-    """Camera centres of the first test sequence: ground truth, and prediction re-anchored per clip."""
+    """Camera centres of the first evaluated sequence: ground truth, and prediction re-anchored per clip."""
     clips = np.flatnonzero(preds.seq_index == preds.seq_index[0])
     order = clips[np.argsort(preds.frame_index[clips, 0])]
     gt, pred, seg = [], [], []
@@ -203,15 +230,20 @@ def _trajectory(preds: Any) -> dict[str, np.ndarray]:
 
 def evaluate_and_report(model: torch.nn.Module, cfg: ExperimentConfig, out_dir: str | os.PathLike, *,
                         history: list[dict[str, float]] | None = None, exp: Experiment | None = None,
-                        chosen: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Evaluate on test beside the mean-pose baseline; write metrics.json, report.md and figures/."""
+                        chosen: dict[str, Any] | None = None, split: str = "test",
+                        notice: str | None = None) -> dict[str, Any]:
+    """Evaluate on ``split`` beside the mean-pose baseline; write metrics.json, report.md and figures/.
+
+    ``notice`` (say, why the split is not test: :func:`evaluation_split`) opens the report and is kept in
+    metrics.json; the metrics are stored under the split's name.
+    """
     from hawor_tune.evaluation import evaluate, mean_pose_baseline
 
     out_dir = Path(out_dir)
     fig_dir = out_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
-    test, preds = evaluate(model, "test", cfg, return_predictions=True)
-    baseline = mean_pose_baseline(cfg, "test")
+    test, preds = evaluate(model, split, cfg, return_predictions=True)
+    baseline = mean_pose_baseline(cfg, split)
     figures: dict[str, str] = {}
     notes: list[str] = []
 
@@ -226,7 +258,7 @@ def evaluate_and_report(model: torch.nn.Module, cfg: ExperimentConfig, out_dir: 
     if history:
         figure("training_curves", report.plot_training_curves, history)
     figure("per_finger", report.plot_per_finger, test, baseline=baseline)
-    ov = _overlay_frames(model, cfg)
+    ov = _overlay_frames(model, cfg, split)
     figure("skeletons", report.plot_skeleton_overlays, ov["images"], ov["pred2d"], ov["gt2d"], ov["valid"])
     traj = _trajectory(preds)
     figure("camera_trajectory", report.plot_camera_trajectory, traj["gt"], traj["pred"], segments=traj["segments"])
@@ -250,10 +282,11 @@ def evaluate_and_report(model: torch.nn.Module, cfg: ExperimentConfig, out_dir: 
         search = {"experiment": str(exp.directory), "trial_id": chosen["trial_id"], "params": chosen["params"],
                   "metric": metric, "val_value": chosen["value"], "epochs": chosen["epoch"],
                   "config_path": str(out_dir / "config.yaml"), "importance": importance}
-    result = {"test": test, "baseline": baseline, "search": search,
+    result = {"split": split, split: test, "baseline": baseline, "notice": notice, "search": search,
               "model": str(out_dir / MODEL_FILE), "figures": figures, "notes": notes}
     atomic_write_text(out_dir / METRICS_FILE, json.dumps(result, indent=2, default=_json_default, allow_nan=True))
-    report.write_report(out_dir, metrics=test, baseline=baseline, search=search, figures=figures, notes=notes)
+    report.write_report(out_dir, metrics=test, baseline=baseline, search=search, figures=figures, notes=notes,
+                        split=split, notice=notice)
     return result
 
 

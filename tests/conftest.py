@@ -278,3 +278,43 @@ def write_lightning_checkpoint(path: Path, state_dict: dict[str, Any]) -> Path:
     finally:
         del sys.modules["fake_yacs"], sys.modules["fake_yacs.config"]
     return path
+
+
+def write_box_files(dataset: SyntheticDataset, folder: Path, split: str, *, intrinsics: bool = False) -> dict[str, Any]:
+    """Hand boxes in the documented box-file format (docs/evaluation.md) for every sequence of ``split``, made
+    from the generator's ground truth as a perfect detector would: for every image of ARCTIC's window, each
+    valid hand's box is the extent of its visible 2D keypoints in original pixels (score 1), null otherwise.
+    Which hands are valid and which joints visible come from the labelled dataset, read before any label is
+    removed. Returns what was written, per ``"<sid>/<seq>"``."""
+    import json
+
+    import numpy as np
+
+    from hawor_tune.data import build_dataset
+
+    cfg = dataset.config()
+    ds = build_dataset(cfg, split, cached=False)
+    misc = json.loads((dataset.root / "meta" / "misc.json").read_text())
+    frames: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {name: {} for name in ds.sequences}
+    for i in range(len(ds)):
+        item = ds[i]
+        name = ds.sequences[int(item["seq_index"])]
+        for t, f in enumerate(item["frame_index"].tolist()):
+            frames[name][f] = (item["hand_valid"][t].numpy(), item["joints_visible"][t].numpy())
+    written = {}
+    for name, per_frame in frames.items():
+        truth, ioi = dataset.truth[name], misc[name.split("/")[0]]["ioi_offset"]
+        order = sorted(per_frame)
+        entry: dict[str, Any] = {"image_index": [f + ioi for f in order], "left": [], "right": []}
+        for f in order:
+            valid, visible = per_frame[f]
+            for h, hand in enumerate(("left", "right")):
+                uv = truth["joints2d"][f, h][visible[h]]  # (J, 2) original pixels
+                entry[hand].append([*map(float, uv.min(0)), *map(float, uv.max(0)), 1.0] if valid[h] else None)
+        if intrinsics:
+            entry["intrinsics"] = np.asarray(truth["K"], dtype=float).tolist()
+        path = folder / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(entry))
+        written[name] = entry
+    return written

@@ -344,29 +344,86 @@ def _arctic_rule(joints_cam: np.ndarray, truth: dict) -> np.ndarray:
     return inside[..., 0] & (inside.sum(-1) >= 3)
 
 
+# An object template in ARCTIC's format (mesh.obj in mm, parts.json): lopsided, so that the articulation moves
+# the mean of its projected vertices; parts 0 turn with the articulation (ARCTIC's code).
+_TEMPLATE_MM = np.array([[0, 0, 0], [60, 0, 0], [0, 40, 0], [0, 0, 30], [80, 50, 10], [-20, 70, 40]], dtype=float)
+_TEMPLATE_PARTS = [1, 0, 1, 0, 0, 1]
+
+
+def _rodrigues(aa: np.ndarray) -> np.ndarray:
+    return cv2.Rodrigues(np.asarray(aa, dtype=np.float64).reshape(3, 1))[0]
+
+
+def _add_objects(root: Path, truth: dict) -> dict[str, np.ndarray]:
+    """Write the template for every sequence's object and move each object so that its centre is in view in
+    some frames and far right of the image in others (every 5th frame from the 3rd on); ARCTIC's per-frame
+    is_valid worked out with cv2: the mean of the template's vertices projected through the lens, inside
+    1 <= u <= 64, 1 <= v <= 48."""
+    expected = {}
+    for name, t in truth.items():
+        sid, seq = name.split("/")
+        folder = root / "meta" / "object_vtemplates" / seq.split("_")[0]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "mesh.obj").write_text("# ARCTIC-style template\n" + "".join(
+            f"v {x:.1f} {y:.1f} {z:.1f}\n" for x, y, z in _TEMPLATE_MM) + "f 1 2 3\n")
+        (folder / "parts.json").write_text(json.dumps(_TEMPLATE_PARTS))
+        path = root / "raw_seqs" / sid / f"{seq}.object.npy"
+        obj = np.load(path).astype(np.float64)
+        frames = len(obj)
+        away = (np.arange(frames) % 5) == 2
+        centre_cam = np.where(away[:, None], [0.6, 0.0, 0.4], [0.0, 0.02, 0.4])  # (F, 3) metres
+        obj[:, 0] = np.linspace(0.0, 1.2, frames)  # articulation, radians
+        obj[:, 4:] = 1000 * np.einsum("fji,fj->fi", t["cam_R"], centre_cam - t["cam_t"])  # world, mm
+        np.save(path, obj.astype(np.float32))
+        obj = obj.astype(np.float32).astype(np.float64)  # what the reader sees
+        flags = np.empty(frames, dtype=bool)
+        for f in range(frames):
+            local = _TEMPLATE_MM / 1000.0
+            turn = _rodrigues([0.0, 0.0, -obj[f, 0]])
+            local = np.array([turn @ v if p == 0 else v for v, p in zip(local, _TEMPLATE_PARTS)])
+            world = local @ _rodrigues(obj[f, 1:4]).T + obj[f, 4:] / 1000.0
+            cam = world @ t["cam_R"][f].T + t["cam_t"][f]
+            uv, _ = cv2.projectPoints(cam, np.zeros(3), np.zeros(3), t["K"], t["dist"])
+            u, v = uv.reshape(-1, 2).mean(0)
+            flags[f] = 1 <= u <= 64 and 1 <= v <= 48
+        expected[name] = flags
+    return expected
+
+
 @pytest.mark.parametrize("real", [False, True], ids=["explicit", "auto_on_real_data"])
 def test_arctics_validity_rule(synthetic_dataset, tmp_path, real):
+    root = _copy(synthetic_dataset.root, tmp_path)
+    in_view = _add_objects(root, synthetic_dataset.truth)
+    overrides = {"data.root": str(root), "data.cache_dir": str(tmp_path / "cache"), "data.min_visible_joints": 21}
     if real:  # the same files without the generator's marker: a real ARCTIC folder, where auto means arctic
-        root = _copy(synthetic_dataset.root, tmp_path)
         (root / ".synthetic.json").unlink()
-        cfg = synthetic_dataset.config({"data.root": str(root), "data.cache_dir": str(tmp_path / "cache"),
-                                        "data.min_visible_joints": 21})
     else:
-        cfg = synthetic_dataset.config({"data.valid_rule": "arctic", "data.min_visible_joints": 21})
+        overrides["data.valid_rule"] = "arctic"
+    cfg = synthetic_dataset.config(overrides)
     assert data.resolve_valid_rule(cfg.data.valid_rule, cfg.data.root) == "arctic"
-    flags, differs = [], False
+    flags, objects, differs = [], [], False
     for split in ("train", "val", "test"):
         ds = build_dataset(cfg, split, cached=False)
         for item in _items(ds):
-            truth = synthetic_dataset.truth[ds.sequences[int(item["seq_index"])]]
-            expected = _arctic_rule(truth["joints_cam"][item["frame_index"].numpy()], truth)
+            name = ds.sequences[int(item["seq_index"])]
+            truth, f = synthetic_dataset.truth[name], item["frame_index"].numpy()
+            hands = _arctic_rule(truth["joints_cam"][f], truth)
+            expected = hands & in_view[name][f][:, None]  # ARCTIC: left_valid * is_valid, right_valid * is_valid
             np.testing.assert_array_equal(item["hand_valid"].numpy(), expected)
             visible = item["joints_visible"].numpy()
             differs |= bool((expected != (visible[..., 0] & (visible.sum(-1) >= 21))).any())
             flags.append(expected)
+            objects.append(hands & ~in_view[name][f][:, None])
     flags = np.concatenate(flags)
     assert flags.any() and not flags.all()
+    assert np.concatenate(objects).any()  # some hands pass the hand rule but not the object's
     assert differs  # min_visible_joints (21 here, which would differ) belongs to the other rule
+
+
+def test_arctics_rule_needs_the_object_templates(synthetic_dataset, tmp_path):
+    cfg = synthetic_dataset.config({"data.valid_rule": "arctic", "data.cache_dir": str(tmp_path / "cache")})
+    with pytest.raises(DatasetError, match=r"object_vtemplates/\w+/mesh.obj does not exist.*valid_rule=visible_joints"):
+        build_dataset(cfg, "val", cached=False)
 
 
 def test_auto_validity_keeps_the_visible_joints_rule_on_generated_data(synthetic_dataset):
@@ -391,6 +448,32 @@ def test_train_defaults_to_every_sequence_not_held_out(synthetic_dataset, tmp_pa
         assert read_split(root, "train") == sorted(full_train)
     with pytest.raises(ValueError, match="split must be one of"):
         read_split(root, "validation")
+
+
+def test_a_split_without_labels_is_named_and_still_listed(synthetic_dataset, tmp_path):
+    # ARCTIC's protocol-p2 test subject: images, no raw_seqs.
+    root = _copy(synthetic_dataset.root, tmp_path)
+    names = read_split(root, "test")
+    assert data.split_is_labelled(root, "test")
+    for sid in {n.split("/")[0] for n in names}:
+        shutil.rmtree(root / "raw_seqs" / sid)
+    with pytest.raises(data.UnlabelledSplitError, match=r"split 'test' of .*protocol_p2.json has no labels: none of "
+                                                        r"its 1 sequences has .*raw_seqs/<sid>/<seq>.mano.npy") as info:
+        read_split(root, "test")
+    assert info.value.sequences == names and isinstance(info.value, DatasetError)
+    assert read_split(root, "test", labelled=False) == names
+    assert not data.split_is_labelled(root, "test") and data.split_is_labelled(root, "val")
+    with pytest.raises(data.UnlabelledSplitError):
+        build_dataset(synthetic_dataset.config({"data.root": str(root)}), "test", cached=False)
+
+
+def test_another_splits_file_holds_out_another_subject(synthetic_dataset, tmp_path):
+    splits = json.loads((synthetic_dataset.root / "splits_json" / "protocol_p2.json").read_text())
+    path = tmp_path / "held_out.json"
+    path.write_text(json.dumps({"val": splits["val"], "test": splits["train"][:1]}))
+    assert read_split(synthetic_dataset.root, "test", splits_file=path) == splits["train"][:1]
+    # train: every sequence not held out, ARCTIC's rule; here the protocol's own test subject trains too
+    assert read_split(synthetic_dataset.root, "train", splits_file=path) == sorted(splits["train"][1:] + splits["test"])
 
 
 # ---- Errors name the file and the fault ------------------------------------------------------------------

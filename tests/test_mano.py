@@ -348,7 +348,7 @@ def test_build_mano_left_fix_needs_the_right_file(tmp_path: Path, fix: bool) -> 
         assert build_mano(cfg, "left", fix_left_shapedirs=False).shapedirs_fix == "off"
         return
     with pytest.raises(FileNotFoundError, match="MANO_RIGHT.pkl not found"):
-        build_mano(cfg, "left")
+        build_mano(cfg, "left", fix_left_shapedirs=True)
 
 
 @pytest.mark.parametrize("fix", [True, False])
@@ -603,3 +603,23 @@ def test_procedural_joints_stay_regressed_from_shaped_vertices() -> None:
     for i in range(3):
         expected = _openpose(hand["J_regressor"] @ verts[i], verts[i][hand["tip_vertex_ids"]])
         np.testing.assert_allclose(joints[i], expected, atol=1e-6)
+
+
+def test_the_network_and_the_labels_share_one_left_hand_convention(tmp_path: Path) -> None:
+    # ARCTIC fitted its labels, and its networks predict, with the left model as stored (no shapedirs fix): the
+    # network's left layer must be that one too, or its betas and keypoint terms pull towards different shapes.
+    from conftest import TINY_MODEL_OVERRIDES
+
+    from hawor_tune.config import load_config
+    from hawor_tune.model import build_model
+
+    params = _write_official_pair(tmp_path, "right")  # the official files: the left x-component is the right's
+    cfg = load_config(None, {**TINY_MODEL_OVERRIDES, "mano.model_dir": str(tmp_path)})
+    network = build_model(cfg).mano
+    labels = [build_mano(cfg.mano, side) for side in HANDS]  # what hawor_tune.data builds its labels with
+    assert mano.FIX_LEFT_SHAPEDIRS is False
+    for net, lab, side in zip(network, labels, HANDS):
+        assert net.side == lab.side == side
+        torch.testing.assert_close(net.shapedirs, lab.shapedirs, rtol=0, atol=0)
+        np.testing.assert_allclose(net.shapedirs.numpy(), params[side]["shapedirs"], atol=1e-7)  # as stored
+    assert network[0].shapedirs_fix == "off"

@@ -189,3 +189,100 @@ def test_a_multi_objective_search_retrains_a_pareto_trial_by_the_documented_rule
 def test_trial_and_objective_do_not_go_with_an_explicit_config(capsys):
     assert _exit_code(["--config", "configs/tiny.yaml", "--trial", "a"]) == 2
     assert "do not go with --config" in capsys.readouterr().err
+
+
+# ---- A test split without labels (ARCTIC's protocol p2) --------------------------------------------------
+
+@pytest.fixture
+def unlabelled_test(synthetic_dataset, tmp_path):
+    """A copy of the dataset whose test subject has images but no raw_seqs (as ARCTIC's s03), its boxes written
+    beforehand with the camera's intrinsics, and an untrained model file whose config reads the copy."""
+    import torch
+    from conftest import TINY_MODEL_OVERRIDES, write_box_files
+
+    from hawor_tune.checkpoint import export_model
+    from hawor_tune.data import read_split
+    from hawor_tune.model import build_model
+
+    boxes = tmp_path / "boxes"
+    written = write_box_files(synthetic_dataset, boxes, "test", intrinsics=True)
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_dataset.root, root)
+    for sid in {name.split("/")[0] for name in read_split(root, "test")}:
+        shutil.rmtree(root / "raw_seqs" / sid)
+    cfg = synthetic_dataset.config({**TINY_MODEL_OVERRIDES, "data.root": str(root),
+                                    "data.cache_dir": str(tmp_path / "cache")})
+    torch.manual_seed(0)
+    model = export_model(tmp_path / "model.pt", model=build_model(cfg), config=cfg, epoch=0)
+    return model, boxes, written
+
+
+def test_a_test_split_without_labels_reports_on_val_and_predicts_test_from_boxes(unlabelled_test, tmp_path, capsys):
+    model, boxes, written = unlabelled_test
+    out = tmp_path / "eval"
+    assert run_best.main(["--eval-only", str(model), "--boxes", str(boxes), "--out", str(out)]) == 0
+    console = capsys.readouterr().out
+    assert "note: The test split has no labels" in console and "evaluates on the validation split" in console
+    assert "test predictions: 1 sequences in" in console
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"] == "val" and "test" not in metrics and "no labels" in metrics["notice"]
+    assert all(np.isfinite(metrics["val"][k]) for k in ("mpjpe", "pa_mpjpe", "w_mpjpe"))
+    head = (out / "report.md").read_text().splitlines()[:4]
+    assert head[2].startswith("**Evaluated on the val split.** The test split has no labels"), head
+    assert "## Results (val split)" in (out / "report.md").read_text()
+    index = json.loads((out / "predictions" / "index.json").read_text())
+    assert index["split"] == "test" and set(index["sequences"]) == set(written)
+    for name, entry in written.items():
+        with np.load(out / "predictions" / index["sequences"][name]) as p:
+            assert p["image_index"].tolist() == entry["image_index"]
+            assert p["right_joints"].shape == (len(entry["image_index"]), 21, 3)
+
+
+def test_without_boxes_it_says_in_one_line_what_is_missing(unlabelled_test, tmp_path, capsys):
+    model, _, _ = unlabelled_test
+    out = tmp_path / "eval"
+    assert run_best.main(["--eval-only", str(model), "--out", str(out)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "no test predictions" in line]
+    assert lines == ["no test predictions: the test split has no labels and no hand boxes were given (--boxes DIR, "
+                     "one JSON per sequence; docs/evaluation.md)"]
+    assert json.loads((out / "metrics.json").read_text())["split"] == "val"
+    assert not (out / "predictions").exists()
+
+
+def test_bad_boxes_fail_in_one_line_before_anything_runs(unlabelled_test, tmp_path, capsys):
+    model, boxes, written = unlabelled_test
+    assert _exit_code(["--eval-only", str(model), "--boxes", str(tmp_path / "nowhere")]) == 2
+    _one_line_error(capsys, f"--boxes {tmp_path / 'nowhere'}: no such folder")
+    name = next(iter(written))
+    entry = {**written[name], "left": [[1, 2]] + written[name]["left"][1:]}
+    (boxes / f"{name}.json").write_text(json.dumps(entry))
+    assert _exit_code(["--eval-only", str(model), "--boxes", str(boxes), "--out", str(tmp_path / "eval")]) == 2
+    _one_line_error(capsys, f"{boxes / name}.json: key 'left'[0] (image {entry['image_index'][0]}) is [1, 2]; "
+                            "allowed: null, or [x1, y1, x2, y2, score]")
+    assert not (tmp_path / "eval").exists()  # checked before the evaluation
+    # A retrain checks them before it trains.
+    from hawor_tune.checkpoint import load_checkpoint
+    from hawor_tune.config import config_from_dict, save_config
+
+    save_config(config_from_dict(load_checkpoint(model)["config"]), tmp_path / "cfg.yaml")
+    assert _exit_code(["--config", str(tmp_path / "cfg.yaml"), "--boxes", str(boxes), "--out", str(tmp_path / "re")]) == 2
+    _one_line_error(capsys, "key 'left'[0]")
+    assert not (tmp_path / "re" / "run").exists()
+
+
+def test_a_splits_file_can_hold_out_a_labelled_subject_as_test(unlabelled_test, tmp_path):
+    from hawor_tune.checkpoint import load_model
+    from hawor_tune.data import build_dataset, read_split
+    from hawor_tune.retrain import evaluation_split
+
+    _, cfg = load_model(unlabelled_test[0])
+    split, notice = evaluation_split(cfg)
+    assert split == "val" and "data.splits" in notice
+    root = cfg.data.root
+    held_out = read_split(root, "train")[:1]
+    path = tmp_path / "held_out.json"
+    path.write_text(json.dumps({"val": read_split(root, "val"), "test": held_out}))
+    cfg.data.splits = str(path)
+    assert evaluation_split(cfg) == ("test", None)
+    assert build_dataset(cfg, "test", cached=False).sequences == held_out
+    assert held_out[0] not in build_dataset(cfg, "train", cached=False).sequences

@@ -27,17 +27,19 @@ from hawor_tune.data.arctic import (
     ArcticClips,
     DatasetError,
     SequenceLabels,
+    UnlabelledSplitError,
     load_sequence,
     load_sequences,
     read_split,
+    split_is_labelled,
 )
 from hawor_tune.data.cache import CACHE_FORMAT_VERSION, FrameCache, Letterbox, read_frame
 from hawor_tune.data.synthetic import GENERATOR_VERSION, MARKER, generate
 from hawor_tune.mano import HANDS, build_mano
 
 __all__ = ["CACHE_FORMAT_VERSION", "SPLITS", "ArcticClips", "DatasetError", "FrameCache", "Letterbox",
-           "SequenceLabels", "build_dataloader", "build_dataset", "ensure_dataset", "generate", "load_sequence",
-           "load_sequences", "read_frame", "read_split", "resolve_valid_rule"]
+           "SequenceLabels", "UnlabelledSplitError", "build_dataloader", "build_dataset", "ensure_dataset", "generate",
+           "load_sequence", "load_sequences", "read_frame", "read_split", "resolve_valid_rule", "split_is_labelled"]
 
 
 def ensure_dataset(cfg: ExperimentConfig) -> Path:
@@ -107,23 +109,24 @@ def build_dataset(cfg: ExperimentConfig, split: str, *, cached: bool = True) -> 
         split: 'train', 'val' or 'test'.
         cached: read frames from the packed frame cache (built on first use) rather than the JPEGs.
 
-    With ``data.train_on_val`` the training split also holds the validation sequences.
+    With ``data.train_on_val`` the training split also holds the validation sequences; ``data.splits`` names
+    another splits file to read the splits from.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
     d = cfg.data
     root = ensure_dataset(cfg)
-    # Labels come from the hand model the annotations were fitted with: ARCTIC builds its MANO layers with
-    # plain smplx and never flips the left shapedirs (zc-alexfan/arctic, common/body_models.py,
-    # build_mano_aa), so neither do the label layers. The network's own layers do (hawor_tune.model).
-    mano = [build_mano(cfg.mano, side, fix_left_shapedirs=False) for side in HANDS]
+    # Labels come from the hand model the annotations were fitted with, built by the same call as the
+    # network's layers: one left-hand convention for both (hawor_tune.mano.FIX_LEFT_SHAPEDIRS).
+    mano = [build_mano(cfg.mano, side) for side in HANDS]
     return ArcticClips(root, split, mano=mano, seq_len=d.seq_len, stride=d.stride, frame_step=d.frame_step,
                        frame_size=d.frame_size, crop_size=d.crop_size, crop_scale=d.crop_scale,
                        crop_jitter=d.crop_jitter, img_size=d.img_size, flow_grid=d.flow_grid,
                        min_visible_joints=d.min_visible_joints,
                        valid_rule=resolve_valid_rule(d.valid_rule, root),
                        cache_dir=d.cache_dir or None, cached=cached,
-                       extra_splits=("val",) if split == "train" and d.train_on_val else ())
+                       extra_splits=("val",) if split == "train" and d.train_on_val else (),
+                       splits_file=d.splits or None)
 
 
 def resolve_valid_rule(rule: str, root: str | os.PathLike) -> str:

@@ -5,6 +5,8 @@ Layout (zc-alexfan/arctic, ``docs/data/data_doc.md``), under ``root`` = ARCTIC's
     raw_seqs/<sid>/<seq>.mano.npy          {'right'|'left': {rot (F,3), pose (F,45), trans (F,3), shape (10,),
                                             fitting_err (F,)}}, world frame, pose relative to hands_mean
     raw_seqs/<sid>/<seq>.egocam.dist.npy   {R_k_cam_np (F,3,3), T_k_cam_np (F,3,1), intrinsics (3,3), dist8 (8,)}
+    raw_seqs/<sid>/<seq>.object.npy        (F, 7): articulation (rad), axis-angle (3), translation (3, mm)
+    meta/object_vtemplates/<obj>/          mesh.obj (mm) and parts.json: the object ARCTIC's is_valid looks at
     images/<sid>/<seq>/0/%05d.jpg          egocentric view, image index = annotation index + ioi_offset;
                                            ARCTIC keeps image indices 10 .. F-11 (frame_window)
     meta/misc.json                         per subject: image_size, ioi_offset, ...
@@ -33,7 +35,7 @@ from hawor_tune.data.cache import FrameCache, FrameSource, Letterbox, cache_root
 from hawor_tune.data.crop import crop_matrix, hand_boxes, jitter_boxes, map_points, unflip_matrix, warp_crop
 from hawor_tune.data.flow import cached_clip_flows, clip_flow
 from hawor_tune.errors import HaworTuneError
-from hawor_tune.geometry import project_points
+from hawor_tune.geometry import axis_angle_to_matrix, project_points
 from hawor_tune.mano import HANDS, MANOLayer
 
 SPLITS = ("train", "val", "test")
@@ -44,6 +46,9 @@ SKIP_FRAMES = 10  # ARCTIC drops this many image indices at each end of a sequen
 # Hand-validity rules (``load_sequence``'s ``valid_rule``).
 VALID_RULES = ("arctic", "visible_joints")
 ARCTIC_MIN_JOINTS = 3  # ARCTIC: the wrist and at least 3 joints inside the (distorted) image
+OBJECT_TEMPLATES = Path("meta") / "object_vtemplates"  # <object>/mesh.obj (mm) and parts.json, ARCTIC's meta
+_ARTICULATION_AXIS = np.array([0.0, 0.0, -1.0])  # ARCTIC's top part turns about the object's -z (object_tensors.py)
+_OBJECT_CHUNK = 2_000_000  # object vertices projected per call: vectorised, with bounded memory
 NEAR_Z = 0.05  # metres; a joint closer to (or behind) the camera is not visible
 _MANO_CHUNK = 4096  # frames per MANO call: vectorised, with bounded memory
 
@@ -52,22 +57,41 @@ class DatasetError(HaworTuneError, ValueError):
     """The dataset on disk is missing a file or holds bad content; the message names the file and the fault."""
 
 
+class UnlabelledSplitError(DatasetError):
+    """A split whose sequences have no labels (ARCTIC's protocol-p2 test subject); ``sequences`` names them."""
+
+    def __init__(self, message: str, *, split: str, sequences: list[str]) -> None:
+        super().__init__(message)
+        self.split, self.sequences = split, sequences
+
+
 # ---- Files --------------------------------------------------------------------------------------------
 
-def read_split(root: str | os.PathLike, split: str) -> list[str]:
-    """The ``"<sid>/<seq>"`` names of a split, from ``splits_json/protocol_p2.json``.
+def read_split(root: str | os.PathLike, split: str, *, splits_file: str | os.PathLike | None = None,
+               labelled: bool = True) -> list[str]:
+    """The ``"<sid>/<seq>"`` names of a split, from ``splits_json/protocol_p2.json`` (or ``splits_file``).
 
     An empty or missing ``train`` list means every sequence under ``raw_seqs`` that is not in val or test,
     as ARCTIC's own code does.
 
+    Args:
+        root: ARCTIC ``arctic_data/data`` folder.
+        split: one of :data:`SPLITS`.
+        splits_file: a splits file in ``protocol_p2.json``'s format to read instead (``data.splits``): a
+            subject held out as a labelled test split, say.
+        labelled: require the split's labels (``raw_seqs/<sid>/<seq>.mano.npy``). False lists the names
+            whatever files exist: an unlabelled split to predict from hand boxes.
+
     Raises:
         ValueError: ``split`` is not one of :data:`SPLITS`.
-        DatasetError: the file is missing or malformed, or an entry has no ``raw_seqs`` files.
+        UnlabelledSplitError: ``labelled`` and none of the split's sequences has labels (ARCTIC keeps protocol
+            p2's test labels for its leaderboard).
+        DatasetError: the file is missing or malformed, or some (not all) entries have no ``raw_seqs`` files.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
     root = Path(root)
-    path = root / SPLITS_FILE
+    path = Path(splits_file) if splits_file else root / SPLITS_FILE
     splits = _read_json(path)
     if not isinstance(splits, dict):
         raise DatasetError(f"{path}: expected a mapping of split -> list of '<sid>/<seq>', got {type(splits).__name__}")
@@ -76,17 +100,41 @@ def read_split(root: str | os.PathLike, split: str) -> list[str]:
         entries = splits.get(name) or []
         if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
             raise DatasetError(f"{path}: '{name}' must be a list of '<sid>/<seq>' strings, got {entries!r:.80}")
+        bad = [e for e in entries if e.count("/") != 1]
+        if bad:
+            raise DatasetError(f"{path}: split '{name}' lists {bad[0]!r}; entries are '<sid>/<seq>'")
         lists[name] = entries
     if split == "train" and not lists["train"]:
         held_out = set(lists["val"]) | set(lists["test"])
         found = sorted(f"{p.parent.name}/{p.name[: -len('.mano.npy')]}"
                        for p in (root / "raw_seqs").glob("*/*.mano.npy"))
         return [name for name in found if name not in held_out]
-    for entry in lists[split]:
-        if entry.count("/") != 1 or not (root / "raw_seqs" / f"{entry}.mano.npy").is_file():
-            raise DatasetError(f"{path}: split '{split}' lists {entry!r}, but there is no "
-                               f"{root / 'raw_seqs' / entry}.mano.npy (entries are '<sid>/<seq>')")
+    if not labelled:
+        return list(lists[split])
+    missing = [e for e in lists[split] if not (root / "raw_seqs" / f"{e}.mano.npy").is_file()]
+    if missing and len(missing) == len(lists[split]):
+        raise UnlabelledSplitError(
+            f"split '{split}' of {path} has no labels: none of its {len(missing)} sequences has "
+            f"{root / 'raw_seqs'}/<sid>/<seq>.mano.npy (ARCTIC keeps protocol p2's test labels for its "
+            f"leaderboard); evaluate on a labelled split, or predict this one from hand boxes "
+            f"(run_best.py --boxes DIR, docs/evaluation.md)", split=split, sequences=list(lists[split]))
+    if missing:
+        raise DatasetError(f"{path}: split '{split}' lists {missing[0]!r}, but there is no "
+                           f"{root / 'raw_seqs' / missing[0]}.mano.npy (entries are '<sid>/<seq>')")
     return list(lists[split])
+
+
+def split_is_labelled(root: str | os.PathLike, split: str, *, splits_file: str | os.PathLike | None = None) -> bool:
+    """Whether :func:`read_split` finds the split's labels (False: none of its sequences has any).
+
+    Raises:
+        DatasetError: as :func:`read_split`, for a malformed splits file or a partly labelled split.
+    """
+    try:
+        read_split(root, split, splits_file=splits_file)
+    except UnlabelledSplitError:
+        return False
+    return True
 
 
 def _read_json(path: Path) -> Any:
@@ -112,6 +160,17 @@ def _load_npy_dict(path: Path) -> dict[str, Any]:
         raise DatasetError(f"{path}: expected a pickled dict, got {type(value).__name__} "
                            f"{getattr(value, 'shape', '')}")
     return value
+
+
+def _load_npy_array(path: Path) -> np.ndarray:
+    """A plain float array saved with ``np.save`` (ARCTIC's ``object.npy``)."""
+    if not path.is_file():
+        raise DatasetError(f"{path} does not exist")
+    try:
+        return np.asarray(np.load(path, allow_pickle=False), dtype=np.float64)
+    except Exception as e:  # truncated data surfaces as EOFError, ValueError, ...
+        raise DatasetError(f"{path}: truncated or corrupt .npy ({type(e).__name__}: {e}); restore it from the "
+                           f"dataset") from None
 
 
 def _field(path: Path, node: dict[str, Any], key: str, shape: tuple[int | str, ...], sizes: dict[str, int],
@@ -217,6 +276,87 @@ def arctic_valid(joints3d: np.ndarray, K: np.ndarray, dist: np.ndarray, size: tu
     return inside[..., 0] & (inside.sum(-1) >= ARCTIC_MIN_JOINTS)
 
 
+def object_in_view(vertices: np.ndarray, K: np.ndarray, dist: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """ARCTIC's per-frame ``is_valid``: the mean of the object's projected vertices lies inside the image.
+
+    As ``forward_valid`` in zc-alexfan/arctic, ``src/arctic/processing.py``, for the egocentric view: every
+    vertex is projected with the lens distortion, the 2D points are averaged, and the frame counts when
+    1 <= u <= width and 1 <= v <= height (its box ``[1, 1, 2800, 2000]``), without a depth test. ARCTIC's
+    loader multiplies each hand's validity by it (``src/datasets/arctic_dataset.py``).
+
+    Args:
+        vertices: (N, V, 3) camera-frame object vertices of N frames.
+        K: (3, 3) intrinsics of the ``size`` image.
+        dist: (8,) OpenCV rational distortion.
+        size: (width, height) of the image K refers to.
+
+    Returns:
+        (N,) bool.
+    """
+    n, v = vertices.shape[:2]
+    centre = np.empty((n, 2))
+    step = max(1, _OBJECT_CHUNK // max(v, 1))
+    K_t, dist_t = torch.from_numpy(np.asarray(K, np.float64)), torch.from_numpy(np.asarray(dist, np.float64))
+    for s in range(0, n, step):
+        uv = project_points(torch.from_numpy(np.asarray(vertices[s:s + step], np.float64)), K_t, dist_t)
+        centre[s:s + step] = uv.mean(dim=-2).numpy()  # (chunk, 2) mean of the projections, as ARCTIC
+    width, height = size
+    with np.errstate(invalid="ignore"):  # a vertex at depth 0 projects to inf or nan: outside
+        return (centre[:, 0] >= 1) & (centre[:, 0] <= width) & (centre[:, 1] >= 1) & (centre[:, 1] <= height)
+
+
+def read_object_template(root: str | os.PathLike, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """An ARCTIC object template: vertices (V, 3) in metres (``mesh.obj`` holds mm) and (V,) bool, the vertices
+    that turn with the articulation.
+
+    ARCTIC's code turns the vertices that ``parts.json`` marks 0 (``common/object_tensors.py``: part ids
+    ``parts + 1``, and ``parts_ids == 1`` take the articulated ``v_top``); its data documentation calls 1 the
+    top. The code made the released flags, so the code is followed.
+
+    Raises:
+        DatasetError: a file is missing or malformed (the message names it).
+    """
+    folder = Path(root) / OBJECT_TEMPLATES / name
+    mesh, parts_path = folder / "mesh.obj", folder / "parts.json"
+    try:
+        lines = mesh.read_text().splitlines()
+    except FileNotFoundError:
+        raise DatasetError(f"{mesh} does not exist: ARCTIC's validity rule (data.valid_rule arctic, the default "
+                           f"on real data) needs the object templates of ARCTIC's meta download; restore them, or "
+                           f"set data.valid_rule=visible_joints") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{mesh}: not a readable OBJ file ({e})") from None
+    try:
+        vertices = np.array([[float(x) for x in line.split()[1:4]] for line in lines if line.startswith("v ")])
+    except ValueError as e:
+        raise DatasetError(f"{mesh}: a 'v' line is not three numbers ({e})") from None
+    if vertices.ndim != 2 or vertices.shape[1:] != (3,) or not np.isfinite(vertices).all():
+        raise DatasetError(f"{mesh}: expected 'v x y z' lines of finite numbers, got {vertices.shape[0]} vertices")
+    parts = _read_json(parts_path)
+    if (not isinstance(parts, list) or len(parts) != len(vertices)
+            or not all(isinstance(p, (bool, int)) and p in (0, 1) for p in parts)):
+        raise DatasetError(f"{parts_path}: expected a list of {len(vertices)} part flags (0 or 1), one per vertex "
+                           f"of {mesh.name}; got {str(parts)[:60]}")
+    return vertices / 1000.0, ~np.asarray(parts, dtype=bool)
+
+
+def _object_vertices(template: tuple[np.ndarray, np.ndarray], pose: np.ndarray, R: np.ndarray,
+                     T: np.ndarray) -> np.ndarray:
+    """(N, V, 3) camera-frame vertices of an articulated ARCTIC object.
+
+    As ``ObjectTensors.forward_7d_batch`` (zc-alexfan/arctic, ``common/object_tensors.py``): the articulated part
+    turns by the articulation angle about the object's -z, then the whole object is rotated (axis-angle) and
+    translated (mm); then world to camera with ``R`` (N, 3, 3), ``T`` (N, 3).
+    """
+    vertices, turns = template
+    arti = axis_angle_to_matrix(torch.from_numpy(pose[:, :1] * _ARTICULATION_AXIS)).numpy()  # (N, 3, 3)
+    rot = axis_angle_to_matrix(torch.from_numpy(np.ascontiguousarray(pose[:, 1:4]))).numpy()  # (N, 3, 3)
+    local = np.broadcast_to(vertices, (len(pose), *vertices.shape)).copy()  # (N, V, 3)
+    local[:, turns] = np.einsum("nij,vj->nvi", arti, vertices[turns])
+    world = np.einsum("nij,nvj->nvi", rot, local) + pose[:, None, 4:7] / 1000.0
+    return np.einsum("nij,nvj->nvi", R, world) + T[:, None]
+
+
 def load_sequence(root: str | os.PathLike, name: str, *, mano: Sequence[MANOLayer], frame_size: int,
                   frame_step: int = 1, min_visible_joints: int = 8, valid_rule: str = "visible_joints",
                   misc: dict[str, Any] | None = None) -> SequenceLabels:
@@ -231,7 +371,8 @@ def load_sequence(root: str | os.PathLike, name: str, *, mano: Sequence[MANOLaye
         min_visible_joints: with ``valid_rule='visible_joints'``, a hand is valid when its wrist and at least
             this many of its 21 joints are visible (``joints_visible``: in front of the camera, z > 0.05 m,
             inside the lens's field of view and projected inside the image).
-        valid_rule: 'arctic' (ARCTIC's own rule, :func:`arctic_valid`) or 'visible_joints'.
+        valid_rule: 'arctic' (ARCTIC's own rule: :func:`arctic_valid` and the object's :func:`object_in_view`,
+            which reads ``object.npy`` and the object templates) or 'visible_joints'.
         misc: parsed ``meta/misc.json`` (read from ``root`` when None).
 
     Raises:
@@ -253,7 +394,9 @@ def load_sequences(root: str | os.PathLike, names: Sequence[str], *, mano: Seque
     if [layer.side for layer in mano] != list(HANDS):
         raise ValueError(f"mano must be layers for {HANDS} in that order, got {[layer.side for layer in mano]}")
     misc = _read_json(root / MISC_FILE) if misc is None else misc
-    raw = [_read_sequence(root, name, frame_size, frame_step, misc) for name in names]
+    templates: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # one read per object, not per sequence
+    raw = [_read_sequence(root, name, frame_size, frame_step, misc, templates if valid_rule == "arctic" else None)
+           for name in names]
     counts = [len(r.vidx) for r in raw]
     posed = []  # per hand: world joints (N, 21, 3) and rotations (N, 16, 3, 3) of every sequence's frames
     for h, layer in enumerate(mano):
@@ -280,9 +423,13 @@ class _RawSequence:
     size: tuple[int, int]  # capture (width, height)
     R: np.ndarray  # (N, 3, 3) world to camera
     T: np.ndarray  # (N, 3)
+    object_valid: np.ndarray | None  # (N,) bool, ARCTIC's is_valid (:func:`object_in_view`); None: not read
 
 
-def _read_sequence(root: Path, name: str, frame_size: int, frame_step: int, misc: dict[str, Any]) -> _RawSequence:
+def _read_sequence(root: Path, name: str, frame_size: int, frame_step: int, misc: dict[str, Any],
+                   templates: dict[str, tuple[np.ndarray, np.ndarray]] | None) -> _RawSequence:
+    """One sequence's files, checked and cut to the kept frames; with ``templates`` (a cache of object
+    templates by name) also ARCTIC's per-frame ``is_valid`` from its object."""
     sid, seq = name.split("/")
     (width, height), ioi = _subject_meta(root, misc, sid)
 
@@ -315,8 +462,20 @@ def _read_sequence(root: Path, name: str, frame_size: int, frame_step: int, misc
     box, K_img = _frame_geometry(root, sid, image_paths[0], K, (width, height), frame_size)
     kept = [{"rot": hands[side]["rot"][vidx], "pose": hands[side]["pose"][vidx], "trans": hands[side]["trans"][vidx],
              "shape": np.broadcast_to(hands[side]["shape"], (len(vidx), 10))} for side in HANDS]
+    object_valid = None
+    if templates is not None:
+        obj_path = root / "raw_seqs" / sid / f"{seq}.object.npy"
+        obj = _load_npy_array(obj_path)
+        if obj.shape != (frames, 7) or not np.isfinite(obj).all():
+            raise DatasetError(f"{obj_path}: expected ({frames}, 7) finite values (articulation, axis-angle, "
+                               f"translation in mm per annotated frame), got shape {obj.shape}")
+        name_obj = seq.split("_")[0]  # ARCTIC's object of a sequence: its name's first word
+        if name_obj not in templates:
+            templates[name_obj] = read_object_template(root, name_obj)
+        vertices = _object_vertices(templates[name_obj], obj[vidx], R_all[vidx], T_all[vidx])
+        object_valid = object_in_view(vertices, K, dist, (width, height))
     return _RawSequence(name=name, hands=kept, vidx=vidx, image_paths=image_paths, box=box, K_img=K_img, K=K,
-                        dist=dist, size=(width, height), R=R_all[vidx], T=T_all[vidx])
+                        dist=dist, size=(width, height), R=R_all[vidx], T=T_all[vidx], object_valid=object_valid)
 
 
 def _label_sequence(raw: _RawSequence, posed: list[tuple[np.ndarray, np.ndarray]], min_visible_joints: int,
@@ -336,6 +495,8 @@ def _label_sequence(raw: _RawSequence, posed: list[tuple[np.ndarray, np.ndarray]
     visible = _joints_visible(joints3d, joints2d, raw.box, raw.K_img, raw.dist)  # (N, 2, 21)
     if valid_rule == "arctic":
         valid = arctic_valid(joints3d, raw.K, raw.dist, raw.size)  # (N, 2)
+        if raw.object_valid is not None:
+            valid &= raw.object_valid[:, None]  # ARCTIC's loader: left_valid * is_valid, right_valid * is_valid
     else:
         valid = visible[..., 0] & (visible.sum(-1) >= min_visible_joints)  # (N, 2)
 
@@ -462,19 +623,21 @@ class ArcticClips(Dataset):
         cache_dir: where frame caches live (default: ``<root>/../cache``).
         cached: read frames from the cache (built on first use) instead of decoding JPEGs.
         extra_splits: further splits whose sequences join this one (the final retrain's train + val).
+        splits_file: a splits file to read instead of ``splits_json/protocol_p2.json`` (:func:`read_split`).
     """
 
     def __init__(self, root: str | os.PathLike, split: str, *, mano: Sequence[MANOLayer], seq_len: int,
                  stride: int, frame_step: int = 1, frame_size: int = 224, crop_size: int = 64,
                  crop_scale: float = 1.3, crop_jitter: float = 0.0, img_size: int = 64, flow_grid: int = 0,
                  min_visible_joints: int = 8, valid_rule: str = "visible_joints", cache_dir: str | os.PathLike | None = None, cached: bool = True,
-                 extra_splits: Sequence[str] = ()) -> None:
+                 extra_splits: Sequence[str] = (), splits_file: str | os.PathLike | None = None) -> None:
         self.root, self.split, self.seq_len = Path(root), split, seq_len
         self.frame_size, self.crop_size, self.img_size, self.flow_grid = frame_size, crop_size, img_size, flow_grid
         self.crop_scale, self.crop_jitter = crop_scale, crop_jitter if split == "train" else 0.0
-        self.sequences = [name for s in (split, *extra_splits) for name in read_split(self.root, s)]
+        self.sequences = [name for s in (split, *extra_splits)
+                          for name in read_split(self.root, s, splits_file=splits_file)]
         if not self.sequences:
-            raise DatasetError(f"{self.root / SPLITS_FILE}: split '{split}' has no sequences")
+            raise DatasetError(f"{splits_file or self.root / SPLITS_FILE}: split '{split}' has no sequences")
         misc = _read_json(self.root / MISC_FILE)
         labels = load_sequences(self.root, self.sequences, mano=mano, frame_size=frame_size, frame_step=frame_step,
                                 min_visible_joints=min_visible_joints, valid_rule=valid_rule, misc=misc)

@@ -149,8 +149,8 @@ class _SequenceJob:
 
 
 def _hand_layers(mano_cfg: ManoConfig) -> tuple[MANOLayer, MANOLayer]:
-    # Annotations in ARCTIC's convention: its MANO layers never flip the left shapedirs (see data.build_dataset).
-    return tuple(build_mano(mano_cfg, side, fix_left_shapedirs=False) for side in HANDS)
+    # Annotations in ARCTIC's left-hand convention, the network's too (hawor_tune.mano.FIX_LEFT_SHAPEDIRS).
+    return tuple(build_mano(mano_cfg, side) for side in HANDS)
 
 
 def _usable_cpus() -> int:

@@ -1,4 +1,5 @@
-"""``report.md``: what was trained, the test results beside the baseline and the search, and the figures."""
+"""``report.md``: what was trained, the test (or stand-in split's) results beside the baseline and the search, and
+the figures."""
 
 from __future__ import annotations
 
@@ -60,18 +61,21 @@ def _figure_link(out_dir: Path, path: str) -> str:
 
 def write_report(out_dir: str | os.PathLike, *, metrics: Mapping[str, float],
                  baseline: Mapping[str, float] | None, search: Mapping[str, Any] | None,
-                 figures: Mapping[str, str], notes: Sequence[str] = ()) -> Path:
+                 figures: Mapping[str, str], notes: Sequence[str] = (), split: str = "test",
+                 notice: str | None = None) -> Path:
     """Write ``out_dir/report.md`` (atomically) and return its path.
 
     Args:
         out_dir: the report folder; figure paths are linked relative to it.
-        metrics: test metrics from :func:`hawor_tune.train.compute_metrics`.
+        metrics: the split's metrics from :func:`hawor_tune.evaluation.compute_metrics`.
         baseline: the mean-pose baseline's metrics on the same split (same keys), or None.
         search: what was retrained: ``experiment``, ``trial_id``, ``params`` (dict), ``metric``,
             ``val_value`` (the search's validation value of its metric), ``epochs``, ``config_path``;
             None when no search was used.
         figures: caption -> PNG path (absolute, or relative to ``out_dir``), in display order.
         notes: free-text lines listed at the end (e.g. why a figure is missing).
+        split: the split ``metrics`` were computed on; it names the results' columns.
+        notice: a paragraph shown right under the title (e.g. why ``split`` is not test).
 
     Missing keys are shown as ``n/a``.
     """
@@ -80,6 +84,8 @@ def write_report(out_dir: str | os.PathLike, *, metrics: Mapping[str, float],
     search = search or {}
     baseline = baseline or {}
     lines = [f"# Final retrain report{': ' + str(search['experiment']) if search.get('experiment') else ''}", ""]
+    if notice:
+        lines += [f"**Evaluated on the {split} split.** {notice}", ""]
 
     lines += ["## What was trained", ""]
     if search:
@@ -117,8 +123,8 @@ def write_report(out_dir: str | os.PathLike, *, metrics: Mapping[str, float],
         # The search's validation value sits in the row of the metric it optimised ("-": not that row).
         return [*cells, _fmt(search.get("val_value")) if key == val_metric else "-"]
 
-    header = ("metric", "unit", "test", "mean-pose baseline (test)", *(("search best (val)",) if search else ()))
-    lines += ["## Results (test split)", ""]
+    header = ("metric", "unit", split, f"mean-pose baseline ({split})", *(("search best (val)",) if search else ()))
+    lines += [f"## Results ({split} split)", ""]
     lines += _table(header, [row("mpjpe", "MPJPE (wrist-relative, observed frames)"), row("pa_mpjpe", "PA-MPJPE"),
                              row("mpjpe_infilled", "MPJPE of the infilled frames (hidden from the model)")]) + [""]
     lines += ["### Per hand", ""]
@@ -126,12 +132,12 @@ def write_report(out_dir: str | os.PathLike, *, metrics: Mapping[str, float],
                              for m, label in (("mpjpe", "MPJPE"), ("pa_mpjpe", "PA-MPJPE"))]) + [""]
     fingers = _finger_names(metrics, baseline) or list(FINGERS)
     lines += ["### Per finger (mean over its 4 joints, both hands)", ""]
-    lines += _table(("finger", "test (mm)", "mean-pose baseline (mm)"),
+    lines += _table(("finger", f"{split} (mm)", "mean-pose baseline (mm)"),
                     ([f, _fmt(metrics.get(f"finger_{f}")), _fmt(baseline.get(f"finger_{f}"))]
                      for f in fingers)) + [""]
     shown.update(f"finger_{f}" for f in fingers)
     lines += ["### Per joint (both hands)", ""]
-    lines += _table(("joint", "name", "test (mm)", "mean-pose baseline (mm)"),
+    lines += _table(("joint", "name", f"{split} (mm)", "mean-pose baseline (mm)"),
                     ([f"{j:02d}", JOINT_NAMES[j], _fmt(metrics.get(f"joint_{j:02d}")),
                       _fmt(baseline.get(f"joint_{j:02d}"))] for j in range(NUM_JOINTS))) + [""]
     shown.update(f"joint_{j:02d}" for j in range(NUM_JOINTS))
