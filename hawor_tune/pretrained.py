@@ -142,6 +142,19 @@ def hamer_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def timm_to_hamer(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`hamer_to_timm`: a timm ViT's keys as HaMeR's ``backbone.*`` (the extra position
+    zero, so that HaMeR's forward adds nothing with it)."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith("norm."):
+            key = "last_norm." + key[len("norm."):]
+        if key == "pos_embed":
+            value = torch.cat([value.new_zeros(1, 1, value.shape[-1]), value], dim=1)
+        out["backbone." + key] = value
+    return out
+
+
 @dataclass
 class LoadReport:
     """Which parts of a model a weights file filled (tensors per top-level module) and which start fresh."""

@@ -127,3 +127,62 @@ def test_a_two_trial_search_and_run_best_through_the_gpu_profile(gpu_setup, synt
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test"]["mpjpe"] > 0 and metrics["baseline"]["mpjpe"] > 0
     assert load_checkpoint(out / "model.pt")["config"]["model"]["hand_path"] == "hawor"
+
+
+# ---- the counted plan and the GPU check (benchmarks/bench_gpu_plan.py, benchmarks/gpu_check.py) ----------
+
+def _benchmarks():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_gpu_plan
+
+    return bench_gpu_plan
+
+
+def test_asha_spends_each_rungs_survivors_epochs():
+    plan = _benchmarks()
+    # 16 trials to epoch 2; 16/3 of them on to 6; 16/9 on to 10 (the last rung capped at max_epochs).
+    assert plan.asha_epochs(16, 2, 3, 10) == pytest.approx(16 * 2 + 16 / 3 * 4 + 16 / 9 * 4)
+    assert plan.asha_epochs(4, 4, 3, 4) == 16
+
+
+def test_the_counted_step_sees_what_freezing_saves_and_the_real_cpu_agrees(gpu_setup):
+    plan = _benchmarks()
+    _, _, overrides = gpu_setup
+    frozen = load_config("configs/arctic.yaml", overrides)
+    trained = load_config("configs/arctic.yaml", {**overrides, "model.freeze_backbone": False})
+    a, b = plan.count_step(frozen, 2), plan.count_step(trained, 2)
+    n_backbone = sum(p.numel() for p in build_model(frozen, pretrained=False, device="meta").backbone.parameters())
+    assert b.trainable - a.trainable == n_backbone
+    assert b.peak_gib > a.peak_gib and b.tflop > a.tflop
+    # A checkpoint holds the trainable state and AdamW's two float32 moments: the backbone's 12 bytes a weight.
+    assert (b.checkpoint_gib - a.checkpoint_gib) * 2**30 == pytest.approx(12 * n_backbone, rel=1e-3)
+    real, counted = plan.block_saved_bytes(frozen)
+    assert real == counted > 0
+
+
+def test_the_gpu_check_smoke_runs_on_the_cpu(tmp_path):
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--smoke", "--steps", "2", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for line in ("device cpu: 2 steps", "achieved", "loader alone"):
+        assert line in run.stdout, run.stdout
+
+
+@pytest.mark.parametrize("name, gpu", [("arctic_lr", 1.0), ("arctic_loss_weights", 1.0), ("arctic_packed", 0.5)])
+def test_the_gpu_spaces_search_the_gpu_profile_around_hawors_values(name, gpu):
+    from pathlib import Path
+
+    from hawor_tune.search_space import load_search_space
+
+    space = load_search_space(Path("search_spaces") / f"{name}.yaml")
+    cfg = space.trial_config()
+    assert space.base.name == "arctic.yaml" and cfg.model.hand_path == "hawor" and cfg.model.freeze_backbone
+    assert (space.resources_gpu, space.resources_cpu) == (gpu, 8 * gpu)
+    # HaWoR's released values lie inside every range, so Optuna starts from them.
+    assert space.default_point() == {k: getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k in space.params}

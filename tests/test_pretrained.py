@@ -158,3 +158,14 @@ def test_a_file_that_is_not_weights_gets_one_line_naming_the_key(tmp_path, conte
     with pytest.raises((ConfigError, MissingFileError), match=match) as e:
         read_weights(path)
     assert "model.pretrained_path" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_timm_to_hamer_is_the_inverse_of_hamer_to_timm():
+    from hawor_tune.pretrained import hamer_to_timm, timm_to_hamer
+
+    state = {k: v for k, v in _hamer_state().items() if k.startswith("backbone.")}
+    timm = hamer_to_timm(state)
+    again = timm_to_hamer(timm)
+    assert set(again) == set(state)
+    for k, v in hamer_to_timm(again).items():
+        assert torch.equal(v, timm[k]), k
