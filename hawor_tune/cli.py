@@ -1,13 +1,15 @@
 """The command-line convention shared by run_search.py, run_best.py and ``python -m hawor_tune.train``: a fault
 in the user's input (a :class:`~hawor_tune.errors.HaworTuneError`, or a bad flag) prints ONE line on stderr (what
 is wrong, the value, what is allowed) and exits with status 2; any other exception is a bug and keeps its
-traceback."""
+traceback. Also the one argparse type for counts (:func:`positive_int`) and the one way a value is written in a
+terminal table (:func:`format_value`)."""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from hawor_tune.errors import HaworTuneError
 
@@ -35,3 +37,24 @@ def fail(error: HaworTuneError | str) -> int:
     message = str(error)
     print(f"error: {message.splitlines()[0] if message else type(error).__name__}", file=sys.stderr)
     return EXIT_USAGE
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type=`` for a count that must be at least 1 (``--num-samples``, ``--max-concurrent``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def format_value(value: Any) -> str:
+    """A value in a terminal table (the live console, the search summary): floats to 4 significant digits,
+    ``inf``/``nan`` as such, None as an empty cell, anything else as ``str``."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    return str(value)

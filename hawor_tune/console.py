@@ -10,14 +10,16 @@ per-epoch metrics stay in ``epochs.parquet`` and TensorBoard.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from ray.tune import Callback
+
+from hawor_tune.cli import format_value
+from hawor_tune.results import best_trial, summarize_trials
 
 TTY_INTERVAL_S = 1.0   # a terminal redraws in place, so often is cheap
 LOG_INTERVAL_S = 30.0  # a log gets a new block at most this often, and only when a row changed
@@ -26,13 +28,12 @@ _REDRAW = "\x1b[{n}F\x1b[J"
 
 
 @dataclass
-class _Row:
+class _Last:
+    """What a trial reported last (the table's epoch and "now" columns), and how it ended."""
+
     epoch: int = 0
     now: dict[str, float] = field(default_factory=dict)
-    best: dict[str, float] = field(default_factory=dict)
-    diverged: bool = False
-    status: str | None = None  # set when the trial ended (Ray keeps its own status until then)
-    stopped_at: int | None = None
+    status: str | None = None  # TERMINATED or ERROR once the trial ended (Ray keeps its own status until then)
 
 
 def short_names(paths: Iterable[str]) -> dict[str, str]:
@@ -43,12 +44,8 @@ def short_names(paths: Iterable[str]) -> dict[str, str]:
     return {p: name if last.count(name) == 1 else p for p, name in zip(paths, last)}
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return "" if value is None else str(value)
-    if isinstance(value, float):
-        return f"{value:.4g}" if math.isfinite(value) else str(value)
-    return str(value)
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class LiveConsole(Callback):
@@ -57,7 +54,9 @@ class LiveConsole(Callback):
     Columns: trial, status (DIVERGED for a trial whose loss went non-finite), epoch of max_epochs, each
     objective's value at the last epoch and best so far, the epoch ASHA stopped the trial at, and the searched
     parameters under :func:`short_names`. A header line says the elapsed time, the trials per status and the
-    best trial. On a terminal the block is redrawn in place every :data:`TTY_INTERVAL_S`; otherwise a new
+    best trial. The best values, the ASHA stops and the best trial come from the epochs reported so far by
+    :func:`hawor_tune.results.summarize_trials` and :func:`~hawor_tune.results.best_trial`, the rules of
+    ``trials.parquet`` and run_best.py, so the console names the trial run_best.py would retrain. On a terminal the block is redrawn in place every :data:`TTY_INTERVAL_S`; otherwise a new
     block is printed at most every :data:`LOG_INTERVAL_S`, and only when a row changed; the search's end
     prints the last state.
 
@@ -78,7 +77,8 @@ class LiveConsole(Callback):
         self.max_epochs = max_epochs
         self.params = short_names(param_paths)
         self._stream, self._tty, self._interval, self._clock = stream, tty, interval_s, clock
-        self._rows: dict[str, _Row] = {}
+        self._last: dict[str, _Last] = {}
+        self._epochs: dict[tuple[str, int], dict[str, Any]] = {}  # the objectives' rows of epochs.parquet
         self._start = clock()
         self._last_print: float | None = None
         self._last_table: list[str] | None = None
@@ -105,27 +105,20 @@ class LiveConsole(Callback):
         self._start = self._clock()  # also on a restored run, whose callbacks were unpickled
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        row = self._rows.setdefault(trial.trial_id, _Row())
-        row.epoch = int(result.get("training_iteration", result.get("epoch", row.epoch)))
-        row.diverged = row.diverged or bool(result.get("diverged", False))
-        for metric, mode in self.objectives:
+        last = self._last.setdefault(trial.trial_id, _Last())
+        last.epoch = int(result.get("training_iteration", result.get("epoch", last.epoch)))
+        row = {"trial_id": trial.trial_id, "epoch": last.epoch, "diverged": bool(result.get("diverged", False))}
+        for metric, _ in self.objectives:
             value = result.get(metric)
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                continue
-            row.now[metric] = float(value)
-            if math.isfinite(value):
-                old = row.best.get(metric)
-                better = old is None or (value < old if mode == "min" else value > old)
-                row.best[metric] = float(value) if better else old
+            if _number(value):
+                last.now[metric] = row[metric] = float(value)
+        self._epochs[(trial.trial_id, last.epoch)] = row
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        row = self._rows.setdefault(trial.trial_id, _Row())
-        row.status = "DIVERGED" if row.diverged else "TERMINATED"
-        if not row.diverged and 0 < row.epoch < self.max_epochs:
-            row.stopped_at = row.epoch
+        self._last.setdefault(trial.trial_id, _Last()).status = "TERMINATED"
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._rows.setdefault(trial.trial_id, _Row()).status = "ERROR"
+        self._last.setdefault(trial.trial_id, _Last()).status = "ERROR"
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         now = self._clock()
@@ -138,40 +131,66 @@ class LiveConsole(Callback):
 
     # --- drawing -----------------------------------------------------------------------------------------
 
+    def trial_rows(self, trials: Sequence[Any]) -> dict[str, dict[str, Any]]:
+        """Per trial id, its row as ``trials.parquet`` would hold it now (:func:`summarize_trials`), for the
+        objectives only."""
+        statuses = {t.trial_id: str(t.status) for t in trials}
+        meta = {tid: {"status": self._last.get(tid, _Last()).status or statuses.get(tid, "RUNNING")}
+                for tid in {*statuses, *self._last}}
+        metric, mode = self.objectives[0]
+        rows = summarize_trials([self._epochs[k] for k in sorted(self._epochs)], meta, metric=metric, mode=mode,
+                                max_epochs=self.max_epochs, param_paths=(), objectives=self.objectives)
+        return {r["trial_id"]: r for r in rows}
+
+    def best(self, trials: Sequence[Any]) -> Mapping[str, Any] | None:
+        """The best trial's row by the first objective, as run_best.py chooses it: :func:`best_trial` over the
+        trials (over the Pareto-optimal ones when there are several objectives); None when no trial counts."""
+        rows = list(self.trial_rows(trials).values())
+        if len(self.objectives) > 1:
+            rows = [r for r in rows if r.get("pareto")]
+        return best_trial(rows, *self.objectives[0])
+
     def table(self, trials: Sequence[Any]) -> list[str]:
         """The rows (header first) for Ray's trials, as text lines, columns aligned."""
+        summary = self.trial_rows(trials)
         header = ["trial", "status", "epoch"]
         for metric, _ in self.objectives:
             header += [metric, "best"]
         header += ["asha stop", *self.params.values()]
         body = []
         for t in trials:
-            row = self._rows.get(t.trial_id, _Row())
-            status = row.status or ("DIVERGED" if row.diverged else str(t.status))
-            cells = [str(t.trial_id), status, f"{row.epoch}/{self.max_epochs}" if row.epoch else ""]
+            last, row = self._last.get(t.trial_id, _Last()), summary.get(t.trial_id, {})
+            cells = [str(t.trial_id), self._status(t, row), f"{last.epoch}/{self.max_epochs}" if last.epoch else ""]
             for metric, _ in self.objectives:
-                cells += [_fmt(row.now.get(metric)), _fmt(row.best.get(metric))]
+                cells += [format_value(last.now.get(metric)), format_value(row.get(f"best/{metric}"))]
             config = getattr(t, "config", {}) or {}
-            cells += [str(row.stopped_at) if row.stopped_at else "", *(_fmt(config.get(p)) for p in self.params)]
+            cells += [format_value(row.get("stopped_at_epoch")), *(format_value(config.get(p)) for p in self.params)]
             body.append(cells)
         widths = [max(len(c[i]) for c in [header, *body]) for i in range(len(header))]
         return ["  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip() for cells in [header, *body]]
 
+    def _status(self, trial: Any, row: Mapping[str, Any]) -> str:
+        ended = self._last.get(trial.trial_id, _Last()).status
+        if row.get("diverged") and ended != "ERROR":
+            return "DIVERGED"
+        return ended or str(trial.status)
+
     def summary(self, trials: Sequence[Any]) -> str:
-        """One line: elapsed time, trials per status, the best trial by the first objective."""
+        """One line: elapsed time, trials per status, the best trial by the first objective (:meth:`best`)."""
         elapsed = int(self._clock() - self._start)
+        summary = self.trial_rows(trials)
         counts: dict[str, int] = {}
         for t in trials:
-            row = self._rows.get(t.trial_id, _Row())
-            status = row.status or ("DIVERGED" if row.diverged else str(t.status))
+            status = self._status(t, summary.get(t.trial_id, {}))
             counts[status] = counts.get(status, 0) + 1
         line = f"[{elapsed // 3600:d}:{elapsed % 3600 // 60:02d}:{elapsed % 60:02d}] {len(trials)} trials: " + \
             ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-        metric, mode = self.objectives[0]
-        scored = [(row.best[metric], tid) for tid, row in self._rows.items() if metric in row.best]
-        if scored:
-            value, tid = (min if mode == "min" else max)(scored)
-            line += f"; best {metric} {_fmt(value)} (trial {tid})"
+        metric = self.objectives[0][0]
+        best = self.best(trials)
+        if best is not None:
+            line += f"; best {metric} {format_value(best[f'best/{metric}'])} (trial {best['trial_id']})"
+        else:
+            line += f"; no best {metric} yet (errored and diverged trials do not count)"
         return line
 
     def show(self, trials: Sequence[Any]) -> None:

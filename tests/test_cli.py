@@ -3,6 +3,8 @@ exits 2; any other exception is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
+import argparse
+import math
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import pytest
 import run_best
 import run_search
 from hawor_tune import config, train
+from hawor_tune.cli import format_value, positive_int
 from hawor_tune.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,3 +56,19 @@ def test_bug_keeps_its_traceback(cli, bug, fault_in_config_build, tmp_path, monk
     with pytest.raises(bug, match="a bug"):
         main(argv)
     assert "error:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value, text", [(0.000123456, "0.0001235"), (1234567.0, "1.235e+06"), (40.0, "40"),
+                                         (math.inf, "inf"), (math.nan, "nan"), (None, ""), (3, "3"), (True, "True"),
+                                         ("cpu", "cpu")])
+def test_format_value(value, text):
+    assert format_value(value) == text
+
+
+@pytest.mark.parametrize("text, value", [("1", 1), ("12", 12), ("0", None), ("-3", None), ("2.5", None), ("x", None)])
+def test_positive_int(text, value):
+    if value is None:
+        with pytest.raises(argparse.ArgumentTypeError, match=f"must be an integer >= 1, got .*{text}"):
+            positive_int(text)
+    else:
+        assert positive_int(text) == value
