@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -126,8 +127,9 @@ def _ordered_keys(rows: list[dict[str, Any]]) -> list[str]:
     return list(seen)
 
 
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+def is_finite_number(x: Any) -> bool:
+    """Whether ``x`` is a finite real number (Python's or numpy's); booleans, None and strings are not."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def stopped_early(epochs: int, max_epochs: int) -> bool:
@@ -181,11 +183,11 @@ def summarize_trials(epoch_rows: list[Mapping[str, Any]], trial_meta: Mapping[st
         metric_names = [k for k in _ordered_keys(rows) if k not in _EPOCH_META]
         for m in metric_names:
             values = [r.get(m) for r in rows if not r.get("diverged")]
-            finite = [v for v in values if _finite(v)]
+            finite = [v for v in values if is_finite_number(v)]
             row[f"last/{m}"] = values[-1] if values else None
             if m not in _NO_BEST:
                 row[f"best/{m}"] = picks.get(m, min)(finite) if finite else None
-        scored = [(r[metric], int(r["epoch"])) for r in rows if _finite(r.get(metric)) and not r.get("diverged")]
+        scored = [(r[metric], int(r["epoch"])) for r in rows if is_finite_number(r.get(metric)) and not r.get("diverged")]
         if scored:
             best_value = pick(v for v, _ in scored)
             row["best_epoch"] = min(e for v, e in scored if v == best_value)
@@ -219,7 +221,7 @@ def pareto_optimal(rows: Sequence[Mapping[str, Any]], objectives: Sequence[tuple
         if r.get("status") == "ERROR" or r.get("diverged"):
             return None
         values = [r.get(f"best/{m}") for m, _ in objectives]
-        if not all(_finite(v) for v in values):
+        if not all(is_finite_number(v) for v in values):
             return None
         return tuple(v if md == "min" else -v for v, (_, md) in zip(values, objectives))
 
@@ -253,11 +255,11 @@ def best_trial(rows: Iterable[Mapping[str, Any]], metric: str, mode: str) -> Map
         raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
     sign = 1.0 if mode == "min" else -1.0
     usable = [r for r in rows
-              if r.get("status") != "ERROR" and not r.get("diverged") and _finite(r.get(f"best/{metric}"))]
+              if r.get("status") != "ERROR" and not r.get("diverged") and is_finite_number(r.get(f"best/{metric}"))]
 
     def rank(r: Mapping[str, Any]) -> tuple[float, float, str]:
         epoch = r.get("best_epoch")
-        return sign * r[f"best/{metric}"], epoch if _finite(epoch) else math.inf, str(r["trial_id"])
+        return sign * r[f"best/{metric}"], epoch if is_finite_number(epoch) else math.inf, str(r["trial_id"])
 
     return min(usable, key=rank, default=None)
 

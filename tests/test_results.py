@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import write_search_space
@@ -18,6 +19,7 @@ from hawor_tune.results import (
     best_trial,
     check_resumable,
     check_storage,
+    is_finite_number,
     summarize_trials,
     write_parquet_atomic,
 )
@@ -262,3 +264,10 @@ def test_a_process_that_read_results_exits_cleanly(tmp_path):
         out = subprocess.run([sys.executable, "-c", _READ_AND_EXIT, str(tmp_path / "e.parquet")],
                              capture_output=True, text=True)
         assert (out.returncode, out.stdout.strip()) == (0, "4"), out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("value, finite", [(1, True), (2.5, True), (np.float32(3.0), True), (np.int64(4), True),
+                                           (math.inf, False), (math.nan, False), (np.float32("nan"), False),
+                                           (True, False), (np.bool_(True), False), (None, False), ("1.0", False)])
+def test_is_finite_number(value, finite):
+    assert is_finite_number(value) is finite

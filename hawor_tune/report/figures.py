@@ -26,7 +26,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 from hawor_tune.atomic import atomic_write, atomic_write_text  # noqa: E402
 from hawor_tune.mano import FINGERS, HANDS, NUM_JOINTS  # noqa: E402
-from hawor_tune.results import pareto_optimal  # noqa: E402
+from hawor_tune.results import is_finite_number, pareto_optimal  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +48,6 @@ _GT_COLOR = (0, 200, 0)                                  # RGB
 _PRED_COLORS = {"left": (230, 30, 30), "right": (40, 90, 255)}
 
 # ---- Small helpers ---------------------------------------------------------------------------------------
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float, np.number)) and not isinstance(x, (bool, np.bool_)) and math.isfinite(x)
-
 
 def _unit(metric: str) -> str:
     """Unit of a metric name such as ``val/mpjpe``, ``best/val/pa_mpjpe_left``, ``finger_index``."""
@@ -107,7 +103,7 @@ def plot_training_curves(history: Sequence[Mapping[str, float]], path: str | os.
 
     def series(key: str, positive: bool = False) -> tuple[list[float], list[float]]:
         pts = [(e, float(r[key])) for e, r in zip(epochs, history, strict=True)
-               if _finite(r.get(key)) and (not positive or r[key] > 0)]
+               if is_finite_number(r.get(key)) and (not positive or r[key] > 0)]
         return [p[0] for p in pts], [p[1] for p in pts]
 
     for key in [k for k in keys if k.startswith("train/")]:
@@ -166,7 +162,7 @@ def plot_trial_curves(epoch_rows: Sequence[Mapping[str, Any]], trial_rows: Seque
     meta = {str(r["trial_id"]): r for r in trial_rows}
     curves: dict[str, list[tuple[float, float]]] = {}
     for r in epoch_rows:
-        if not r.get("diverged") and _finite(r.get(metric)) and _finite(r.get("epoch")):
+        if not r.get("diverged") and is_finite_number(r.get(metric)) and is_finite_number(r.get("epoch")):
             curves.setdefault(str(r["trial_id"]), []).append((float(r["epoch"]), float(r[metric])))
     skipped = [t for t in curves if meta.get(t, {}).get("diverged") and t != best_trial_id]
     for t in skipped:
@@ -221,13 +217,13 @@ def plot_params_vs_metric(trial_rows: Sequence[Mapping[str, Any]], params: Seque
         ax.set_visible(False)
     for ax, p in zip(axes.flat, params, strict=False):
         pts = [(r.get(f"param/{p}"), float(r[f"best/{metric}"]), _trial_kind(r))
-               for r in trial_rows if r.get(f"param/{p}") is not None and _finite(r.get(f"best/{metric}"))]
+               for r in trial_rows if r.get(f"param/{p}") is not None and is_finite_number(r.get(f"best/{metric}"))]
         ax.set(title=p, xlabel=p, ylabel=f"best {_label(metric)}")
         ax.grid(True, alpha=0.3)
         if not pts:
             ax.text(0.5, 0.5, "no finite values", ha="center", va="center", transform=ax.transAxes)
             continue
-        categorical = any(not _finite(v) for v, _, _ in pts)
+        categorical = any(not is_finite_number(v) for v, _, _ in pts)
         if categorical:
             categories = sorted({str(v) for v, _, _ in pts})
             xs = [categories.index(str(v)) for v, _, _ in pts]
@@ -283,7 +279,7 @@ def pareto_front_points(trial_rows: Sequence[Mapping[str, Any]],
              "pareto": flag}
             for r, flag in zip(trial_rows, flags, strict=True)
             if r.get("status") != "ERROR" and not r.get("diverged")
-            and _finite(r.get(f"best/{mx}")) and _finite(r.get(f"best/{my}"))]
+            and is_finite_number(r.get(f"best/{mx}")) and is_finite_number(r.get(f"best/{my}"))]
 
 
 def plot_pareto_front(trial_rows: Sequence[Mapping[str, Any]], objectives: Sequence[tuple[str, str]],
@@ -372,15 +368,15 @@ def plot_per_finger(metrics: Mapping[str, float], path: str | os.PathLike, *,
     if not fingers:
         raise ValueError(f"plot_per_finger: no finger_<name> key in metrics (keys: {sorted(metrics)[:8]}...)")
     base = [baseline.get(f"finger_{f}") if baseline else None for f in fingers]
-    has_base = any(_finite(b) for b in base)
+    has_base = any(is_finite_number(b) for b in base)
     width = 0.38 if has_base else 0.6
     x = np.arange(len(fingers))
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    model = [float(metrics[f"finger_{f}"]) if _finite(metrics.get(f"finger_{f}")) else np.nan for f in fingers]
+    model = [float(metrics[f"finger_{f}"]) if is_finite_number(metrics.get(f"finger_{f}")) else np.nan for f in fingers]
     bars = ax.bar(x - (width / 2 if has_base else 0), model, width, color="tab:blue", label="model")
     ax.bar_label(bars, fmt="%.1f", padding=2, fontsize=8)
     if has_base:
-        vals = [float(b) if _finite(b) else np.nan for b in base]
+        vals = [float(b) if is_finite_number(b) else np.nan for b in base]
         bars = ax.bar(x + width / 2, vals, width, color="tab:grey", label="mean-pose baseline")
         ax.bar_label(bars, fmt="%.1f", padding=2, fontsize=8)
     ax.set_xticks(x, fingers)

@@ -8,7 +8,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from hawor_tune.report.figures import _finite
+from hawor_tune.results import is_finite_number
 from hawor_tune.tune_space import OPTUNA_DIRECTIONS
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ def hyperparameter_importance(trial_rows: Sequence[Mapping[str, Any]], params: S
     usable: list[tuple[dict[str, Any], float]] = []
     for row in trial_rows:
         value = row.get(f"best/{metric}")
-        if not _finite(value):
+        if not is_finite_number(value):
             continue
         point = {}
         for p in params:
@@ -124,7 +124,7 @@ def _into_distribution(value: Any, dist: BaseDistribution) -> tuple[Any, str | N
         return None, f"{value!r}, not one of {list(dist.choices)}"
     if not isinstance(dist, (FloatDistribution, IntDistribution)):
         raise ValueError(f"hyperparameter_importance: unsupported distribution {dist!r}")
-    if not _finite(value):
+    if not is_finite_number(value):
         return None, f"{value!r}, not a finite number"
     x = float(value)
     tol = 1e-9 * max(1.0, abs(dist.low), abs(dist.high))

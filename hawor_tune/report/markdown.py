@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from hawor_tune.mano import FINGERS, HANDS, NUM_JOINTS
-from hawor_tune.report.figures import JOINT_NAMES, _finger_names, _finite, _unit, _write_text_atomic
+from hawor_tune.report.figures import JOINT_NAMES, _finger_names, _unit, _write_text_atomic
+from hawor_tune.results import is_finite_number
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def _fmt(value: Any) -> str:
         return str(bool(value))
     if isinstance(value, (int, np.integer)):
         return str(int(value))
-    if not _finite(value):
+    if not is_finite_number(value):
         return "n/a" if value is None or isinstance(value, (float, np.floating)) else str(value)
     v = float(value)
     if v != 0 and (abs(v) < 0.01 or abs(v) >= 1e5):
@@ -98,7 +99,7 @@ def write_report(out_dir: str | os.PathLike, *, metrics: Mapping[str, float],
         params = search.get("params") or {}
         if params:
             lines += _table(("parameter", "value"),
-                            ((f"`{k}`", f"{v:.4g}" if _finite(v) and isinstance(v, float) else _fmt(v))
+                            ((f"`{k}`", f"{v:.4g}" if is_finite_number(v) and isinstance(v, float) else _fmt(v))
                              for k, v in params.items()))
         else:
             lines.append("Searched parameters: n/a")
@@ -111,7 +112,7 @@ def write_report(out_dir: str | os.PathLike, *, metrics: Mapping[str, float],
 
     def cell(key: str, source: Mapping[str, Any]) -> str:
         value = source.get(key)
-        if _unit(key) == "frames" and _finite(value) and float(value).is_integer():
+        if _unit(key) == "frames" and is_finite_number(value) and float(value).is_integer():
             return str(int(value))  # a count
         return _fmt(value)
 
