@@ -642,7 +642,8 @@ def build_model(cfg: ExperimentConfig, *, pretrained: bool = True, device: str |
     Args:
         cfg: experiment config.
         pretrained: load ``model.pretrained_path`` when it is set (a checkpoint being restored does not
-            need it). The parts it filled are recorded in ``model.pretrained_parts``.
+            need it). The parts it filled are recorded in ``model.pretrained_parts``, and what it loaded
+            and left fresh in ``model.pretrained_report`` (a :class:`hawor_tune.pretrained.LoadReport`).
         device: where to build the network (``"meta"`` builds a full-size model without allocating it;
             the MANO layers are computed on the CPU and moved there).
 
@@ -667,11 +668,11 @@ def build_model(cfg: ExperimentConfig, *, pretrained: bool = True, device: str |
                   motion_layers=m.motion_layers, motion_residual=m.motion_residual)
     if device is not None:
         model.to(device)
-    model.pretrained_parts = ()
+    model.pretrained_parts, model.pretrained_report = (), None
     if pretrained and m.pretrained_path:
         report = load_pretrained(model, m.pretrained_path,
                                  released_modules=RELEASED_MODULES if m.hand_path == "hawor" else ())
-        model.pretrained_parts = tuple(report.loaded)
+        model.pretrained_parts, model.pretrained_report = tuple(report.loaded), report
     if m.freeze_backbone:
         freeze_backbone(backbone, m.trainable_blocks)
     if m.grad_checkpointing:

@@ -164,6 +164,9 @@ class LoadReport:
     loaded: dict[str, int] = field(default_factory=dict)
     fresh: list[str] = field(default_factory=list)
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "kind": self.kind, "loaded": dict(self.loaded), "fresh": list(self.fresh)}
+
     def summary(self) -> str:
         parts = ", ".join(f"{k} ({n} tensors)" for k, n in self.loaded.items()) or "nothing"
         return f"{self.kind} {self.source}: loaded {parts}; fresh: {', '.join(self.fresh) or 'none'}"

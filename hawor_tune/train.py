@@ -20,9 +20,11 @@ from typing import Any
 
 import cv2
 import torch
+import yaml
 from torch import nn
 from tqdm import tqdm
 
+from hawor_tune.atomic import atomic_write_text
 from hawor_tune.checkpoint import (
     load_checkpoint,
     load_model,
@@ -224,6 +226,8 @@ def fit(config: ExperimentConfig, on_epoch: EpochHook | None = None,
     model = build_model(cfg, pretrained=state is None or needs_pretrained(state))
     if state is None and model.flow_head is not None and cfg.data.seq_len > 1:  # one frame has no flow
         load_flow_fit(model, ensure_flow_fit(cfg))  # the camera's flow head: fitted once, cached
+    if model.pretrained_report is not None and state is None:  # beside config.yaml: what the weights file filled
+        atomic_write_text(out_dir / "pretrained.yaml", yaml.safe_dump(model.pretrained_report.to_dict(), sort_keys=False))
     model = model.to(device)
     if state is not None:
         load_model_state(model, state)  # before the optimiser: its groups follow the pretrained parts
@@ -326,8 +330,13 @@ def _run(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config, args.overrides)
     if args.eval_only:
+        from hawor_tune.data import ensure_dataset, split_is_labelled
+
         model, _ = load_model(ckpt, select_device(cfg.train.device))
         for split in ("val", "test"):
+            if not split_is_labelled(ensure_dataset(cfg), split, splits_file=cfg.data.splits or None):
+                print(f"{split}: no labels (ARCTIC keeps protocol p2's test labels for its leaderboard): not scored")
+                continue
             m = evaluate(model, split, cfg)
             print(f"{split}: MPJPE {m['mpjpe']:.1f} mm, PA-MPJPE {m['pa_mpjpe']:.1f} mm, "
                   f"accel {m['accel_error']:.2f} m/s^2, cam {m['cam_trans_error']:.1f} mm / {m['cam_rot_error']:.2f} deg")

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from conftest import (
     GPU_PROFILE_SMALL,
     GPU_PROFILE_VIT,
@@ -84,6 +85,9 @@ def test_checkpoints_leave_the_frozen_backbone_to_its_file_and_restore_the_same_
     assert not any(k.startswith("backbone.") for k in state["model"])
     assert state["frozen"]["path"] == str(ckpt) and len(state["frozen"]["keys"]) == len(result.model.backbone.state_dict())
     assert state["pretrained_parts"] == ["backbone", "mano_head"]
+    said = yaml.safe_load((tmp_path / "run" / "pretrained.yaml").read_text())
+    assert said["kind"] == "released checkpoint" and set(said["loaded"]) == {"backbone", "mano_head"}
+    assert {"st_module", "motion_module", "camera_backbone", "infillers"} <= set(said["fresh"])
 
     # Restored, the model predicts what the trained one did.
     restored, _ = load_model(result.checkpoint_dir)

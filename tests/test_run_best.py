@@ -286,3 +286,12 @@ def test_a_splits_file_can_hold_out_a_labelled_subject_as_test(unlabelled_test, 
     assert evaluation_split(cfg) == ("test", None)
     assert build_dataset(cfg, "test", cached=False).sequences == held_out
     assert held_out[0] not in build_dataset(cfg, "train", cached=False).sequences
+
+
+def test_the_train_clis_eval_only_scores_val_and_says_the_test_split_has_no_labels(unlabelled_test, capsys):
+    from hawor_tune import train
+
+    model, _, _ = unlabelled_test
+    assert train.main(["--eval-only", str(model)]) == 0
+    out = capsys.readouterr().out
+    assert "val: MPJPE" in out and "test: no labels" in out and "test: MPJPE" not in out
