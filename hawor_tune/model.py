@@ -14,8 +14,9 @@ The forward pass keeps the stages apart:
 4. heads: one hand head regresses MANO parameters in the (mirrored) crop's frame (16 x 6D rotations,
    10 betas, a weak-perspective camera turned into a camera-frame wrist through the crop's intrinsics);
    left-hand outputs are mirrored back. A camera head regresses each frame's camera in the first frame's.
-5. infiller: a bidirectional LSTM per hand rewrites the parameters of the frames in which the hand is not
-   observed; observed frames keep the regressor's output.
+5. infiller: the frames in which a hand is not observed are filled in the clip's first camera (through the
+   predicted camera motion): the interpolation between the observed frames plus a bidirectional LSTM's
+   residual. Observed frames keep the regressor's output; an unobserved frame informs no other frame.
 
 The MANO layers (one per hand) turn the parameters into joints and vertices. Every regressed quantity is
 an offset from a mean value and the last layers start small, so an untrained model predicts the mean hand
@@ -203,23 +204,24 @@ class TemporalEncoder(nn.Module):
         # Pre-norm blocks leave the residual stream unnormalised; the heads read a normalised one.
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        """(B, T, in_dim) -> (B, T, dim)."""
+    def forward(self, feats: torch.Tensor, ignore: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, in_dim), optional (B, T) bool frames no other frame may attend to -> (B, T, dim)."""
         T = feats.shape[1]
         if T > self.pos_embed.shape[0]:
             raise ValueError(f"clip of {T} frames is longer than the model's {self.pos_embed.shape[0]} "
                              "learned temporal positions")
         h = self.proj(feats) + self.pos_embed[:T]  # (B, T, D)
         if self.encoder is not None:
-            h = self.encoder(h)
+            h = self.encoder(h, src_key_padding_mask=ignore)
         return self.norm(h)
 
 
 class MotionInfiller(nn.Module):
     """Bidirectional LSTM over one hand's parameter sequence; predicts every frame from its neighbours.
 
-    Input per frame: the parameters centred on the mean, zeroed where not observed (so the infiller never
-    reads a regression of a hand that is not there), and the observed flag.
+    Input per frame: the parameters in the clip's first camera centred on their observed mean, zeroed where
+    not observed (so the infiller never reads a regression of a hand that is not there), and the observed
+    flag. Output: a residual on the interpolation between observed frames (:meth:`HaWoR.infill`).
     """
 
     def __init__(self, *, hidden: int, layers: int, param_dim: int = PARAM_DIM) -> None:
@@ -230,11 +232,48 @@ class MotionInfiller(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, centred: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
-        """centred (B, T, P) parameters minus the mean, observed (B, T) bool -> (B, T, P) offsets from the mean."""
+        """centred (B, T, P) parameters minus their observed mean, observed (B, T) bool -> (B, T, P) residuals."""
         x = torch.where(observed[..., None], centred, torch.zeros_like(centred))  # (B, T, P)
         x = torch.cat([x, observed[..., None].to(centred.dtype)], dim=-1)  # (B, T, P + 1)
         h, _ = self.lstm(x)  # (B, T, 2 * hidden)
         return self.out(h)
+
+
+def _rotate_params(params: torch.Tensor, R: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """(B, T, 2, P) hand parameters, (B, T, 3, 3) rotations, (B, T, 3) translations -> the parameters with the
+    wrist mapped by x -> R x + t and the global orientation by O -> R O (fingers and betas unchanged)."""
+    orient = params[..., :6].unflatten(-1, (2, 3))  # (B, T, 2, 2, 3): the 6D's two columns
+    orient = (R[:, :, None, None] @ orient[..., None]).squeeze(-1).flatten(-2)  # (B, T, 2, 6)
+    root = (R[:, :, None] @ params[..., -3:, None]).squeeze(-1) + t[:, :, None]  # (B, T, 2, 3)
+    return torch.cat([orient, params[..., 6:-3], root], dim=-1)
+
+
+def _to_first_camera(params: torch.Tensor, cam_R: torch.Tensor, cam_t: torch.Tensor) -> torch.Tensor:
+    """Camera-frame hand parameters -> the clip's first camera (X_0 = R X_t + t)."""
+    return _rotate_params(params, cam_R, cam_t)
+
+
+def _from_first_camera(params: torch.Tensor, cam_R: torch.Tensor, cam_t: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`_to_first_camera` (X_t = R^T (X_0 - t))."""
+    Rt = cam_R.transpose(-1, -2)
+    return _rotate_params(params, Rt, -(Rt @ cam_t[..., None]).squeeze(-1))
+
+
+def _interpolate_observed(x: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+    """(B, T, H, P) values, (B, T, H) bool -> each frame linearly interpolated between the nearest observed
+    frames before and after it (the nearest one alone at the clip's ends; observed frames unchanged; x where
+    a hand is observed nowhere)."""
+    T = x.shape[1]
+    idx = torch.arange(T, device=x.device)[None, :, None].expand_as(observed)  # (B, T, H)
+    prev = torch.where(observed, idx, torch.full_like(idx, -1)).cummax(dim=1).values  # (B, T, H)
+    nxt = torch.where(observed, idx, torch.full_like(idx, T)).flip(1).cummin(dim=1).values.flip(1)
+    has_prev, has_next = prev >= 0, nxt < T
+    prev = torch.where(has_prev, prev, nxt).clamp(0, T - 1)
+    nxt = torch.where(has_next, nxt, prev).clamp(0, T - 1)
+    span = (nxt - prev).clamp_min(1)
+    w = ((idx - prev).clamp_min(0) / span).to(x.dtype)[..., None]  # (B, T, H, 1)
+    take = lambda i: torch.gather(x, 1, i[..., None].expand_as(x))  # noqa: E731  (B, T, H, P)
+    return torch.where(observed.any(dim=1, keepdim=True)[..., None], (1 - w) * take(prev) + w * take(nxt), x)
 
 
 class FlowHead(nn.Module):
@@ -382,19 +421,22 @@ class HaWoR(nn.Module):
         sign = code.new_tensor([[-1.0, 1.0, 1.0] if h == "left" else [1.0, 1.0, 1.0] for h in HANDS])  # (2, 3)
         return code * sign
 
-    def regress_hands_hawor(self, crops: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
-        """HaWoR's hand path: uint8 (B, T, 2, 3, C, C) crops and (B, T, 2, 3) box codes -> (B, T, 2, P) offsets
-        from the mean in the (mirrored) crop's frame, as the query path's hand head gives them."""
+    def regress_hands_hawor(self, crops: torch.Tensor, box: torch.Tensor, ignore: torch.Tensor) -> torch.Tensor:
+        """HaWoR's hand path: uint8 (B, T, 2, 3, C, C) crops, (B, T, 2, 3) box codes and (B, T, 2) frames to
+        ignore -> (B, T, 2, P) offsets from the mean in the (mirrored) crop's frame, as the query path's hand
+        head gives them. An ignored frame is attended to by no other frame of its hand."""
         B, T = crops.shape[:2]
         tokens = spatial_tokens(self.backbone, self._normalise(crops.flatten(0, 2)))  # (B*T*2, L, F)
         L, F_ = tokens.shape[1:]
         x = tokens.view(B, T, 2, L, F_).permute(0, 2, 3, 1, 4)  # (B, 2, L, T, F)
         boxes = box.permute(0, 2, 1, 3)[:, :, None].expand(-1, -1, L, -1, -1)  # (B, 2, L, T, 3)
-        x = self.st_module(torch.cat([x, boxes.to(x.dtype)], dim=-1).flatten(0, 2))  # (B*2*L, T, F)
+        per_hand = ignore.transpose(1, 2)  # (B, 2, T)
+        x = self.st_module(torch.cat([x, boxes.to(x.dtype)], dim=-1).flatten(0, 2),
+                           ignore=per_hand[:, :, None].expand(-1, -1, L, -1).flatten(0, 2))  # (B*2*L, T, F)
         x = x.view(B, 2, L, T, F_).permute(0, 3, 1, 2, 4).flatten(0, 2)  # (B*T*2, L, F)
         pose, betas, cam = (t.view(B, T, 2, -1) for t in self.mano_head(x))  # (B, T, 2, 96 / 10 / 3)
         motion_in = torch.cat([pose, box.to(pose.dtype)], dim=-1).transpose(1, 2).flatten(0, 1)  # (B*2, T, 99)
-        pose = self.motion_module(motion_in).view(B, 2, T, -1).transpose(1, 2)  # (B, T, 2, 96)
+        pose = self.motion_module(motion_in, ignore=per_hand.flatten(0, 1)).view(B, 2, T, -1).transpose(1, 2)  # (B, T, 2, 96)
         return self._weak_cam_to_offsets(pose.float(), betas.float(), cam.float())
 
     def _weak_cam_to_offsets(self, pose: torch.Tensor, betas: torch.Tensor, cam: torch.Tensor) -> torch.Tensor:
@@ -524,20 +566,35 @@ class HaWoR(nn.Module):
         keep = torch.zeros_like(hand_valid).scatter(1, keep, True) & hand_valid  # (B, T, 2)
         return observed | (keep & ~observed.any(dim=1, keepdim=True))
 
-    def infill(self, params: torch.Tensor, mean: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
-        """Replace the unobserved frames of each hand by the infiller's prediction.
+    def infill(self, params: torch.Tensor, observed: torch.Tensor, cam_R: torch.Tensor,
+               cam_t: torch.Tensor) -> torch.Tensor:
+        """Replace the unobserved frames of each hand, filled in the clip's first camera (the clip's world):
+        there a still hand stays still while the head turns, as in HaWoR's world-frame infiller.
+
+        Each hand's parameters (wrist, global orientation, fingers, betas) go to the first camera through the
+        predicted camera poses; an unobserved frame starts from the interpolation between the nearest
+        observed frames (held at the clip's ends), and the infiller adds a residual read from the observed
+        frames. The result goes back to the frame's own camera. Nothing of an unobserved frame (its crop,
+        its box) enters: an infilled hand is placed by its neighbours and the camera alone.
 
         Args:
-            params: (B, T, 2, P) regressed parameters.
-            mean: (B, T, 2, P) mean parameters.
+            params: (B, T, 2, P) regressed parameters (rot6d, betas, camera-frame wrist in metres).
             observed: (B, T, 2) bool.
+            cam_R: (B, T, 3, 3), cam_t: (B, T, 3) pose of camera t in camera 0.
 
         Returns:
-            (B, T, 2, P): params where observed, infilled elsewhere.
+            (B, T, 2, P): params where observed, infilled elsewhere; a hand observed nowhere in the clip keeps
+            its regressed parameters.
         """
-        filled = torch.stack([infiller(params[:, :, i] - mean[:, :, i], observed[:, :, i]) + mean[:, :, i]
-                              for i, infiller in enumerate(self.infillers)], dim=2)  # (B, T, 2, P)
-        return torch.where(observed[..., None], params, filled)
+        world = _to_first_camera(params, cam_R, cam_t)  # (B, T, 2, P)
+        anchor = _interpolate_observed(world, observed)  # (B, T, 2, P)
+        weight = observed[..., None].to(world.dtype)  # (B, T, 2, 1)
+        ref = (world * weight).sum(1, keepdim=True) / weight.sum(1, keepdim=True).clamp_min(1.0)  # (B, 1, 2, P)
+        residual = torch.stack([infiller(world[:, :, i] - ref[:, :, i], observed[:, :, i])
+                                for i, infiller in enumerate(self.infillers)], dim=2)  # (B, T, 2, P)
+        filled = _from_first_camera(anchor + residual, cam_R, cam_t)
+        keep = observed | ~observed.any(dim=1, keepdim=True)  # (B, T, 2)
+        return torch.where(keep[..., None], params, filled)
 
     # ----- MANO --------------------------------------------------------------------------------------
     def run_mano(self, rotmats: torch.Tensor, betas: torch.Tensor, root: torch.Tensor
@@ -576,19 +633,23 @@ class HaWoR(nn.Module):
         crop_K = crop_K.to(self.pixel_mean.dtype)  # full precision even under autocast
         box = self.box(crop_K)  # (B, T, 2, 3)
         camera = self.encode_frames(images, flow)  # (B, T, D)
+        # A frame treated as unobserved informs no other frame (its crop may show nothing, or be hidden for
+        # the infiller); a hand observed nowhere in the clip is left unmasked, as attention needs a key.
+        ignore = ~observed & observed.any(dim=1, keepdim=True)  # (B, T, 2)
         if self.hand_path == "hawor":
-            canonical = self.regress_hands_hawor(crops, box)  # (B, T, 2, P)
+            canonical = self.regress_hands_hawor(crops, box, ignore)  # (B, T, 2, P)
         else:
             hands = self.encode_hands(crops) + self.box_proj(box)  # (B, T, 2, D)
             if self.fusion is not None:
                 tokens = self.fusion(torch.cat([hands, camera[:, :, None]], dim=2).flatten(0, 1),
                                      observed.flatten(0, 1)).view(B, T, 3, -1)
                 hands, camera = tokens[:, :, :2], tokens[:, :, 2]
-            h = self.hand_temporal(hands.transpose(1, 2).flatten(0, 1)).view(B, 2, T, -1).transpose(1, 2)  # (B, T, 2, D)
+            h = self.hand_temporal(hands.transpose(1, 2).flatten(0, 1), ignore=ignore.transpose(1, 2).flatten(0, 1)
+                                   ).view(B, 2, T, -1).transpose(1, 2)  # (B, T, 2, D)
             canonical = self.hand_head(h)
         params = self._to_hand_frame(canonical.to(crop_K.dtype), crop_K)  # (B, T, 2, P)
         cam_R, cam_t = self.regress_camera(self.camera_temporal(camera), flow)
-        params = self.infill(params, self.mean_params(crop_K), observed)
+        params = self.infill(params, observed, cam_R.detach().to(params.dtype), cam_t.detach().to(params.dtype))
 
         # MANO in float32 even under autocast: bf16's 8-bit mantissa alone would move a wrist 0.4 m away
         # by ~1.5 mm.

@@ -210,11 +210,12 @@ class TemporalAttention(nn.Module):
                                            activation="gelu")
         self.trans = nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ignore: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, T, in_dim), optional (N, T) bool frames no other frame may attend to -> (N, T, out_dim)."""
         if x.shape[1] > self.max_len:
             raise ValueError(f"clip of {x.shape[1]} frames is longer than HaWoR's temporal module's "
                              f"{self.max_len} positions")
         x = x.transpose(0, 1)  # (T, N, in_dim)
-        h = self.l2(self.trans(self.pos_embedding(self.l1(x))))  # (T, N, out_dim)
+        h = self.l2(self.trans(self.pos_embedding(self.l1(x)), src_key_padding_mask=ignore))  # (T, N, out_dim)
         out = x[..., :self.out_dim] + h if self.residual else h
         return out.transpose(0, 1)

@@ -162,6 +162,7 @@ def test_mean_parameters_put_a_crop_filling_wrist_at_the_crop_centre(eval_model:
 
 def test_untrained_model_predicts_the_mean_hand(eval_model: HaWoR) -> None:
     batch = _batch(2, 4)
+    batch["hand_valid"][:] = True  # every frame regressed from its own crop (none infilled)
     with torch.no_grad():
         out = run_model(eval_model, batch)
     crop_K = batch["crop_K"]
@@ -253,8 +254,9 @@ def test_a_cnn_backbone_runs_channels_last_and_computes_what_the_plain_layout_do
 
 
 def test_infiller_only_overwrites_unobserved_frames() -> None:
-    # Without fusion, what counts as observed only changes the infiller (with it, also who attends to whom).
-    model = _model(**{"model.hand_fusion": False}).eval()
+    # Without fusion and temporal layers, what counts as observed only changes the infiller (with them, also
+    # who attends to whom).
+    model = _model(**{"model.hand_fusion": False, "model.temporal_layers": 0}).eval()
     batch = _batch(2, 8, seed=3)
     valid = batch["hand_valid"]
     assert (~valid).any()
@@ -333,12 +335,80 @@ def test_infiller_never_reads_unobserved_regressions(eval_model: HaWoR) -> None:
     B, T = 2, 6
     gen = torch.Generator().manual_seed(0)
     params = torch.randn(B, T, 2, PARAM_DIM, generator=gen)
-    mean = torch.randn(B, 1, 2, PARAM_DIM, generator=gen)
     observed = torch.rand(B, T, 2, generator=gen) > 0.5
+    cam_R = axis_angle_to_matrix(torch.randn(B, T, 3, generator=gen) * 0.1)
+    cam_t = torch.randn(B, T, 3, generator=gen) * 0.05
     # Whatever the regressor says where the hand is not observed must not change the infilled frames.
     garbage = torch.where(observed[..., None], params, torch.randn(B, T, 2, PARAM_DIM, generator=gen) * 10)
     with torch.no_grad():
-        torch.testing.assert_close(eval_model.infill(params, mean, observed), eval_model.infill(garbage, mean, observed))
+        torch.testing.assert_close(eval_model.infill(params, observed, cam_R, cam_t),
+                                   eval_model.infill(garbage, observed, cam_R, cam_t))
+
+
+@pytest.mark.parametrize("hand_path", ["query", "hawor"])
+def test_an_unobserved_frame_informs_no_other_frame(hand_path: str) -> None:
+    # Its crop and its box (the crop's intrinsics) may change at will: no output of any frame moves, as its
+    # own parameters come from the observed frames and the camera alone.
+    extra = {} if hand_path == "query" else {"model.hand_path": "hawor", "model.decoder_dim": 32,
+                                             "model.decoder_layers": 1, "model.motion_hidden": 16,
+                                             "model.motion_layers": 1}
+    model = _model(**extra).eval()
+    batch = _batch(2, 6, seed=5)
+    batch["hand_valid"][:] = True
+    batch["hand_valid"][:, 2:4, 1] = False
+    crops, crop_K = batch["crops"].clone(), batch["crop_K"].clone()
+    crops[:, 2:4, 1] = 255 - crops[:, 2:4, 1]
+    crop_K[:, 2:4, 1, :2, 2] += 7.0
+    with torch.no_grad():
+        a = run_model(model, batch)
+        b = run_model(model, {**batch, "crops": crops, "crop_K": crop_K})
+    for name in ("rot6d", "betas", "root", "joints", "cam_R", "cam_t"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), msg=name)
+
+
+def _silent_infillers(model: HaWoR) -> HaWoR:
+    """The infillers' residuals zeroed: what is left is the interpolation in the first camera."""
+    with torch.no_grad():
+        for infiller in model.infillers:
+            infiller.out.weight.zero_()
+    return model
+
+
+def test_a_still_hand_stays_still_in_the_world_while_the_head_moves(eval_model: HaWoR) -> None:
+    model = _silent_infillers(_model()).eval()
+    T = 5
+    gen = torch.Generator().manual_seed(2)
+    cam_R = axis_angle_to_matrix(torch.randn(1, T, 3, generator=gen) * 0.2)  # camera t -> camera 0
+    cam_t = torch.randn(1, T, 3, generator=gen) * 0.05
+    cam_R[:, 0], cam_t[:, 0] = torch.eye(3), 0.0
+    wrist_world = torch.tensor([0.1, -0.05, 0.45])  # a still wrist, in camera 0
+    orient_world = axis_angle_to_matrix(torch.tensor([0.3, -0.2, 0.1]))
+    params = torch.randn(1, T, 2, PARAM_DIM, generator=gen)
+    for t in range(T):  # as camera t sees it
+        params[0, t, :, -3:] = cam_R[0, t].T @ (wrist_world - cam_t[0, t])
+        params[0, t, :, :6] = torch.cat([(cam_R[0, t].T @ orient_world)[:, 0], (cam_R[0, t].T @ orient_world)[:, 1]])
+    params[..., 6:-3] = params[:, :1, :, 6:-3]  # fingers and shape held too
+    observed = torch.ones(1, T, 2, dtype=torch.bool)
+    observed[0, 1:4] = False
+    with torch.no_grad():
+        filled = model.infill(params, observed, cam_R, cam_t)
+    torch.testing.assert_close(filled, params, atol=1e-5, rtol=0)
+
+
+def test_an_unobserved_frame_is_interpolated_between_its_observed_neighbours(eval_model: HaWoR) -> None:
+    model = _silent_infillers(_model()).eval()
+    T = 6
+    params = torch.zeros(1, T, 2, PARAM_DIM)
+    params[..., :6] = torch.tensor([1.0, 0, 0, 0, 1.0, 0])  # identity orientation
+    params[0, :, :, -3] = torch.arange(T, dtype=torch.float32)[:, None] * 0.03  # x grows 3 cm a frame
+    observed = torch.ones(1, T, 2, dtype=torch.bool)
+    observed[0, 1:3, 0] = False  # between observed frames: linear
+    observed[0, 4:, 1] = False  # after the last observed frame: held
+    eye, zero = torch.eye(3).expand(1, T, 3, 3), torch.zeros(1, T, 3)
+    with torch.no_grad():
+        filled = model.infill(params + 0.0, observed, eye, zero)
+    torch.testing.assert_close(filled[0, :, 0, -3], params[0, :, 0, -3])
+    torch.testing.assert_close(filled[0, :, 1, -3], torch.tensor([0.0, 0.03, 0.06, 0.09, 0.09, 0.09]))
 
 
 def test_training_hides_valid_frames_but_keeps_one_per_hand() -> None:
