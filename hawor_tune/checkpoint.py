@@ -53,6 +53,12 @@ def export_model(path: str | os.PathLike, *, model: nn.Module, config: Experimen
     state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": epoch,
              "config": config.to_dict(), **model_state(model, config), "optimizer": None, "scheduler": None,
              "history": history or []}
+    return save_torch_file(path, state)
+
+
+def save_torch_file(path: str | os.PathLike, state: Any) -> Path:
+    """Write ``state`` with ``torch.save`` to the file ``path``, atomically (:func:`atomic_write`); a full
+    disk raises :class:`~hawor_tune.atomic.DiskFullError` and leaves ``path`` as it was."""
     return atomic_write(path, lambda tmp: _save(state, tmp))
 
 

@@ -3,9 +3,7 @@
 ``HaWoR.flow_head`` is a fixed linear map from a frame's pooled optical flow (hawor_tune.data.flow) to its
 pose in the clip's first camera. It is fitted by ridge regression, not trained, as HaWoR is handed a
 ready-made SLAM rather than learning camera motion within its own training; a search's trials are far too
-short to learn that map by gradient descent (measured on the generated data: an MLP on the same flow,
-trained alone with Adam, was at 9.9 mm after 360 steps and 5.5 mm after 3000, where the closed-form fit
-gives 5.4 mm). Every run with ``data.flow_grid`` > 0 starts with it, whatever its other weights are (the
+short to learn that map by gradient descent, which the closed-form fit reaches at once. Every run with ``data.flow_grid`` > 0 starts with it, whatever its other weights are (the
 CPU profile's pretrained start or HaMeR's backbone on the GPU profile); the fit is cached beside the frame
 cache under a key of what it depends on, made once under a file lock, and re-used while nothing changed.
 """
@@ -21,10 +19,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from hawor_tune.atomic import atomic_write, build_once
+from hawor_tune.atomic import build_once
+from hawor_tune.checkpoint import save_torch_file
 from hawor_tune.config import ExperimentConfig
 from hawor_tune.data.cache import cache_root, spec_key
 from hawor_tune.data.synthetic import MARKER
+from hawor_tune.errors import HaworTuneError
 from hawor_tune.geometry import matrix_to_rot6d, relative_camera_pose
 
 if TYPE_CHECKING:
@@ -39,6 +39,10 @@ FIT_VERSION = 1
 FIT_FRAMES, FIT_STRIDE, FIT_CLIPS, RIDGE = 8, 4, 2000, 100.0
 # Data keys the fit does not depend on.
 _IGNORED_KEYS = ("seq_len", "stride", "batch_size", "num_workers", "train_on_val", "cache_dir", "crop_jitter")
+
+
+class FlowFitError(HaworTuneError, ValueError):
+    """A cached flow-head fit cannot be read, or does not fit the model's flow head."""
 
 
 def fit_flow_head(clips: Sequence[dict[str, torch.Tensor]]) -> dict[str, Any]:
@@ -105,19 +109,36 @@ def ensure_flow_fit(cfg: ExperimentConfig) -> Path | None:
         fit = fit_flow_head(clips)
         log.warning("flow head fitted on %d frames: camera translation error %.1f mm on them, against "
                     "%.1f mm for a static camera", fit["frames"], fit["fit_mm"], fit["static_mm"])
-        atomic_write(path, lambda tmp: torch.save(fit, tmp))
+        save_torch_file(path, fit)
 
     build_once(path, lambda: path if path.is_file() else None, build)
     return path
 
 
 def load_flow_fit(model: HaWoR, path: str | Path) -> None:
-    """Set ``model.flow_head`` to the fit cached at ``path``."""
-    fit = torch.load(path, map_location="cpu", weights_only=True)
+    """Set ``model.flow_head`` to the fit cached at ``path``.
+
+    Raises:
+        FlowFitError: the file is not a fit, or its weights do not match the model's flow head (the message
+            says which shapes, and that deleting the file fits it again).
+    """
     head = model.flow_head
-    if head is None or tuple(fit["weight"].shape) != tuple(head.weight.shape):
-        raise ValueError(f"the flow-head fit {path} has weights {tuple(fit['weight'].shape)}, the model's flow head "
-                         f"{None if head is None else tuple(head.weight.shape)}")
+    if head is None:
+        raise FlowFitError(f"the flow-head fit {path} is for a model that reads optical flow; this model has no "
+                           f"flow head (data.flow_grid=0)")
+    cells = head.weight.shape[1] // 2
+    allowed = (f"weight {tuple(head.weight.shape)} for this model's data.flow_grid={round(cells ** 0.5)}; delete "
+               f"{path} and it is fitted again")
+    try:
+        fit = torch.load(path, map_location="cpu", weights_only=True)
+        weight, bias = fit["weight"], fit["bias"]
+        shapes = tuple(weight.shape), tuple(bias.shape)
+    except Exception as e:  # torch raises several types for a file that is not a fit
+        first_line = (str(e).splitlines() or [""])[0][:120]
+        raise FlowFitError(f"the flow-head fit {path} cannot be read ({type(e).__name__}: {first_line}); "
+                           f"expected {allowed}") from None
+    if shapes != (tuple(head.weight.shape), tuple(head.bias.shape)):
+        raise FlowFitError(f"the flow-head fit {path} has weight {shapes[0]}, bias {shapes[1]}; expected {allowed}")
     with torch.no_grad():
-        head.weight.copy_(fit["weight"])
-        head.bias.copy_(fit["bias"])
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from hawor_tune.config import ManoConfig
-from hawor_tune.errors import MissingFileError
+from hawor_tune.errors import HaworTuneError, MissingFileError
 from hawor_tune.geometry import axis_angle_to_matrix
 from hawor_tune.procedural_hand import make_procedural_hand
 
@@ -50,6 +50,13 @@ FIX_LEFT_SHAPEDIRS = False
 _REQUIRED_KEYS = ("v_template", "shapedirs", "posedirs", "J_regressor", "weights", "kintree_table", "f",
                   "hands_components", "hands_mean")
 _INT_KEYS = ("kintree_table", "f")
+# What a MANO file error tells the user to do.
+_MANO_FILE_FIX = (f"use the official MANO_RIGHT.pkl / MANO_LEFT.pkl from https://mano.is.tue.mpg.de (in mano.model_dir "
+                  f"or ${MANO_DIR_ENV}), or set neither for the built-in procedural hand")
+
+
+class ManoFileError(HaworTuneError, ValueError):
+    """A MANO file is not a MANO model (unreadable, or arrays missing or of the wrong shape)."""
 
 
 # ---- Official pickle loading -------------------------------------------------------------------------
@@ -155,7 +162,7 @@ def load_mano_pickle(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
     Raises:
         MissingFileError: ``path`` does not exist.
-        ValueError: the file is not a MANO pickle (the message names the file and the problem).
+        ManoFileError: the file is not a MANO pickle (one line: the file, the problem and the fix).
     """
     path = Path(path)
     if not path.is_file():
@@ -165,19 +172,27 @@ def load_mano_pickle(path: str | os.PathLike) -> dict[str, np.ndarray]:
             raw = _MANOUnpickler(fh, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError,
             ValueError) as e:
-        raise ValueError(f"{path}: not a readable MANO pickle ({type(e).__name__}: {e})") from None
+        raise ManoFileError(f"{path}: not a readable MANO pickle ({type(e).__name__}: {_first_line(e)}); "
+                            f"{_MANO_FILE_FIX}") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a MANO pickle holding a dict, got {type(raw).__name__}")
+        raise ManoFileError(f"{path}: expected a MANO pickle holding a dict, got {type(raw).__name__}; {_MANO_FILE_FIX}")
     missing = [k for k in _REQUIRED_KEYS if k not in raw]
     if missing:
-        raise ValueError(f"{path}: missing MANO keys {missing} (found {sorted(raw)})")
+        raise ManoFileError(f"{path}: missing MANO keys {missing} (found {sorted(raw)}); {_MANO_FILE_FIX}")
     try:
         params = {k: np.array(_to_numpy(raw[k]), dtype=np.int64 if k in _INT_KEYS else np.float64)
                   for k in _REQUIRED_KEYS}
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: {e}") from None
-    _check_params(params, str(path))
+        raise ManoFileError(f"{path}: {_first_line(e)}; {_MANO_FILE_FIX}") from None
+    try:
+        _check_params(params, str(path))  # names the file
+    except ValueError as e:
+        raise ManoFileError(f"{e}; {_MANO_FILE_FIX}") from None
     return params
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [""])[0][:200]
 
 
 def _check_params(params: dict[str, Any], source: str) -> None:
@@ -520,7 +535,8 @@ def build_mano(cfg: ManoConfig, side: str, *, fix_left_shapedirs: bool = FIX_LEF
             network alike. No effect on the right hand or the procedural hand, which is built mirrored.
 
     Raises:
-        ValueError: ``side`` is not "left" or "right", or the file is not a MANO pickle.
+        ValueError: ``side`` is not "left" or "right".
+        ManoFileError: the file is not a MANO pickle.
         MissingFileError: a folder is configured but has no MANO_LEFT.pkl / MANO_RIGHT.pkl (a left layer
             with ``fix_left_shapedirs`` needs both).
     """

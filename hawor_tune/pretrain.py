@@ -23,6 +23,7 @@ from hawor_tune.atomic import build_once
 from hawor_tune.config import DataConfig, ExperimentConfig, LossConfig, OptimConfig
 from hawor_tune.data.cache import cache_root, spec_key
 from hawor_tune.data.synthetic import GENERATOR_VERSION, MARKER
+from hawor_tune.errors import HaworTuneError
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,10 @@ PRETRAIN_LOSS = dataclasses.replace(LossConfig(), temporal=0.0, camera=0.0, hand
 PRETRAIN_SEED = 0
 # Data keys that only shape clips or batches, not what a single frame shows.
 _CLIP_KEYS = ("seq_len", "stride", "flow_grid", "batch_size", "num_workers", "train_on_val", "cache_dir")
+
+
+class PretrainError(HaworTuneError, RuntimeError):
+    """The pretraining of a run's start diverged: its settings (``pretrain.*``) cannot make the start."""
 
 
 def pretrain_data(cfg: ExperimentConfig) -> DataConfig:
@@ -66,7 +71,7 @@ def pretrain_data(cfg: ExperimentConfig) -> DataConfig:
 def pretrain_loss(cfg: ExperimentConfig) -> LossConfig:
     """The pretraining's loss weights: the per-frame hand terms at their defaults, the MANO rotations at
     ``pretrain.mano_params``. HaMeR's 1 : 50 of rotations to 3D keypoints leaves the hand's orientation
-    underfitted on this budget; a heavier rotation term learns it faster (measured in README)."""
+    underfitted on this short budget; a heavier rotation term learns it faster."""
     return dataclasses.replace(PRETRAIN_LOSS, mano_params=cfg.pretrain.mano_params)
 
 
@@ -115,6 +120,9 @@ def ensure_pretrained(cfg: ExperimentConfig) -> ExperimentConfig:
     """``cfg`` with ``model.pretrained_path`` pointing at its hand-pretrained start, made once if needed.
 
     Returns ``cfg`` itself when it names its own weights or disables pretraining (``pretrain.epochs: 0``).
+
+    Raises:
+        PretrainError: the pretraining diverged (nothing is cached; the message names the settings to change).
     """
     if not makes_own_start(cfg):
         return cfg
@@ -138,6 +146,11 @@ def _pretrain(cfg: ExperimentConfig, path: Path) -> None:
                 pcfg.data.root, pcfg.train.epochs, path)
     result = fit(pcfg)
     if result.status != "completed":
-        raise RuntimeError(f"pretraining {result.status}: {result.reason}")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        p = cfg.pretrain
+        raise PretrainError(
+            f"the hand-branch pretraining {result.status} after {result.epochs_run} of {p.epochs} epochs "
+            f"({result.reason}); lower pretrain.lr ({p.lr:g}) or pretrain.mano_params ({p.mano_params:g}), or "
+            f"start without it: pretrain.epochs=0, or model.pretrained_path=<your weights>")
     export_model(path, model=result.model, config=pcfg, epoch=result.epochs_run, history=result.history)
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -72,3 +72,68 @@ def test_positive_int(text, value):
             positive_int(text)
     else:
         assert positive_int(text) == value
+
+
+# ---- Faults found while preparing a run: one line naming the file or key, exit 2 --------------------------------
+
+@pytest.fixture
+def run_config(synthetic_dataset, tmp_path):
+    """A config file over the tiny dataset and model, caches and outputs in tmp_path, with ``overrides``."""
+    from conftest import TINY_MODEL_OVERRIDES
+
+    def write(**overrides) -> str:
+        cfg = synthetic_dataset.config({**TINY_MODEL_OVERRIDES, "data.cache_dir": str(tmp_path / "cache"),
+                                        "train.out_dir": str(tmp_path / "run"), "train.epochs": 1,
+                                        "train.max_train_batches": 1, "train.max_eval_batches": 1,
+                                        **{k.replace("__", "."): v for k, v in overrides.items()}})
+        config.save_config(cfg, tmp_path / "config.yaml")
+        return str(tmp_path / "config.yaml")
+    return write
+
+
+def _one_error_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(err) == 1, err
+    return err[0]
+
+
+TRAINING_CLIS = {
+    "run_best.py": lambda config, tmp_path: run_best.main(["--config", config, "--out", str(tmp_path / "best")]),
+    "python -m hawor_tune.train": lambda config, tmp_path: train.main(["--config", config]),
+}
+
+
+@pytest.mark.parametrize("cli", TRAINING_CLIS)
+def test_a_corrupt_mano_file_is_one_line_and_exit_2(cli, run_config, tmp_path, capsys):
+    mano_dir = tmp_path / "mano"
+    mano_dir.mkdir()
+    for name in ("MANO_RIGHT.pkl", "MANO_LEFT.pkl"):
+        (mano_dir / name).write_bytes(b"\x80\x02}q\x00(X\n\x00\x00\x00v_template")  # a download cut short
+    assert TRAINING_CLIS[cli](run_config(mano__model_dir=str(mano_dir)), tmp_path) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"error: {mano_dir}/MANO_") and "not a readable MANO pickle" in line
+    assert "https://mano.is.tue.mpg.de" in line
+
+
+def test_a_diverged_pretraining_is_one_line_and_exit_2(run_config, tmp_path, capsys):
+    config_file = run_config(pretrain__epochs=1, pretrain__max_train_batches=1, pretrain__batch_size=4,
+                             pretrain__frames_sequences=1, pretrain__frames_per_sequence=40,
+                             pretrain__mano_params=1e300)  # the first step's loss overflows
+    assert train.main(["--config", config_file]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith("error: the hand-branch pretraining diverged") and "pretrain.mano_params (1e+300)" in line
+
+
+def test_a_flow_fit_that_does_not_fit_the_model_is_one_line_and_exit_2(run_config, tmp_path, capsys):
+    import torch
+
+    from hawor_tune.flow_fit import flow_fit_file
+
+    config_file = run_config()
+    path = flow_fit_file(config.load_config(config_file))
+    path.parent.mkdir(parents=True)
+    torch.save({"weight": torch.zeros(9, 8), "bias": torch.zeros(9)}, path)  # a fit for flow_grid 2, not 4
+    assert train.main(["--config", config_file]) == 2
+    assert _one_error_line(capsys) == (f"error: the flow-head fit {path} has weight (9, 8), bias (9,); expected "
+                                       f"weight (9, 32) for this model's data.flow_grid=4; delete {path} and it is "
+                                       f"fitted again")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 import numpy as np
 import pytest
 import torch
 from conftest import TINY_MODEL_OVERRIDES, run_concurrently
 
-from hawor_tune.flow_fit import ensure_flow_fit, fit_flow_head, flow_fit_file, load_flow_fit
+from hawor_tune.atomic import DiskFullError
+from hawor_tune.flow_fit import FlowFitError, ensure_flow_fit, fit_flow_head, flow_fit_file, load_flow_fit
 from hawor_tune.model import FlowHead, build_model
 
 
@@ -82,7 +86,37 @@ def test_no_flow_no_fit(cfg):
     assert ensure_flow_fit(cfg(data__flow_grid=0)) is None
 
 
-def test_a_fit_for_another_grid_is_refused(cfg):
+def test_a_fit_for_another_grid_is_refused_in_one_line(cfg):
     path = ensure_flow_fit(cfg(data__flow_grid=2))
-    with pytest.raises(ValueError, match="flow-head fit .* has weights \\(9, 8\\), the model's flow head \\(9, 32\\)"):
+    with pytest.raises(FlowFitError) as info:
+        load_flow_fit(build_model(cfg()), path)  # flow_grid 4: 2 x 4 x 4 flow values per frame
+    assert str(info.value) == (f"the flow-head fit {path} has weight (9, 8), bias (9,); expected weight (9, 32) for "
+                               f"this model's data.flow_grid=4; delete {path} and it is fitted again")
+    assert isinstance(info.value, ValueError)  # what callers caught before
+
+
+def test_an_unreadable_fit_is_refused_in_one_line(cfg, tmp_path):
+    path = tmp_path / "flow.pt"
+    path.write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(FlowFitError, match=f"the flow-head fit {path} cannot be read \\(.*\\); expected weight "
+                                           "\\(9, 32\\)") as info:
         load_flow_fit(build_model(cfg()), path)
+    assert "\n" not in str(info.value)
+
+
+def _torch_save_on_a_full_disk(obj, target, *args, **kwargs):
+    """torch.save on a full disk: given a file, the OSError (ENOSPC) comes through; given a path, its zip
+    writer reports a bare RuntimeError."""
+    if isinstance(target, (str, os.PathLike)):
+        raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file data/0")
+    target.write(b"PK\x03\x04")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_while_caching_the_fit_is_one_line_and_leaves_no_file(cfg, monkeypatch):
+    c = cfg()
+    monkeypatch.setattr(torch, "save", _torch_save_on_a_full_disk)
+    with pytest.raises(DiskFullError, match=f"no space left to write {flow_fit_file(c)}") as info:
+        ensure_flow_fit(c)
+    assert "\n" not in str(info.value)
+    assert [p.name for p in flow_fit_file(c).parent.iterdir()] == [flow_fit_file(c).name + ".lock"]

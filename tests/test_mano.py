@@ -30,6 +30,7 @@ from hawor_tune.mano import (
     NUM_JOINTS,
     OFFICIAL_TIP_VERTEX_IDS,
     OPENPOSE_ORDER,
+    ManoFileError,
     MANOLayer,
     build_mano,
     load_mano_pickle,
@@ -371,9 +372,26 @@ def _pickle_calling_os_system(path: Path) -> None:
 def test_loader_rejects_bad_files_naming_them(tmp_path: Path, writer, message: str) -> None:
     path = tmp_path / "MANO_RIGHT.pkl"
     writer(path)
-    with pytest.raises(ValueError, match=message) as info:
+    with pytest.raises(ManoFileError, match=message) as info:
         load_mano_pickle(path)
-    assert str(path) in str(info.value)
+    _assert_one_line_naming_the_file_and_the_fix(info.value, path)
+
+
+def _assert_one_line_naming_the_file_and_the_fix(error: Exception, path: Path) -> None:
+    text = str(error)
+    assert text.startswith(f"{path}: ") and "\n" not in text
+    assert text.endswith("use the official MANO_RIGHT.pkl / MANO_LEFT.pkl from https://mano.is.tue.mpg.de (in "
+                         "mano.model_dir or $HAWOR_MANO_DIR), or set neither for the built-in procedural hand")
+    assert isinstance(error, ValueError)  # what callers caught before
+
+
+def test_loader_rejects_a_truncated_official_file(tmp_path: Path) -> None:
+    path = tmp_path / "MANO_RIGHT.pkl"
+    _write_official_pickle(path, _random_official_params(seed=0))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a download cut short
+    with pytest.raises(ManoFileError, match="not a readable MANO pickle") as info:
+        load_mano_pickle(path)
+    _assert_one_line_naming_the_file_and_the_fix(info.value, path)
 
 
 def test_loader_rejects_inconsistent_shapes(tmp_path: Path) -> None:
@@ -381,8 +399,9 @@ def test_loader_rejects_inconsistent_shapes(tmp_path: Path) -> None:
     params["weights"] = params["weights"][:, :15]
     path = tmp_path / "MANO_LEFT.pkl"
     _write_official_pickle(path, params)
-    with pytest.raises(ValueError, match=r"'weights' has shape \(778, 15\), expected \(778, 16\)"):
+    with pytest.raises(ManoFileError, match=r"'weights' has shape \(778, 15\), expected \(778, 16\)") as info:
         load_mano_pickle(path)
+    _assert_one_line_naming_the_file_and_the_fix(info.value, path)
 
 
 # ---- build_mano --------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from hawor_tune.data import build_dataset
 from hawor_tune.data.synthetic import MARKER
 from hawor_tune.model import build_model
 from hawor_tune.pretrain import (
+    PretrainError,
     ensure_pretrained,
     pretrain_config,
     pretrain_data,
@@ -128,3 +129,18 @@ def test_without_a_single_frame_set_the_start_learns_from_the_training_split(syn
     real = synthetic_dataset.config({**TINY_MODEL_OVERRIDES, **PRETRAIN, "data.root": str(tmp_path / "real"),
                                      "data.generate": False})
     assert pretrain_data(real).root == str(tmp_path / "real")
+
+
+def test_a_diverged_pretraining_is_one_error_naming_its_settings_and_caches_nothing(synthetic_dataset, tmp_path):
+    # A rotation weight whose loss overflows float32: the first step's loss is infinite.
+    cfg = synthetic_dataset.config({**TINY_MODEL_OVERRIDES, **PRETRAIN, "data.cache_dir": str(tmp_path / "cache"),
+                                    "pretrain.mano_params": 1e300})
+    with pytest.raises(PretrainError) as info:
+        ensure_pretrained(cfg)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("the hand-branch pretraining diverged after 0 of 1 epochs")
+    assert "pretrain.mano_params (1e+300)" in message and "pretrain.lr (0.001)" in message
+    assert "pretrain.epochs=0" in message and "model.pretrained_path" in message
+    assert isinstance(info.value, RuntimeError)  # what callers caught before
+    path = pretrained_file(cfg)
+    assert not path.exists() and not path.with_name(f".{path.stem}.run").exists()  # no weights, no run folder
