@@ -41,7 +41,7 @@ def _positive_int(text: str) -> int:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--space", required=True, help="search-space YAML (see README: search-space format)")
+    p.add_argument("--space", required=True, help="search-space YAML (its format: docs/search.md)")
     p.add_argument("--num-samples", type=_positive_int, help="trials to run (default: the space's)")
     p.add_argument("--max-concurrent", type=_positive_int, help="trials at once (default: the space's)")
     p.add_argument("--storage", default="./results", help="results folder (made if missing), on a shared filesystem for a cluster (default: %(default)s)")

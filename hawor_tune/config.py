@@ -139,16 +139,15 @@ class PretrainConfig:
     hand-pretrained backbone; with no such weights on a laptop, this makes one). Used when
     model.pretrained_path is empty and epochs > 0."""
 
-    epochs: int = _spec(16, low=0, high=1000, doc="0 disables pretraining; the CPU profile's 16 epochs of 112 "
-                        "batches take about 8 minutes on 2 cores in bf16, 12 in fp32; 16 rather than 10 took its "
-                        "start from 23.8 to 21.1 mm val MPJPE (benchmarks/bench_pretrain.py)")
+    epochs: int = _spec(16, low=0, high=1000, doc="epochs of the one-time pretraining (more give a better start, "
+                        "once per cache); 0 disables it")
     batch_size: int = _spec(32, low=1, high=4096, doc="single frames per batch")
     max_train_batches: int = _spec(112, low=0, doc="random batches per epoch (of 180 in the CPU profile's "
                                    "single-frame set; 112 is its whole training split); 0 = all")
     lr: float = _spec(1e-3, low=1e-8, high=1.0)
     mano_params: float = _spec(0.5, low=0.0, doc="weight of the MANO rotation term in the pretraining (the other "
-                               "hand terms keep loss.*'s defaults): 25x the fine-tuning default, which took the "
-                               "CPU profile's start from 28.3 to 24.5 mm val MPJPE (benchmarks/bench_pretrain.py)")
+                               "hand terms keep loss.*'s defaults); heavier than loss.mano_params, as a short "
+                               "pretraining otherwise underfits the hand's orientation")
     frames_sequences: int = _spec(12, low=0, high=50, doc="on generated data, train on a generated single-frame hand "
                                   "set (every frame's pose drawn on its own) with this many sequences per training "
                                   "subject instead of the training split's video frames; 0 = the training split")

@@ -44,9 +44,8 @@ def keep_freed_memory() -> bool:
 
     By default glibc gives the top of its heaps back once more than about twice its (adaptive) mmap
     threshold is free, and a CPU training step frees most of what it allocates at its end: the next step then
-    takes tens of thousands of fresh pages from the kernel, each one faulted in and zeroed (about 10,000 minor
-    page faults and 20-30 ms of system time per step of the CPU profile; about 600 faults and 2 ms with
-    this). Fixes the mmap threshold at glibc's maximum and the trim threshold at 1 GiB for the process;
+    takes tens of thousands of fresh pages from the kernel, each one faulted in and zeroed, which costs system
+    time on every step. Fixes the mmap threshold at glibc's maximum and the trim threshold at 1 GiB for the process;
     its peak memory is unchanged, its freed memory is held until the process exits.
 
     Returns:
@@ -76,8 +75,8 @@ _AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     """The autocast dtype for a precision setting; ``auto`` is bf16 on CUDA and on a CPU with bf16 in
-    hardware (:func:`native_bf16_cpu`: the CPU profile's training step 1.5x faster there, its accuracy
-    unchanged, measured in README), none (fp32) elsewhere."""
+    hardware (:func:`native_bf16_cpu`, where it is faster than fp32 at the same accuracy), none (fp32)
+    elsewhere."""
     if precision == "auto":
         fast = device.type == "cuda" or (device.type == "cpu" and native_bf16_cpu())
         return torch.bfloat16 if fast else None
