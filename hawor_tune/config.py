@@ -40,11 +40,11 @@ class SyntheticConfig:
     """Size of the generated stand-in dataset (written in ARCTIC's on-disk layout)."""
 
     subjects: int = _spec(8, low=3, high=10, doc="subjects s01..sNN; the last two are val and test")
-    sequences_per_subject: int = _spec(20, low=1, high=50)
+    sequences_per_subject: int = _spec(20, low=1, high=50, doc="sequences recorded per subject")
     frames_per_sequence: int = _spec(50, low=40, high=5000, doc="annotated frames, before ARCTIC's 10+10 skip")
-    image_width: int = _spec(224, low=32, high=2800)
-    image_height: int = _spec(224, low=32, high=2000)
-    seed: int = _spec(0, low=0)
+    image_width: int = _spec(224, low=32, high=2800, doc="width of the generated frames, pixels")
+    image_height: int = _spec(224, low=32, high=2000, doc="height of the generated frames, pixels")
+    seed: int = _spec(0, low=0, doc="seed of the generator: the same seed, the same dataset")
     motion: str = _spec("video", choices=("video", "frames"),
                         doc="video: smooth motion; frames: every frame's hand pose drawn on its own (a single-image "
                             "hand set, for the one-time pretraining; its held-out subjects get one sequence each)")
@@ -74,7 +74,7 @@ class DataConfig:
     img_size: int = _spec(32, low=16, high=1024, doc="side of the whole-frame input of the camera branch")
     flow_grid: int = _spec(16, low=0, high=64, doc="cells per side of the optical flow (clip's first frame to each frame) the camera branch reads; 0 = frames only")
     batch_size: int = _spec(4, low=1, high=4096, doc="clips per batch")
-    num_workers: int = _spec(0, low=0, high=64)
+    num_workers: int = _spec(0, low=0, high=64, doc="data-loader worker processes; 0 loads in the training process")
     cache_dir: str = _spec("", doc="frame cache folder; '' puts it in <root>/../cache")
     min_visible_joints: int = _spec(8, low=1, high=21, doc="valid_rule visible_joints: valid when the wrist and this many joints are in view")
     valid_rule: str = _spec("auto", choices=("auto", "arctic", "visible_joints"),
@@ -123,13 +123,15 @@ class ModelConfig:
     motion_residual: bool = _spec(True, doc="hand_path hawor: the motion module refines the head's poses (a fresh "
                                   "one passes them through); false replaces them, as HaWoR's released module does")
     hand_fusion: bool = _spec(True, doc="per frame, the two hands and the camera attend to each other")
-    temporal_dim: int = _spec(128, low=8, high=4096)
-    temporal_layers: int = _spec(2, low=0, high=24)
-    temporal_heads: int = _spec(4, low=1, high=64)
-    head_hidden: int = _spec(256, low=8, high=8192)
-    dropout: float = _spec(0.1, low=0.0, high=0.9)
-    infiller_hidden: int = _spec(128, low=8, high=4096)
-    infiller_layers: int = _spec(1, low=1, high=8)
+    temporal_dim: int = _spec(128, low=8, high=4096, doc="width of the hand and camera tokens in the fusion and "
+                              "temporal transformers")
+    temporal_layers: int = _spec(2, low=0, high=24, doc="layers of each temporal transformer")
+    temporal_heads: int = _spec(4, low=1, high=64, doc="attention heads; temporal_dim must be divisible by it")
+    head_hidden: int = _spec(256, low=8, high=8192, doc="hidden width of the hand and camera heads")
+    dropout: float = _spec(0.1, low=0.0, high=0.9, doc="dropout in the fusion and temporal transformers")
+    infiller_hidden: int = _spec(128, low=8, high=4096, doc="hidden width of the bidirectional LSTM that "
+                                 "fills each hand's unobserved frames")
+    infiller_layers: int = _spec(1, low=1, high=8, doc="layers of that LSTM")
     infill_mask_prob: float = _spec(0.15, low=0.0, high=0.9, doc="training-time rate of hiding observed hand frames")
 
 
@@ -144,7 +146,7 @@ class PretrainConfig:
     batch_size: int = _spec(32, low=1, high=4096, doc="single frames per batch")
     max_train_batches: int = _spec(112, low=0, doc="random batches per epoch (of 180 in the CPU profile's "
                                    "single-frame set; 112 is its whole training split); 0 = all")
-    lr: float = _spec(1e-3, low=1e-8, high=1.0)
+    lr: float = _spec(1e-3, low=1e-8, high=1.0, doc="learning rate of the pretraining (not optim.lr)")
     mano_params: float = _spec(0.5, low=0.0, doc="weight of the MANO rotation term in the pretraining (the other "
                                "hand terms keep loss.*'s defaults); heavier than loss.mano_params, as a short "
                                "pretraining otherwise underfits the hand's orientation")
@@ -166,11 +168,11 @@ class LossConfig:
 
     mano_params: float = _spec(0.02, low=0.0, doc="MANO rotations (global orientation and fingers)")
     betas: float = _spec(0.01, low=0.0, doc="MANO shape coefficients")
-    keypoint_3d: float = _spec(1.0, low=0.0)
-    keypoint_2d: float = _spec(0.1, low=0.0)
-    temporal: float = _spec(0.5, low=0.0)
-    camera: float = _spec(0.5, low=0.0)
-    hand_world: float = _spec(0.2, low=0.0)
+    keypoint_3d: float = _spec(1.0, low=0.0, doc="wrist-relative 3D joints (L1)")
+    keypoint_2d: float = _spec(0.1, low=0.0, doc="joints projected into each hand's crop (L1)")
+    temporal: float = _spec(0.5, low=0.0, doc="frame-to-frame velocities of the wrist-relative joints (L1)")
+    camera: float = _spec(0.5, low=0.0, doc="each frame's camera pose relative to the clip's first")
+    hand_world: float = _spec(0.2, low=0.0, doc="wrists in the clip's first camera (L1)")
 
 
 @dataclass
@@ -179,19 +181,21 @@ class OptimConfig:
     backbone_lr_scale: float = _spec(1.0, low=0.0, high=1.0, doc="learning rate of the pretrained parts (the crop "
                                      "backbone, and the modules a released checkpoint filled) as a fraction of lr: "
                                      "they are fine-tuned more gently than the parts that start fresh")
-    weight_decay: float = _spec(1e-4, low=0.0, high=1.0)
-    warmup_epochs: float = _spec(0.5, low=0.0, high=1000.0)
+    weight_decay: float = _spec(1e-4, low=0.0, high=1.0, doc="AdamW weight decay, on weight matrices only (not on "
+                                "biases, norms or embeddings)")
+    warmup_epochs: float = _spec(0.5, low=0.0, high=1000.0, doc="linear warm-up of the learning rate, in epochs; "
+                                 "a cosine decay follows")
     min_lr_ratio: float = _spec(0.05, low=0.0, high=1.0, doc="cosine floor as a fraction of lr")
     grad_clip: float = _spec(1.0, low=0.0, doc="max gradient norm; 0 disables clipping")
-    beta1: float = _spec(0.9, low=0.0, high=0.9999)
-    beta2: float = _spec(0.999, low=0.0, high=0.99999)
+    beta1: float = _spec(0.9, low=0.0, high=0.9999, doc="AdamW's decay of the gradient's running mean")
+    beta2: float = _spec(0.999, low=0.0, high=0.99999, doc="AdamW's decay of the squared gradient's running mean")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = _spec(6, low=1, high=100000)
-    seed: int = _spec(0, low=0)
-    device: str = _spec("auto", choices=("auto", "cpu", "cuda", "mps"))
+    epochs: int = _spec(6, low=1, high=100000, doc="epochs of a run; the learning-rate schedule spans them")
+    seed: int = _spec(0, low=0, doc="seed of the initial weights, the batch order and the augmentation")
+    device: str = _spec("auto", choices=("auto", "cpu", "cuda", "mps"), doc="auto: cuda, else mps, else cpu")
     precision: str = _spec("auto", choices=("auto", "fp32", "bf16", "fp16"),
                            doc="auto: bf16 autocast on CUDA and on CPUs with bf16 in hardware "
                            "(AVX512-BF16, AMX), fp32 elsewhere")
