@@ -57,9 +57,14 @@ class Predictions:
     frame_index: np.ndarray   # (C, T)
     hidden: np.ndarray | None = None  # (C, T, 2) bool: valid, scored, hidden from the model (None: none)
     scored: np.ndarray | None = None  # (C, T) bool: the frame is scored in this clip (None: every frame)
+    pred_rotmats: np.ndarray | None = None  # (C, T, 2, 16, 3, 3) MANO rotations (None: not predicted)
+    gt_rotmats: np.ndarray | None = None    # (C, T, 2, 16, 3, 3)
+    pred_joints_gt_shape: np.ndarray | None = None  # (C, T, 2, 21, 3) the predicted pose on the true betas
 
 
-Predictor = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# batch -> {"joints", "cam_R", "cam_t"} and optionally "rotmats" (B, T, 2, 16, 3, 3) and "joints_gt_shape"
+# (B, T, 2, 21, 3): what a model (or a baseline) predicts for a batch.
+Predictor = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
 def hidden_frames(seq_index: torch.Tensor, frame_index: torch.Tensor, hand_valid: torch.Tensor, *,
@@ -93,8 +98,8 @@ def _uniform(key: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def gather(predictor: Predictor, loader: Iterable, device: torch.device, *, max_batches: int = 0,
            desc: str = "eval", hide_rate: float = 0.0) -> Predictions:
-    """Run ``predictor(batch) -> (joints (B,T,2,21,3), cam_R (B,T,3,3), cam_t (B,T,3))`` over a loader and
-    gather its predictions with the ground truth.
+    """Run ``predictor(batch)`` (see :data:`Predictor`) over a loader and gather its predictions with the
+    ground truth.
 
     With ``hide_rate`` > 0 the predictor sees ``hand_valid`` false on the :func:`hidden_frames`, which are
     recorded in ``Predictions.hidden``.
@@ -105,24 +110,29 @@ def gather(predictor: Predictor, loader: Iterable, device: torch.device, *, max_
                       file=sys.stderr):
         batch = to_device(batch, device)
         hidden = hidden_frames(batch["seq_index"], batch["frame_index"], batch["hand_valid"], rate=hide_rate)
-        joints, cam_R, cam_t = predictor({**batch, "hand_valid": batch["hand_valid"] & ~hidden})
+        out = predictor({**batch, "hand_valid": batch["hand_valid"] & ~hidden})
         gt_R, gt_t = relative_camera_pose(batch["cam_R"].double(), batch["cam_t"].double())
         scored = batch["scored"]
         items = {
             # Each frame is scored in exactly one clip (see ArcticClips), whatever the clip length.
-            "pred_joints": joints, "gt_joints": batch["joints3d"], "valid": batch["hand_valid"] & scored[..., None],
-            "pred_cam_R": cam_R, "pred_cam_t": cam_t, "gt_cam_R": gt_R, "gt_cam_t": gt_t,
+            "pred_joints": out["joints"], "gt_joints": batch["joints3d"],
+            "valid": batch["hand_valid"] & scored[..., None],
+            "pred_cam_R": out["cam_R"], "pred_cam_t": out["cam_t"], "gt_cam_R": gt_R, "gt_cam_t": gt_t,
             "world_to_cam_R": batch["cam_R"], "world_to_cam_t": batch["cam_t"],
             "seq_index": batch["seq_index"], "frame_index": batch["frame_index"],
             "hidden": hidden & scored[..., None], "scored": scored,
         }
+        if "rotmats" in out:
+            items.update(pred_rotmats=out["rotmats"], gt_rotmats=batch["rotmats"])
+        if "joints_gt_shape" in out:
+            items["pred_joints_gt_shape"] = out["joints_gt_shape"]
         for k, v in items.items():
             v = v.detach().cpu()
             keep[k].append(v.numpy() if v.dtype == torch.bool or not v.is_floating_point()
                            else v.double().numpy())
     if not keep["valid"]:
         raise ValueError("evaluation loader yielded no batches")
-    return Predictions(**{k: np.concatenate(v) for k, v in keep.items()})
+    return Predictions(**{k: np.concatenate(v) for k, v in keep.items() if v})
 
 
 def predict(model: nn.Module, loader: Iterable, device: torch.device, *, precision: str = "auto",
@@ -131,10 +141,14 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, *, precisi
     model.eval()
     amp = autocast_dtype(device, precision)
 
-    def run(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def run(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with autocast(device, amp):
             out = run_model(model, batch)
-        return out.joints, out.cam_R, out.cam_t
+        # The predicted pose on the true shape: PA-MPJPE then measures articulation, not the unseen subject's
+        # hand shape.
+        gt_shape, _ = model.run_mano(out.rotmats, batch["betas"].float(), out.root)
+        return {"joints": out.joints, "cam_R": out.cam_R, "cam_t": out.cam_t, "rotmats": out.rotmats,
+                "joints_gt_shape": gt_shape}
 
     return gather(run, loader, device, max_batches=max_batches, desc=desc, hide_rate=hide_rate)
 
@@ -155,6 +169,7 @@ class SequenceWorld:
     gt_joints: np.ndarray     # (N, 2, 21, 3) ground-truth world joints
     valid: np.ndarray         # (N, 2) bool
     pred_cam_to_world: np.ndarray  # (N, 4, 4) the chained predicted cameras
+    hidden: np.ndarray | None = None  # (N, 2) bool: valid frames hidden from the model (infilled)
 
 
 def _homogeneous(R: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -208,7 +223,8 @@ def world_sequences(p: Predictions) -> list[SequenceWorld]:
         gt_world = np.einsum("nji,nhkj->nhki", R, gj - t[:, None, None])  # R^T (x - t)
         gt_first = np.einsum("ij,nhkj->nhki", R[0], gt_world) + t[0]  # in the true first camera
         out.append(SequenceWorld(seq_index=int(s), frame_index=np.asarray(order), pred_joints=pred_world,
-                                 gt_joints=gt_first, valid=p.valid[ci, ti], pred_cam_to_world=G))
+                                 gt_joints=gt_first, valid=p.valid[ci, ti], pred_cam_to_world=G,
+                                 hidden=None if p.hidden is None else p.hidden[ci, ti]))
     return out
 
 
@@ -225,18 +241,31 @@ def world_metrics(sequences: Iterable[SequenceWorld], *, fps: float, chunk: int 
         ``w_mpjpe``, ``wa_mpjpe`` (mm); ``accel_error`` (m/s^2: |a_pred - a_gt| of the world joints, second
         differences over three consecutive valid frames, times fps^2, no alignment: both worlds start at
         their first camera); ``jerk`` and ``jerk_gt`` (m/s^3, of the predicted and true world joints over
-        four consecutive valid frames). nan where no frame qualifies.
+        four consecutive valid frames); ``rte`` (%: HaWoR's root translation error, the wrist's valid
+        trajectory rigidly aligned over the whole sequence, over its path length, :func:`metrics.rte`);
+        ``w_mpjpe_infilled`` and ``accel_error_infilled``: the same errors at the infilled frames alone (the
+        frames hidden from the model; the acceleration centred on one). nan where no frame qualifies.
     """
-    pooled: dict[str, list[np.ndarray]] = {k: [] for k in ("w_mpjpe", "wa_mpjpe", "accel_error", "jerk", "jerk_gt")}
+    names = ("w_mpjpe", "wa_mpjpe", "accel_error", "jerk", "jerk_gt", "rte", "w_mpjpe_infilled",
+             "accel_error_infilled")
+    pooled: dict[str, list[np.ndarray]] = {k: [] for k in names}
     for sq in sequences:
         for h in range(len(HANDS)):
             v = sq.valid[:, h]  # (N,)
+            gone = sq.hidden[:, h] if sq.hidden is not None else np.zeros_like(v)  # (N,)
             pw, gw = sq.pred_joints[:, h], sq.gt_joints[:, h]  # (N, 21, 3)
             if v.any():
-                pooled["w_mpjpe"].append(metrics.w_mpjpe(pw[v], gw[v], chunk=chunk, per_frame=True) * 1000.0)
+                w = metrics.w_mpjpe(pw[v], gw[v], chunk=chunk, per_frame=True) * 1000.0  # (V,)
+                pooled["w_mpjpe"].append(w)
+                pooled["w_mpjpe_infilled"].append(w[gone[v]])
                 pooled["wa_mpjpe"].append(metrics.wa_mpjpe(pw[v], gw[v], chunk=chunk, per_frame=True) * 1000.0)
+            if v.sum() >= 2:
+                pooled["rte"].append(metrics.rte(pw[v, 0], gw[v, 0]))
             if len(v) >= 3:
-                pooled["accel_error"].append(metrics.accel_error(pw, gw, valid=v) * fps**2)
+                accel = metrics.accel_error(pw, gw, valid=v) * fps**2  # (K,) one per triplet of valid frames
+                triples = v[:-2] & v[1:-1] & v[2:]  # (N-2,) those triplets, by their centre frame
+                pooled["accel_error"].append(accel)
+                pooled["accel_error_infilled"].append(accel[gone[1:-1][triples]])
             if len(v) >= 4:
                 window = v[:-3] & v[1:-2] & v[2:-1] & v[3:]  # (N-3,) four valid frames in a row
                 pooled["jerk"].append(metrics.jerk(pw, fps=fps)[window])
@@ -250,6 +279,22 @@ def _mean(values: list[np.ndarray]) -> float:
     return float(flat.mean()) if len(flat) else float("nan")
 
 
+def _articulation(p: Predictions, observed: np.ndarray) -> dict[str, float]:
+    """The fingers' own errors over the observed valid frames: ``finger_angle_error`` (degrees, the geodesic
+    angle of MANO's 15 parent-relative finger rotations) and ``pa_mpjpe_gt_shape`` (mm, PA-MPJPE of the
+    predicted pose on the true hand shape). nan when the predictor gives neither or no frame is observed."""
+    out = {"finger_angle_error": float("nan"), "pa_mpjpe_gt_shape": float("nan")}
+    if not observed.any():
+        return out
+    if p.pred_rotmats is not None and p.gt_rotmats is not None:
+        out["finger_angle_error"] = float(metrics.joint_angle_error(
+            p.pred_rotmats[observed][:, 1:], p.gt_rotmats[observed][:, 1:]).mean())
+    if p.pred_joints_gt_shape is not None:
+        out["pa_mpjpe_gt_shape"] = float(metrics.pa_mpjpe(p.pred_joints_gt_shape[observed],
+                                                          p.gt_joints[observed]).mean() * 1000.0)
+    return out
+
+
 def compute_metrics(p: Predictions, *, fps: float = DATASET_FPS) -> dict[str, float]:
     """Every evaluation metric from gathered predictions.
 
@@ -257,8 +302,10 @@ def compute_metrics(p: Predictions, *, fps: float = DATASET_FPS) -> dict[str, fl
       ``joint_NN``, ``finger_<name>`` over the valid frames the model observed; ``mpjpe_infilled`` over the
       valid frames hidden from it (nan when none was hidden). ``valid_hand_frames`` and
       ``infilled_hand_frames`` count them.
+    - Articulation (:func:`_articulation`): ``finger_angle_error`` (degrees), ``pa_mpjpe_gt_shape`` (mm).
     - World metrics over whole sequences (:func:`world_metrics`): ``w_mpjpe``, ``wa_mpjpe`` (mm),
-      ``accel_error`` (m/s^2), ``jerk``, ``jerk_gt`` (m/s^3), on every valid frame (observed or infilled).
+      ``accel_error`` (m/s^2), ``jerk``, ``jerk_gt`` (m/s^3), ``rte`` (%), on every valid frame (observed or
+      infilled), and ``w_mpjpe_infilled``, ``accel_error_infilled`` on the infilled ones.
     - Clip-level versions, in clips where the hand is valid in every frame: ``clip_accel_error``
       (wrist-relative joints, mm/frame^2), ``clip_w_mpjpe`` and ``clip_wa_mpjpe`` (mm, both hands placed in
       the clip's first camera, one chunk per clip), ``clip_jerk`` and ``clip_jerk_gt`` (m/s^3).
@@ -305,6 +352,7 @@ def compute_metrics(p: Predictions, *, fps: float = DATASET_FPS) -> dict[str, fl
                 pooled["clip_jerk"].append(metrics.jerk(world_p, fps=fps))
                 pooled["clip_jerk_gt"].append(metrics.jerk(world_g, fps=fps))
     out.update({name: _mean(values) for name, values in pooled.items()})
+    out.update(_articulation(p, observed))
     total_observed = int(observed.sum())
     if per_joint and total_observed:
         joint_err = np.sum(per_joint, axis=0) / total_observed   # (21,) pooled over both hands
@@ -368,24 +416,37 @@ def mean_pose_baseline(config: ExperimentConfig, split: str = "val", *,
     model's (which must predict its wrist); its wrist-relative hand metrics do not depend on the placement.
     """
     from hawor_tune.data import build_dataloader
+    from hawor_tune.mano import build_mano
 
     cpu = torch.device("cpu")
     rel_sum, count = torch.zeros(2, 21, 3, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
     wrist_sum = torch.zeros(2, 3, dtype=torch.float64)
+    rot_sum = torch.zeros(2, 16, 3, 3, dtype=torch.float64)
     for batch in build_dataloader(config, "train", shuffle=False):
         joints, valid = batch["joints3d"].double(), batch["hand_valid"]           # (B, T, 2, 21, 3), (B, T, 2)
         rel = (joints - joints[..., :1, :]) * valid[..., None, None]
         rel_sum += rel.sum(dim=(0, 1))
         wrist_sum += (joints[..., 0, :] * valid[..., None]).sum(dim=(0, 1))
+        rot_sum += (batch["rotmats"].double() * valid[..., None, None, None]).sum(dim=(0, 1))
         count += valid.sum(dim=(0, 1))
     if not bool((count > 0).all()):
         raise ValueError("mean-pose baseline: the training split has no valid frame of some hand")
     mean_joints = (rel_sum / count[:, None, None] + (wrist_sum / count[:, None])[:, None]).float()  # (2, 21, 3)
+    # The mean rotations: the rotation nearest to the average matrix (its SVD's U V^T, det +1).
+    U, _, Vh = torch.linalg.svd(rot_sum / count[:, None, None, None])
+    fix = torch.ones_like(rot_sum[..., 0])  # (2, 16, 3)
+    fix[..., 2] = torch.linalg.det(U @ Vh).sign()
+    mean_rotmats = (U * fix[..., None, :] @ Vh).float()  # (2, 16, 3, 3)
+    layers = [build_mano(config.mano, side) for side in HANDS]
 
-    def static_mean(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def static_mean(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         B, T = batch["joints3d"].shape[:2]
         eye = torch.eye(3).expand(B, T, 3, 3)
-        return mean_joints.expand(B, T, 2, 21, 3), eye, torch.zeros(B, T, 3)
+        rotmats = mean_rotmats.expand(B, T, 2, 16, 3, 3)
+        gt_shape = torch.stack([layer.joints(rotmats[:, :, h], batch["betas"][:, :, h].float())
+                                for h, layer in enumerate(layers)], dim=2)  # (B, T, 2, 21, 3)
+        return {"joints": mean_joints.expand(B, T, 2, 21, 3), "cam_R": eye, "cam_t": torch.zeros(B, T, 3),
+                "rotmats": rotmats, "joints_gt_shape": gt_shape}
 
     preds = gather(static_mean, build_dataloader(config, split, shuffle=False), cpu, desc=f"baseline {split}",
                    hide_rate=hide_rate)

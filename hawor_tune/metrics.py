@@ -275,3 +275,44 @@ def jerk(x: ArrayLike, fps: float = 30.0) -> np.ndarray:
         raise ValueError(f"fps must be a positive number, got {fps!r}")
     third = arr[3:] - 3.0 * arr[2:-1] + 3.0 * arr[1:-2] - arr[:-3]  # (T-3, J, 3)
     return np.linalg.norm(third, axis=-1).mean(-1) * float(fps) ** 3
+
+
+def rte(pred: ArrayLike, gt: ArrayLike) -> np.ndarray:
+    """Root translation error as HaWoR reports it: the predicted trajectory rigidly aligned to the truth
+    (rotation and translation, no scale, one fit over all frames), each frame's distance divided by the
+    ground truth's whole path length, in percent.
+
+    WHAM's ``compute_rte`` (yohanshin/WHAM, ``lib/eval/eval_utils.py``), which HaWoR's evaluation applies to
+    the wrist (ThunderVVV/HaWoR, ``lib/eval_utils``) and multiplies by 100.
+
+    Args:
+        pred: (T, 3) predicted trajectory (e.g. world-frame wrists), T >= 2.
+        gt: (T, 3) ground truth.
+
+    Returns:
+        (T,) per-frame error in percent of the path length (inf when the true path has zero length).
+    """
+    p, g = _pair(pred, gt, ("T", 3), {0: 2})
+    _, R, t = umeyama(torch.from_numpy(p), torch.from_numpy(g), with_scale=False)
+    aligned = p @ R.numpy().T + t.numpy()  # (T, 3)
+    length = np.linalg.norm(np.diff(g, axis=0), axis=-1).sum()
+    with np.errstate(divide="ignore"):
+        return _joint_errors(aligned, g) / length * 100.0
+
+
+def joint_angle_error(R_pred: ArrayLike, R_gt: ArrayLike) -> np.ndarray:
+    """Geodesic angle between predicted and true joint rotations, per joint, in degrees.
+
+    For the fingers, MANO's 15 local (parent-relative) joint rotations: articulation alone, untouched by the
+    hand's global orientation, position or shape.
+
+    Args:
+        R_pred: (N, J, 3, 3) rotations.
+        R_gt: (N, J, 3, 3).
+
+    Returns:
+        (N, J) angles in degrees.
+    """
+    p, g = _pair(R_pred, R_gt, ("N", "J", 3, 3), names=("R_pred", "R_gt"))
+    rel = np.swapaxes(p, -1, -2) @ g  # (N, J, 3, 3)
+    return np.degrees(np.linalg.norm(matrix_to_axis_angle(torch.from_numpy(rel)).numpy(), axis=-1))

@@ -187,7 +187,7 @@ def _offset_predictor(seen: list[torch.Tensor]):
         shift = shift.expand_as(gt).clone()
         shift[..., 0, :] = 0.0
         B, T = gt.shape[:2]
-        return gt + shift, torch.eye(3).expand(B, T, 3, 3), torch.zeros(B, T, 3)
+        return {"joints": gt + shift, "cam_R": torch.eye(3).expand(B, T, 3, 3), "cam_t": torch.zeros(B, T, 3)}
     return predict
 
 
@@ -232,7 +232,8 @@ def _truth_predictor(batch):
     from hawor_tune.geometry import relative_camera_pose
 
     R, t = relative_camera_pose(batch["cam_R"].double(), batch["cam_t"].double())
-    return batch["joints3d"], R.float(), t.float()
+    return {"joints": batch["joints3d"], "cam_R": R.float(), "cam_t": t.float(), "rotmats": batch["rotmats"],
+            "joints_gt_shape": batch["joints3d"]}
 
 
 def test_a_perfect_model_has_zero_world_error_over_whole_sequences(synthetic_dataset):
@@ -241,8 +242,9 @@ def test_a_perfect_model_has_zero_world_error_over_whole_sequences(synthetic_dat
                hide_rate=INFILL_EVAL_RATE)
     m = compute_metrics(p, fps=30.0)
     for key in ("mpjpe", "mpjpe_infilled", "w_mpjpe", "wa_mpjpe", "accel_error", "clip_w_mpjpe", "clip_wa_mpjpe",
-                "clip_accel_error"):
+                "clip_accel_error", "w_mpjpe_infilled", "accel_error_infilled", "pa_mpjpe_gt_shape"):
         assert m[key] == pytest.approx(0.0, abs=1e-2), key  # float32 labels: hundredths of a millimetre
+    assert m["rte"] == pytest.approx(0.0, abs=1e-3) and m["finger_angle_error"] == pytest.approx(0.0, abs=0.05)
     assert m["jerk"] == pytest.approx(m["jerk_gt"], rel=1e-3)
 
 
@@ -264,12 +266,17 @@ def test_the_baseline_places_the_mean_pose_at_the_training_sets_mean_wrist(synth
 
     def mean_hands(batch):
         B, T = batch["joints3d"].shape[:2]
-        return expected_joints.expand(B, T, 2, 21, 3), torch.eye(3).expand(B, T, 3, 3), torch.zeros(B, T, 3)
+        return {"joints": expected_joints.expand(B, T, 2, 21, 3), "cam_R": torch.eye(3).expand(B, T, 3, 3),
+                "cam_t": torch.zeros(B, T, 3)}
 
     expected = compute_metrics(gather(mean_hands, build_dataloader(cfg, "val", shuffle=False), torch.device("cpu"),
                                       hide_rate=INFILL_EVAL_RATE))
     baseline = mean_pose_baseline(cfg, "val")
     assert set(baseline) == set(expected)
+    # The articulation metrics need the baseline's mean rotations, which mean_hands does not give.
+    assert baseline["finger_angle_error"] > 1.0 and baseline["pa_mpjpe_gt_shape"] > 1.0
+    for key in ("finger_angle_error", "pa_mpjpe_gt_shape"):
+        expected.pop(key)
     for key, value in expected.items():
         assert baseline[key] == pytest.approx(value, rel=1e-4, abs=1e-6, nan_ok=True), key
     assert math.isfinite(baseline["w_mpjpe"]) and baseline["w_mpjpe"] > 10.0  # no ground-truth wrist given away

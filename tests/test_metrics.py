@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from hawor_tune import metrics
 from hawor_tune.evaluation import Predictions, compute_metrics
-from hawor_tune.geometry import relative_camera_pose
+from hawor_tune.geometry import axis_angle_to_matrix, relative_camera_pose
 from hawor_tune.metrics import (
     accel_error,
     camera_accel_error,
@@ -289,3 +290,24 @@ def test_compute_metrics_camera_smoothness(T: int) -> None:
 def test_bad_input_raises_a_clear_error(call: Callable[[], object], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_rte_ignores_a_rigid_motion_and_divides_by_the_path_length():
+    t = np.linspace(0.0, 1.0, 11)
+    gt = np.stack([t, np.zeros_like(t), np.zeros_like(t)], axis=-1)  # 1 m along x
+    R = axis_angle_to_matrix(torch.tensor([0.2, -0.4, 0.3], dtype=torch.float64)).numpy()
+    np.testing.assert_allclose(metrics.rte(gt @ R.T + [0.5, -1.0, 2.0], gt), 0.0, atol=1e-9)
+    # A bend is not a rigid motion: the path's middle raised 2 cm leaves residuals, in percent of 1 m.
+    bent = gt.copy()
+    bent[5, 1] = 0.02
+    err = metrics.rte(bent, gt)
+    assert err.shape == (11,) and err[5] > 1.0 and err.mean() < 2.0
+    # Scale is not fitted: a path twice as long is wrong by about half of it.
+    assert metrics.rte(gt * 2.0, gt).max() == pytest.approx(50.0, rel=1e-6)
+
+
+def test_joint_angle_error_is_the_angle_between_rotations_in_degrees():
+    Rz = lambda deg: axis_angle_to_matrix(torch.tensor([0.0, 0.0, np.radians(deg)], dtype=torch.float64)).numpy()  # noqa: E731
+    pred = np.stack([np.stack([Rz(30.0), Rz(-10.0)])])  # (1, 2, 3, 3)
+    gt = np.stack([np.stack([Rz(0.0), Rz(45.0)])])
+    np.testing.assert_allclose(metrics.joint_angle_error(pred, gt), [[30.0, 55.0]], atol=1e-9)
