@@ -90,6 +90,8 @@ class DataConfig:
 
 @dataclass
 class ManoConfig:
+    """The MANO hand model: the official files, or the built-in procedural hand when none are given."""
+
     model_dir: str = _spec("", doc="folder with MANO_RIGHT.pkl and MANO_LEFT.pkl; '' -> $HAWOR_MANO_DIR -> built-in hand")
 
 
@@ -177,6 +179,8 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
+    """AdamW, its learning rate warmed up linearly, then decayed on a cosine to ``min_lr_ratio`` x lr, per step."""
+
     lr: float = _spec(3e-4, low=1e-8, high=1.0, doc="fine-tuning the hand-pretrained start (pretrain.lr trains it)")
     backbone_lr_scale: float = _spec(1.0, low=0.0, high=1.0, doc="learning rate of the pretrained parts (the crop "
                                      "backbone, and the modules a released checkpoint filled) as a fraction of lr: "
@@ -193,6 +197,8 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    """One training run: its length, seed, device and precision, and where it writes."""
+
     epochs: int = _spec(6, low=1, high=100000, doc="epochs of a run; the learning-rate schedule spans them")
     seed: int = _spec(0, low=0, doc="seed of the initial weights, the batch order and the augmentation")
     device: str = _spec("auto", choices=("auto", "cpu", "cuda", "mps"), doc="auto: cuda, else mps, else cpu")

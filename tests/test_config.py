@@ -119,3 +119,49 @@ def test_all_zero_loss_weights_are_rejected():
     zeros = {f"loss.{k}": 0 for k in ("mano_params", "betas", "keypoint_3d", "keypoint_2d", "temporal", "camera", "hand_world")}
     with pytest.raises(ConfigError, match="at least one of loss"):
         load_config(None, zeros)
+
+
+# ---- docs/configuration.md, generated from the field docs ----------------------------------------------------
+
+def test_the_committed_configuration_reference_is_current():
+    from hawor_tune.config_reference import configuration_markdown
+
+    assert (REPO / "docs" / "configuration.md").read_text() == configuration_markdown(), (
+        "docs/configuration.md is stale: run python -m hawor_tune.config_reference")
+
+
+def _leaves(node: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and key != "backbone_kwargs":
+            out |= _leaves(value, f"{prefix}{key}.")
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def test_the_reference_has_a_row_for_every_key_with_its_default_and_bounds():
+    from hawor_tune.config_reference import configuration_markdown
+
+    text = configuration_markdown()
+    rows = {line.split(" | ")[0][3:-1]: line for line in text.splitlines() if line.startswith("| `")}
+    keys = _leaves(ExperimentConfig().to_dict())
+    assert set(keys) <= set(rows) and len(keys) > 80
+    assert rows["optim.lr"] == ("| `optim.lr` | float | `0.0003` | 1e-08 to 1 | fine-tuning the hand-pretrained start "
+                                "(pretrain.lr trains it) |")
+    assert rows["train.device"].startswith("| `train.device` | str | `auto` | `auto`, `cpu`, `cuda`, `mps` |")
+    assert rows["data.cache_dir"].startswith("| `data.cache_dir` | str | `''` |  | ")
+    assert "&lt;root>/../cache" in rows["data.cache_dir"]  # not an HTML tag
+
+
+def test_the_generator_writes_the_page_and_checks_it(tmp_path, monkeypatch, capsys):
+    from hawor_tune import config_reference
+
+    page = tmp_path / "configuration.md"
+    monkeypatch.setattr(config_reference, "DOC_FILE", page)
+    assert config_reference.main(["--check"]) == 1 and not page.exists()
+    assert config_reference.main([]) == 0 and page.read_text() == config_reference.configuration_markdown()
+    assert config_reference.main(["--check"]) == 0
+    page.write_text(page.read_text().replace("AdamW", "Adam"))
+    assert config_reference.main(["--check"]) == 1
+    assert "configuration.md is stale: run python -m hawor_tune.config_reference" in capsys.readouterr().err
