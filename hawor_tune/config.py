@@ -163,7 +163,7 @@ class PretrainConfig:
 
 @dataclass
 class LossConfig:
-    """Weights of the six loss terms, the MANO-parameter term with one weight for its rotations and one for
+    """Weights of the loss terms, the MANO-parameter term with one weight for its rotations and one for
     its betas (as HaMeR weighs them); a weight of 0 skips the term. The hand terms keep HaMeR's ratios
     (geopavlakos/hamer, ``LOSS_WEIGHTS`` in ``hamer/configs_hydra``): rotations to 3D
     keypoints 1 : 50, betas at half the rotations' weight, all summed per hand-frame."""
@@ -175,6 +175,8 @@ class LossConfig:
     temporal: float = _spec(0.5, low=0.0, doc="frame-to-frame velocities of the wrist-relative joints (L1)")
     camera: float = _spec(0.5, low=0.0, doc="each frame's camera pose relative to the clip's first")
     hand_world: float = _spec(0.2, low=0.0, doc="wrists in the clip's first camera (L1)")
+    motion: float = _spec(0.5, low=0.0, doc="velocity and acceleration errors of the wrists (camera frame and the "
+                          "clip's world) and of the camera's path: smooth motion where the truth is smooth")
 
 
 @dataclass
@@ -210,6 +212,9 @@ class TrainConfig:
     max_train_batches: int = _spec(60, low=0, doc="random batches per epoch (of 180 on the CPU profile); 0 = the whole split")
     max_eval_batches: int = _spec(0, low=0, doc="cap per evaluation; 0 = the whole split")
     keep_checkpoints: int = _spec(2, low=1, high=1000, doc="epoch checkpoints kept in out_dir")
+    objective: dict = _spec({}, doc="weights of validation metrics (e.g. {mpjpe: 1, w_mpjpe: 1, accel_error: 0.5}), "
+                            "each divided by the mean-pose baseline's value on the validation split and summed: "
+                            "reported every epoch as val/objective (lower is better); {} reports none")
 
 
 @dataclass
@@ -437,6 +442,9 @@ def check_consistency(cfg: ExperimentConfig) -> None:
     if cfg.model.require_pretrained and not cfg.model.pretrained_path:
         raise ConfigError("config key 'model.pretrained_path' is empty but model.require_pretrained is true: "
                           "set it to the backbone weights this profile fine-tunes (e.g. HaMeR's checkpoint)")
+    for name, weight in cfg.train.objective.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0 or weight == float("inf"):
+            raise ConfigError(f"config key 'train.objective.{name}' must be a finite weight >= 0, got {weight!r}")
     if cfg.model.trainable_blocks and not cfg.model.freeze_backbone:
         raise ConfigError(f"config key 'model.trainable_blocks' is {cfg.model.trainable_blocks} but "
                           "model.freeze_backbone is false: it names the blocks a frozen backbone keeps training")

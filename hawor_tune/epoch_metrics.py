@@ -6,15 +6,31 @@ from __future__ import annotations
 
 import dataclasses
 
-from hawor_tune.config import LossConfig
+from hawor_tune.config import ConfigError, LossConfig
 
 LOSS_TERMS = tuple(f.name for f in dataclasses.fields(LossConfig))
 # Every metric a trial reports once per epoch; a search space's `metric` must be one of these.
 REPORTED_METRICS = (
     "val/mpjpe", "val/mpjpe_left", "val/mpjpe_right",
     "val/pa_mpjpe", "val/pa_mpjpe_left", "val/pa_mpjpe_right", "val/mpjpe_infilled",
-    "val/w_mpjpe", "val/wa_mpjpe", "val/accel_error",
+    "val/pa_mpjpe_gt_shape", "val/finger_angle_error",
+    "val/w_mpjpe", "val/wa_mpjpe", "val/accel_error", "val/rte", "val/jerk",
     "val/cam_trans_error", "val/cam_rot_error", "val/cam_accel_error", "val/cam_jerk",
     "train/loss", *(f"train/{t}" for t in LOSS_TERMS),
     "lr", "epoch", "time/epoch_s",
 )
+# The weighted objective (train.objective), reported beside them by a run that declares one.
+OBJECTIVE = "val/objective"
+
+
+def check_objective(weights: dict) -> None:
+    """Every key of ``train.objective`` names a reported validation metric (without its ``val/`` prefix).
+
+    Raises:
+        ConfigError: an unknown metric, naming the allowed ones.
+    """
+    allowed = [m[len("val/"):] for m in REPORTED_METRICS if m.startswith("val/")]
+    for name in weights:
+        if name not in allowed:
+            raise ConfigError(f"config key 'train.objective': {name!r} is not a reported validation metric "
+                              f"(allowed: {', '.join(allowed)})")

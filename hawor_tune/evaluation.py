@@ -451,3 +451,37 @@ def mean_pose_baseline(config: ExperimentConfig, split: str = "val", *,
     preds = gather(static_mean, build_dataloader(config, split, shuffle=False), cpu, desc=f"baseline {split}",
                    hide_rate=hide_rate)
     return compute_metrics(preds, fps=DATASET_FPS / config.data.frame_step)
+
+
+def objective(values: dict[str, float], baseline: dict[str, float], weights: dict[str, float]) -> float:
+    """``sum(w * values[m] / baseline[m])`` over ``weights``: each metric as a fraction of the mean-pose
+    baseline's on the same split, so that unitless weights compare millimetres with m/s^2 (1.0 per term:
+    no better than a static mean hand). nan when a term is nan."""
+    return float(sum(w * values[m] / baseline[m] for m, w in weights.items()))
+
+
+def cached_baseline(config: ExperimentConfig, split: str = "val") -> dict[str, float]:
+    """:func:`mean_pose_baseline`, computed once per dataset and data settings and cached as JSON beside the
+    dataset's other caches (every trial of a search normalises its objective by the same figures)."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from hawor_tune.atomic import atomic_write_text, build_once
+    from hawor_tune.data.cache import cache_root, spec_key
+
+    data = {k: v for k, v in dataclasses.asdict(config.data).items() if k not in ("batch_size", "num_workers")}
+    key = spec_key({"data": data, "mano": dataclasses.asdict(config.mano), "split": split,
+                    "hide_rate": INFILL_EVAL_RATE, "version": 1})
+    path = cache_root(config.data.cache_dir, config.data.root) / "baselines" / f"{split}-{key}.json"
+
+    def find() -> dict[str, float] | None:
+        try:
+            return json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def build() -> None:
+        atomic_write_text(path, json.dumps(mean_pose_baseline(config, split)))
+
+    return build_once(path, find, build)

@@ -180,6 +180,48 @@ def hand_world_loss(pred_root: torch.Tensor, pred_R: torch.Tensor, pred_t: torch
     return _mean_over(_mask_out(pred_world - gt_world, mask).abs().sum(dim=-1), mask)
 
 
+def _motion_l1(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """L1 (summed over xyz) of velocity and acceleration errors of (B, T, ..., 3) trajectories, each averaged
+    over the pairs / triples of consecutive frames that ``mask`` (B, T, ...) keeps."""
+    vel = (pred[:, 1:] - pred[:, :-1]) - (gt[:, 1:] - gt[:, :-1])
+    pairs = mask[:, 1:] & mask[:, :-1]
+    total = _mean_over(_mask_out(vel, pairs).abs().sum(-1), pairs)
+    if pred.shape[1] >= 3:
+        acc = (pred[:, 2:] - 2 * pred[:, 1:-1] + pred[:, :-2]) - (gt[:, 2:] - 2 * gt[:, 1:-1] + gt[:, :-2])
+        triples = mask[:, 2:] & mask[:, 1:-1] & mask[:, :-2]
+        total = total + _mean_over(_mask_out(acc, triples).abs().sum(-1), triples)
+    return total
+
+
+def motion_loss(pred_root: torch.Tensor, pred_R: torch.Tensor, pred_t: torch.Tensor, gt_joints: torch.Tensor,
+                gt_cam_R: torch.Tensor, gt_cam_t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Smooth motion where the truth is smooth: velocity and acceleration errors (metres per frame and per
+    frame^2, L1 over xyz) of the camera-frame wrists, of the wrists in the first camera's frame, and of the
+    camera's path, as HaWoR's and WHAM's trainings supervise motion and not only positions.
+
+    Wrists count on consecutive valid hand-frames, the camera on every frame. Zero for single-frame clips.
+
+    Args:
+        pred_root: (B, T, 2, 3) camera-frame wrists.
+        pred_R: (B, T, 3, 3), pred_t: (B, T, 3) predicted pose of camera t in camera 0.
+        gt_joints: (B, T, 2, 21, 3) camera frame.
+        gt_cam_R: (B, T, 3, 3), gt_cam_t: (B, T, 3) ground-truth world-to-camera poses.
+        mask: (B, T, 2) bool.
+
+    Returns:
+        Scalar.
+    """
+    if pred_root.shape[1] < 2:
+        return (pred_root.sum() + pred_t.sum()) * 0.0
+    gt_R, gt_t = relative_camera_pose(gt_cam_R, gt_cam_t)
+    gt_root = gt_joints[..., 0, :]  # (B, T, 2, 3)
+    pred_world = (pred_R[:, :, None] @ pred_root[..., None]).squeeze(-1) + pred_t[:, :, None]  # (B, T, 2, 3)
+    gt_world = (gt_R[:, :, None] @ gt_root[..., None]).squeeze(-1) + gt_t[:, :, None]
+    every_frame = torch.ones(pred_t.shape[:2], dtype=torch.bool, device=pred_t.device)  # (B, T)
+    return (_motion_l1(pred_root, gt_root, mask) + _motion_l1(pred_world, gt_world, mask)
+            + _motion_l1(pred_t, gt_t, every_frame))
+
+
 def compute_losses(out: HaWoROutput, batch: dict[str, torch.Tensor], weights: LossConfig
                    ) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted sum of the loss terms; a term whose weight is 0 is not computed.
@@ -206,6 +248,8 @@ def compute_losses(out: HaWoROutput, batch: dict[str, torch.Tensor], weights: Lo
         "camera": lambda: camera_loss(out.cam_R, out.cam_t, batch["cam_R"], batch["cam_t"]),
         "hand_world": lambda: hand_world_loss(out.root, out.cam_R, out.cam_t, batch["joints3d"],
                                               batch["cam_R"], batch["cam_t"], mask),
+        "motion": lambda: motion_loss(out.root, out.cam_R, out.cam_t, batch["joints3d"], batch["cam_R"],
+                                      batch["cam_t"], mask),
     }
     total = out.joints.new_zeros(())
     terms: dict[str, float] = {}

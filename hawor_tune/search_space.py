@@ -50,7 +50,7 @@ from hawor_tune.config import (
     load_config,
     parse_override,
 )
-from hawor_tune.epoch_metrics import REPORTED_METRICS
+from hawor_tune.epoch_metrics import OBJECTIVE, REPORTED_METRICS, check_objective
 from hawor_tune.errors import HaworTuneError
 
 logger = logging.getLogger(__name__)
@@ -290,7 +290,18 @@ def load_search_space(path: str | os.PathLike, *, extra_overrides: Iterable[str]
     if fixed != overrides:
         cfg = build(fixed, "--set", "fix that --set value")
 
-    metrics, modes = check.objectives(raw["metric"], raw["mode"], REPORTED_METRICS)
+    metrics, modes = check.objectives(raw["metric"], raw["mode"], (*REPORTED_METRICS, OBJECTIVE))
+    if OBJECTIVE in metrics:
+        if not cfg.train.objective:
+            raise check.error("metric", f"{OBJECTIVE} is the weighted objective the trials report when the training "
+                              "config declares one: set train.objective in overrides, e.g. overrides: "
+                              "{train.objective: {mpjpe: 1.0, w_mpjpe: 1.0, accel_error: 0.5}}")
+        if modes[metrics.index(OBJECTIVE)] != "min":
+            raise check.error("mode", f"{OBJECTIVE} is a sum of errors over the baseline's: its mode is min")
+    try:
+        check_objective(cfg.train.objective)
+    except ConfigError as e:
+        raise check.error("overrides", str(e)) from None
     num_samples = check.integer("num_samples", raw["num_samples"], low=1)
     max_concurrent = check.integer("max_concurrent", raw.get("max_concurrent", 1), low=1)
 

@@ -35,8 +35,9 @@ from hawor_tune.checkpoint import (
 )
 from hawor_tune.cli import ArgumentParser, fail
 from hawor_tune.config import ExperimentConfig, load_config, save_config
+from hawor_tune.epoch_metrics import OBJECTIVE, check_objective
 from hawor_tune.errors import HaworTuneError
-from hawor_tune.evaluation import evaluate
+from hawor_tune.evaluation import cached_baseline, evaluate, objective
 from hawor_tune.losses import compute_losses
 from hawor_tune.model import run_model
 from hawor_tune.runtime import (
@@ -222,6 +223,10 @@ def fit(config: ExperimentConfig, on_epoch: EpochHook | None = None,
 
     train_loader = build_dataloader(cfg, "train", shuffle=True, seed=cfg.train.seed)
     val_loader = build_dataloader(cfg, "val", shuffle=False)
+    baseline = None
+    if cfg.train.objective:
+        check_objective(cfg.train.objective)
+        baseline = cached_baseline(cfg, "val")
     state = load_checkpoint(resume_from, map_location=device) if resume_from is not None else None
     model = build_model(cfg, pretrained=state is None or needs_pretrained(state))
     if state is None and model.flow_head is not None and cfg.data.seq_len > 1:  # one frame has no flow
@@ -262,6 +267,8 @@ def fit(config: ExperimentConfig, on_epoch: EpochHook | None = None,
                   "time/epoch_s": time.perf_counter() - t0}
         record.update({f"train/{k}": v for k, v in losses.items()})
         record.update({f"val/{k}": v for k, v in val.items()})
+        if baseline is not None:
+            record[OBJECTIVE] = objective(val, baseline, cfg.train.objective)
         history.append(record)
         checkpoint_dir = str(save_checkpoint(ckpt_root / f"epoch_{epoch:04d}", model=model, config=cfg,
                                              epoch=epoch, optimizer=optimizer, scheduler=scheduler,
@@ -272,8 +279,9 @@ def fit(config: ExperimentConfig, on_epoch: EpochHook | None = None,
                if math.isfinite(val["cam_trans_error"]) else "n/a")
         print(f"epoch {epoch:3d}/{cfg.train.epochs}  loss {losses['loss']:.4f}  "
               f"val MPJPE {val['mpjpe']:.1f} mm (L {val['mpjpe_left']:.1f} / R {val['mpjpe_right']:.1f})  "
-              f"PA-MPJPE {val['pa_mpjpe']:.1f} mm  cam {cam}  lr {record['lr']:.2e}  {record['time/epoch_s']:.1f} s",
-              flush=True)
+              f"PA-MPJPE {val['pa_mpjpe']:.1f} mm  W-MPJPE {val['w_mpjpe']:.1f} mm  accel {val['accel_error']:.1f} m/s^2  "
+              f"cam {cam}  " + (f"objective {record[OBJECTIVE]:.3f}  " if baseline is not None else "") +
+              f"lr {record['lr']:.2e}  {record['time/epoch_s']:.1f} s", flush=True)
         if on_epoch is not None:
             on_epoch(record, checkpoint_dir)
     return FitResult("completed", f"trained {last_epoch} epochs", len(history), history, checkpoint_dir, model)

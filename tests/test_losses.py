@@ -255,6 +255,43 @@ def test_camera_known_rotation_and_translation() -> None:
     assert terms["camera"] > 0.0
 
 
+def test_motion_known_velocity_acceleration_and_mask() -> None:
+    B, T = 2, 5
+    out, batch = _case(B=B, T=T)
+    batch["cam_R"] = torch.eye(3).expand(B, T, 3, 3).clone()  # a still camera: world = camera frame
+    batch["cam_t"] = torch.zeros(B, T, 3)
+    batch["hand_valid"][:] = True
+    gt = batch["joints3d"]
+    t = torch.arange(T, dtype=torch.float32)
+    root = gt[..., 0, :].clone()
+    root[..., 0] += (0.01 * t ** 2).view(1, T, 1)  # x off by 1 cm x t^2: velocity error 1, 3, 5, 7 cm; accel 2 cm
+    root[1, 2, 0] += 5.0  # garbage in an invalid frame: every pair and triple touching it is left out
+    _invalidate(batch, [(1, 2, 0)])
+    root.requires_grad_()
+    eye, zero = torch.eye(3).expand(B, T, 3, 3), torch.zeros(B, T, 3)
+    value = losses.motion_loss(root, eye, zero, gt, batch["cam_R"], batch["cam_t"], batch["hand_valid"])
+    # Velocity pairs: clip 0 both hands and clip 1's right hand have all 4 pairs (1+3+5+7 cm); clip 1's left
+    # hand keeps pairs (0,1) and (3,4): 1 and 7 cm. Triples: 3 with 2 cm each, and clip 1's left hand none.
+    vel = (3 * (0.01 + 0.03 + 0.05 + 0.07) + 0.01 + 0.07) / (3 * 4 + 2)
+    acc = 0.02
+    # Camera frame and world (the same here), and a perfect camera path.
+    assert value.item() == pytest.approx(2 * (vel + acc), rel=1e-4)
+    assert _grad_is_finite(value, root)
+
+
+def test_motion_sees_a_shaking_camera() -> None:
+    B, T = 1, 4
+    out, batch = _case(B=B, T=T)
+    batch["cam_R"] = torch.eye(3).expand(B, T, 3, 3).clone()
+    batch["cam_t"] = torch.zeros(B, T, 3)
+    batch["hand_valid"][:] = False  # the camera's path counts on every frame
+    pred_t = torch.zeros(B, T, 3)
+    pred_t[0, :, 1] = torch.tensor([0.0, 0.01, 0.0, 0.01])  # a 1 cm zig-zag on a still camera
+    value = losses.motion_loss(out.root, torch.eye(3).expand(B, T, 3, 3), pred_t, batch["joints3d"],
+                               batch["cam_R"], batch["cam_t"], batch["hand_valid"])
+    assert value.item() == pytest.approx(0.01 + 0.02 * 2 / 2, rel=1e-4)  # velocity 1 cm; accel 2 cm
+
+
 def test_hand_world_known_offset_and_mask() -> None:
     out, batch = _case()
     _invalidate(batch, [(0, 1, 1), (1, 0, 0)])
@@ -314,7 +351,7 @@ def test_total_is_the_weighted_sum_of_the_terms() -> None:
 
 _FUNCTIONS = {"mano_params": "mano_params_loss", "betas": "betas_loss", "keypoint_3d": "keypoint_3d_loss",
               "keypoint_2d": "keypoint_2d_loss", "temporal": "temporal_loss", "camera": "camera_loss",
-              "hand_world": "hand_world_loss"}
+              "hand_world": "hand_world_loss", "motion": "motion_loss"}
 
 
 @pytest.mark.parametrize("skipped", TERMS)

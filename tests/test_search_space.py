@@ -37,8 +37,11 @@ def test_shipped_spaces_load_and_start_from_the_base_config(name):
     assert space.base == REPO / "configs" / "tiny.yaml"
     # hand_camera.yaml is the multi-objective example: hands and camera at once, every trial run in full
     multi = name == "hand_camera.yaml"
+    # The loss weights are judged by the world-aware objective; lr_seq's parameters by the pose alone.
+    metric = {"loss_weights.yaml": "val/objective", "full.yaml": "val/objective"}.get(name, "val/mpjpe")
     assert (space.metric, space.mode, space.search_algorithm, space.scheduler_type) == \
-        ("val/mpjpe", "min", "optuna", "fifo" if multi else "asha")
+        (metric, "min", "optuna", "fifo" if multi else "asha")
+    assert bool(cfg.train.objective) == (metric == "val/objective")
     assert space.objectives[1:] == ((("val/cam_trans_error", "min"),) if multi else ())
     assert space.max_epochs == cfg.train.epochs
     assert (space.resources_cpu, space.resources_gpu, space.max_concurrent) == (1.0, 0.0, 2)
@@ -49,16 +52,28 @@ def test_shipped_spaces_load_and_start_from_the_base_config(name):
 @pytest.mark.skipif(not (REPO / "configs" / "tiny.yaml").is_file(), reason="configs/tiny.yaml not written yet")
 def test_full_space_is_the_union_of_the_other_two():
     spaces = {n: load_search_space(REPO / "search_spaces" / f"{n}.yaml") for n in ("loss_weights", "lr_seq", "full")}
-    # The default space searches the weights a wrist-relative MPJPE can reward; full.yaml adds the camera and
-    # world-space weights (a metric they cannot move would only push them to 0), and the betas' own weight
-    # (the default space keeps it at HaMeR's half of the rotations' weight).
-    hand_terms = {f"loss.{f.name}" for f in dataclasses.fields(LossConfig)} - {"loss.camera", "loss.hand_world"}
-    assert set(spaces["loss_weights"].params) == hand_terms - {"loss.betas"}
-    assert set(spaces["full"].params) == (hand_terms | {"loss.camera", "loss.hand_world"}
-                                          | set(spaces["lr_seq"].params))
+    # The default space searches every weight its objective (pose, world placement, smoothness) can reward but
+    # the betas' and the 2D keypoints' (kept at HaMeR's ratios); full.yaml adds those two and lr_seq's.
+    every_term = {f"loss.{f.name}" for f in dataclasses.fields(LossConfig)}
+    assert set(spaces["loss_weights"].params) == every_term - {"loss.betas", "loss.keypoint_2d"}
+    assert set(spaces["full"].params) == every_term | set(spaces["lr_seq"].params)
+    assert spaces["full"].trial_config().train.objective == spaces["loss_weights"].trial_config().train.objective
     for name in (*spaces["loss_weights"].params, *spaces["lr_seq"].params):
         assert spaces["full"].params[name] == {**spaces["loss_weights"].params, **spaces["lr_seq"].params}[name]
     assert spaces["loss_weights"].num_samples == 8  # the issue asks for at least 8; sized to fit 10 minutes
+
+
+def test_the_objective_needs_a_declared_weighting_of_reported_metrics(tmp_path):
+    with pytest.raises(SearchSpaceError, match="val/objective is the weighted objective"):
+        load_search_space(write_space(tmp_path, metric="val/objective"))
+    with pytest.raises(SearchSpaceError, match="'wiggle' is not a reported validation metric"):
+        load_search_space(write_space(tmp_path, metric="val/objective", overrides={"train.objective": {"wiggle": 1.0}}))
+    with pytest.raises(SearchSpaceError, match="its mode is min"):
+        load_search_space(write_space(tmp_path, metric="val/objective", mode="max",
+                                      overrides={"train.objective": {"mpjpe": 1.0}}))
+    space = load_search_space(write_space(tmp_path, metric="val/objective",
+                                          overrides={"train.objective": {"mpjpe": 1.0, "accel_error": 0.5}}))
+    assert space.trial_config().train.objective == {"mpjpe": 1.0, "accel_error": 0.5}
 
 
 # --- defaults and field values ------------------------------------------------------------------------
@@ -320,7 +335,7 @@ def test_module_loads_a_space_without_torch_ray_or_optuna():
     # hawor_tune.epoch_metrics, not from the trainer (whose torch, timm and torchvision imports take seconds).
     code = ("import sys\nfor m in ('torch', 'ray', 'optuna', 'timm'): sys.modules[m] = None\n"
             "from hawor_tune.search_space import load_search_space\n"
-            "assert load_search_space('search_spaces/loss_weights.yaml').metric == 'val/mpjpe'")
+            "assert load_search_space('search_spaces/loss_weights.yaml').metric == 'val/objective'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 

@@ -10,7 +10,7 @@ from conftest import TINY_MODEL_OVERRIDES
 
 from hawor_tune import train
 from hawor_tune.checkpoint import export_model, latest_checkpoint, load_checkpoint, load_model
-from hawor_tune.config import save_config
+from hawor_tune.config import ConfigError, save_config
 from hawor_tune.epoch_metrics import REPORTED_METRICS
 from hawor_tune.evaluation import evaluate, mean_pose_baseline
 from hawor_tune.flow_fit import ensure_flow_fit
@@ -148,3 +148,15 @@ def test_cli_bad_override_exits_2(tmp_path, capsys):
     assert train.main(["--config", str(tiny), "optim.lr=-3"]) == 2
     err = capsys.readouterr().err
     assert "optim.lr" in err and "-3" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_declared_objective_is_reported_every_epoch_over_the_baselines_figures(tiny_cfg):
+    weights = {"mpjpe": 1.0, "w_mpjpe": 1.0, "accel_error": 0.5}
+    cfg = tiny_cfg(train__epochs=2, train__objective=weights)
+    result = fit(cfg)
+    baseline = mean_pose_baseline(cfg, "val")  # computed afresh: the run read its cached copy
+    for record in result.history:
+        expected = sum(w * record[f"val/{m}"] / baseline[m] for m, w in weights.items())
+        assert record["val/objective"] == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(ConfigError, match="'wiggle' is not a reported validation metric"):
+        fit(tiny_cfg(train__objective={"wiggle": 1.0}))
