@@ -53,6 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, help="epochs to train (default: the base config's full budget)")
     p.add_argument("--train-on-val", action="store_true", help="fold the validation split into training")
     p.add_argument("--seed", type=int, help="training seed (default: the config's)")
+    p.add_argument("--compare", type=int, default=2, metavar="N",
+                   help="also retrain the winner and the space's base config on N seeds each (the winner's first "
+                        "run is the one reported) and say what the search bought, beyond the seed spread "
+                        "(default: %(default)s; 0 skips; needs a search)")
     p.add_argument("--out", help="output folder (default: <experiment>/best, or runs/best for --config)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted retrain in --out")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
@@ -66,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--mlflow logs a retrain; it does not go with --eval-only")
     if args.epochs is not None and args.epochs < 1:
         p.error(f"--epochs must be >= 1, got {args.epochs}")
+    if args.compare == 1 or args.compare < 0:
+        p.error(f"--compare must be 0 (skip) or at least 2 seeds (a spread needs two), got {args.compare}")
     return args
 
 
@@ -140,8 +146,21 @@ def _run(args: argparse.Namespace) -> int:
 
     split, notice, boxes = _evaluation_plan(cfg, args.boxes)  # before training: bad boxes fail in seconds
     result = retrain(cfg, out, resume=args.resume)
+    comparison = None
+    if exp is not None and args.compare:
+        from hawor_tune.evaluation import evaluate
+        from hawor_tune.retrain import base_config, compare_with_base
+
+        seeds = [cfg.train.seed + i for i in range(args.compare)]
+        base = base_config(exp, overrides=overrides)
+        print(f"comparing with the space's base config: {2 * len(seeds) - 1} more retrains (seeds {seeds})")
+        comparison = compare_with_base(cfg, base, out / "compare", seeds=seeds, split=split,
+                                       first=evaluate(result.model, split, cfg))
+        for name, r in comparison["metrics"].items():
+            print(f"  {name}: winner {r['winner']:.3f} +- {r['winner_spread']:.3f}, base {r['base']:.3f} +- "
+                  f"{r['base_spread']:.3f}: {'better beyond 2x the spread' if r['beats'] else 'not clearly better'}")
     summary = evaluate_and_report(result.model, cfg, out, history=result.history, exp=exp, chosen=chosen,
-                                  split=split, notice=notice)
+                                  split=split, notice=notice, comparison=comparison)
     t, b = summary[split], summary["baseline"]
     print(f"{split} MPJPE {t['mpjpe']:.1f} mm (mean-pose baseline {b['mpjpe']:.1f} mm), PA-MPJPE {t['pa_mpjpe']:.1f} mm, "
           f"WA-MPJPE {t['wa_mpjpe']:.1f} mm, camera {t['cam_trans_error']:.1f} mm / {t['cam_rot_error']:.2f} deg")

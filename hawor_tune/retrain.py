@@ -21,7 +21,7 @@ import torch
 
 from hawor_tune import report
 from hawor_tune.atomic import atomic_write_text
-from hawor_tune.config import ExperimentConfig, save_config
+from hawor_tune.config import ExperimentConfig, load_config, save_config
 from hawor_tune.errors import HaworTuneError
 from hawor_tune.model import run_model
 from hawor_tune.results import (
@@ -228,10 +228,58 @@ def _trajectory(preds: Any) -> dict[str, np.ndarray]:
     return {"gt": np.concatenate(gt), "pred": np.concatenate(pred), "segments": np.concatenate(seg)}
 
 
+def base_config(exp: Experiment, *, overrides: dict[str, Any]) -> ExperimentConfig:
+    """The search space's base configuration (its own values of the searched parameters) with the same full
+    budget and overrides as :func:`best_config` gives the winner."""
+    return exp.record.space.trial_config({}, {**exp.record.full_budget, **overrides})
+
+
+def compare_with_base(winner: ExperimentConfig, base: ExperimentConfig, out_dir: str | os.PathLike, *,
+                      seeds: list[int], split: str, first: dict[str, float] | None = None) -> dict[str, Any]:
+    """Retrain the winner and the base config on each seed and score both on ``split``.
+
+    Reported per metric of the winner's ``train.objective`` (and the objective itself, each term over the
+    mean-pose baseline's on ``split``), or MPJPE when it declares none: the mean over the seeds, half their
+    range, and whether the winner is lower by more than twice the larger half-range.
+
+    Args:
+        winner, base: the two configs (their train.seed is replaced by each seed).
+        out_dir: where the runs go (``<out_dir>/<winner|base>-seed<N>``).
+        seeds: training seeds, at least two.
+        split: the split scored.
+        first: the winner's metrics on ``split`` for ``seeds[0]`` when already trained and scored.
+    """
+    from hawor_tune.evaluation import cached_baseline, evaluate, objective
+
+    out_dir = Path(out_dir)
+    weights = dict(winner.train.objective) or {"mpjpe": 1.0}
+    reference = cached_baseline(winner, split)
+    scores: dict[str, list[dict[str, float]]] = {"winner": [], "base": []}
+    for name, cfg in (("winner", winner), ("base", base)):
+        for seed in seeds:
+            if name == "winner" and seed == seeds[0] and first is not None:
+                m = dict(first)
+            else:
+                run = out_dir / f"{name}-seed{seed}"
+                c = load_config(cfg.to_dict(), {"train.seed": seed, "train.out_dir": str(run / "run")})
+                log.info("comparison: training the %s with seed %d", name, seed)
+                m = evaluate(retrain(c, run).model, split, c)
+            m["objective"] = objective(m, reference, weights)
+            scores[name].append(m)
+    table = {}
+    for metric in ("objective", *weights):
+        w = np.array([m[metric] for m in scores["winner"]])
+        b = np.array([m[metric] for m in scores["base"]])
+        ws, bs = float(np.ptp(w) / 2), float(np.ptp(b) / 2)
+        table[metric] = {"winner": float(w.mean()), "winner_spread": ws, "base": float(b.mean()),
+                         "base_spread": bs, "beats": bool(b.mean() - w.mean() > 2 * max(ws, bs))}
+    return {"seeds": list(seeds), "split": split, "weights": weights, "metrics": table}
+
+
 def evaluate_and_report(model: torch.nn.Module, cfg: ExperimentConfig, out_dir: str | os.PathLike, *,
                         history: list[dict[str, float]] | None = None, exp: Experiment | None = None,
                         chosen: dict[str, Any] | None = None, split: str = "test",
-                        notice: str | None = None) -> dict[str, Any]:
+                        notice: str | None = None, comparison: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate on ``split`` beside the mean-pose baseline; write metrics.json, report.md and figures/.
 
     ``notice`` (say, why the split is not test: :func:`evaluation_split`) opens the report and is kept in
@@ -283,10 +331,10 @@ def evaluate_and_report(model: torch.nn.Module, cfg: ExperimentConfig, out_dir: 
                   "metric": metric, "val_value": chosen["value"], "epochs": chosen["epoch"],
                   "config_path": str(out_dir / "config.yaml"), "importance": importance}
     result = {"split": split, split: test, "baseline": baseline, "notice": notice, "search": search,
-              "model": str(out_dir / MODEL_FILE), "figures": figures, "notes": notes}
+              "model": str(out_dir / MODEL_FILE), "figures": figures, "notes": notes, "comparison": comparison}
     atomic_write_text(out_dir / METRICS_FILE, json.dumps(result, indent=2, default=_json_default, allow_nan=True))
     report.write_report(out_dir, metrics=test, baseline=baseline, search=search, figures=figures, notes=notes,
-                        split=split, notice=notice)
+                        split=split, notice=notice, comparison=comparison)
     return result
 
 

@@ -13,7 +13,14 @@ from conftest import write_search_space
 
 import run_best
 from hawor_tune.results import ExperimentRecord, read_rows, summarize_trials, write_parquet_atomic
-from hawor_tune.retrain import Experiment, SelectionError, best_config, choose_best_trial, load_experiment
+from hawor_tune.retrain import (
+    MODEL_FILE,
+    Experiment,
+    SelectionError,
+    best_config,
+    choose_best_trial,
+    load_experiment,
+)
 from hawor_tune.search_space import load_search_space
 
 # What metrics.json must hold for the test split (issue: per hand, per joint/finger, the infilled frames, accel,
@@ -74,7 +81,23 @@ def test_run_best_end_to_end_and_eval_only_reproduces(tiny_search, tmp_path, cap
         section, key = p.split(".")
         assert state["config"][section][key] == pytest.approx(trial[f"param/{p}"])
     assert (out / "config.yaml").is_file()
+    # What the search bought: the winner and the space's base config, two seeds each, on test.
+    comparison = metrics["comparison"]
+    assert comparison["seeds"] == [0, 1] and set(comparison["metrics"]) == {"objective", "mpjpe"}
+    for name in ("base-seed0", "base-seed1", "winner-seed1"):
+        assert (out / "compare" / name / MODEL_FILE).is_file(), name
+    from hawor_tune.checkpoint import load_model
+    from hawor_tune.evaluation import evaluate
+
+    second_model, second_cfg = load_model(out / "compare" / "winner-seed1" / MODEL_FILE)
+    assert second_cfg.train.seed == 1
+    first, second = metrics["test"]["mpjpe"], evaluate(second_model, "test", second_cfg)["mpjpe"]
+    row = comparison["metrics"]["mpjpe"]
+    assert row["winner"] == pytest.approx((first + second) / 2, rel=1e-6)
+    assert row["winner_spread"] == pytest.approx(abs(first - second) / 2, rel=1e-6, abs=1e-9)
+    assert row["beats"] == (row["base"] - row["winner"] > 2 * max(row["winner_spread"], row["base_spread"]))
     report = (out / "report.md").read_text()
+    assert "## What the search bought" in report
     assert f"{metrics['test']['mpjpe']:.2f}" in report
     for name in ("training_curves", "trial_curves", "params_vs_metric", "importance", "per_finger", "skeletons",
                  "camera_trajectory"):

@@ -21,6 +21,9 @@ _WORLD_ROWS = (("w_mpjpe", "W-MPJPE (whole sequences in world coordinates, 100-f
                             "first two frames; WHAM's protocol)"),
                ("wa_mpjpe", "WA-MPJPE (as W-MPJPE, each chunk aligned on all its frames)"),
                ("accel_error", "acceleration error of the world joints"),
+               ("rte", "RTE: the wrist's path rigidly aligned over the sequence, over its length (HaWoR's)"),
+               ("w_mpjpe_infilled", "W-MPJPE of the infilled frames"),
+               ("accel_error_infilled", "acceleration error at the infilled frames"),
                ("jerk", "jerk of predicted world joints"),
                ("jerk_gt", "jerk of ground-truth world joints (reference)"),
                ("clip_w_mpjpe", "clip-level W-MPJPE (each clip in its first camera, one chunk per clip)"),
@@ -35,6 +38,22 @@ _WORLD_ROWS = (("w_mpjpe", "W-MPJPE (whole sequences in world coordinates, 100-f
                ("infilled_hand_frames", "valid hand-frames hidden from the model (mpjpe_infilled's frames)"))
 
 # ---- report.md -------------------------------------------------------------------------------------------
+
+def _comparison(c: Mapping[str, Any], split: str) -> list[str]:
+    """The 'what the search bought' section: the winner against the space's base config, both retrained
+    with the same budget and seeds, each metric's mean and half-range over the seeds."""
+    lines = ["## What the search bought", "",
+             f"The winner and the search space's base configuration (its own values of the searched parameters), "
+             f"each retrained with the same budget and seeds {list(c['seeds'])}, on the {split} split: mean "
+             f"+- half the range over the seeds. A difference counts when it exceeds twice the larger spread.", ""]
+    rows = []
+    for name, r in c["metrics"].items():
+        rows.append([name, f"{_fmt(r['winner'])} +- {_fmt(r['winner_spread'])}",
+                     f"{_fmt(r['base'])} +- {_fmt(r['base_spread'])}", _fmt(r["winner"] - r["base"]),
+                     "yes" if r["beats"] else "no"])
+    return lines + _table(("metric", "winner", "base", "winner - base", "winner better beyond 2x spread"),
+                          rows) + [""]
+
 
 def _fmt(value: Any) -> str:
     """A table cell: floats with 2 decimals (3 significant digits when tiny or huge), 'n/a' when missing."""
@@ -63,7 +82,7 @@ def _figure_link(out_dir: Path, path: str) -> str:
 def write_report(out_dir: str | os.PathLike, *, metrics: Mapping[str, float],
                  baseline: Mapping[str, float] | None, search: Mapping[str, Any] | None,
                  figures: Mapping[str, str], notes: Sequence[str] = (), split: str = "test",
-                 notice: str | None = None) -> Path:
+                 notice: str | None = None, comparison: Mapping[str, Any] | None = None) -> Path:
     """Write ``out_dir/report.md`` (atomically) and return its path.
 
     Args:
@@ -77,6 +96,7 @@ def write_report(out_dir: str | os.PathLike, *, metrics: Mapping[str, float],
         notes: free-text lines listed at the end (e.g. why a figure is missing).
         split: the split ``metrics`` were computed on; it names the results' columns.
         notice: a paragraph shown right under the title (e.g. why ``split`` is not test).
+        comparison: what the search bought (:func:`hawor_tune.retrain.compare_with_base`), or None.
 
     Missing keys are shown as ``n/a``.
     """
@@ -127,6 +147,8 @@ def write_report(out_dir: str | os.PathLike, *, metrics: Mapping[str, float],
     header = ("metric", "unit", split, f"mean-pose baseline ({split})", *(("search best (val)",) if search else ()))
     lines += [f"## Results ({split} split)", ""]
     lines += _table(header, [row("mpjpe", "MPJPE (wrist-relative, observed frames)"), row("pa_mpjpe", "PA-MPJPE"),
+                             row("pa_mpjpe_gt_shape", "PA-MPJPE of the predicted pose on the true shape"),
+                             row("finger_angle_error", "finger joint-angle error (15 joints)"),
                              row("mpjpe_infilled", "MPJPE of the infilled frames (hidden from the model)")]) + [""]
     lines += ["### Per hand", ""]
     lines += _table(header, [row(f"{m}_{h}", f"{label}, {h}") for h in HANDS
@@ -148,6 +170,8 @@ def write_report(out_dir: str | os.PathLike, *, metrics: Mapping[str, float],
     if others:
         lines += ["### Other metrics", ""] + _table(header, [row(k) for k in others]) + [""]
 
+    if comparison:
+        lines += _comparison(comparison, split)
     lines += ["## Figures", ""]
     if figures:
         for caption, fig_path in figures.items():
