@@ -285,7 +285,7 @@ def evaluate_and_report(model: torch.nn.Module, cfg: ExperimentConfig, out_dir: 
     ``notice`` (say, why the split is not test: :func:`evaluation_split`) opens the report and is kept in
     metrics.json; the metrics are stored under the split's name.
     """
-    from hawor_tune.evaluation import evaluate, mean_pose_baseline
+    from hawor_tune.evaluation import DATASET_FPS, evaluate, mean_pose_baseline, world_sequences
 
     out_dir = Path(out_dir)
     fig_dir = out_dir / "figures"
@@ -310,6 +310,9 @@ def evaluate_and_report(model: torch.nn.Module, cfg: ExperimentConfig, out_dir: 
     figure("skeletons", report.plot_skeleton_overlays, ov["images"], ov["pred2d"], ov["gt2d"], ov["valid"])
     traj = _trajectory(preds)
     figure("camera_trajectory", report.plot_camera_trajectory, traj["gt"], traj["pred"], segments=traj["segments"])
+    first = world_sequences(preds)[0]  # the same sequence, its wrists in its world (the first camera)
+    figure("wrist_trajectories", report.plot_wrist_trajectories, first.gt_joints[:, :, 0], first.pred_joints[:, :, 0],
+           first.valid, fps=DATASET_FPS / cfg.data.frame_step)
     search = None
     if exp is not None and chosen is not None:
         space = exp.record.space

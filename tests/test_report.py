@@ -81,6 +81,7 @@ def _trajectory(path: Path) -> Path:
     return report.plot_camera_trajectory(gt, gt * 1.1 + 0.05, path, segments=np.repeat(np.arange(4), 10))
 
 
+_T = np.linspace(0, 2 * np.pi, 40)  # a circle traced by both wrists
 PLOTS = {
     "training_curves": lambda p: report.plot_training_curves(history(), p),
     "trial_curves": lambda p: report.plot_trial_curves(*search_rows(), "val/mpjpe", p, best_trial_id="t0"),
@@ -92,6 +93,10 @@ PLOTS = {
     "per_finger_no_baseline": lambda p: report.plot_per_finger(sample_metrics(), p),
     "skeleton_overlays": _overlays,
     "camera_trajectory": _trajectory,
+    "wrist_trajectories": lambda p: report.plot_wrist_trajectories(
+        np.stack([np.stack([np.cos(_T), 0.1 * _T, np.sin(_T) + h], -1) for h in (0, 1)], 1),
+        np.stack([np.stack([np.cos(_T) + 0.02, 0.1 * _T, np.sin(_T) + h], -1) for h in (0, 1)], 1),
+        np.arange(80).reshape(40, 2) % 7 != 3, p),  # gaps: frames a hand is not valid
 }
 
 

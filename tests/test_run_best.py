@@ -100,7 +100,7 @@ def test_run_best_end_to_end_and_eval_only_reproduces(tiny_search, tmp_path, cap
     assert "## What the search bought" in report
     assert f"{metrics['test']['mpjpe']:.2f}" in report
     for name in ("training_curves", "trial_curves", "params_vs_metric", "importance", "per_finger", "skeletons",
-                 "camera_trajectory"):
+                 "camera_trajectory", "wrist_trajectories"):
         assert name in metrics["figures"], (name, metrics["notes"])
         path = out / metrics["figures"][name]
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

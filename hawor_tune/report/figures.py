@@ -513,3 +513,43 @@ def plot_camera_trajectory(gt_positions: np.ndarray, pred_positions: np.ndarray,
     return _save(fig, path)
 
 
+def plot_wrist_trajectories(gt: np.ndarray, pred: np.ndarray, valid: np.ndarray, path: str | os.PathLike, *,
+                            fps: float = 30.0) -> Path:
+    """Both wrists' world trajectories of one sequence, prediction against ground truth: a top view (world
+    x-z, equal aspect) and x, y, z over time. Frames where a hand is not valid are gaps.
+
+    Args:
+        gt, pred: (N, 2, 3) wrists (left, right) in the sequence's world (its first camera), metres.
+        valid: (N, 2) bool.
+        path: the PNG to write.
+        fps: frame rate of the frames, for the time axis.
+    """
+    g = _array("plot_wrist_trajectories: gt", gt, (None, 2, 3))
+    p = _array("plot_wrist_trajectories: pred", pred, (len(g), 2, 3))
+    v = _array("plot_wrist_trajectories: valid", valid, (len(g), 2), bool)
+    if not v.any():
+        raise ValueError("plot_wrist_trajectories: no valid frame to plot")
+    t = np.arange(len(g)) / fps
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
+    colors = {0: "tab:blue", 1: "tab:orange"}  # left, right
+
+    def gaps(x: np.ndarray, h: int) -> np.ndarray:
+        return np.where(v[:, h, None], x[:, h], np.nan)  # (N, 3)
+
+    top = axes[0, 0]
+    for h, hand in enumerate(("left", "right")):
+        for x, style, what in ((g, "-", "ground truth"), (p, "--", "prediction")):
+            y = gaps(x, h)
+            top.plot(y[:, 0], y[:, 2], style, color=colors[h], lw=1.3, label=f"{hand}, {what}")
+    top.set_aspect("equal", adjustable="datalim")
+    top.set(title="Wrists, top view", xlabel="world x (m)", ylabel="world z (m)")
+    top.legend(fontsize=7)
+    for ax, k, name in ((axes[0, 1], 0, "x"), (axes[1, 0], 1, "y"), (axes[1, 1], 2, "z")):
+        for h in range(2):
+            ax.plot(t, gaps(g, h)[:, k], "-", color=colors[h], lw=1.3)
+            ax.plot(t, gaps(p, h)[:, k], "--", color=colors[h], lw=1.3)
+        ax.set(title=f"Wrists, world {name} over time", xlabel="time (s)", ylabel=f"{name} (m)")
+    for ax in axes.flat:
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
