@@ -93,8 +93,7 @@ def build_optimizer(model: nn.Module, cfg: ExperimentConfig) -> torch.optim.Adam
     for p in model.parameters():
         if p.requires_grad:
             groups[(id(p) in pretrained, p.ndim >= 2)].append(p)
-    # fused: one kernel for all tensors; on a CPU the per-tensor loop took a quarter of a training step
-    # (measured 0.07 s against 0.25 s with foreach for 12 M parameters on one thread).
+    # fused: one kernel for all tensors; on a CPU the per-tensor loop is a large share of a small model's step.
     return torch.optim.AdamW(
         [{"params": params, "weight_decay": o.weight_decay if decay else 0.0,
           "lr": o.lr * (o.backbone_lr_scale if part else 1.0)}

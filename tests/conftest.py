@@ -16,11 +16,16 @@ small enough to train in tests.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import pickle
+import sys
+import types
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 
@@ -318,3 +323,92 @@ def write_box_files(dataset: SyntheticDataset, folder: Path, split: str, *, intr
         path.write_text(json.dumps(entry))
         written[name] = entry
     return written
+
+
+# ---- MANO files in the official format (tests/test_mano.py, the GPU profile's end-to-end test) -------------
+
+MANO_PARENTS = [4294967295, 0, 1, 2, 0, 4, 5, 0, 7, 8, 0, 10, 11, 0, 13, 14]
+FAKE_MODULES = ("chumpy", "chumpy.ch", "chumpy.reordering", "scipy", "scipy.sparse", "scipy.sparse.csc")
+
+
+def random_official_mano(seed: int, num_vertices: int = 778) -> dict[str, np.ndarray]:
+    """A MANO-shaped model with random content (778 vertices so the official tip ids are valid)."""
+    rng = np.random.default_rng(seed)
+    V = num_vertices
+    regressor = np.zeros((16, V))
+    for j in range(16):  # like MANO's: each joint from a few vertices, rows summing to 1
+        ids = rng.choice(V, 12, replace=False)
+        w = rng.uniform(0.1, 1.0, 12)
+        regressor[j, ids] = w / w.sum()
+    weights = rng.uniform(0, 1, (V, 16)) ** 4
+    return {
+        "v_template": rng.normal(0, 0.05, (V, 3)),
+        "shapedirs": rng.normal(0, 0.002, (V, 3, 10)),
+        "posedirs": rng.normal(0, 0.002, (V, 3, 135)),
+        "J_regressor": regressor,
+        "weights": weights / weights.sum(1, keepdims=True),
+        "kintree_table": np.array([MANO_PARENTS, list(range(16))], dtype=np.int64),
+        "f": rng.integers(0, V, (1538, 3)),
+        "hands_components": np.linalg.qr(rng.normal(size=(45, 45)))[0],
+        "hands_mean": rng.normal(0, 0.2, 45),
+    }
+
+
+@contextlib.contextmanager
+def _fake_chumpy_and_scipy() -> Iterator[dict[str, type]]:
+    """Stand-in modules chumpy.ch, chumpy.reordering and scipy.sparse.csc, present only inside the block."""
+    assert not any(name in sys.modules for name in FAKE_MODULES), "the test needs chumpy/scipy absent"
+    modules = {name: types.ModuleType(name) for name in FAKE_MODULES}
+
+    class Ch:  # chumpy pickles its __dict__ minus two weak dicts; 'x' holds the array
+        def __init__(self, x: np.ndarray) -> None:
+            self.x, self._dirty_vars, self._itr, self._depends_on_deps = x, set(), None, {}
+            self._make_dense = self._make_sparse = False
+
+    class Select:  # chumpy.reordering.Select: a.r.ravel()[idxs].reshape(preferred_shape)
+        def __init__(self, a: Ch, idxs: np.ndarray, preferred_shape: tuple[int, ...]) -> None:
+            self.a, self.idxs, self.preferred_shape, self._dirty_vars = a, idxs, preferred_shape, set()
+
+    class csc_matrix:  # noqa: N801 - scipy's name
+        def __init__(self, dense: np.ndarray) -> None:
+            cols = [np.nonzero(dense[:, c])[0] for c in range(dense.shape[1])]
+            self.indices = np.concatenate(cols).astype(np.int32)
+            self.data = np.concatenate([dense[rows, c] for c, rows in enumerate(cols)])
+            self.indptr = np.concatenate([[0], np.cumsum([len(r) for r in cols])]).astype(np.int32)
+            self._shape, self.maxprint = dense.shape, 50
+
+    for cls, module in ((Ch, "chumpy.ch"), (Select, "chumpy.reordering"), (csc_matrix, "scipy.sparse.csc")):
+        cls.__module__, cls.__qualname__ = module, cls.__name__
+        setattr(modules[module], cls.__name__, cls)
+    sys.modules.update(modules)
+    try:
+        yield {"Ch": Ch, "Select": Select, "csc_matrix": csc_matrix}
+    finally:
+        for name in FAKE_MODULES:
+            sys.modules.pop(name, None)
+
+
+def write_official_mano_pickle(path: Path, params: dict[str, np.ndarray], protocol: int = 2) -> None:
+    """``params`` pickled as the official MANO_*.pkl are: chumpy arrays, a scipy sparse J_regressor, Python 2
+    protocol, written while stand-ins of chumpy and scipy exist (hawor-tune must read it without them)."""
+    with _fake_chumpy_and_scipy() as fake:
+        flat = fake["Ch"](np.ascontiguousarray(params["v_template"][:, ::-1]).ravel())
+        order = np.arange(flat.x.size).reshape(-1, 3)[:, ::-1].ravel()  # undo the column flip above
+        data = {
+            "v_template": fake["Select"](flat, order, params["v_template"].shape),
+            "shapedirs": fake["Ch"](params["shapedirs"]),
+            "posedirs": params["posedirs"],
+            "J_regressor": fake["csc_matrix"](params["J_regressor"]),
+            "weights": fake["Ch"](params["weights"]),
+            "kintree_table": params["kintree_table"],
+            "f": params["f"].astype(np.uint32),
+            "hands_components": params["hands_components"],
+            "hands_mean": params["hands_mean"],
+            "hands_coeffs": np.zeros((3, 45)),
+            "J": params["J_regressor"] @ params["v_template"],
+            "bs_style": "lbs",
+            "bs_type": "lrotmin",
+        }
+        path.write_bytes(pickle.dumps(data, protocol=protocol))
+
+

@@ -11,8 +11,11 @@ import yaml
 from conftest import (
     GPU_PROFILE_SMALL,
     GPU_PROFILE_VIT,
+    TINY_DATA_OVERRIDES,
     hamer_state,
+    random_official_mano,
     write_lightning_checkpoint,
+    write_official_mano_pickle,
     write_search_space,
 )
 
@@ -20,7 +23,7 @@ import run_best
 from hawor_tune import train
 from hawor_tune.checkpoint import CheckpointError, load_checkpoint, load_model, load_model_state
 from hawor_tune.config import ConfigError, load_config, save_config
-from hawor_tune.data import build_dataloader
+from hawor_tune.data import build_dataloader, generate
 from hawor_tune.model import build_model, run_model
 from hawor_tune.train import build_optimizer, fit
 
@@ -58,15 +61,25 @@ def test_trainable_blocks_train_the_last_blocks_and_need_a_frozen_transformer():
 
 
 @pytest.fixture(scope="module")
-def gpu_setup(synthetic_dataset, tmp_path_factory):
-    """A HaMeR-format checkpoint at the reduced size and a config of the GPU profile reading the tiny dataset."""
+def gpu_setup(tmp_path_factory):
+    """A HaMeR-format checkpoint at the reduced size, MANO files in the official format (a MANO-shaped hand of
+    random content), and a config of the GPU profile reading the tiny ARCTIC-layout dataset."""
+    from hawor_tune.mano import MANO_FILENAMES
+
     folder = tmp_path_factory.mktemp("gpu")
     v = GPU_PROFILE_VIT
     ckpt = write_lightning_checkpoint(folder / "hamer.ckpt", hamer_state(
         crop_size=32, depth=v["depth"], embed_dim=v["embed_dim"], num_heads=v["num_heads"], patch_size=v["patch_size"],
         decoder_dim=v["decoder_dim"], decoder_depth=v["decoder_depth"]))
-    overrides = {**synthetic_dataset.overrides, **GPU_PROFILE_SMALL, "model.pretrained_path": str(ckpt),
-                 "mano.model_dir": "", "train.out_dir": str(folder / "run")}
+    hand = random_official_mano(seed=7)
+    for side in ("left", "right"):  # the official left file's shapedirs are the right one's, unmirrored
+        write_official_mano_pickle(folder / MANO_FILENAMES[side], hand)
+    # The tiny dataset's layout, generated with these MANO files (images and labels must come from one hand).
+    overrides = {**TINY_DATA_OVERRIDES, **GPU_PROFILE_SMALL, "data.root": str(folder / "arctic_data" / "data"),
+                 "model.pretrained_path": str(ckpt), "mano.model_dir": str(folder),
+                 "train.out_dir": str(folder / "run")}
+    cfg = load_config(None, overrides)
+    generate(cfg.data.root, cfg.data.synthetic, cfg.mano)
     return folder, ckpt, overrides
 
 

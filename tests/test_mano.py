@@ -8,19 +8,17 @@ official format (chumpy objects, a scipy csc J_regressor, latin1) by stand-in mo
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import logging
 import pickle
 import sys
-import types
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import FAKE_MODULES, random_official_mano, write_official_mano_pickle
 
 from hawor_tune import mano
 from hawor_tune.config import ManoConfig
@@ -41,8 +39,6 @@ from hawor_tune.procedural_hand import COMPONENT_NAMES, SHAPE_NAMES, make_proced
 KINEMATIC = {"thumb": (13, 14, 15), "index": (1, 2, 3), "middle": (4, 5, 6), "ring": (10, 11, 12),
              "pinky": (7, 8, 9)}
 TIP_ORDER = ("thumb", "index", "middle", "ring", "pinky")
-MANO_PARENTS = [4294967295, 0, 1, 2, 0, 4, 5, 0, 7, 8, 0, 10, 11, 0, 13, 14]
-FAKE_MODULES = ("chumpy", "chumpy.ch", "chumpy.reordering", "scipy", "scipy.sparse", "scipy.sparse.csc")
 
 
 @pytest.fixture(autouse=True)
@@ -101,29 +97,6 @@ def _reference(params: dict, side: str, kind: str, rotmats: np.ndarray, betas: n
     return verts + transl, _openpose(G[:, :3, 3], tips) + transl
 
 
-def _random_official_params(seed: int, num_vertices: int = 778) -> dict[str, np.ndarray]:
-    """A MANO-shaped model with random content (778 vertices so the official tip ids are valid)."""
-    rng = np.random.default_rng(seed)
-    V = num_vertices
-    regressor = np.zeros((16, V))
-    for j in range(16):  # like MANO's: each joint from a few vertices, rows summing to 1
-        ids = rng.choice(V, 12, replace=False)
-        w = rng.uniform(0.1, 1.0, 12)
-        regressor[j, ids] = w / w.sum()
-    weights = rng.uniform(0, 1, (V, 16)) ** 4
-    return {
-        "v_template": rng.normal(0, 0.05, (V, 3)),
-        "shapedirs": rng.normal(0, 0.002, (V, 3, 10)),
-        "posedirs": rng.normal(0, 0.002, (V, 3, 135)),
-        "J_regressor": regressor,
-        "weights": weights / weights.sum(1, keepdims=True),
-        "kintree_table": np.array([MANO_PARENTS, list(range(16))], dtype=np.int64),
-        "f": rng.integers(0, V, (1538, 3)),
-        "hands_components": np.linalg.qr(rng.normal(size=(45, 45)))[0],
-        "hands_mean": rng.normal(0, 0.2, 45),
-    }
-
-
 def _random_pose(n: int, seed: int, scale: float = 0.6) -> np.ndarray:
     return _rodrigues(np.random.default_rng(seed).normal(0, scale, (n, 16, 3)))
 
@@ -139,66 +112,8 @@ def _model(kind: str, side: str) -> tuple[dict, MANOLayer]:
     if kind == "procedural":
         params = make_procedural_hand(side)
         return params, MANOLayer(params, side, kind)
-    params = _random_official_params(seed=3)
+    params = random_official_mano(seed=3)
     return params, MANOLayer(params, side, kind, right_shapedirs=params["shapedirs"])
-
-
-# ---- A pickle in the official format -------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _fake_chumpy_and_scipy() -> Iterator[dict[str, type]]:
-    """Stand-in modules chumpy.ch, chumpy.reordering and scipy.sparse.csc, present only inside the block."""
-    assert not any(name in sys.modules for name in FAKE_MODULES), "the test needs chumpy/scipy absent"
-    modules = {name: types.ModuleType(name) for name in FAKE_MODULES}
-
-    class Ch:  # chumpy pickles its __dict__ minus two weak dicts; 'x' holds the array
-        def __init__(self, x: np.ndarray) -> None:
-            self.x, self._dirty_vars, self._itr, self._depends_on_deps = x, set(), None, {}
-            self._make_dense = self._make_sparse = False
-
-    class Select:  # chumpy.reordering.Select: a.r.ravel()[idxs].reshape(preferred_shape)
-        def __init__(self, a: Ch, idxs: np.ndarray, preferred_shape: tuple[int, ...]) -> None:
-            self.a, self.idxs, self.preferred_shape, self._dirty_vars = a, idxs, preferred_shape, set()
-
-    class csc_matrix:  # noqa: N801 - scipy's name
-        def __init__(self, dense: np.ndarray) -> None:
-            cols = [np.nonzero(dense[:, c])[0] for c in range(dense.shape[1])]
-            self.indices = np.concatenate(cols).astype(np.int32)
-            self.data = np.concatenate([dense[rows, c] for c, rows in enumerate(cols)])
-            self.indptr = np.concatenate([[0], np.cumsum([len(r) for r in cols])]).astype(np.int32)
-            self._shape, self.maxprint = dense.shape, 50
-
-    for cls, module in ((Ch, "chumpy.ch"), (Select, "chumpy.reordering"), (csc_matrix, "scipy.sparse.csc")):
-        cls.__module__, cls.__qualname__ = module, cls.__name__
-        setattr(modules[module], cls.__name__, cls)
-    sys.modules.update(modules)
-    try:
-        yield {"Ch": Ch, "Select": Select, "csc_matrix": csc_matrix}
-    finally:
-        for name in FAKE_MODULES:
-            sys.modules.pop(name, None)
-
-
-def _write_official_pickle(path: Path, params: dict[str, np.ndarray], protocol: int = 2) -> None:
-    with _fake_chumpy_and_scipy() as fake:
-        flat = fake["Ch"](np.ascontiguousarray(params["v_template"][:, ::-1]).ravel())
-        order = np.arange(flat.x.size).reshape(-1, 3)[:, ::-1].ravel()  # undo the column flip above
-        data = {
-            "v_template": fake["Select"](flat, order, params["v_template"].shape),
-            "shapedirs": fake["Ch"](params["shapedirs"]),
-            "posedirs": params["posedirs"],
-            "J_regressor": fake["csc_matrix"](params["J_regressor"]),
-            "weights": fake["Ch"](params["weights"]),
-            "kintree_table": params["kintree_table"],
-            "f": params["f"].astype(np.uint32),
-            "hands_components": params["hands_components"],
-            "hands_mean": params["hands_mean"],
-            "hands_coeffs": np.zeros((3, 45)),
-            "J": params["J_regressor"] @ params["v_template"],
-            "bs_style": "lbs",
-            "bs_type": "lrotmin",
-        }
-        path.write_bytes(pickle.dumps(data, protocol=protocol))
 
 
 # ---- Shapes and reference values ----------------------------------------------------------------------
@@ -275,9 +190,9 @@ def test_openpose_constants_agree_with_finger_layout() -> None:
 
 @pytest.mark.parametrize("protocol", [0, 2])
 def test_official_pickle_loads_without_chumpy_or_scipy(tmp_path: Path, protocol: int) -> None:
-    params = _random_official_params(seed=5)
+    params = random_official_mano(seed=5)
     path = tmp_path / "MANO_RIGHT.pkl"
-    _write_official_pickle(path, params, protocol)
+    write_official_mano_pickle(path, params, protocol)
     assert not any(name in sys.modules for name in FAKE_MODULES)
     assert importlib.util.find_spec("chumpy") is None and importlib.util.find_spec("scipy") is None
 
@@ -293,12 +208,12 @@ def test_official_pickle_loads_without_chumpy_or_scipy(tmp_path: Path, protocol:
 def _write_official_pair(folder: Path, left_x: str) -> dict[str, dict[str, np.ndarray]]:
     """MANO_RIGHT.pkl and MANO_LEFT.pkl whose left shapedirs x-component is ``left_x``: ``"right"`` (as in
     the official files), ``"-right"`` (fixed already) or ``"other"`` (neither); returns what was written."""
-    params = {side: _random_official_params(seed=i) for i, side in enumerate(HANDS)}
+    params = {side: random_official_mano(seed=i) for i, side in enumerate(HANDS)}
     right_x = params["right"]["shapedirs"][:, 0]  # (V, B)
     if left_x != "other":
         params["left"]["shapedirs"][:, 0] = right_x if left_x == "right" else -right_x
     for side in HANDS:
-        _write_official_pickle(folder / mano.MANO_FILENAMES[side], params[side])
+        write_official_mano_pickle(folder / mano.MANO_FILENAMES[side], params[side])
     return params
 
 
@@ -343,7 +258,7 @@ def test_build_mano_left_shapedirs_fix(tmp_path: Path, caplog: pytest.LogCapture
 
 @pytest.mark.parametrize("fix", [True, False])
 def test_build_mano_left_fix_needs_the_right_file(tmp_path: Path, fix: bool) -> None:
-    _write_official_pickle(tmp_path / "MANO_LEFT.pkl", _random_official_params(seed=0))
+    write_official_mano_pickle(tmp_path / "MANO_LEFT.pkl", random_official_mano(seed=0))
     cfg = ManoConfig(model_dir=str(tmp_path))
     if not fix:
         assert build_mano(cfg, "left", fix_left_shapedirs=False).shapedirs_fix == "off"
@@ -387,7 +302,7 @@ def _assert_one_line_naming_the_file_and_the_fix(error: Exception, path: Path) -
 
 def test_loader_rejects_a_truncated_official_file(tmp_path: Path) -> None:
     path = tmp_path / "MANO_RIGHT.pkl"
-    _write_official_pickle(path, _random_official_params(seed=0))
+    write_official_mano_pickle(path, random_official_mano(seed=0))
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a download cut short
     with pytest.raises(ManoFileError, match="not a readable MANO pickle") as info:
         load_mano_pickle(path)
@@ -395,10 +310,10 @@ def test_loader_rejects_a_truncated_official_file(tmp_path: Path) -> None:
 
 
 def test_loader_rejects_inconsistent_shapes(tmp_path: Path) -> None:
-    params = _random_official_params(seed=0)
+    params = random_official_mano(seed=0)
     params["weights"] = params["weights"][:, :15]
     path = tmp_path / "MANO_LEFT.pkl"
-    _write_official_pickle(path, params)
+    write_official_mano_pickle(path, params)
     with pytest.raises(ManoFileError, match=r"'weights' has shape \(778, 15\), expected \(778, 16\)") as info:
         load_mano_pickle(path)
     _assert_one_line_naming_the_file_and_the_fix(info.value, path)
@@ -428,7 +343,7 @@ def test_build_mano_logs_source_and_caches_arrays(tmp_path: Path, monkeypatch: p
     assert layer.kind == "procedural"
     assert caplog.text.count("MANO: built-in procedural hand (no MANO files configured), right hand") == 1
 
-    _write_official_pickle(tmp_path / "MANO_RIGHT.pkl", _random_official_params(seed=1))
+    write_official_mano_pickle(tmp_path / "MANO_RIGHT.pkl", random_official_mano(seed=1))
     calls = []
     real = mano.load_mano_pickle
     monkeypatch.setattr(mano, "load_mano_pickle", lambda p: calls.append(p) or real(p))
@@ -446,7 +361,7 @@ def test_invalid_side_and_kind_are_rejected() -> None:
         build_mano(ManoConfig(), "middle")
     with pytest.raises(ValueError, match="kind must be one of"):
         MANOLayer(make_procedural_hand("right"), "right", "smplx")
-    params = _random_official_params(seed=0)
+    params = random_official_mano(seed=0)
     with pytest.raises(ValueError, match="pass right_shapedirs .* or fix_left_shapedirs=False"):
         MANOLayer(params, "left", "official")
     with pytest.raises(ValueError, match=r"right_shapedirs has shape \(778, 3, 9\), expected \(778, 3, 10\)"):
