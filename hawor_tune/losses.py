@@ -174,10 +174,17 @@ def hand_world_loss(pred_root: torch.Tensor, pred_R: torch.Tensor, pred_t: torch
     Returns:
         Scalar.
     """
-    gt_R, gt_t = relative_camera_pose(gt_cam_R, gt_cam_t)
-    pred_world = (pred_R[:, :, None] @ pred_root[..., None]).squeeze(-1) + pred_t[:, :, None]  # (B, T, 2, 3)
-    gt_world = (gt_R[:, :, None] @ gt_joints[..., 0, :, None]).squeeze(-1) + gt_t[:, :, None]
+    pred_world, gt_world = _first_camera_wrists(pred_root, pred_R, pred_t, gt_joints, gt_cam_R, gt_cam_t)
     return _mean_over(_mask_out(pred_world - gt_world, mask).abs().sum(dim=-1), mask)
+
+
+def _first_camera_wrists(pred_root: torch.Tensor, pred_R: torch.Tensor, pred_t: torch.Tensor, gt_joints: torch.Tensor,
+                         gt_cam_R: torch.Tensor, gt_cam_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted and true wrists (B, T, 2, 3) in the clip's first camera, each through its own camera poses."""
+    gt_R, gt_t = relative_camera_pose(gt_cam_R, gt_cam_t)
+    pred_world = (pred_R[:, :, None] @ pred_root[..., None]).squeeze(-1) + pred_t[:, :, None]
+    gt_world = (gt_R[:, :, None] @ gt_joints[..., 0, :, None]).squeeze(-1) + gt_t[:, :, None]
+    return pred_world, gt_world
 
 
 def _motion_l1(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -213,12 +220,10 @@ def motion_loss(pred_root: torch.Tensor, pred_R: torch.Tensor, pred_t: torch.Ten
     """
     if pred_root.shape[1] < 2:
         return (pred_root.sum() + pred_t.sum()) * 0.0
-    gt_R, gt_t = relative_camera_pose(gt_cam_R, gt_cam_t)
-    gt_root = gt_joints[..., 0, :]  # (B, T, 2, 3)
-    pred_world = (pred_R[:, :, None] @ pred_root[..., None]).squeeze(-1) + pred_t[:, :, None]  # (B, T, 2, 3)
-    gt_world = (gt_R[:, :, None] @ gt_root[..., None]).squeeze(-1) + gt_t[:, :, None]
+    _, gt_t = relative_camera_pose(gt_cam_R, gt_cam_t)
+    pred_world, gt_world = _first_camera_wrists(pred_root, pred_R, pred_t, gt_joints, gt_cam_R, gt_cam_t)
     every_frame = torch.ones(pred_t.shape[:2], dtype=torch.bool, device=pred_t.device)  # (B, T)
-    return (_motion_l1(pred_root, gt_root, mask) + _motion_l1(pred_world, gt_world, mask)
+    return (_motion_l1(pred_root, gt_joints[..., 0, :], mask) + _motion_l1(pred_world, gt_world, mask)
             + _motion_l1(pred_t, gt_t, every_frame))
 
 
