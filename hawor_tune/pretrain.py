@@ -32,7 +32,7 @@ PRETRAIN_VERSION = 3
 # Per-frame hand terms only: a one-frame clip has no motion, and the searched loss weights must not change
 # the shared start (or every trial would pretrain its own). The MANO rotation term's weight is
 # pretrain.mano_params (see pretrain_loss).
-PRETRAIN_LOSS = dataclasses.replace(LossConfig(), temporal=0.0, camera=0.0, hand_world=0.0)
+PRETRAIN_LOSS = dataclasses.replace(LossConfig(), temporal=0.0, camera=0.0, hand_world=0.0, motion=0.0)
 # One start shared by every run whatever its seed, as a released checkpoint is: run-to-run noise is then
 # the fine-tuning's, which is what a search compares.
 PRETRAIN_SEED = 0
@@ -86,7 +86,7 @@ def pretrain_config(cfg: ExperimentConfig, out_dir: str | Path) -> ExperimentCon
     pcfg.optim = OptimConfig(lr=p.lr, warmup_epochs=0.25)  # not the run's (searched) optimiser settings
     pcfg.train = dataclasses.replace(cfg.train, epochs=p.epochs, max_train_batches=p.max_train_batches,
                                      max_eval_batches=0, keep_checkpoints=1, out_dir=str(out_dir),
-                                     seed=PRETRAIN_SEED)
+                                     seed=PRETRAIN_SEED, objective={})  # single frames: no objective to rank
     pcfg.pretrain = dataclasses.replace(p, epochs=0)
     return pcfg
 

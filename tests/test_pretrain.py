@@ -10,6 +10,7 @@ import torch
 from conftest import TINY_MODEL_OVERRIDES, run_concurrently
 
 from hawor_tune.checkpoint import load_checkpoint
+from hawor_tune.config import load_config
 from hawor_tune.data import build_dataset
 from hawor_tune.data.synthetic import MARKER
 from hawor_tune.model import build_model
@@ -62,8 +63,10 @@ def test_auto_precision_shares_the_start_of_the_precision_it_means_on_this_machi
 def test_pretraining_is_single_frame_hand_terms_only(cfg, tmp_path):
     p = pretrain_config(cfg, tmp_path / "p")
     assert (p.data.seq_len, p.train.epochs, p.pretrain.epochs) == (1, 1, 0)
-    assert p.loss.temporal == p.loss.camera == p.loss.hand_world == 0.0
+    assert p.loss.temporal == p.loss.camera == p.loss.hand_world == p.loss.motion == 0.0
     assert p.loss.keypoint_3d > 0
+    objective = load_config(cfg.to_dict(), {"train.objective": {"mpjpe": 1.0}})
+    assert pretrain_config(objective, tmp_path / "q").train.objective == {}  # nothing to rank single frames by
 
 
 def test_the_pretraining_weighs_the_mano_rotations_by_its_own_key(synthetic_dataset, tmp_path):
