@@ -15,35 +15,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import math
 import shlex
 import socket
 import sys
 import time
 from pathlib import Path
 
-from hawor_tune.cli import ArgumentParser, UsageError, fail
+from hawor_tune.cli import ArgumentParser, UsageError, fail, format_value, positive_int
 from hawor_tune.errors import HaworTuneError
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command that Ctrl-C stopped
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--space", required=True, help="search-space YAML (its format: docs/search.md)")
-    p.add_argument("--num-samples", type=_positive_int, help="trials to run (default: the space's)")
-    p.add_argument("--max-concurrent", type=_positive_int, help="trials at once (default: the space's)")
+    p.add_argument("--num-samples", type=positive_int, help="trials to run (default: the space's)")
+    p.add_argument("--max-concurrent", type=positive_int, help="trials at once (default: the space's)")
     p.add_argument("--storage", default="./results", help="results folder (made if missing), on a shared filesystem for a cluster (default: %(default)s)")
     p.add_argument("--name", help="experiment name (default: <space>-<date>-<time>; with --resume: the latest)")
     p.add_argument("--seed", type=int, help="search seed (default: the space's search.seed)")
@@ -102,18 +91,13 @@ def _experiment_name(args: argparse.Namespace, space_path: Path, storage: Path) 
     return candidates[-1].name
 
 
-def _fmt(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}" if math.isfinite(value) else str(value)
-    return str(value)
-
-
 def print_summary(experiment_dir: Path, metric: str, mode: str, resume_command: str | None = None) -> int:
     """Print the search's summary table, read back from trials.parquet (what a later reader sees too).
 
     Returns:
         How many trials did not finish (the search was interrupted); ``resume_command`` continues them.
     """
+    from hawor_tune.failures import OWN
     from hawor_tune.results import EPOCHS_FILE, TRIALS_FILE, best_trial, read_rows
 
     rows = read_rows(experiment_dir / TRIALS_FILE)
@@ -121,8 +105,8 @@ def print_summary(experiment_dir: Path, metric: str, mode: str, resume_command: 
     best_key = f"best/{metric}"
     header = ["trial", "status", "epochs", "asha stop", *(k[len("param/"):] for k in params), metric]
     table = [[r["trial_id"], r["status"] + (" (diverged)" if r["diverged"] else ""), str(r["epochs"]),
-              "yes" if r["stopped_early"] else "", *(_fmt(r[k]) for k in params), _fmt(r.get(best_key))]
-             for r in rows]
+              "yes" if r["stopped_early"] else "", *(format_value(r[k]) for k in params),
+              format_value(r.get(best_key))] for r in rows]
     widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(header)]
     print()
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
@@ -133,7 +117,7 @@ def print_summary(experiment_dir: Path, metric: str, mode: str, resume_command: 
         print(f"\nbest trial {best['trial_id']}: {metric} = {best[best_key]:.3f} at epoch {best['best_epoch']} "
               f"(errored and diverged trials skipped)")
         for k in params:
-            print(f"  {k[len('param/'):]} = {_fmt(best[k])}")
+            print(f"  {k[len('param/'):]} = {format_value(best[k])}")
     else:
         print(f"\nno trial completed an epoch with a finite {metric} (errored and diverged trials skipped)")
     pareto = [r["trial_id"] for r in rows if r.get("pareto")]
@@ -144,9 +128,16 @@ def print_summary(experiment_dir: Path, metric: str, mode: str, resume_command: 
     at = sorted(r["stopped_at_epoch"] for r in stopped)
     print(f"ASHA stopped {len(stopped)} of {len(rows)} trials" + (f" (at epochs {at})" if at else ""))
     unfinished = [r for r in rows if r["status"] not in ("TERMINATED", "ERROR")]
+    resume_command = resume_command or f"python run_search.py --space <space> --name {experiment_dir.name} --resume"
     if unfinished:
-        resume_command = resume_command or f"python run_search.py --space <space> --name {experiment_dir.name} --resume"
         print(f"{len(unfinished)} trials did not finish (search interrupted): continue with {resume_command}")
+    errored = [r for r in rows if r["status"] == "ERROR"]
+    for r in errored:  # the verdict the resume acts on (hawor_tune/search/resume.py)
+        error = r.get("error") or "no error recorded"
+        print(f"trial {r['trial_id']} failed on its own ({error})" if r.get("failed_by") == OWN else
+              f"trial {r['trial_id']} failed because its environment did ({error})")
+    if any(r.get("failed_by") != OWN for r in errored):
+        print(f"the trials whose environment failed run again from their last checkpoint with {resume_command}")
     print(f"trials: {experiment_dir / TRIALS_FILE}\nepochs: {experiment_dir / EPOCHS_FILE}")
     study = experiment_dir / "optuna_journal.log"
     if study.is_file():

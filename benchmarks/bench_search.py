@@ -18,9 +18,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _overheads.py beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # replay.py and _overheads.py beside this file
 
-from hawor_tune.cli import ArgumentParser, UsageError, fail  # noqa: E402
+from hawor_tune.cli import ArgumentParser, UsageError, fail, positive_int  # noqa: E402
 from hawor_tune.errors import HaworTuneError  # noqa: E402
 
 
@@ -32,12 +32,11 @@ def record_grid(space_path: Path, *, storage: Path, name: str, n: int, seed: int
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
+    from replay import quasi_random_grid
 
-    from hawor_tune.replay import quasi_random_grid
     from hawor_tune.results import check_storage
-    from hawor_tune.search import ParquetExporter, prepare_data, start_ray, train_trial
+    from hawor_tune.search import ParquetExporter, build_tuner, prepare_data, start_ray, train_trial
     from hawor_tune.search_space import load_search_space
-    from hawor_tune.tune_space import tune_param_space
 
     space = load_search_space(space_path)
     grid = quasi_random_grid(space, n, seed=seed)
@@ -50,13 +49,9 @@ def record_grid(space_path: Path, *, storage: Path, name: str, n: int, seed: int
     exporter = ParquetExporter(exp_dir, metric=space.metric, mode=space.mode, max_epochs=epochs,
                                param_paths=list(space.params))
     trainable = tune.with_resources(tune.with_parameters(train_trial, space=space), {"cpu": 1, "gpu": 0})
-    tuner = tune.Tuner(
-        trainable, param_space=tune_param_space(space.params),
-        tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=len(grid),
-                                    search_alg=BasicVariantGenerator(points_to_evaluate=grid, max_concurrent=concurrency),
-                                    scheduler=FIFOScheduler(), reuse_actors=True),
-        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1, callbacks=[exporter],
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+    tuner = build_tuner(space, trainable, storage=storage, name=name, callbacks=[exporter], verbose=1,
+                        searcher=BasicVariantGenerator(points_to_evaluate=grid, max_concurrent=concurrency),
+                        scheduler=FIFOScheduler(), num_samples=len(grid))
     t0 = time.perf_counter()
     tuner.fit()
     from hawor_tune.results import TRIALS_FILE, read_rows
@@ -110,8 +105,8 @@ def replay(space_path: Path, grid_dir: Path, *, out: Path, seeds: int, num_sampl
     import tempfile
 
     import ray
+    from replay import RecordedGrid, anytime_curve, epochs_to_reach, replay_search
 
-    from hawor_tune.replay import RecordedGrid, anytime_curve, epochs_to_reach, replay_search
     from hawor_tune.search_space import load_search_space
 
     space = load_search_space(space_path)
@@ -181,7 +176,8 @@ def live(space_path: Path, *, storage: Path, out: Path, methods: str, seed: int,
     import dataclasses
     import json
 
-    from hawor_tune.replay import epochs_to_reach
+    from replay import epochs_to_reach
+
     from hawor_tune.results import EPOCHS_FILE, read_rows
     from hawor_tune.search import run_search
     from hawor_tune.search_space import load_search_space
@@ -267,12 +263,6 @@ def _step(curve: list, col: int, x: float) -> float:
     return best
 
 
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return int(text)
-
-
 def _positive_int_or_zero(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
@@ -293,13 +283,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run --methods live through the service, one seed (--live-seed), to confirm the replay")
     p.add_argument("--live-seed", type=_positive_int_or_zero, default=0)
     p.add_argument("--overheads", action="store_true", help="measure the service's own costs (run last: uses both cores)")
-    p.add_argument("--startup", type=_positive_int, metavar="RUNS",
+    p.add_argument("--startup", type=positive_int, metavar="RUNS",
                    help="measure only the start-up, over RUNS one-trial searches of one short epoch (run alone)")
     p.add_argument("--smoke", action="store_true", help="with --overheads: a couple of batches per run, to check the plumbing")
     p.add_argument("--grid", help="the recorded grid's folder (default: <storage>/<name>)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "out"), help="folder for results.json and figures")
-    p.add_argument("--seeds", type=_positive_int, default=10, help="seeds per method (default: %(default)s)")
-    p.add_argument("--num-samples", type=_positive_int, help="trials per search (default: the space's)")
+    p.add_argument("--seeds", type=positive_int, default=10, help="seeds per method (default: %(default)s)")
+    p.add_argument("--num-samples", type=positive_int, help="trials per search (default: the space's)")
     p.add_argument("--first-point", choices=("default", "sampler"), default="default",
                    help="first trial of every search: the base config's point, as the service does (default), or "
                         "the searcher's own (the samplers alone)")
@@ -307,9 +297,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--space", default=str(ROOT / "search_spaces" / "lr_seq.yaml"))
     p.add_argument("--storage", default="/tmp/bench_grid")
     p.add_argument("--name", default="lr_seq-grid")
-    p.add_argument("--grid-size", type=_positive_int, default=12)
+    p.add_argument("--grid-size", type=positive_int, default=12)
     p.add_argument("--grid-seed", type=_positive_int_or_zero, default=0)
-    p.add_argument("--grid-concurrency", type=_positive_int, default=1,
+    p.add_argument("--grid-concurrency", type=positive_int, default=1,
                    help="grid trials at a time, one CPU each (default: %(default)s)")
     p.add_argument("--dashboard-port", type=int, default=8266)
     return p.parse_args(argv)

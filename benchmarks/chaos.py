@@ -2,10 +2,15 @@
 
 Every fault is injected into the project's own entry points (``run_search.py``, ``python -m hawor_tune.train``,
 :func:`hawor_tune.search.run_search`) on a tiny generated dataset and model in a temporary folder. A search
-must end with nothing lost: ``num_samples`` trials TERMINATED, each with its full epochs or its ASHA stop,
-every ``(trial_id, epoch)`` row of ``epochs.parquet`` once and none missing, and ``trials.parquet`` holding
-exactly the trials and statuses of Ray's own record (``ray.tune.ExperimentAnalysis``). A data fault must end
-in one line naming the file and the fix, or in a rebuilt cache; never in a result computed from wrong data.
+must end with nothing lost: ``num_samples`` trials TERMINATED (but those that failed on their own), each with
+its full epochs or its ASHA stop, every ``(trial_id, epoch)`` row of ``epochs.parquet`` once and none missing,
+``trials.parquet`` holding exactly the trials and statuses of Ray's own record
+(``ray.tune.ExperimentAnalysis``), and the Optuna study on disk ending each trial as ``trials.parquet`` does.
+A data fault must end in one line naming the file and the fix, or in a rebuilt cache; never in a result
+computed from wrong data.
+
+Each fault waits for the state it needs (an epoch row written, a checkpoint registered, a trial's worker
+frozen mid-trial), never for a fixed time, so the same invariants hold on a fast and a slow machine.
 
     python benchmarks/chaos.py                      # every fault
     python benchmarks/chaos.py --only worker_kill driver_sigint
@@ -32,18 +37,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 
-from conftest import TINY_DATA_OVERRIDES, write_search_space  # noqa: E402  (the tests' tiny dataset and space)
-
-from hawor_tune.config import load_config  # noqa: E402
+from hawor_tune.config import load_config, save_config  # noqa: E402
 from hawor_tune.data import generate  # noqa: E402
 from hawor_tune.results import read_rows  # noqa: E402
 
 NUM_SAMPLES, EPOCHS = 4, 3
 # Small per-epoch budgets keep each fault's search short; most of its time is then Ray's own start-up.
 BUDGET = ["--set", "train.max_train_batches=4", "--set", "train.max_eval_batches=2"]
+# The lab's dataset and model: 4 generated subjects of one 40-frame sequence each, 32 px crops, one ViT block.
+TINY: dict[str, Any] = {
+    "data.generate": True, "data.frame_size": 64, "data.crop_size": 32, "data.img_size": 32, "data.flow_grid": 4,
+    "data.seq_len": 4, "data.stride": 2, "data.frame_step": 1, "data.batch_size": 2, "data.num_workers": 0,
+    "data.min_visible_joints": 8, "data.synthetic.subjects": 4, "data.synthetic.sequences_per_subject": 1,
+    "data.synthetic.frames_per_sequence": 40, "data.synthetic.image_width": 64,
+    "data.synthetic.image_height": 48, "data.synthetic.seed": 0, "pretrain.epochs": 0,
+    "model.backbone": "vit_tiny_patch16_224", "model.backbone_kwargs": {"depth": 1, "patch_size": 16},
+    "model.camera_backbone": "vit_tiny_patch16_224", "model.temporal_dim": 32, "model.temporal_layers": 1,
+    "model.temporal_heads": 2, "model.head_hidden": 32, "model.infiller_hidden": 16, "model.dropout": 0.0,
+    "train.device": "cpu",
+}
+# A clip length the lab's sequences (20 usable frames) cannot give: a trial that draws it fails on its own.
+TOO_LONG = 32
 
 
 @dataclass
@@ -60,16 +79,29 @@ class Lab:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        root = folder / "data" / "arctic_synthetic"
-        overrides = {**TINY_DATA_OVERRIDES, "data.root": str(root)}
-        cfg = load_config(None, overrides)
-        generate(root, cfg.data.synthetic, cfg.mano)
-        self.dataset = _Dataset(root, overrides)
+        self.root = folder / "data" / "arctic_synthetic"
+        self.overrides = {**TINY, "data.root": str(self.root)}
+        cfg = load_config(None, self.overrides)
+        generate(self.root, cfg.data.synthetic, cfg.mano)
         self.env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 
     def space(self, name: str, *, num_samples: int = NUM_SAMPLES, epochs: int = EPOCHS, **extra: Any) -> Path:
-        return write_search_space(self.folder / "spaces" / name, self.dataset, num_samples=num_samples,
-                                  epochs=epochs, **extra)
+        """A search-space file over the lab's data: lr and the 2D keypoint weight, ASHA over epochs (``extra``
+        replaces top-level keys)."""
+        folder = self.folder / "spaces" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        save_config(load_config(None, {**self.overrides, "train.epochs": epochs}), folder / "base.yaml")
+        space = {
+            "base": "base.yaml", "metric": "val/mpjpe", "mode": "min", "num_samples": num_samples,
+            "max_concurrent": 2, "search": {"algorithm": "optuna", "seed": 0},
+            "scheduler": {"type": "asha", "max_epochs": epochs, "grace_period": 1, "reduction_factor": 2},
+            "resources": {"cpu": 1, "gpu": 0},
+            "params": {"optim.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+                       "loss.keypoint_2d": {"type": "uniform", "low": 0.0, "high": 1.0}},
+            **extra,
+        }
+        (folder / "space.yaml").write_text(yaml.safe_dump(space))
+        return folder / "space.yaml"
 
     def search_args(self, space: Path, name: str, storage: Path | None = None) -> list[str]:
         return ["--space", str(space), "--storage", str(storage or self.folder / "results"), "--name", name,
@@ -91,17 +123,6 @@ class Lab:
         return rc, log.read_text()
 
 
-@dataclass
-class _Dataset:
-    """What conftest's write_search_space reads of its SyntheticDataset."""
-
-    root: Path
-    overrides: dict[str, Any]
-
-    def config(self, overrides: dict[str, Any] | None = None) -> Any:
-        return load_config(None, {**self.overrides, **dict(overrides or {})})
-
-
 def _kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
@@ -109,15 +130,17 @@ def _kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
         proc.wait(timeout=60)
 
 
-def _wait_for(predicate: Callable[[], Any], proc: subprocess.Popen | None, timeout: float = 300) -> Any:
-    """Poll ``predicate`` (errors count as not yet: files are read while a search rewrites them)."""
+def _wait_for(predicate: Callable[[], Any], proc: subprocess.Popen | None, timeout: float = 300,
+              running: Callable[[], bool] | None = None) -> Any:
+    """Poll ``predicate`` until it holds, while ``proc`` (or ``running()``) still runs; the timeout only bounds
+    a hung run. Errors count as not yet: files are read while a search rewrites them."""
     deadline = time.time() + timeout
-    while time.time() < deadline and (proc is None or proc.poll() is None):
+    while time.time() < deadline and (proc is None or proc.poll() is None) and (running is None or running()):
         with contextlib.suppress(Exception):
             value = predicate()
             if value:
                 return value
-        time.sleep(0.3)
+        time.sleep(0.2)
     return None
 
 
@@ -125,18 +148,98 @@ def _epoch_rows(exp_dir: Path) -> list[dict[str, Any]]:
     return read_rows(exp_dir / "epochs.parquet")
 
 
+def _trial_rows(exp_dir: Path) -> dict[str, dict[str, Any]]:
+    return {r["trial_id"]: r for r in read_rows(exp_dir / "trials.parquet")}
+
+
+def _checkpoint_epoch(path: str | None) -> int | None:
+    """The epoch a checkpoint folder holds (None: none, or unreadable)."""
+    from hawor_tune.checkpoint import CheckpointError, load_checkpoint
+
+    if not path:
+        return None
+    try:
+        return int(load_checkpoint(path, mmap=True)["epoch"])
+    except (CheckpointError, OSError, KeyError):
+        return None
+
+
+@dataclass(frozen=True)
+class Frozen:
+    """A trial's worker stopped (SIGSTOP) mid-trial: no epoch of it can finish and no checkpoint of it can be
+    registered (both need the worker) until it is continued or killed."""
+
+    trial_id: str
+    pid: int
+    registered_epoch: int  # the epoch of its last registered checkpoint, read once it was frozen
+    kept: dict[int, int]   # epoch -> pid of its rows up to that epoch, then
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+
+
+def _signal(pid: int, sig: int) -> bool:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _freeze_a_trial(exp_dir: Path, *, max_epochs: int, proc: subprocess.Popen | None = None,
+                    running: Callable[[], bool] | None = None, trial: str | None = None,
+                    node: str | None = None, spare: frozenset[int] = frozenset(), min_epoch: int = 1) -> Frozen | None:
+    """Wait for a trial (``trial``, or any; on ``node`` if given) that runs with a registered checkpoint, whose
+    newest epoch row, from a worker not in ``spare``, is at least ``min_epoch`` and at least two short of
+    ``max_epochs``; freeze that
+    worker and check the state again. A trial's worker reports an epoch and waits until the driver has taken
+    it before it trains the next, so at most one more epoch of it can still reach the driver, and none can
+    be registered: once frozen, the trial cannot end, and the caller's fault lands mid-trial however fast or
+    slow the machine is. None: the search ended first."""
+
+    def candidates() -> list[tuple[str, int]]:
+        trials = _trial_rows(exp_dir)
+        newest: dict[str, dict[str, Any]] = {}
+        for r in _epoch_rows(exp_dir):
+            if r["epoch"] >= newest.get(r["trial_id"], {}).get("epoch", 0):
+                newest[r["trial_id"]] = r
+        return [(trial_id, int(row["pid"])) for trial_id, row in newest.items()
+                if (trial is None or trial_id == trial) and (node is None or row["node_id"] == node)
+                and trials.get(trial_id, {}).get("status") not in ("TERMINATED", "ERROR")
+                and trials.get(trial_id, {}).get("checkpoint") and min_epoch <= row["epoch"] <= max_epochs - 2
+                and row.get("pid") and int(row["pid"]) not in spare]
+
+    while True:
+        found = _wait_for(lambda: candidates()[:1], proc, running=running)
+        if not found:
+            return None
+        trial_id, pid = found[0]
+        if not _signal(pid, signal.SIGSTOP):
+            continue
+        if (trial_id, pid) in candidates():
+            registered = _checkpoint_epoch(_trial_rows(exp_dir)[trial_id]["checkpoint"])
+            if registered is not None:
+                kept = {int(r["epoch"]): int(r["pid"]) for r in _epoch_rows(exp_dir)
+                        if r["trial_id"] == trial_id and r["epoch"] <= registered}
+                return Frozen(trial_id, pid, registered, kept)
+        _signal(pid, signal.SIGCONT)  # it moved on meanwhile: let it go, and wait for the next chance
+
+
 # ---- the invariants ----------------------------------------------------------------------------------------
 
-def check_experiment(exp_dir: Path, *, num_samples: int = NUM_SAMPLES, max_epochs: int = EPOCHS) -> tuple[int, list[str]]:
+def check_experiment(exp_dir: Path, *, num_samples: int = NUM_SAMPLES, max_epochs: int = EPOCHS,
+                     failed: frozenset[str] = frozenset()) -> tuple[int, list[str]]:
     """(trials lost, broken invariants) of a finished search.
 
     A trial counts as kept when it is TERMINATED with epochs 1..n each once, n the full budget or an ASHA
-    stop; the search must hold ``num_samples`` of them, and its parquet files must agree with Ray's record.
+    stop; the search must hold ``num_samples`` trials, all kept but those in ``failed`` (which must be ERROR,
+    failed on their own); its parquet files and its Optuna study must agree with Ray's record.
     """
     from ray.tune import ExperimentAnalysis
 
     problems = []
-    trials = {r["trial_id"]: r for r in read_rows(exp_dir / "trials.parquet")}
+    trials = _trial_rows(exp_dir)
     epochs = [(r["trial_id"], int(r["epoch"])) for r in _epoch_rows(exp_dir)]
     ray_record = {t.trial_id: t.status for t in ExperimentAnalysis(str(exp_dir)).trials}
     if {t: r["status"] for t, r in trials.items()} != ray_record:
@@ -149,6 +252,9 @@ def check_experiment(exp_dir: Path, *, num_samples: int = NUM_SAMPLES, max_epoch
         complete = row["epochs"] == max_epochs or row["stopped_early"]
         if seen != list(range(1, row["epochs"] + 1)):
             problems.append(f"trial {trial_id}: epochs {seen}, expected 1..{row['epochs']}")
+        elif trial_id in failed:
+            if (row["status"], row["failed_by"]) != ("ERROR", "trial"):
+                problems.append(f"trial {trial_id}: {row['status']} ({row['failed_by']}), expected ERROR on its own")
         elif row["status"] == "TERMINATED" and complete and not row["diverged"]:
             kept += 1
         else:
@@ -156,9 +262,34 @@ def check_experiment(exp_dir: Path, *, num_samples: int = NUM_SAMPLES, max_epoch
     stray = {t for t, _ in epochs} - set(trials)
     if stray:
         problems.append(f"epoch rows of trials not in trials.parquet: {sorted(stray)}")
-    if kept != num_samples:
-        problems.append(f"{kept} complete trials, expected {num_samples}")
-    return max(0, num_samples - kept), problems
+    if len(trials) != num_samples or kept != num_samples - len(failed):
+        problems.append(f"{kept} complete trials of {len(trials)}, expected {num_samples - len(failed)} of {num_samples}")
+    problems += _check_study(exp_dir, trials)
+    return max(0, num_samples - len(failed) - kept), problems
+
+
+def _check_study(exp_dir: Path, trials: dict[str, dict[str, Any]]) -> list[str]:
+    """The Optuna study on disk ends each trial as trials.parquet does: COMPLETE or PRUNED (an ASHA stop) when
+    it completed, FAIL when it failed; the trials a resume dropped (never in Ray's record) are FAIL."""
+    from optuna.trial import TrialState
+
+    from hawor_tune.optuna_study import load_study
+
+    states = {}
+    for t in load_study(exp_dir).get_trials(deepcopy=False):
+        if not t.user_attrs.get("dropped_on_resume"):
+            states[t.user_attrs["ray_trial_id"]] = t.state
+        elif t.state != TrialState.FAIL:
+            return [f"study: dropped trial {t.user_attrs['ray_trial_id']} is {t.state.name}"]
+    if set(states) != set(trials):
+        return [f"study trials {sorted(states)} != trials.parquet's {sorted(trials)}"]
+    wrong = []
+    for trial_id, row in trials.items():
+        expected = ({TrialState.FAIL} if row["status"] == "ERROR" or row["diverged"] else
+                    {TrialState.PRUNED} if row["stopped_early"] else {TrialState.COMPLETE})
+        if states[trial_id] not in expected:
+            wrong.append(f"{trial_id} {states[trial_id].name}")
+    return [f"study: {', '.join(wrong)} (trials.parquet disagrees)"] if wrong else []
 
 
 def _one_line_error(output: str, search: bool = False) -> str | None:
@@ -182,58 +313,64 @@ def _search_outcome(fault: str, exp_dir: Path, t0: float, done: str, extra: list
 
 # ---- search faults -----------------------------------------------------------------------------------------
 
-def _ray_workers(proc: subprocess.Popen) -> list[Any]:
-    """The processes running a trial right now, among the descendants of the search's driver."""
-    import ray  # noqa: F401, I001  (first: it puts the psutil that ships with Ray on the path)
-    import psutil
-
-    out = []
-    for p in psutil.Process(proc.pid).children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            if p.name().startswith("ray::ImplicitFunc"):
-                out.append(p)
-    return out
-
-
 def worker_kill(lab: Lab) -> Outcome:
-    """SIGKILL a trial's worker process in the middle of an epoch: Ray retries it from its last checkpoint."""
+    """SIGKILL the workers of two trials mid-trial, each once it has a registered checkpoint: Ray retries each
+    from it."""
     t0, exp_dir = time.time(), lab.folder / "results" / "worker_kill"
     proc = lab.start(lab.search_args(lab.space("worker_kill"), "worker_kill"), lab.folder / "worker_kill.log")
-    killed = []
-    for _ in range(2):  # two kills, each after one more epoch row, so at least one lands mid-epoch
-        goal = len(killed) + 1
-        if not _wait_for(lambda goal=goal: len(_epoch_rows(exp_dir)) >= goal, proc):
+    killed: list[Frozen] = []
+    for _ in range(2):
+        frozen = _freeze_a_trial(exp_dir, max_epochs=EPOCHS, proc=proc,
+                                 spare=frozenset(k.pid for k in killed))
+        if frozen is None:
             break
-        time.sleep(0.5)  # into the next epoch
-        workers = _ray_workers(proc)
-        if workers:
-            workers[0].kill()
-            killed.append(workers[0].pid)
+        frozen.kill()
+        killed.append(frozen)
     rc = proc.wait(timeout=600)
     log = (lab.folder / "worker_kill.log").read_text()
     extra = [] if rc == 0 else [f"search exited {rc}"]
     extra += [] if killed else ["no worker was killed"]
-    return _search_outcome(f"worker SIGKILL mid-epoch (x{len(killed)})", exp_dir, t0,
-                           f"{log.count('Trial task failed')} trial failures retried from checkpoints", extra)
+    extra += _resumed_from_registered(exp_dir, killed)
+    return _search_outcome(f"worker SIGKILL mid-trial (x{len(killed)})", exp_dir, t0,
+                           f"{log.count('Trial task failed')} trial failures, each retried from its registered "
+                           f"checkpoint", extra)
+
+
+def _resumed_from_registered(exp_dir: Path, faults: list[Frozen]) -> list[str]:
+    """Each trial hit by a fault lost at most the epoch in flight: the epochs up to the checkpoint registered
+    before the fault were not trained again (a re-trained epoch replaces its row, with another worker's pid)."""
+    rows = {(r["trial_id"], int(r["epoch"])): int(r["pid"]) for r in _epoch_rows(exp_dir)}
+    problems = []
+    for f in faults:
+        again = sorted(e for e, pid in f.kept.items() if rows.get((f.trial_id, e)) != pid)
+        if again:
+            problems.append(f"trial {f.trial_id}: epochs {again} trained again after the fault, though its "
+                            f"checkpoint of epoch {f.registered_epoch} was registered")
+    return problems
 
 
 def _stop_driver_then_resume(lab: Lab, name: str, sig: int, *, truncate: bool = False) -> tuple[list[str], str]:
-    """Start a search, stop its driver with ``sig`` once 3 epoch rows exist (``truncate``: once an unfinished
-    trial has two checkpoints, and then cut that trial's newest checkpoint in half), then ``--resume`` it.
-    Returns (problems, what the stop printed)."""
+    """Start a search, stop its driver with ``sig`` once 3 epoch rows exist, then ``--resume`` it.
+
+    ``truncate`` (with SIGKILL): first freeze an unfinished trial past its second epoch, wait until Ray's own
+    record holds its checkpoint, then kill the driver and cut the newest checkpoint of every unfinished trial
+    of Ray's record in half. Returns (problems, what the stop printed)."""
     exp_dir = lab.folder / "results" / name
-    args = lab.search_args(lab.space(name), name)
+    epochs = 5 if truncate else EPOCHS
+    space = lab.space(name, epochs=epochs, scheduler={"type": "fifo"}) if truncate else lab.space(name)
+    args = lab.search_args(space, name)
     # A crash lands between two of Ray's state snapshots: make them rare (only those Ray forces), so the
     # resume has trials and epochs to drop that Ray never recorded.
-    env = {"TUNE_GLOBAL_CHECKPOINT_S": "600"} if sig == signal.SIGKILL else {}
+    env = {"TUNE_GLOBAL_CHECKPOINT_S": "600"} if sig == signal.SIGKILL and not truncate else {}
     proc = lab.start(args, lab.folder / f"{name}.log", extra_env=env)
-
-    def ready() -> bool:
-        if truncate:
-            return any(len(list(d.glob("checkpoint_*"))) >= 2 and _reports(d) < EPOCHS for d in _trial_dirs(exp_dir))
-        return len(_epoch_rows(exp_dir)) >= 3
     problems = []
-    if not _wait_for(ready, proc):
+    if truncate:
+        frozen = _freeze_a_trial(exp_dir, max_epochs=epochs, proc=proc, min_epoch=2)
+        recorded = frozen and _wait_for(
+            lambda: {t.trial_id: t.checkpoint for t in _analysis(exp_dir).trials}.get(frozen.trial_id), proc)
+        if not recorded:
+            problems.append("the search ended before the fault")
+    elif not _wait_for(lambda: len(_epoch_rows(exp_dir)) >= 3, proc):
         problems.append("the search ended before the fault")
     if sig == signal.SIGINT:  # Ctrl-C in a terminal: to the driver's whole process group
         os.killpg(proc.pid, signal.SIGINT)
@@ -283,15 +420,6 @@ def _analysis(exp_dir: Path) -> Any:
     return ExperimentAnalysis(str(exp_dir))
 
 
-def _reports(trial_dir: Path) -> int:
-    """How many results Ray has recorded for a trial (result.json holds one JSON object a line)."""
-    return sum(1 for line in (trial_dir / "result.json").read_text().splitlines() if line.strip())
-
-
-def _trial_dirs(exp_dir: Path) -> list[Path]:
-    return [d for d in exp_dir.glob("train_trial_*") if d.is_dir()]
-
-
 def driver_kill(lab: Lab) -> Outcome:
     t0 = time.time()
     problems, _ = _stop_driver_then_resume(lab, "driver_kill", signal.SIGKILL)
@@ -309,56 +437,111 @@ def driver_sigint(lab: Lab) -> Outcome:
 
 def truncated_checkpoint(lab: Lab) -> Outcome:
     t0 = time.time()
-    problems, _ = _stop_driver_then_resume(lab, "truncated_checkpoint", signal.SIGINT, truncate=True)
+    problems, _ = _stop_driver_then_resume(lab, "truncated_checkpoint", signal.SIGKILL, truncate=True)
     return _search_outcome("newest checkpoint truncated before a retry", lab.folder / "results" / "truncated_checkpoint",
-                           t0, "fell back to the previous checkpoint (logged)", problems)
+                           t0, "fell back to the previous checkpoint (logged)", problems, max_epochs=5)
 
 
 def node_removed(lab: Lab) -> Outcome:
-    """A two-node ray.cluster_utils.Cluster; the worker node is removed once a trial on it has reported an
-    epoch: the trial continues on the head node from its checkpoint."""
+    """A two-node ray.cluster_utils.Cluster; the worker node is removed while a trial on it is frozen mid-trial
+    with a registered checkpoint: the trial continues on the head node from that checkpoint, and only the
+    epoch in flight is trained again."""
     import ray
     from ray.cluster_utils import Cluster
 
     from hawor_tune.search import run_search
     from hawor_tune.search_space import load_search_space
 
-    t0, name = time.time(), "node_removed"
+    t0, name, epochs = time.time(), "node_removed", 5
     exp_dir = lab.folder / "results" / name
-    space = load_search_space(lab.space(name, scheduler={"type": "fifo"}),
+    space = load_search_space(lab.space(name, epochs=epochs, scheduler={"type": "fifo"}),
                               extra_overrides=["train.max_train_batches=4", "train.max_eval_batches=2"])
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     worker = cluster.add_node(num_cpus=1)
-    removed: list[str] = []
+    searching = threading.Event()
+    removed: list[Frozen] = []
 
-    def remove_when_a_trial_runs_there() -> None:
-        rows = _wait_for(lambda: [r for r in _epoch_rows(exp_dir) if r["node_id"] == worker.node_id], None, 300)
-        if rows:
-            # Ray registers a reported checkpoint only once its save task on the trial's actor returns, just
-            # after the result: a node lost before that is a retry from the checkpoint before (here: from
-            # scratch). Wait a moment, into the trial's next epoch.
-            time.sleep(1.0)
+    def remove_the_node_under_a_trial() -> None:
+        frozen = _freeze_a_trial(exp_dir, max_epochs=epochs, node=worker.node_id, running=searching.is_set)
+        if frozen is not None:
             cluster.remove_node(worker)
-            removed.append(rows[0]["trial_id"])
+            frozen.kill()  # a stopped process does not notice that its node is gone
+            removed.append(frozen)
 
-    remover = threading.Thread(target=remove_when_a_trial_runs_there, daemon=True)
+    remover = threading.Thread(target=remove_the_node_under_a_trial, daemon=True)
     try:
         ray.init(address=cluster.address, logging_level="ERROR")
+        searching.set()
         remover.start()
         run_search(space, storage=lab.folder / "results", name=name, verbose=0)
-        remover.join(timeout=5)
+        searching.clear()
+        remover.join(timeout=60)
     finally:
+        searching.clear()
         ray.shutdown()
         cluster.shutdown()
     problems = [] if removed else ["no trial ran on the worker node before the search ended"]
     moved = ""
     if removed:
-        nodes = {r["node_id"] for r in _epoch_rows(exp_dir) if r["trial_id"] == removed[0]}
-        moved = f"trial {removed[0]} went on on the head node from its checkpoint" if len(nodes) == 2 else ""
-        if not moved:
-            problems.append(f"trial {removed[0]} ran again from scratch on the head node")
+        f = removed[0]
+        rows = sorted((r for r in _epoch_rows(exp_dir) if r["trial_id"] == f.trial_id), key=lambda r: r["epoch"])
+        on_head = [r["epoch"] for r in rows if r["node_id"] != worker.node_id]
+        problems += _resumed_from_registered(exp_dir, removed)
+        if not on_head:
+            problems.append(f"trial {f.trial_id} did not go on on the head node")
+        elif not problems:
+            moved = (f"trial {f.trial_id} went on on the head node from its checkpoint of epoch "
+                     f"{on_head[0] - 1} (registered before the loss: epoch {f.registered_epoch})")
     return _search_outcome("node removed mid-trial (2-node cluster)", exp_dir, t0, moved, problems,
-                           max_epochs=EPOCHS)
+                           max_epochs=epochs)
+
+
+def errored_trials(lab: Lab) -> Outcome:
+    """A search whose trials fail: one loses its worker past its retries (three kills, each mid-trial with a
+    registered checkpoint), others draw a clip length the data cannot give; then ``--resume``. The first
+    kind runs again from its last checkpoint, the second stays failed, one line each says which, and the
+    study and ``trials.parquet`` end with every other trial complete."""
+    from hawor_tune.search import MAX_FAILURES
+
+    t0, name, epochs = time.time(), "errored_trials", 8
+    exp_dir = lab.folder / "results" / name
+    params = {"optim.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+              "data.seq_len": {"type": "choice", "values": [4, TOO_LONG]}}
+    args = lab.search_args(lab.space(name, num_samples=3, epochs=epochs, scheduler={"type": "fifo"},
+                                     params=params), name)
+    proc = lab.start(args, lab.folder / f"{name}.log")
+    kills: list[Frozen] = []
+    while len(kills) <= MAX_FAILURES:  # one more failure than Ray retries
+        frozen = _freeze_a_trial(exp_dir, max_epochs=epochs, proc=proc, trial=kills[0].trial_id if kills else None,
+                                 spare=frozenset(k.pid for k in kills))
+        if frozen is None:
+            break
+        frozen.kill()
+        kills.append(frozen)
+    rc = proc.wait(timeout=600)
+    problems = [] if rc == 0 else [f"search exited {rc}"]
+    if len(kills) <= MAX_FAILURES:
+        return Outcome("trials errored (worker lost past its retries; a bad value), then --resume",
+                       f"the search ended after {len(kills)} kills", "?", False, time.time() - t0)
+    lost = kills[0].trial_id
+    before = _trial_rows(exp_dir)
+    bad = frozenset(t for t, r in before.items() if r["param/data.seq_len"] == TOO_LONG)
+    if not bad:
+        problems.append("no trial drew the bad value")
+    if (before[lost]["status"], before[lost]["failed_by"]) != ("ERROR", "environment"):
+        problems.append(f"trial {lost} after 3 lost workers: {before[lost]['status']} ({before[lost]['failed_by']})")
+    rc, resumed = lab.run([*args, "--resume"], lab.folder / f"{name}.resume.log")
+    if rc != 0:
+        problems.append(f"--resume exited {rc}: {resumed.strip().splitlines()[-1:]}")
+    said = [ln for ln in resumed.splitlines() if ln.startswith("resume: trial ")]
+    expected = {f"resume: trial {lost} failed because its environment did"} | {
+        f"resume: trial {t} failed on its own (DatasetError" for t in bad}
+    if len(said) != len(expected) or not all(any(ln.startswith(e) for ln in said) for e in expected):
+        problems.append(f"the resume said {said}")
+    problems += _resumed_from_registered(exp_dir, kills)
+    return _search_outcome("trials errored (worker lost past its retries; a bad value), then --resume", exp_dir,
+                           t0, f"trial {lost} ran again from its checkpoint, {len(bad)} stayed failed; "
+                           f"one line each", problems, num_samples=3, max_epochs=epochs, failed=bad)
 
 
 def same_storage(lab: Lab) -> Outcome:
@@ -436,12 +619,17 @@ def disk_full(lab: Lab) -> Outcome:
             problems.append(f"full disk: exit {rc}, " + ("a traceback" if "Traceback" in out else
                                                          f"{out.strip().splitlines()[-1:]}"))
         filler.unlink()
+        errored = sorted(t.trial_id for t in _analysis(exp_dir).trials if t.status == "ERROR")
         rc2, resumed = lab.run([*args, "--resume"], lab.folder / f"{name}.resume.log")
         if rc2 != 0:
             problems.append(f"--resume after freeing space exited {rc2}: {resumed.strip().splitlines()[-1:]}")
+        for trial_id in errored:  # a trial whose checkpoint could not be written fails past its retries
+            if f"resume: trial {trial_id} failed because its environment did" not in resumed:
+                problems.append(f"the resume did not say that it runs errored trial {trial_id} again")
         said = (line or "").replace(str(exp_dir), "<experiment>")
         outcome = _search_outcome("disk full during a search, then --resume", exp_dir, t0,
-                                  f"exit 2, '{said[:90]}...'; resumed", problems, max_epochs=4)
+                                  f"exit 2, '{said[:80]}...'; resumed ({len(errored)} errored trials)",
+                                  problems, max_epochs=4)
     return outcome
 
 
@@ -530,6 +718,7 @@ FAULTS: dict[str, Callable[[Lab], Outcome | list[Outcome]]] = {
     "driver_kill": driver_kill,
     "driver_sigint": driver_sigint,
     "node_removed": node_removed,
+    "errored_trials": errored_trials,
     "truncated_checkpoint": truncated_checkpoint,
     "disk_full": disk_full,
     "same_storage": same_storage,

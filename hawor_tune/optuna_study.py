@@ -7,8 +7,9 @@ filesystem). :class:`OptunaStudyRecorder`, a Tune callback on the driver like th
 every trial with the search's distributions (:func:`hawor_tune.tune_space.optuna_distributions`), one
 intermediate value per epoch (single-objective searches: Optuna has none for several objectives), and its
 end: COMPLETE with its best value (the ``best/<metric>`` of ``trials.parquet``), PRUNED when ASHA stopped
-it (valued at its last epoch, as Optuna values a pruned trial), FAIL when it diverged or errored. A trial
-cut off by an interrupted search stays RUNNING until ``--resume`` finishes it.
+it (valued at its last epoch, as Optuna values a pruned trial), FAIL when it diverged or failed on its own.
+A trial cut off by an interrupted search, or whose environment failed (:mod:`hawor_tune.failures`), stays
+RUNNING until ``--resume`` finishes it.
 
 :func:`warm_start_trials` reads an earlier search's finished trials back, checked against a new search's space,
 for ``run_search.py --warm-start``.
@@ -34,6 +35,7 @@ from optuna.trial import TrialState
 from ray.tune import Callback
 
 from hawor_tune.errors import HaworTuneError
+from hawor_tune.failures import OWN, describe, failed_by, trial_error
 from hawor_tune.results import stopped_early
 from hawor_tune.tune_space import OPTUNA_DIRECTIONS
 
@@ -199,13 +201,16 @@ class OptunaStudyRecorder(Callback):
             self._storage().set_trial_state_values(trial_id, TrialState.FAIL)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """A trial that failed on its own is FAIL; one whose environment failed stays RUNNING, as an
+        interrupted one: ``--resume`` runs it again from its last checkpoint and ends it here."""
         if self._finished(trial.trial_id):
             return
         trial_id = self._trial_id(trial)
-        error_file = getattr(trial, "error_file", None)
-        if error_file:
-            self._storage().set_trial_user_attr(trial_id, "error_file", str(error_file))
-        self._storage().set_trial_state_values(trial_id, TrialState.FAIL)
+        error = trial_error(trial)
+        self._storage().set_trial_user_attr(trial_id, "error", describe(error))
+        self._storage().set_trial_user_attr(trial_id, "failed_by", failed_by(error))
+        if failed_by(error) == OWN:
+            self._storage().set_trial_state_values(trial_id, TrialState.FAIL)
 
 
 class WarmStartError(HaworTuneError, ValueError):

@@ -36,7 +36,7 @@ RECORD_VERSION = 2
 # What the final retrain takes from the base file itself rather than from the (maybe shortened) trials.
 BUDGET_KEYS = ("train.epochs", "train.max_train_batches")
 # Columns every epoch row carries besides the reported metrics.
-_EPOCH_META = ("trial_id", "epoch", "time_total_s", "timestamp", "node_id", "diverged")
+_EPOCH_META = ("trial_id", "epoch", "time_total_s", "timestamp", "node_id", "pid", "diverged")
 # Reported values for which "best" has no meaning; only their last value is kept.
 _NO_BEST = ("epoch", "lr", "time/epoch_s", "diverged")
 
@@ -147,7 +147,7 @@ def summarize_trials(epoch_rows: list[Mapping[str, Any]], trial_meta: Mapping[st
     Args:
         epoch_rows: rows of ``epochs.parquet`` (``trial_id``, ``epoch`` and the reported metrics).
         trial_meta: per trial id: ``status``, ``params`` (dotted path -> value), ``checkpoint``,
-            ``error`` (optional).
+            ``error`` and ``failed_by`` (optional: why an errored trial failed).
         metric, mode: the search objective; its best is the min (``mode='min'``) or max over finite values.
         max_epochs: the epochs a trial runs when nobody stops it; a finished trial with fewer epochs that did
             not diverge was stopped early by the scheduler (ASHA).
@@ -158,8 +158,8 @@ def summarize_trials(epoch_rows: list[Mapping[str, Any]], trial_meta: Mapping[st
     Returns:
         Rows with: trial_id, status, param/<path>..., epochs, stopped_early, stopped_at_epoch, diverged,
         best/<m> and last/<m> for every reported metric m (best = min, or the search's mode for its
-        objectives), best_epoch (the first epoch that reached best/<metric>), wall_time_s, checkpoint; with
-        two or more objectives also ``pareto`` (:func:`pareto_optimal`).
+        objectives), best_epoch (the first epoch that reached best/<metric>), wall_time_s, checkpoint, error,
+        failed_by; with two or more objectives also ``pareto`` (:func:`pareto_optimal`).
     """
     by_trial: dict[str, list[Mapping[str, Any]]] = {}
     for r in epoch_rows:
@@ -196,6 +196,7 @@ def summarize_trials(epoch_rows: list[Mapping[str, Any]], trial_meta: Mapping[st
         row["wall_time_s"] = max((float(r.get("time_total_s") or 0.0) for r in rows), default=0.0)
         row["checkpoint"] = meta.get("checkpoint")
         row["error"] = meta.get("error")
+        row["failed_by"] = meta.get("failed_by")
         out.append(row)
     if len(objectives) > 1:
         for row, optimal in zip(out, pareto_optimal(out, objectives)):

@@ -42,8 +42,17 @@ def test_the_study_holds_every_trial_of_trials_parquet(tiny_search):
     assert {t.state for t in study.trials} == {TrialState.PRUNED, TrialState.COMPLETE}
 
 
-def _trial(trial_id: str, lr: float) -> SimpleNamespace:
-    return SimpleNamespace(trial_id=trial_id, config={"optim.lr": lr}, status="RUNNING", error_file="/x/error.txt")
+def _trial(trial_id: str, lr: float, error: BaseException | None = None, folder=None) -> SimpleNamespace:
+    """The part of a Ray Tune trial the recorder reads; ``error`` is pickled where Ray leaves a trial's error."""
+    trial = SimpleNamespace(trial_id=trial_id, config={"optim.lr": lr}, status="RUNNING", pickled_error_file=None)
+    if error is not None:
+        from ray import cloudpickle
+        from ray.exceptions import RayTaskError
+
+        trial.pickled_error_file = folder / f"{trial_id}.pkl"
+        trial.pickled_error_file.write_bytes(cloudpickle.dumps(
+            RayTaskError("ImplicitFunc.train", "Traceback ...", error).as_instanceof_cause()))
+    return trial
 
 
 def _recorder(folder, objectives) -> OptunaStudyRecorder:
@@ -56,7 +65,7 @@ def _recorder(folder, objectives) -> OptunaStudyRecorder:
 def test_diverged_and_errored_trials_fail_and_a_resume_drops_forgotten_ones(tmp_path):
     folder = tmp_path / "exp"
     rec = _recorder(folder, [("val/mpjpe", "min")])
-    a, b, c = _trial("a", 1e-3), _trial("b", 5e-3), _trial("c", 2e-3)
+    a, b, c = _trial("a", 1e-3), _trial("b", 5e-3, ValueError("bad value"), tmp_path), _trial("c", 2e-3)
     rec.on_trial_result(0, [], a, {"training_iteration": 1, "val/mpjpe": 50.0})
     rec.on_trial_result(0, [], a, {"training_iteration": 2, "diverged": True, "val/mpjpe": math.inf})
     rec.on_trial_complete(0, [], a)
@@ -69,8 +78,28 @@ def test_diverged_and_errored_trials_fail_and_a_resume_drops_forgotten_ones(tmp_
     study = load_study(folder)
     states = {t.user_attrs["ray_trial_id"]: t for t in study.trials}
     assert {k: t.state for k, t in states.items()} == {"a": TrialState.FAIL, "b": TrialState.FAIL, "c": TrialState.FAIL}
-    assert states["a"].user_attrs["diverged"] and states["b"].user_attrs["error_file"] == "/x/error.txt"
+    assert states["a"].user_attrs["diverged"]
+    assert states["b"].user_attrs["error"] == "ValueError: bad value" and states["b"].user_attrs["failed_by"] == "trial"
     assert states["c"].user_attrs["dropped_on_resume"] and states["c"].intermediate_values == {1: 40.0}
+
+
+def test_a_trial_whose_environment_failed_stays_running_until_a_resume_completes_it(tmp_path):
+    folder = tmp_path / "exp"
+    rec = _recorder(folder, [("val/mpjpe", "min")])
+    a = _trial("a", 1e-3, OSError(28, "No space left on device"), tmp_path)
+    rec.on_trial_result(0, [], a, {"training_iteration": 1, "val/mpjpe": 50.0})
+    rec.on_trial_error(0, [], a)
+    (t,) = load_study(folder).trials
+    assert t.state == TrialState.RUNNING and t.user_attrs["failed_by"] == "environment"
+    assert t.user_attrs["error"] == "OSError: [Errno 28] No space left on device"
+
+    again = _recorder(folder, [("val/mpjpe", "min")])  # --resume runs it again from its epoch-1 checkpoint
+    again.on_step_begin(0, [a])
+    for epoch, value in ((2, 45.0), (3, 47.0)):
+        again.on_trial_result(0, [a], a, {"training_iteration": epoch, "val/mpjpe": value})
+    again.on_trial_complete(0, [a], a)
+    (t,) = load_study(folder).trials
+    assert t.state == TrialState.COMPLETE and t.value == 45.0 and t.intermediate_values == {1: 50.0, 2: 45.0, 3: 47.0}
 
 
 def test_a_multi_objective_study_has_both_directions_and_values(tmp_path):
@@ -107,14 +136,14 @@ def test_optuna_dashboard_opens_the_study_file(tiny_search):
 
 def test_a_new_search_is_seeded_with_an_earlier_searchs_trials(tiny_search):
     from hawor_tune.results import ExperimentRecord
-    from hawor_tune.search import _searcher
+    from hawor_tune.search import build_searcher
     from hawor_tune.tune_space import optuna_distributions
 
     space = ExperimentRecord.load(tiny_search).space
     trials = warm_start_trials(tiny_search, objectives=space.objectives,
                                distributions=optuna_distributions(space.params))
     assert len(trials) == len(read_rows(tiny_search / "trials.parquet"))  # every trial finished there
-    searcher = _searcher(space, trials).searcher
+    searcher = build_searcher(space, trials).searcher
     # Ray's searcher holds its study privately; besides the seeds it holds the base config's point, queued
     seeded = [t for t in searcher._ot_study.trials if t.state.is_finished()]
     assert [t.params for t in seeded] == [t.params for t in trials] and searcher.suggest("new") is not None
@@ -146,6 +175,7 @@ def test_the_cli_refuses_a_warm_start_without_a_study_in_one_line(tmp_path, caps
     import run_search
 
     space = write_space(tmp_path)
-    code = run_search.main(["--space", str(space), "--storage", str(tmp_path / "r"), "--warm-start", "nowhere"])
+    code = run_search.main(["--space", str(space), "--storage", str(tmp_path / "r"), "--warm-start", "nowhere",
+                            "--dashboard-port", "0"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: --warm-start nowhere:")

@@ -59,7 +59,7 @@ def test_a_diverged_trial_keeps_rays_ending():
     ("{num_samples: 12, search: {startup_trials: 0}}", 0),
 ])
 def test_tpe_gets_the_spaces_start_up_trials(tmp_path, snippet, startup):
-    from hawor_tune.search import _searcher as build
+    from hawor_tune.search import build_searcher as build
 
     space = load_search_space(write_space(tmp_path, snippet))
     assert build(space).searcher._sampler._n_startup_trials == startup
@@ -67,7 +67,7 @@ def test_tpe_gets_the_spaces_start_up_trials(tmp_path, snippet, startup):
 
 @pytest.mark.parametrize(("stopped_as", "cls"), [("pruned", PruningOptunaSearch), ("complete", OptunaSearch)])
 def test_the_space_file_chooses_the_searcher(tmp_path, stopped_as, cls):
-    from hawor_tune.search import _searcher as build
+    from hawor_tune.search import build_searcher as build
 
     space = load_search_space(write_space(tmp_path, f"search: {{stopped_as: {stopped_as}}}"))
     searcher = build(space).searcher

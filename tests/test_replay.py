@@ -1,15 +1,21 @@
-"""The recorded-grid replay: unit-cube coordinates, the quasi-random grid, nearest-configuration lookup, a
-replayed search through Ray Tune, and the anytime curve, each against values worked out by hand."""
+"""The recorded-grid replay (benchmarks/replay.py): unit-cube coordinates, the quasi-random grid,
+nearest-configuration lookup, a replayed search through Ray Tune, and the anytime curve, each against values
+worked out by hand."""
 
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import pytest
 from conftest import write_space
 
-from hawor_tune.replay import (
+from hawor_tune.results import write_parquet_atomic
+from hawor_tune.search_space import ParamSpec, load_search_space
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # replay.py, beside bench_search.py
+from replay import (  # noqa: E402
     RecordedGrid,
     ReplayedEpoch,
     anytime_curve,
@@ -19,8 +25,6 @@ from hawor_tune.replay import (
     quasi_random_grid,
     replay_search,
 )
-from hawor_tune.results import write_parquet_atomic
-from hawor_tune.search_space import ParamSpec, load_search_space
 
 PARAMS = {"optim.lr": {"type": "loguniform", "low": 1.0e-4, "high": 1.0e-2},
           "data.seq_len": {"type": "choice", "values": [4, 8, 16]}}

@@ -372,18 +372,18 @@ def _truncate(folder: Path) -> None:
 
 @pytest.mark.parametrize("truncated, expected", [((), 2), ((2,), 1), ((1, 2), 0), ((0, 1, 2), None)])
 def test_a_trial_resumes_from_its_newest_readable_checkpoint(tmp_path, caplog, truncated, expected):
-    from hawor_tune.search import _resume_point
+    from hawor_tune.search.trainable import resume_point
 
     checkpoints = _trial_checkpoints(tmp_path, 3)
     for i in truncated:
         _truncate(checkpoints[i])
-    point = _resume_point(str(checkpoints[-1]))
+    point = resume_point(str(checkpoints[-1]))
     assert point == (str(checkpoints[expected]) if expected is not None else None)
     warnings = [r.message for r in caplog.records if r.levelname == "WARNING"]
     assert len([w for w in warnings if w.startswith("cannot resume from")]) == len(truncated)
     if truncated:
         assert "older checkpoint" in warnings[-1] or "starts again from epoch 1" in warnings[-1]
-    assert _resume_point(None) is None
+    assert resume_point(None) is None
 
 
 # A worker as Ray Tune runs one: the trainable in a daemon thread (Ray's RunnerThread swallows SystemExit(0));
@@ -391,7 +391,7 @@ def test_a_trial_resumes_from_its_newest_readable_checkpoint(tmp_path, caplog, t
 _STOPPED_WORKER = """
 import sys, threading
 import torch
-import hawor_tune.search as search
+import hawor_tune.search.trainable as trainable
 
 holding, stop = threading.Event(), threading.Event()
 
@@ -402,11 +402,11 @@ def fit_until_stopped(params, space, run_dir):
     stop.wait()
     raise SystemExit(0)  # as ray.tune.report leaves a stopped trial
 
-search._train_trial = fit_until_stopped
+trainable._train_trial = fit_until_stopped
 
 def runner():
     try:
-        search.train_trial({}, None)
+        trainable.train_trial({}, None)
     except SystemExit as e:
         assert e.code == 0
 
@@ -440,7 +440,7 @@ def test_a_second_search_under_a_taken_name_is_refused_before_anything_starts(tm
 def test_a_full_disk_behind_rays_error_is_found():
     from ray.tune.error import TuneError
 
-    from hawor_tune.search import _disk_full
+    from hawor_tune.search.service import _disk_full
 
     full = OSError(errno.ENOSPC, "No space left on device")
     try:
@@ -476,7 +476,8 @@ def test_ctrl_c_exits_130_with_the_resume_command_and_no_traceback(tmp_path, mon
     monkeypatch.setattr(search, "start_ray", lambda *a, **k: None)
     monkeypatch.setattr(search, "prepare_in_background", lambda cfg: None)  # this space's base reads no data
     space = write_space(tmp_path)
-    argv = ["--space", str(space), "--storage", str(tmp_path / "r"), "--name", "x", "--set", "train.epochs=3"]
+    argv = ["--space", str(space), "--storage", str(tmp_path / "r"), "--name", "x", "--set", "train.epochs=3",
+            "--dashboard-port", "0"]
     assert run_search.main(argv) == 130
     out, err = capsys.readouterr()
     resume = f"python run_search.py {' '.join(argv)} --resume"
@@ -487,12 +488,12 @@ def test_ctrl_c_exits_130_with_the_resume_command_and_no_traceback(tmp_path, mon
 def test_a_multi_objective_space_gets_optunas_multi_objective_sampler(tmp_path):
     from conftest import write_space
 
-    from hawor_tune.search import _scheduler, _searcher
+    from hawor_tune.search import build_scheduler, build_searcher
 
     space = load_search_space(write_space(tmp_path, "{metric: [val/mpjpe, val/cam_trans_error], mode: [min, max]}"))
-    searcher = _searcher(space).searcher
+    searcher = build_searcher(space).searcher
     assert (searcher.metric, searcher.mode) == (["val/mpjpe", "val/cam_trans_error"], ["min", "max"])
-    assert type(_scheduler(space)).__name__ == "FIFOScheduler"
+    assert type(build_scheduler(space)).__name__ == "FIFOScheduler"
     assert searcher.suggest("t1") == pytest.approx(space.default_point())
     searcher.on_trial_complete("t1", {"val/mpjpe": 40.0, "val/cam_trans_error": 3.0})
     (told,) = searcher._ot_study.trials  # Ray's searcher holds its study privately; Optuna got both values
@@ -519,7 +520,7 @@ def test_a_data_fault_found_while_ray_starts_is_one_line_and_frees_the_name(tmp_
 
 
 def test_data_prepared_before_is_checked_in_a_thread_at_the_lowest_priority(synthetic_dataset, monkeypatch):
-    import hawor_tune.search as search
+    import hawor_tune.search.preparation as search
 
     cfg = synthetic_dataset.config()
     search.prepare_data(cfg)  # what a first search does: here the caches and the flow-head fit
@@ -541,7 +542,7 @@ def test_data_prepared_before_is_checked_in_a_thread_at_the_lowest_priority(synt
 
 
 def test_a_first_search_is_prepared_in_a_thread_at_the_callers_priority(tmp_path, synthetic_dataset, monkeypatch):
-    import hawor_tune.search as search
+    import hawor_tune.search.preparation as search
 
     prepared = []
     monkeypatch.setattr(search, "prepare_data", lambda c: prepared.append(

@@ -1,4 +1,5 @@
-"""A recorded grid of trials, replayed: a tabular benchmark of search strategies on the service's own export.
+"""A recorded grid of trials, replayed: a tabular benchmark of search strategies on the service's own export
+(used by ``bench_search.py --replay``).
 
 A grid of configurations is trained live once, every trial to the full epoch budget, and its
 ``epochs.parquet``/``trials.parquet`` are kept. :class:`RecordedGrid` reads them back; :func:`replay_trial` is a
@@ -14,6 +15,7 @@ scale for ``loguniform``, by index for ``choice``), so that every parameter weig
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -162,9 +164,9 @@ class ReplayedEpoch:
 
 def replay_search(space: SearchSpace, grid: RecordedGrid, *, storage: str | Path, name: str,
                   first_point_default: bool = True) -> list[ReplayedEpoch]:
-    """Run one search of ``space`` through Ray Tune over the recorded ``grid``: the space's own searcher and
-    scheduler as the service builds them (:mod:`hawor_tune.search`), its seed and trial count, one trial at a
-    time, the trainable :func:`replay_trial`. Ray must be running.
+    """Run one search of ``space`` through Ray Tune over the recorded ``grid``: the Tuner the service builds
+    (:func:`hawor_tune.search.build_tuner`: the space's searcher, scheduler, seed and trial count), one trial
+    at a time, the trainable :func:`replay_trial`. Ray must be running.
 
     Args:
         first_point_default: the base config's point is the first trial, as in the service; False leaves
@@ -173,11 +175,12 @@ def replay_search(space: SearchSpace, grid: RecordedGrid, *, storage: str | Path
     Returns:
         Every reported epoch in report order (one trial at a time, so the order is the search's own).
     """
-    from ray import tune
+    from ray import cloudpickle, tune
 
-    from hawor_tune.search import _scheduler, _searcher
-    from hawor_tune.tune_space import tune_param_space
+    from hawor_tune.search import build_searcher, build_tuner
 
+    # This module is not on the workers' path (it lives beside the benchmark): it travels to them by value.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
     space = replace(space, max_concurrent=1)  # the searcher's own limit: Tune's max_concurrent_trials only warns
     epochs: list[ReplayedEpoch] = []
 
@@ -188,13 +191,8 @@ def replay_search(space: SearchSpace, grid: RecordedGrid, *, storage: str | Path
 
     trainable = tune.with_resources(tune.with_parameters(replay_trial, grid=grid, metrics=list(space.metrics)),
                                     {"cpu": 1, "gpu": 0})
-    tuner = tune.Tuner(
-        trainable, param_space=tune_param_space(space.params) if space.search_algorithm == "random" else {},
-        tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=space.num_samples,
-                                    search_alg=_searcher(space, first_point_default=first_point_default),
-                                    scheduler=_scheduler(space), reuse_actors=True),
-        run_config=tune.RunConfig(name=name, storage_path=str(Path(storage).resolve()), verbose=0,
-                                  callbacks=[_Collect()], checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+    tuner = build_tuner(space, trainable, storage=Path(storage).resolve(), name=name, callbacks=[_Collect()],
+                        searcher=build_searcher(space, first_point_default=first_point_default))
     tuner.fit()
     return epochs
 
