@@ -18,8 +18,9 @@ log = logging.getLogger(__name__)
 
 
 def prepare_data(cfg: ExperimentConfig) -> None:
-    """Generate the dataset (if configured), build the frame and flow caches, the hand-pretrained start and the camera's
-    flow-head fit once, before trials start (each is cached; a later search re-uses them)."""
+    """Generate the dataset (if configured), build the frame and flow caches, the hand-pretrained start, the camera's
+    flow-head fit and (for a declared objective) the mean-pose baseline once, before trials start (each is cached;
+    a later search re-uses them)."""
     from hawor_tune.data import build_dataset, ensure_dataset
     from hawor_tune.flow_fit import ensure_flow_fit
     from hawor_tune.pretrain import ensure_pretrained
@@ -32,6 +33,10 @@ def prepare_data(cfg: ExperimentConfig) -> None:
     t0 = time.perf_counter()
     ensure_pretrained(cfg)
     ensure_flow_fit(cfg)
+    if cfg.train.objective:  # the baseline's validation figures every trial's objective is divided by
+        from hawor_tune.evaluation import cached_baseline
+
+        cached_baseline(cfg, "val")
     log.info("pretrained start ready in %.1f s", time.perf_counter() - t0)
 
 
