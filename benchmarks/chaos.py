@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -314,13 +315,14 @@ def _search_outcome(fault: str, exp_dir: Path, t0: float, done: str, extra: list
 # ---- search faults -----------------------------------------------------------------------------------------
 
 def worker_kill(lab: Lab) -> Outcome:
-    """SIGKILL the workers of two trials mid-trial, each once it has a registered checkpoint: Ray retries each
-    from it."""
-    t0, exp_dir = time.time(), lab.folder / "results" / "worker_kill"
-    proc = lab.start(lab.search_args(lab.space("worker_kill"), "worker_kill"), lab.folder / "worker_kill.log")
+    """SIGKILL the workers of up to two trials mid-trial (at least one; ASHA may end the others first), each
+    once its trial has a registered checkpoint: Ray retries each from it."""
+    t0, exp_dir, epochs = time.time(), lab.folder / "results" / "worker_kill", 5
+    proc = lab.start(lab.search_args(lab.space("worker_kill", epochs=epochs), "worker_kill"),
+                     lab.folder / "worker_kill.log")
     killed: list[Frozen] = []
     for _ in range(2):
-        frozen = _freeze_a_trial(exp_dir, max_epochs=EPOCHS, proc=proc,
+        frozen = _freeze_a_trial(exp_dir, max_epochs=epochs, proc=proc,
                                  spare=frozenset(k.pid for k in killed))
         if frozen is None:
             break
@@ -331,9 +333,9 @@ def worker_kill(lab: Lab) -> Outcome:
     extra = [] if rc == 0 else [f"search exited {rc}"]
     extra += [] if killed else ["no worker was killed"]
     extra += _resumed_from_registered(exp_dir, killed)
-    return _search_outcome(f"worker SIGKILL mid-trial (x{len(killed)})", exp_dir, t0,
-                           f"{log.count('Trial task failed')} trial failures, each retried from its registered "
-                           f"checkpoint", extra)
+    return _search_outcome("worker SIGKILL mid-trial", exp_dir, t0,
+                           f"{len(killed)} workers killed, {log.count('Trial task failed')} trial failures, each "
+                           f"retried from its registered checkpoint", extra, max_epochs=epochs)
 
 
 def _resumed_from_registered(exp_dir: Path, faults: list[Frozen]) -> list[str]:
@@ -685,14 +687,14 @@ def _train(lab: Lab, root: Path, cache: Path, log: Path) -> tuple[int, str]:
 def data_faults(lab: Lab) -> list[Outcome]:
     """Each data fault on a fresh copy of the dataset (its frame cache built first): the run either fails in
     one line naming the damaged file and the fix, or rebuilds the cache and ends exactly as an undamaged run."""
-    _, clean = _train(lab, lab.dataset.root, lab.folder / "data" / "cache", lab.folder / "data_clean.log")
+    _, clean = _train(lab, lab.root, lab.folder / "data" / "cache", lab.folder / "data_clean.log")
     reference = [ln for ln in clean.splitlines() if ln.startswith("done: ")]
     outcomes = []
     for i, (fault, (damage, after_build)) in enumerate(DATA_FAULTS.items()):
         t0 = time.time()
         copy = lab.folder / f"data_fault_{i}"
         root, cache = copy / "arctic_synthetic", copy / "cache"
-        shutil.copytree(lab.dataset.root, root)
+        shutil.copytree(lab.root, root)
         if after_build:
             _train(lab, root, cache, copy / "build.log")
         file = damage(root, cache)
@@ -741,6 +743,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 result = FAULTS[name](lab)
             except Exception as e:  # a fault the harness itself did not survive is a failed fault
+                traceback.print_exc()
                 result = Outcome(name, f"harness error {type(e).__name__}: {e}"[:150], "?", False)
             for outcome in result if isinstance(result, list) else [result]:
                 outcomes.append(outcome)

@@ -4,7 +4,8 @@ One concern per module: :mod:`~hawor_tune.search.service` runs or resumes a sear
 :mod:`~hawor_tune.search.tuner` builds its searcher, scheduler and Tuner; :mod:`~hawor_tune.search.trainable`
 is the trainable, a thin adapter over :func:`hawor_tune.train.fit`; :mod:`~hawor_tune.search.preparation`
 prepares the data once before trials start; :mod:`~hawor_tune.search.local_ray` starts or joins Ray;
-:mod:`~hawor_tune.search.export` keeps the experiment's parquet files current; and
+:mod:`~hawor_tune.search.export` keeps the experiment's parquet files current;
+:mod:`~hawor_tune.search.storage_fs` makes Ray's own writes to the storage atomic; and
 :mod:`~hawor_tune.search.resume` says which failed trials a resume runs again.
 """
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hawor_tune.failures import OWN
-from hawor_tune.results import TRIALS_FILE, read_rows
+from hawor_tune.results import TRIALS_FILE, StorageError, read_rows
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,13 @@ def resume_plan(exp_dir: str | os.PathLike) -> list[FailedTrial]:
 
     exp_dir = Path(exp_dir)
     rows = {str(r["trial_id"]): r for r in read_rows(exp_dir / TRIALS_FILE)} if (exp_dir / TRIALS_FILE).is_file() else {}
+    try:
+        trials = ExperimentAnalysis(str(exp_dir)).trials
+    except (ValueError, OSError) as e:  # a file of Ray's cut short by a full disk before it wrote atomically
+        raise StorageError(f"--resume: Ray's record in {exp_dir} cannot be read ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0]}); start the search again under a new name") from None
     plan = []
-    for trial in ExperimentAnalysis(str(exp_dir)).trials:
+    for trial in trials:
         row = rows.get(trial.trial_id, {})
         if trial.status == "ERROR":
             why = row.get("error") or "no error recorded"

@@ -23,6 +23,7 @@ from hawor_tune.search.export import ParquetExporter
 from hawor_tune.search.local_ray import start_ray
 from hawor_tune.search.preparation import prepare_data
 from hawor_tune.search.resume import resume_plan
+from hawor_tune.search.storage_fs import atomic_local_fs
 from hawor_tune.search.trainable import train_trial
 from hawor_tune.search.tuner import build_searcher, build_tuner, quiet_after_the_end
 from hawor_tune.search_space import SearchSpace
@@ -96,7 +97,8 @@ def _restore(space: SearchSpace, exp_dir: Path) -> tune.Tuner:
         print(trial.line(), flush=True)
     keep_failed = {t.trial_id: t.why for t in plan if t.errored and not t.runs_again}
     rerun = any(t.runs_again for t in plan)
-    return tune.Tuner.restore(str(exp_dir), trainable=build_trainable(space, keep_failed), resume_errored=rerun)
+    return tune.Tuner.restore(str(exp_dir), trainable=build_trainable(space, keep_failed), resume_errored=rerun,
+                              storage_filesystem=atomic_local_fs())
 
 
 def run_search(space: SearchSpace, *, storage: str | os.PathLike, name: str, resume: bool = False,

@@ -12,6 +12,7 @@ from typing import Any
 from ray import tune
 from ray.tune import Callback
 
+from hawor_tune.search.storage_fs import atomic_local_fs
 from hawor_tune.search_space import SearchSpace
 from hawor_tune.tune_space import OPTUNA_DIRECTIONS, optuna_distributions, tune_param_space
 
@@ -96,7 +97,8 @@ def build_tuner(space: SearchSpace, trainable: Any, *, storage: str | os.PathLik
                 num_samples: int | None = None) -> tune.Tuner:
     """A new search's Tuner: ``space``'s metric, mode and trial count, its searcher and scheduler (or the
     ones given), ``MAX_FAILURES`` retries of a failed trial from its last checkpoint, and the checkpoints
-    kept in the storage (the two best by the metric, and the newest).
+    kept in the storage (the two best by the metric, and the newest), each file Ray writes there written
+    atomically (:mod:`hawor_tune.search.storage_fs`).
 
     Args:
         space: a checked search space.
@@ -120,7 +122,8 @@ def build_tuner(space: SearchSpace, trainable: Any, *, storage: str | os.PathLik
             search_alg=searcher, scheduler=build_scheduler(space) if scheduler is None else scheduler,
             reuse_actors=True),
         run_config=tune.RunConfig(
-            name=name, storage_path=os.fspath(storage), verbose=verbose, callbacks=list(callbacks),
+            name=name, storage_path=os.fspath(storage), storage_filesystem=atomic_local_fs(), verbose=verbose,
+            callbacks=list(callbacks),
             failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=space.metric,
                                                     checkpoint_score_order=space.mode)),
