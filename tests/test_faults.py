@@ -129,3 +129,47 @@ def test_a_resume_runs_again_a_trial_whose_worker_was_lost_and_leaves_a_bad_valu
 def test_every_injected_fault_is_survived_with_no_trial_lost(capsys):
     """The whole fault-injection suite (several minutes): ``python -m pytest -m slow``."""
     assert chaos.main([]) == 0, capsys.readouterr().out
+
+
+# A copy into the storage as on a full disk, in a child process: past 4 KiB every write fails (RLIMIT_FSIZE).
+_COPY_PAST_THE_LIMIT = """
+import resource, signal, sys
+import pyarrow.fs as pafs
+from hawor_tune.search.storage_fs import atomic_local_fs
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+try:
+    pafs.copy_files(sys.argv[1], sys.argv[2], source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=atomic_local_fs())
+except OSError as e:
+    print(e.errno)
+"""
+
+
+def test_a_file_ray_writes_into_the_storage_is_whole_or_as_it_was(tmp_path):
+    """Ray copies its state, results and checkpoints into the experiment folder through this filesystem: a copy
+    that fails half-way (here: a file-size limit, as a full disk) leaves the previous file, and no temporary one."""
+    import subprocess
+
+    from hawor_tune.search.storage_fs import atomic_local_fs
+
+    source, storage = tmp_path / "staging", tmp_path / "storage"
+    source.mkdir()
+    (source / "experiment_state.json").write_text('{"trials": 1}')
+    atomic_local_fs().copy_file(str(source / "experiment_state.json"), str(tmp_path / "copied.json"))
+    assert (tmp_path / "copied.json").read_text() == '{"trials": 1}'
+    with atomic_local_fs().open_output_stream(str(tmp_path / "copied.json")) as out:
+        out.write(b'{"trials": 2}')
+        assert (tmp_path / "copied.json").read_text() == '{"trials": 1}'  # renamed into place when closed
+    assert (tmp_path / "copied.json").read_text() == '{"trials": 2}'
+
+    import pyarrow.fs as pafs
+    pafs.copy_files(str(source), str(storage), source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=atomic_local_fs())
+    (source / "experiment_state.json").write_text('{"trials": [' + "1, " * 4000 + "2]}")  # past the limit
+    done = subprocess.run([sys.executable, "-c", _COPY_PAST_THE_LIMIT, str(source), str(storage)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == str(errno.EFBIG), done.stderr[-2000:]
+    assert (storage / "experiment_state.json").read_text() == '{"trials": 1}'
+    assert [p.name for p in storage.iterdir()] == ["experiment_state.json"]

@@ -24,7 +24,9 @@ class _AtomicFile:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)  # copy_files makes only the folders below its destination
+        self.tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
         self._file = open(self.tmp, "wb")  # noqa: SIM115  (closed in close() or _abort())
 
     @property
