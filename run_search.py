@@ -216,6 +216,9 @@ def _search(args: argparse.Namespace, argv: list[str]) -> int:
 
     from hawor_tune.search import prepare_in_background, run_search, start_ray
 
+    if args.address:  # missing shards first, one Ray task per sequence on the cluster's nodes
+        from hawor_tune.data import prepare_dataset
+        prepare_dataset(space.base_config, address=args.address)
     # The data check (on a first search: the data's generation and the pretraining) runs while Ray starts.
     preparing = prepare_in_background(space.base_config)
     try:

@@ -1,4 +1,4 @@
-"""How long the input pipeline takes: synthetic generation, annotation precompute, frame-cache build, and
+"""How long the input pipeline takes: synthetic generation, annotation precompute, preparing the shards, and
 loading a batch, set against the time budget of one model step.
 
     python benchmarks/bench_data.py                              # default config, fresh temporary folder
@@ -61,11 +61,12 @@ def main() -> None:
         labelled, t_labels = _timed(lambda: build_dataset(cfg, split, cached=False))  # noqa: B023
         cached, t_first = _timed(lambda: build_dataset(cfg, split))  # noqa: B023
         _, t_reopen = _timed(lambda: build_dataset(cfg, split))  # noqa: B023
-        frames = cached.cache.frames.shape[0]
+        frames = int(cached.source.count.sum())
+        nbytes = sum(p.stat().st_size for p in cached.source.tars)
         print(f"{split:<5} labels      {t_labels:8.2f} s   ({len(labelled.sequences)} sequences, {frames} frames, "
               f"{len(labelled)} clips)")
-        print(f"{split:<5} cache build {max(t_first - t_labels, 0.0):8.2f} s   "
-              f"({cached.cache.frames.nbytes / 2**20:.1f} MiB at {cached.cache.folder}); reopen {t_reopen:.2f} s")
+        print(f"{split:<5} prepare     {max(t_first - t_labels, 0.0):8.2f} s   "
+              f"({nbytes / 2**20:.1f} MiB at {cached.source.folder}); reopen {t_reopen:.2f} s")
 
     ds = build_dataset(cfg, "train")
     _, t_items = _timed(lambda: [ds[i] for i in range(len(ds))])
@@ -84,11 +85,11 @@ def main() -> None:
     for _, _batch in zip(range(10), uncached):
         pass
     uncached_ms = 1e3 * (time.perf_counter() - start) / min(10, len(uncached))
-    print(f"__getitem__ cached  {per_frame_ms:8.4f} ms per frame")
-    print(f"batch load cached   {batch_ms:8.2f} ms   = {100 * batch_ms / args.step_ms:5.2f} % of a "
+    print(f"__getitem__ shards  {per_frame_ms:8.4f} ms per frame")
+    print(f"batch load shards   {batch_ms:8.2f} ms   = {100 * batch_ms / args.step_ms:5.2f} % of a "
           f"{args.step_ms:.0f} ms model step")
-    print(f"batch load JPEG     {uncached_ms:8.2f} ms   = {100 * uncached_ms / args.step_ms:5.2f} % (no cache, "
-          "for comparison)")
+    print(f"batch load JPEG     {uncached_ms:8.2f} ms   = {100 * uncached_ms / args.step_ms:5.2f} % (each frame "
+          "prepared from its image, for comparison)")
     del loader, uncached  # stops worker processes before their files go away
     if tmp is not None:
         tmp.cleanup()

@@ -56,10 +56,12 @@ class SyntheticConfig:
 class DataConfig:
     """Where the clips come from and how each frame becomes the model's inputs.
 
-    Every frame is letterboxed once into the frame cache at ``frame_size``; from it each hand gets a square
-    ``crop_size`` crop around its 2D keypoints (HaMeR's and HaWoR's input, left hands mirrored) and the
-    whole frame is resized to ``img_size`` for the camera branch, which also reads the dense optical flow from
-    each clip's first frame, computed at ``frame_size`` and pooled onto ``flow_grid`` cells per side.
+    Each frame is prepared once (``python -m hawor_tune.data.prepare``, or on first use): each hand gets a square
+    ``crop_size`` crop around its 2D keypoints cut from the original image (HaMeR's and HaWoR's input, left
+    hands mirrored), stored with a margin for the training jitter; the whole frame is letterboxed to
+    ``img_size`` for the camera branch, which also reads the dense optical flow from each clip's first frame,
+    summed from flows between frames 1, 2, 4 and 8 apart, computed on the frames letterboxed to ``frame_size``
+    and pooled onto ``flow_grid`` cells per side.
     """
 
     root: str = _spec("data/arctic_synthetic", doc="ARCTIC 'arctic_data/data' folder (real or generated)")
@@ -67,7 +69,7 @@ class DataConfig:
     seq_len: int = _spec(8, low=1, high=256, doc="frames per clip")
     stride: int = _spec(4, low=1, high=256, doc="frames between the starts of consecutive training clips")
     frame_step: int = _spec(1, low=1, high=30, doc="temporal subsampling of the 30 fps sequences")
-    frame_size: int = _spec(224, low=32, high=4096, doc="side of the letterboxed frames in the cache; crops are cut from them")
+    frame_size: int = _spec(224, low=32, high=4096, doc="side of the letterboxed frame the optical flow (and the 2D labels) are computed in; crops come from the original image")
     crop_size: int = _spec(48, low=16, high=1024, doc="side of each hand's square crop (the backbone's input)")
     crop_scale: float = _spec(1.3, low=1.0, high=4.0, doc="crop side over the extent of the hand's visible 2D keypoints")
     crop_jitter: float = _spec(0.1, low=0.0, high=0.5, doc="training only: random crop shift (fraction of the side) and scale (1 +- this)")
@@ -75,7 +77,7 @@ class DataConfig:
     flow_grid: int = _spec(16, low=0, high=64, doc="cells per side of the optical flow (clip's first frame to each frame) the camera branch reads; 0 = frames only")
     batch_size: int = _spec(4, low=1, high=4096, doc="clips per batch")
     num_workers: int = _spec(0, low=0, high=64, doc="data-loader worker processes; 0 loads in the training process")
-    cache_dir: str = _spec("", doc="frame cache folder; '' puts it in <root>/../cache")
+    cache_dir: str = _spec("", doc="folder of the prepared form (and the pretrained start); '' puts it in <root>/../cache")
     min_visible_joints: int = _spec(8, low=1, high=21, doc="valid_rule visible_joints: valid when the wrist and this many joints are in view")
     valid_rule: str = _spec("auto", choices=("auto", "arctic", "visible_joints"),
                             doc="hand validity: arctic = ARCTIC's (wrist + 3 joints inside the distorted image, "

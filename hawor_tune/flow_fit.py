@@ -23,6 +23,7 @@ from hawor_tune.atomic import build_once
 from hawor_tune.checkpoint import save_torch_file
 from hawor_tune.config import ExperimentConfig
 from hawor_tune.data.cache import cache_root, spec_key
+from hawor_tune.data.frames import PREPARED_VERSION
 from hawor_tune.data.synthetic import MARKER
 from hawor_tune.errors import HaworTuneError
 from hawor_tune.geometry import matrix_to_rot6d, relative_camera_pose
@@ -83,7 +84,8 @@ def flow_fit_key(cfg: ExperimentConfig) -> str:
     """Hash of everything the fit depends on: the data (its settings and the generated dataset's marker)."""
     data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in _IGNORED_KEYS}
     marker = Path(cfg.data.root) / MARKER
-    spec = {"version": FIT_VERSION, "data": data, "dataset": marker.read_text() if marker.is_file() else None}
+    spec = {"version": FIT_VERSION, "prepared": PREPARED_VERSION, "data": data,
+            "dataset": marker.read_text() if marker.is_file() else None}
     return spec_key(spec)
 
 

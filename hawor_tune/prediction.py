@@ -57,7 +57,8 @@ def build_box_clips(cfg: ExperimentConfig, boxes: list[SequenceBoxes]) -> BoxCli
     """The :class:`BoxClips` of ``boxes`` with ``cfg.data``'s clip, crop and frame settings."""
     d = cfg.data
     return BoxClips(ensure_dataset(cfg), boxes, seq_len=d.seq_len, frame_step=d.frame_step, frame_size=d.frame_size,
-                    crop_size=d.crop_size, crop_scale=d.crop_scale, img_size=d.img_size, flow_grid=d.flow_grid)
+                    crop_size=d.crop_size, crop_scale=d.crop_scale, crop_jitter=d.crop_jitter, img_size=d.img_size,
+                    flow_grid=d.flow_grid)
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ from pathlib import Path
 from hawor_tune.atomic import build_once
 from hawor_tune.config import DataConfig, ExperimentConfig, LossConfig, OptimConfig
 from hawor_tune.data.cache import cache_root, spec_key
+from hawor_tune.data.frames import PREPARED_VERSION
 from hawor_tune.data.synthetic import GENERATOR_VERSION, MARKER
 from hawor_tune.errors import HaworTuneError
 
@@ -97,7 +98,8 @@ def pretrain_key(cfg: ExperimentConfig) -> str:
 
     data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in _CLIP_KEYS}
     marker = Path(cfg.data.root) / MARKER
-    spec = {"version": PRETRAIN_VERSION, "data": data, "mano": dataclasses.asdict(cfg.mano),
+    spec = {"version": PRETRAIN_VERSION, "prepared": PREPARED_VERSION, "data": data,
+            "mano": dataclasses.asdict(cfg.mano),
             "model": {k: v for k, v in dataclasses.asdict(cfg.model).items()
                       if k not in ("pretrained_path", "infill_mask_prob")},
             "pretrain": dataclasses.asdict(cfg.pretrain), "loss": dataclasses.asdict(pretrain_loss(cfg)),

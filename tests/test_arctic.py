@@ -22,6 +22,7 @@ from hawor_tune.data import (
     read_split,
 )
 from hawor_tune.data.flow import clip_flow
+from hawor_tune.data.frames import JPEG_QUALITY
 from hawor_tune.mano import HANDS, build_mano
 
 # conftest's dataset: 64x48 frames letterboxed to 64 (scale 1, 8 rows of padding on top), 32 px hand crops,
@@ -137,26 +138,40 @@ def test_frames_follow_ioi_offset_and_skip_the_ends(synthetic_dataset):
     sid, seq = ds.sequences[int(item["seq_index"])].split("/")
     frames = []
     for t, f in enumerate(item["frame_index"].tolist()):
-        # Image index = annotation index + ioi_offset; the whole-frame input is the letterboxed frame resized.
+        # Image index = annotation index + ioi_offset; the whole-frame input is the image letterboxed to IMG
+        # (here the letterboxed frame halved), stored as JPEG.
         frames.append(_letterboxed_frame(synthetic_dataset.root / "images" / sid / seq / "0" / f"{f + misc[sid]['ioi_offset']:05d}.jpg"))
-        expected = cv2.resize(frames[-1], (IMG, IMG), interpolation=cv2.INTER_AREA)
+        expected = _jpeg(cv2.resize(frames[-1], (IMG, IMG), interpolation=cv2.INTER_AREA))
         np.testing.assert_array_equal(item["images"][t].permute(1, 2, 0).numpy(), expected)
-    # The flow comes from the same full-size frames, in units of the frame's focal length.
+    # The flow comes from the same full-size frames, summed from pair flows, in units of the frame's focal length
+    # (stored as float16).
     focal = float(item["K"][0, 0]) / SCALE
-    np.testing.assert_allclose(item["flow"].numpy(), clip_flow(frames, focal, FLOW), atol=1e-5)
+    np.testing.assert_allclose(item["flow"].numpy(), clip_flow(frames, focal, FLOW), rtol=2e-3, atol=2e-3)
 
 
-def test_cached_flows_equal_the_flows_of_the_clips_frames(synthetic_dataset):
-    cfg = synthetic_dataset.config()
-    cached = build_dataset(cfg, "train")
+def _jpeg(rgb: np.ndarray) -> np.ndarray:
+    """An RGB image after the prepared form's JPEG round trip."""
+    _, data = cv2.imencode(".jpg", rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    return cv2.imdecode(data, cv2.IMREAD_COLOR)[..., ::-1]
+
+
+@pytest.mark.parametrize("frame_step", [1, 2])
+def test_prepared_flows_equal_the_flows_of_the_frames_and_serve_every_clip_length(synthetic_dataset, frame_step):
+    cfg = synthetic_dataset.config({"data.frame_step": frame_step})
+    prepared = build_dataset(cfg, "train")
     direct = build_dataset(cfg, "train", cached=False)
-    (flow_file,) = cached.cache.folder.parent.glob(f"flow-train-{cfg.data.seq_len}f-*.npy")
-    for i in (0, len(cached) - 1):
-        np.testing.assert_array_equal(cached[i]["flow"].numpy(), direct[i]["flow"].numpy())
-    assert cached[0]["flow"][0].abs().sum() == 0 and cached[0]["flow"][1:].abs().sum() > 0  # frame 0 is the reference
-    before = flow_file.stat().st_mtime_ns
-    build_dataset(cfg, "train")  # re-opened, not rebuilt
-    assert flow_file.stat().st_mtime_ns == before
+    for i in (0, len(prepared) - 1):
+        np.testing.assert_array_equal(prepared[i]["flow"].numpy(), direct[i]["flow"].numpy())
+    assert prepared[0]["flow"][0].abs().sum() == 0 and prepared[0]["flow"][1:].abs().sum() > 0  # frame 0: reference
+    # Another clip length and frame step read the same shards, not prepared again: a clip's flow is the sum
+    # of the pair flows of its frames and of those between them.
+    tars = sorted(prepared.source.folder.rglob("*.tar"))
+    before = [p.stat().st_mtime_ns for p in tars]
+    longer = build_dataset(synthetic_dataset.config({"data.seq_len": 8, "data.frame_step": frame_step}), "train")
+    assert longer.source.folder == prepared.source.folder
+    assert [p.stat().st_mtime_ns for p in tars] == before
+    short, long_ = prepared[0], longer[0]  # both start at the first frame of the first sequence
+    np.testing.assert_allclose(long_["flow"][:4].numpy(), short["flow"].numpy(), rtol=1e-6, atol=1e-6)
 
 
 # ---- Hand crops -------------------------------------------------------------------------------------------
@@ -235,12 +250,14 @@ def test_crop_pixels_are_the_frames_pixels_under_the_crop_map(synthetic_dataset)
                                    / f"{f + misc[sid]['ioi_offset']:05d}.jpg")
         for h in range(2):
             a, (tx, ty) = A[t, h, 0, 0], A[t, h, :2, 2]
-            expected = _bilinear(frame, (u - tx) / a, (v - ty) / a)  # (C, C, 3) the unmirrored crop
             crop = item["crops"][t, h].permute(1, 2, 0).numpy().astype(np.float64)
             if HANDS[h] == "left":
                 crop = crop[:, ::-1]  # left crops arrive mirrored: u -> C - 1 - u
-            # Up to uint8 rounding (cv2.warpAffine's 1/32 px positions add no more on these frames).
-            np.testing.assert_allclose(crop, expected, atol=1.0, rtol=0, err_msg=f"frame {t}, {HANDS[h]} hand")
+            error = [np.abs(crop - _bilinear(frame, (u - tx) / a + dx / a, (v - ty) / a)).mean() for dx in (0, 1)]
+            # Up to the stored JPEG's loss (a few levels on these tiny, noisy frames) ...
+            assert error[0] < 6.0, f"frame {t}, {HANDS[h]} hand: mean error {error[0]:.1f}"
+            # ... and in place: one frame pixel off is far worse.
+            assert error[1] > 1.8 * error[0], f"frame {t}, {HANDS[h]} hand: errors {error}"
 
 
 @pytest.mark.parametrize("split", ["val", "test"])

@@ -1,4 +1,5 @@
-"""The frame cache: identical to decoding JPEGs, built once (also under concurrency), shared read-only."""
+"""Reading the prepared form: the same batches as making each frame from its image, the shards built once (also
+under concurrency) beside the dataset and shared by worker processes; letterboxing and decoding images."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from conftest import run_concurrently
 
 from hawor_tune.data import Letterbox, build_dataloader, build_dataset, read_frame
+from hawor_tune.data.cache import decode_image
 
 
 def _batches_equal(a: dict, b: dict) -> bool:
@@ -26,51 +28,55 @@ def _seeded_batches(loader) -> list[dict]:
 
 
 @pytest.mark.parametrize("split,shuffle", [("train", True), ("val", False), ("test", False)])
-def test_cached_and_uncached_loaders_give_identical_batches(synthetic_dataset, split, shuffle):
+def test_prepared_and_on_the_fly_loaders_give_identical_batches(synthetic_dataset, split, shuffle):
     cfg = synthetic_dataset.config()
-    cached = _seeded_batches(build_dataloader(cfg, split, shuffle=shuffle, seed=3))
-    uncached = _seeded_batches(build_dataloader(cfg, split, shuffle=shuffle, seed=3, cached=False))
-    assert len(cached) == len(uncached) > 0
-    assert all(_batches_equal(a, b) for a, b in zip(cached, uncached))
+    prepared = _seeded_batches(build_dataloader(cfg, split, shuffle=shuffle, seed=3))
+    on_the_fly = _seeded_batches(build_dataloader(cfg, split, shuffle=shuffle, seed=3, cached=False))
+    assert len(prepared) == len(on_the_fly) > 0
+    assert all(_batches_equal(a, b) for a, b in zip(prepared, on_the_fly))
 
 
-def test_cache_sits_beside_the_dataset_is_reused_and_read_only(synthetic_dataset):
+def test_prepared_form_sits_beside_the_dataset_is_reused_and_serves_clip_settings(synthetic_dataset):
     root = synthetic_dataset.root
     before = sorted(p.relative_to(root) for p in root.rglob("*"))
     cfg = synthetic_dataset.config()
-    first = build_dataset(cfg, "val").cache
+    first = build_dataset(cfg, "val").source
     assert first.folder.parent == root.parent / "cache"  # default: <root>/../cache
-    mtime = (first.folder / "frames.npy").stat().st_mtime_ns
-    again = build_dataset(cfg, "val").cache
-    assert again.folder == first.folder and (again.folder / "frames.npy").stat().st_mtime_ns == mtime
-    assert not again.frames.flags.writeable
-    assert again.frames.shape == (20, 3, 64, 64) and again.names == build_dataset(cfg, "val").sequences
-    # Crops and the whole-frame input are cut from the cached frames: only frame_size makes another cache.
-    inputs = build_dataset(synthetic_dataset.config({"data.img_size": 16, "data.crop_size": 24}), "val").cache
-    assert inputs.folder == first.folder
-    other = build_dataset(synthetic_dataset.config({"data.frame_size": 40}), "val").cache
-    assert other.folder != first.folder and other.frames.shape == (20, 3, 40, 40)
+    (tar,) = first.tars
+    mtime = tar.stat().st_mtime_ns
+    again = build_dataset(cfg, "val").source
+    assert again.folder == first.folder and tar.stat().st_mtime_ns == mtime
+    assert again.names == build_dataset(cfg, "val").sequences
+    # Clip length, stride, frame step and the validity rule are read at load time: the same shards serve them.
+    clips = {"data.seq_len": 6, "data.stride": 3, "data.frame_step": 2, "data.min_visible_joints": 21}
+    assert build_dataset(synthetic_dataset.config(clips), "val").source.folder == first.folder
+    # What the pixels depend on makes another preparation.
+    for change in ({"data.crop_size": 24}, {"data.img_size": 16}, {"data.frame_size": 40}, {"data.crop_jitter": 0.2},
+                   {"data.crop_scale": 1.5}, {"data.flow_grid": 2}):
+        other = build_dataset(synthetic_dataset.config(change), "val").source
+        assert other.folder != first.folder, change
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # nothing written into the dataset
-    assert not list((root.parent / "cache").glob(".*tmp*"))
+    assert not list((root.parent / "cache").rglob(".*tmp*"))
 
 
-def test_concurrent_builders_build_one_cache(synthetic_dataset, tmp_path):
+def test_concurrent_builders_prepare_once(synthetic_dataset, tmp_path):
     cfg = synthetic_dataset.config({"data.cache_dir": str(tmp_path)})
 
     datasets, errors = run_concurrently(lambda: build_dataset(cfg, "test"))
-    assert not errors and len({ds.cache.folder for ds in datasets}) == 1
-    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == [datasets[0].cache.folder.name]
-    uncached = build_dataset(cfg, "test", cached=False)
+    assert not errors and len({ds.source.folder for ds in datasets}) == 1
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == [datasets[0].source.folder.name]
+    on_the_fly = build_dataset(cfg, "test", cached=False)
     for ds in datasets:
-        assert all(_batches_equal(ds[i], uncached[i]) for i in range(len(ds)))
+        assert all(_batches_equal(ds[i], on_the_fly[i]) for i in range(len(ds)))
 
 
 def test_dataset_pickles_without_pixels_and_works_in_worker_processes(synthetic_dataset):
     # Without crop jitter: it draws from each process's torch RNG, so jittered crops depend on the workers.
     cfg = synthetic_dataset.config({"data.crop_jitter": 0.0})
     ds = build_dataset(cfg, "train")
+    ds[0]  # opens shard files: a pickle must not carry them
     blob = pickle.dumps(ds)
-    assert len(blob) < ds.cache.frames.nbytes  # the mapped frames are not copied into the pickle
+    assert len(blob) < sum(p.stat().st_size for p in ds.source.tars)  # no shard content in the pickle
     clone = pickle.loads(blob)
     assert _batches_equal(clone[3], ds[3])
     single = list(build_dataloader(cfg, "train", shuffle=True, seed=1))
@@ -138,6 +144,15 @@ def test_read_frame_names_unreadable_and_wrong_sized_files(tmp_path):
         read_frame(tmp_path / "missing.jpg", Letterbox(64, 48, 32))
 
 
+@pytest.mark.parametrize("reduce,flags", [(2, cv2.IMREAD_REDUCED_COLOR_2), (4, cv2.IMREAD_REDUCED_COLOR_4)])
+def test_decode_image_reduced_checks_the_full_size(tmp_path, reduce, flags):
+    path = tmp_path / "00001.jpg"
+    cv2.imwrite(str(path), np.zeros((48, 64, 3), np.uint8))
+    assert decode_image(path, 64, 48, flags, reduce).shape == (48 // reduce, 64 // reduce, 3)
+    with pytest.raises(ValueError, match=r"64x48 pixels, expected 80x48"):
+        decode_image(path, 80, 48, flags, reduce)
+
+
 def test_read_frame_refuses_a_jpeg_cut_short(tmp_path):
     # OpenCV would decode it, greying the missing rows: a wrong frame, not an error.
     path = tmp_path / "00001.jpg"
@@ -146,19 +161,3 @@ def test_read_frame_refuses_a_jpeg_cut_short(tmp_path):
     assert cv2.imread(str(path)) is not None
     with pytest.raises(ValueError, match=f"image {path} cannot be decoded .*restore it from the dataset"):
         read_frame(path, Letterbox(64, 48, 32))
-
-
-@pytest.mark.parametrize("damage", ["truncate frames", "truncate index", "empty frames"])
-def test_a_damaged_frame_cache_is_rebuilt(synthetic_dataset, tmp_path, damage, caplog):
-    cfg = synthetic_dataset.config({"data.cache_dir": str(tmp_path)})
-    built = build_dataset(cfg, "test")
-    expected = np.array(built.cache.frames)
-    folder = built.cache.folder
-    name = "index.json" if damage == "truncate index" else "frames.npy"
-    size = 0 if damage == "empty frames" else (folder / name).stat().st_size // 2
-    with open(folder / name, "r+b") as f:
-        f.truncate(size)
-    rebuilt = build_dataset(cfg, "test")
-    assert rebuilt.cache.folder == folder
-    np.testing.assert_array_equal(rebuilt.cache.frames, expected)
-    assert any("rebuilding a damaged frame cache" in r.message and str(folder) in r.message for r in caplog.records)

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from hawor_tune.data.flow import FLOW_UNITS, cached_clip_flows, clip_flow
+from hawor_tune.data.flow import FLOW_UNITS, clip_flow, flow_path, pair_flow
 
 
 def _texture(size: int = 128, seed: int = 0) -> np.ndarray:
@@ -23,12 +23,13 @@ def _shifted(image: np.ndarray, dx: float, dy: float) -> np.ndarray:
 
 def test_a_shifted_frame_gives_its_shift_in_focal_units() -> None:
     base, focal = _texture(), 200.0
-    frames = [base, _shifted(base, 3.0, -2.0), _shifted(base, -1.5, 1.0)]
+    shifts = [(1.5, -1.0), (3.0, -2.0)]  # a steady motion, as a camera's over a clip
+    frames = [base] + [_shifted(base, dx, dy) for dx, dy in shifts]
     flow = clip_flow(frames, focal, grid=4)
     assert flow.shape == (3, 2, 4, 4) and flow.dtype == np.float32
     np.testing.assert_array_equal(flow[0], 0.0)  # frame 0 against itself, by construction
     inner = flow[:, :, 1:3, 1:3]  # away from the borders, where content enters and leaves
-    for t, (dx, dy) in enumerate([(3.0, -2.0), (-1.5, 1.0)], start=1):
+    for t, (dx, dy) in enumerate(shifts, start=1):
         expected = np.array([dx, dy]) * FLOW_UNITS / focal
         np.testing.assert_allclose(inner[t].reshape(2, -1).mean(axis=1), expected, atol=0.15 * FLOW_UNITS / focal)
 
@@ -49,54 +50,31 @@ def test_bad_arguments_are_named(grid: int, focal: float) -> None:
         clip_flow([_texture(), _texture()], focal, grid)
 
 
-# ---- The flow cache ---------------------------------------------------------------------------------------
+# ---- Pair flows, summed ---------------------------------------------------------------------------------------
 
-SHAPE = (3, 2, 2, 4, 4)
-
-
-def _counting(calls: list[int]):
-    """A compute function that records which clips it was asked for; clip i's flow is all i."""
-    def compute(i: int) -> np.ndarray:
-        calls.append(i)
-        return np.full(SHAPE[1:], float(i), dtype=np.float32)
-    return compute
+@pytest.mark.parametrize("offset,path", [
+    (0, []), (1, [(0, 1)]), (3, [(0, 2), (2, 1)]), (8, [(0, 8)]), (15, [(0, 8), (8, 4), (12, 2), (14, 1)]),
+    (20, [(0, 8), (8, 8), (16, 4)]),
+])
+def test_flow_path_takes_the_longest_stride_that_fits(offset, path) -> None:
+    assert flow_path(offset) == path
 
 
-def test_cached_flows_are_computed_once_and_reused(tmp_path) -> None:
-    calls: list[int] = []
-    first = cached_clip_flows(tmp_path, name="train", key={"clips": [1, 2, 3]}, shape=SHAPE, compute=_counting(calls))
-    again = cached_clip_flows(tmp_path, name="train", key={"clips": [1, 2, 3]}, shape=SHAPE, compute=_counting(calls))
-    assert calls == [0, 1, 2]  # the second call read the file
-    np.testing.assert_array_equal(first, again)
-    np.testing.assert_array_equal(again[:, 0, 0, 0, 0], [0.0, 1.0, 2.0])
-    assert len(list(tmp_path.glob("flow-train-*.npy"))) == 1
+def test_a_clips_flow_is_the_sum_of_pair_flows_along_the_path() -> None:
+    base, focal = _texture(seed=2), 150.0
+    shifts = [(0.0, 0.0), (0.8, 0.4), (1.6, 0.9), (2.3, 1.5), (3.0, 2.0)]
+    grey = [cv2.cvtColor(_shifted(base, dx, dy), cv2.COLOR_RGB2GRAY) for dx, dy in shifts]
+    flow = clip_flow(grey, focal, grid=4)
+    np.testing.assert_array_equal(flow[3], pair_flow(grey[0], grey[2], focal, 4) + pair_flow(grey[2], grey[3], focal, 4))
+    np.testing.assert_array_equal(flow[4], pair_flow(grey[0], grey[4], focal, 4))
+    # Summed pair flows give the motion from the clip's first frame.
+    for t in (3, 4):
+        inner = flow[t, :, 1:3, 1:3].reshape(2, -1).mean(axis=1)
+        np.testing.assert_allclose(inner, np.array(shifts[t]) * FLOW_UNITS / focal, atol=0.2 * FLOW_UNITS / focal)
 
 
-def test_other_clips_get_their_own_file(tmp_path) -> None:
-    calls: list[int] = []
-    cached_clip_flows(tmp_path, name="train", key={"clips": [1, 2, 3]}, shape=SHAPE, compute=_counting(calls))
-    cached_clip_flows(tmp_path, name="train", key={"clips": [1, 2, 4]}, shape=SHAPE, compute=_counting(calls))
-    assert calls == [0, 1, 2, 0, 1, 2]
-    assert len(list(tmp_path.glob("flow-train-*.npy"))) == 2
-
-
-def test_a_damaged_flow_cache_is_rebuilt(tmp_path) -> None:
-    calls: list[int] = []
-    cached_clip_flows(tmp_path, name="val", key="k", shape=SHAPE, compute=_counting(calls))
-    (path,) = tmp_path.glob("flow-val-*.npy")
-    path.write_bytes(path.read_bytes()[:200])  # cut short, as by a full disk outside the atomic write
-    flows = cached_clip_flows(tmp_path, name="val", key="k", shape=SHAPE, compute=_counting(calls))
-    assert calls == [0, 1, 2, 0, 1, 2]
-    np.testing.assert_array_equal(flows[:, 0, 0, 0, 0], [0.0, 1.0, 2.0])
-
-
-def test_an_unwritable_cache_folder_falls_back_to_no_cache(tmp_path, monkeypatch) -> None:
-    import hawor_tune.data.flow as flow
-
-    def refuse(path, writer):
-        raise PermissionError(13, "Permission denied", str(path))
-
-    monkeypatch.setattr(flow, "atomic_write", refuse)  # root may write anywhere, so the refusal is simulated
-    calls: list[int] = []
-    assert cached_clip_flows(tmp_path, name="val", key="k", shape=SHAPE, compute=_counting(calls)) is None
-    assert not list(tmp_path.glob("flow-val-*.npy"))
+@pytest.mark.parametrize("grid, focal", [(0, 100.0), (4, 0.0)])
+def test_pair_flow_names_bad_arguments(grid: int, focal: float) -> None:
+    grey = cv2.cvtColor(_texture(), cv2.COLOR_RGB2GRAY)
+    with pytest.raises(ValueError, match="grid must be >= 1 and focal > 0"):
+        pair_flow(grey, grey, focal, grid)

@@ -1,10 +1,11 @@
-"""Datasets: the ARCTIC reader, the synthetic ARCTIC-layout generator and the frame cache.
+"""Datasets: the ARCTIC reader, the synthetic ARCTIC-layout generator and the prepared form.
 
 Entry points read the experiment config; everything below them takes explicit arguments:
 
 - :func:`ensure_dataset`: make sure ``data.root`` holds a dataset, generating the synthetic one once
   (under a file lock) when it is missing and ``data.generate`` is set.
-- :func:`build_dataset`: the :class:`ArcticClips` of one split.
+- :func:`build_dataset`: the :class:`ArcticClips` of one split, its frames read from the prepared form
+  (:mod:`hawor_tune.data.prepare`, built on first use or ahead by ``python -m hawor_tune.data.prepare``).
 - :func:`build_dataloader`: a DataLoader over it yielding the batch dicts of the project spec.
 """
 
@@ -14,17 +15,15 @@ import dataclasses
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from hawor_tune.atomic import build_once
+from hawor_tune.atomic import atomic_replace_dir, build_once
 from hawor_tune.config import ExperimentConfig, SyntheticConfig
 from hawor_tune.data.arctic import (
     SPLITS,
-    ArcticClips,
     DatasetError,
     SequenceLabels,
     UnlabelledSplitError,
@@ -33,20 +32,23 @@ from hawor_tune.data.arctic import (
     read_split,
     split_is_labelled,
 )
-from hawor_tune.data.cache import CACHE_FORMAT_VERSION, FrameCache, Letterbox, read_frame
+from hawor_tune.data.cache import Letterbox, read_frame
+from hawor_tune.data.clips import ArcticClips
+from hawor_tune.data.prepare import prepare_dataset
 from hawor_tune.data.synthetic import GENERATOR_VERSION, MARKER, generate
 from hawor_tune.mano import HANDS, build_mano
 
-__all__ = ["CACHE_FORMAT_VERSION", "SPLITS", "ArcticClips", "DatasetError", "FrameCache", "Letterbox",
-           "SequenceLabels", "UnlabelledSplitError", "build_dataloader", "build_dataset", "ensure_dataset", "generate",
-           "load_sequence", "load_sequences", "read_frame", "read_split", "resolve_valid_rule", "split_is_labelled"]
+__all__ = ["SPLITS", "ArcticClips", "DatasetError", "Letterbox", "SequenceLabels", "UnlabelledSplitError",
+           "build_dataloader", "build_dataset", "ensure_dataset", "generate", "load_sequence", "load_sequences",
+           "prepare_dataset", "read_frame", "read_split", "resolve_valid_rule", "split_is_labelled"]
 
 
 def ensure_dataset(cfg: ExperimentConfig) -> Path:
     """Return ``data.root``, generating the synthetic dataset there first when it is missing.
 
     Generation happens once even when many processes (Ray trials) ask at the same time: under a file lock
-    next to the root, into a temporary sibling folder that is renamed into place when complete.
+    next to the root, into a temporary sibling folder swapped into place when complete
+    (:func:`hawor_tune.atomic.atomic_replace_dir`).
 
     Raises:
         DatasetError: the root has no ``raw_seqs`` and ``data.generate`` is false; the root is a non-empty
@@ -70,14 +72,7 @@ def _generate_atomically(root: Path, cfg: ExperimentConfig) -> None:
                            "into a non-empty folder: empty it or choose another data.root")
     for stale in root.parent.glob(f".{root.name}.tmp-*"):  # left by a killed generator (we hold the lock)
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        generate(tmp, cfg.data.synthetic, cfg.mano)
-        if root.exists():
-            root.rmdir()
-        os.replace(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    atomic_replace_dir(root, lambda tmp: generate(tmp, cfg.data.synthetic, cfg.mano))
 
 
 def _check_generated(root: Path, cfg: ExperimentConfig) -> None:
@@ -107,7 +102,9 @@ def build_dataset(cfg: ExperimentConfig, split: str, *, cached: bool = True) -> 
     Args:
         cfg: experiment config.
         split: 'train', 'val' or 'test'.
-        cached: read frames from the packed frame cache (built on first use) rather than the JPEGs.
+        cached: read the frames' crops, camera frames and flow from the prepared form (its missing shards
+            prepared first, on every usable CPU) rather than making them from the images as they are read;
+            both give the same bytes.
 
     With ``data.train_on_val`` the training split also holds the validation sequences; ``data.splits`` names
     another splits file to read the splits from.
@@ -124,7 +121,7 @@ def build_dataset(cfg: ExperimentConfig, split: str, *, cached: bool = True) -> 
                        crop_jitter=d.crop_jitter, img_size=d.img_size, flow_grid=d.flow_grid,
                        min_visible_joints=d.min_visible_joints,
                        valid_rule=resolve_valid_rule(d.valid_rule, root),
-                       cache_dir=d.cache_dir or None, cached=cached,
+                       cache_dir=d.cache_dir or None, prepared=cached,
                        extra_splits=("val",) if split == "train" and d.train_on_val else (),
                        splits_file=d.splits or None)
 

@@ -1,4 +1,4 @@
-"""Reader for ARCTIC's egocentric data (the real download or the synthetic stand-in) and its clip dataset.
+"""Reader for ARCTIC's egocentric data (the real download or the synthetic stand-in): files, splits, labels.
 
 Layout (zc-alexfan/arctic, ``docs/data/data_doc.md``), under ``root`` = ARCTIC's ``arctic_data/data``::
 
@@ -12,8 +12,7 @@ Layout (zc-alexfan/arctic, ``docs/data/data_doc.md``), under ``root`` = ARCTIC's
     meta/misc.json                         per subject: image_size, ioi_offset, ...
     splits_json/protocol_p2.json           {"train": [...], "val": [...], "test": [...]}, "<sid>/<seq>"
 
-Every annotation a clip needs is computed once per sequence when the dataset is built (vectorised MANO
-calls), so ``__getitem__`` only slices arrays and reads frames from the frame cache.
+The clip dataset over these labels is :class:`hawor_tune.data.clips.ArcticClips`.
 """
 
 from __future__ import annotations
@@ -29,11 +28,8 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
-from hawor_tune.data.cache import FrameCache, FrameSource, Letterbox, cache_root, read_frame
-from hawor_tune.data.crop import crop_matrix, hand_boxes, jitter_boxes, map_points, unflip_matrix, warp_crop
-from hawor_tune.data.flow import cached_clip_flows, clip_flow
+from hawor_tune.data.cache import Letterbox
 from hawor_tune.errors import HaworTuneError
 from hawor_tune.geometry import axis_angle_to_matrix, project_points
 from hawor_tune.mano import HANDS, MANOLayer
@@ -588,182 +584,3 @@ def _joints_visible(joints3d: np.ndarray, joints2d: np.ndarray, box: Letterbox, 
     u, v = joints2d[..., 0], joints2d[..., 1]
     return ((z > NEAR_Z) & ((xy**2).sum(-1) <= max_r2)
             & (u >= pad_x - 0.5) & (u <= pad_x + w - 0.5) & (v >= pad_y - 0.5) & (v <= pad_y + h - 0.5))
-
-
-# ---- Clips ----------------------------------------------------------------------------------------------
-
-class ArcticClips(Dataset):
-    """Clips of ``seq_len`` frames from one split, as the batch dicts of the project spec.
-
-    Each frame gives one ``crop_size`` crop per hand, centred on the hand's visible 2D keypoints (box side
-    ``crop_scale`` x their extent; left hands mirrored), and for the camera branch the whole frame at
-    ``img_size`` and, with ``flow_grid``, the dense optical flow from the clip's first frame to each frame
-    (:func:`hawor_tune.data.flow.clip_flow`, key ``flow``). Training crops are jittered (``crop_jitter``); val/test use the unjittered box, the
-    ground-truth-box protocol of hand-pose benchmarks (HaMeR, HaWoR).
-
-    Training clips start every ``stride`` frames. Val/test clips do not overlap and the last one is aligned
-    to the sequence's end, so every kept frame is evaluated whatever ``seq_len`` is; ``scored`` marks each
-    frame in exactly one clip. Frames come from the packed frame cache (``cached=True``) or straight from
-    the JPEGs; both give identical pixels.
-
-    Args:
-        root: ARCTIC ``arctic_data/data`` folder.
-        split: 'train', 'val' or 'test'.
-        mano: MANO layers for (left, right); only used while building.
-        seq_len: frames per clip (after subsampling).
-        stride: frames between training clip starts.
-        frame_step: temporal subsampling.
-        frame_size: letterboxed side of the cached frames the crops are cut from.
-        crop_size: side of each hand crop.
-        crop_scale: box side over the keypoints' extent.
-        crop_jitter: random shift (fraction of the side) and scale (1 +- this) of training boxes.
-        img_size: side of the whole-frame input.
-        flow_grid: cells per side of the pooled optical flow; 0 gives no ``flow``.
-        min_visible_joints, valid_rule: see :func:`load_sequence`.
-        cache_dir: where frame caches live (default: ``<root>/../cache``).
-        cached: read frames from the cache (built on first use) instead of decoding JPEGs.
-        extra_splits: further splits whose sequences join this one (the final retrain's train + val).
-        splits_file: a splits file to read instead of ``splits_json/protocol_p2.json`` (:func:`read_split`).
-    """
-
-    def __init__(self, root: str | os.PathLike, split: str, *, mano: Sequence[MANOLayer], seq_len: int,
-                 stride: int, frame_step: int = 1, frame_size: int = 224, crop_size: int = 64,
-                 crop_scale: float = 1.3, crop_jitter: float = 0.0, img_size: int = 64, flow_grid: int = 0,
-                 min_visible_joints: int = 8, valid_rule: str = "visible_joints", cache_dir: str | os.PathLike | None = None, cached: bool = True,
-                 extra_splits: Sequence[str] = (), splits_file: str | os.PathLike | None = None) -> None:
-        self.root, self.split, self.seq_len = Path(root), split, seq_len
-        self.frame_size, self.crop_size, self.img_size, self.flow_grid = frame_size, crop_size, img_size, flow_grid
-        self.crop_scale, self.crop_jitter = crop_scale, crop_jitter if split == "train" else 0.0
-        self.sequences = [name for s in (split, *extra_splits)
-                          for name in read_split(self.root, s, splits_file=splits_file)]
-        if not self.sequences:
-            raise DatasetError(f"{splits_file or self.root / SPLITS_FILE}: split '{split}' has no sequences")
-        misc = _read_json(self.root / MISC_FILE)
-        labels = load_sequences(self.root, self.sequences, mano=mano, frame_size=frame_size, frame_step=frame_step,
-                                min_visible_joints=min_visible_joints, valid_rule=valid_rule, misc=misc)
-        counts = [len(lab.frame_index) for lab in labels]
-        self._clips = [(s, p, first) for s, n in enumerate(counts) for p, first in _clip_starts(n, seq_len, stride, split)]
-        if not self._clips:
-            raise DatasetError(f"split '{split}' of {self.root} has no clip of {seq_len} frames: its sequences have "
-                               f"at most {max(counts)} frames after skipping {SKIP_FRAMES} image indices at each end and keeping "
-                               f"every {frame_step}th; lower data.seq_len or data.frame_step")
-        self._offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        keys = ("frame_index", "joints3d", "joints2d", "rotmats", "betas", "hand_valid", "joints_visible",
-                "cam_R", "cam_t")
-        # One array per field over all frames of the split: cheap to index, shared by forked workers.
-        self._frames = {k: np.concatenate([getattr(lab, k) for lab in labels]) for k in keys}
-        self._box_centre, self._box_side = hand_boxes(self._frames["joints2d"], self._frames["joints_visible"],
-                                                      scale=crop_scale, frame_size=frame_size)  # (N, 2, 2), (N, 2)
-        self._seq_of_frame = np.repeat(np.arange(len(labels)), counts)
-        self._K = np.stack([lab.K for lab in labels]).astype(np.float64)  # (S, 3, 3) frame pixels
-        self._dist = np.stack([lab.dist for lab in labels])  # (S, 8)
-        self._paths = [p for lab in labels for p in lab.image_paths]
-        self._boxes = [lab.letterbox for lab in labels]
-        # The whole frame at img_size: a plain resize of the square frame (cv2's pixel-centre convention).
-        r = img_size / frame_size
-        self._resize = np.array([[r, 0.0, 0.5 * r - 0.5], [0.0, r, 0.5 * r - 0.5], [0.0, 0.0, 1.0]])
-        self.cache: FrameCache | None = None
-        if cached:
-            sources = [FrameSource(lab.name, tuple(lab.image_paths), lab.letterbox) for lab in labels]
-            self.cache = FrameCache.open_or_build(cache_root(cache_dir, self.root), root=self.root, split=split, size=frame_size,
-                                                  sources=sources)
-            if self.cache.names != self.sequences or self.cache.counts != counts:
-                raise DatasetError(f"frame cache {self.cache.folder} does not match split '{split}'; delete it")
-        # Every clip's optical flow, computed once beside the frame cache and shared by all runs (it depends
-        # only on the clip's frames); without the frame cache it is computed per item.
-        self._flow: np.ndarray | None = None
-        if flow_grid and self.cache is not None and seq_len > 1:  # one frame has no flow
-            key = {"frames": self.cache.folder.name, "clips": [(s, p) for s, p, _ in self._clips],
-                   "focal": self._K[:, 0, 0].tolist()}
-            self._flow = cached_clip_flows(self.cache.folder.parent, name=f"{split}-{seq_len}f", key=key,
-                                           shape=(len(self._clips), seq_len, 2, flow_grid, flow_grid),
-                                           compute=self._compute_flow)
-
-    def __len__(self) -> int:
-        return len(self._clips)
-
-    def _clip_frames(self, index: int) -> list[np.ndarray]:
-        """The seq_len (S, S, 3) uint8 RGB frames of clip ``index``."""
-        s, p, _ = self._clips[index]
-        start = int(self._offsets[s]) + p
-        return [self._frame(start + t) for t in range(self.seq_len)]
-
-    def _compute_flow(self, index: int) -> np.ndarray:
-        """(T, 2, G, G) optical flow of clip ``index`` (:func:`hawor_tune.data.flow.clip_flow`)."""
-        s = self._clips[index][0]
-        return clip_flow(self._clip_frames(index), float(self._K[s, 0, 0]), self.flow_grid)
-
-    @property
-    def hand_valid(self) -> np.ndarray:
-        """(frames, 2) validity of every frame of the split (for statistics)."""
-        return self._frames["hand_valid"]
-
-    def _frame(self, i: int) -> np.ndarray:
-        """(S, S, 3) uint8 RGB frame ``i`` of the split at frame_size."""
-        chw = self.cache.frames[i] if self.cache is not None else read_frame(self._paths[i],
-                                                                             self._boxes[self._seq_of_frame[i]])
-        # OpenCV interleaves the planes about 17x faster than numpy's strided copy (16 against 274 us at
-        # 224 px), which was 43 % of the pretraining loader's time; the same bytes.
-        return cv2.merge(list(chw))
-
-    def frame_with_intrinsics(self, index: int, t: int) -> tuple[np.ndarray, np.ndarray]:
-        """Frame ``t`` of clip ``index`` at frame_size, (S, S, 3) uint8 RGB, and its (3, 3) intrinsics."""
-        s, p, _ = self._clips[index]
-        return self._frame(int(self._offsets[s]) + p + t), self._K[s].copy()
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        s, p, first_scored = self._clips[index]
-        T, C = self.seq_len, self.crop_size
-        start = int(self._offsets[s]) + p
-        sl = slice(start, start + T)
-        centre, side = self._box_centre[sl], self._box_side[sl]  # (T, 2, 2), (T, 2)
-        if self.crop_jitter:
-            centre, side = jitter_boxes(centre, side, self.crop_jitter, np.random.default_rng(
-                int(torch.randint(0, 2**31 - 1, ()).item())))  # drawn from torch's RNG: seeded and checkpointed
-        K = self._K[s]
-        crops = np.empty((T, 2, 3, C, C), dtype=np.uint8)
-        crop_K = np.empty((T, 2, 3, 3), dtype=np.float32)
-        crop_joints2d = np.empty((T, 2, 21, 2), dtype=np.float32)
-        images = np.empty((T, 3, self.img_size, self.img_size), dtype=np.uint8)
-        frames = self._clip_frames(index)
-        for t, frame in enumerate(frames):
-            images[t] = cv2.resize(frame, (self.img_size, self.img_size), interpolation=cv2.INTER_AREA).transpose(2, 0, 1)
-            for h, side_name in enumerate(HANDS):
-                A = crop_matrix(centre[t, h], float(side[t, h]), C, flip=side_name == "left")
-                crops[t, h] = warp_crop(frame, A, C)
-                # Intrinsics and keypoints of the unmirrored crop: the model mirrors its left-hand output back.
-                A_cam = unflip_matrix(C) @ A if side_name == "left" else A
-                crop_K[t, h] = A_cam @ K
-                crop_joints2d[t, h] = map_points(A_cam, self._frames["joints2d"][start + t, h])
-        scored = np.arange(T) >= first_scored
-        item = {"crops": torch.from_numpy(crops), "crop_K": torch.from_numpy(crop_K),
-                "crop_joints2d": torch.from_numpy(crop_joints2d), "images": torch.from_numpy(images),
-                "K": torch.from_numpy((self._resize @ K).astype(np.float32)),
-                "joints2d": torch.from_numpy(map_points(self._resize, self._frames["joints2d"][sl]).astype(np.float32)),
-                "dist": torch.from_numpy(self._dist[s].copy()), "scored": torch.from_numpy(scored)}
-        if self.flow_grid:
-            item["flow"] = torch.from_numpy(np.array(self._flow[index]) if self._flow is not None
-                                            else clip_flow(frames, float(K[0, 0]), self.flow_grid))
-        for key in ("joints3d", "rotmats", "betas", "hand_valid", "joints_visible", "cam_R", "cam_t"):
-            item[key] = torch.from_numpy(self._frames[key][sl].copy())
-        item["seq_index"] = torch.tensor(s, dtype=torch.int64)
-        item["frame_index"] = torch.from_numpy(self._frames["frame_index"][sl].copy())
-        return item
-
-
-def _clip_starts(frames: int, seq_len: int, stride: int, split: str) -> list[tuple[int, int]]:
-    """(start, first scored frame) of each clip of one sequence.
-
-    Training clips start every ``stride`` frames and every frame counts. Evaluation clips do not overlap;
-    when ``seq_len`` does not divide the sequence, one more clip is aligned to its end and scores only
-    the frames no earlier clip covered, so each frame is scored exactly once.
-    """
-    if frames < seq_len:
-        return []
-    if split == "train":
-        return [(p, 0) for p in range(0, frames - seq_len + 1, stride)]
-    starts = [(p, 0) for p in range(0, frames - seq_len + 1, seq_len)]
-    covered = starts[-1][0] + seq_len
-    if covered < frames:
-        starts.append((frames - seq_len, seq_len - (frames - covered)))
-    return starts

@@ -13,8 +13,8 @@ Boxes are in pixels of the images as stored. A box is taken as the hand's keypoi
 splits' boxes are: its crop has side ``data.crop_scale`` x its larger side. Without ``intrinsics`` the camera
 comes from ``raw_seqs/<sid>/<seq>.egocam.dist.npy`` (scaled to the stored images), as for labelled sequences.
 
-:class:`BoxClips` cuts the same inputs as :class:`hawor_tune.data.arctic.ArcticClips` (crops from the
-letterboxed frame, crop intrinsics, the low-resolution frame, optical flow) without labels. With
+:class:`BoxClips` cuts the same inputs as :class:`hawor_tune.data.clips.ArcticClips` (crops from the
+original image, crop intrinsics, the low-resolution frame, optical flow) without labels. With
 ``frame_step`` S > 1 a sequence's images form S interleaved streams (image offsets 0 .. S-1), each clipped
 like an evaluation split, so that every image is predicted once at the model's frame rate.
 """
@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -37,16 +36,16 @@ from torch.utils.data import Dataset
 from hawor_tune.data.arctic import (
     EGO_VIEW,
     MISC_FILE,
-    _clip_starts,
     _field,
     _frame_geometry,
     _load_npy_dict,
     _read_json,
     _subject_meta,
 )
-from hawor_tune.data.cache import Letterbox, read_frame
-from hawor_tune.data.crop import MIN_BOX_SIDE, crop_matrix, unflip_matrix, warp_crop
-from hawor_tune.data.flow import clip_flow
+from hawor_tune.data.cache import Letterbox
+from hawor_tune.data.clips import _clip_starts
+from hawor_tune.data.crop import MIN_BOX_SIDE
+from hawor_tune.data.frames import FrameSpec, OnTheFly, SequenceFrames, clip_pixels
 from hawor_tune.errors import HaworTuneError
 from hawor_tune.mano import HANDS
 
@@ -173,29 +172,21 @@ def _short(value: Any) -> str:
 
 # ---- Clips --------------------------------------------------------------------------------------------------
 
-@dataclass
-class _Sequence:
-    name: str
-    paths: list[Path]
-    letterbox: Letterbox
-    K: np.ndarray  # (3, 3) letterboxed-frame pixels
-    centre: np.ndarray  # (N, 2, 2) box centres, letterboxed-frame pixels
-    side: np.ndarray  # (N, 2) crop box sides
-    observed: np.ndarray  # (N, 2) bool: a box was given
-
-
 class BoxClips(Dataset):
     """Evaluation clips of unlabelled sequences, with crops cut around given hand boxes.
 
-    Items hold the model's inputs as :class:`~hawor_tune.data.arctic.ArcticClips` gives them (``crops``,
+    Items hold the model's inputs as :class:`~hawor_tune.data.clips.ArcticClips` gives them (``crops``,
     ``crop_K``, ``images``, ``K``, ``hand_valid`` = a box was given, ``flow`` with ``flow_grid``) and where
     each frame belongs: ``seq_index``, ``stream`` (image offset modulo ``frame_step``), ``position`` (T,)
-    within the stream, ``image_index`` (T,) and ``scored`` (T,), each image scored in exactly one clip.
+    within the stream, ``image_index`` (T,) and ``scored`` (T,), each image scored in exactly one clip. Each
+    frame is prepared from its image as it is read (:class:`hawor_tune.data.frames.OnTheFly`), the bytes the
+    labelled splits' shards hold: a sequence is predicted once.
 
     Args:
         root: ARCTIC ``arctic_data/data`` folder (images, ``meta/misc.json``, egocam files where given).
         boxes: per sequence, from :func:`read_boxes`.
-        seq_len, frame_step, frame_size, crop_size, crop_scale, img_size, flow_grid: as ``ArcticClips``.
+        seq_len, frame_step, frame_size, crop_size, crop_scale, crop_jitter, img_size, flow_grid: as
+            ``ArcticClips`` (``crop_jitter`` only sets the prepared crops' margin, as for the labelled splits).
 
     Raises:
         BoxFileError: an image the boxes name is missing, a sequence has no intrinsics, or a stream is shorter
@@ -204,11 +195,16 @@ class BoxClips(Dataset):
 
     def __init__(self, root: str | os.PathLike, boxes: Sequence[SequenceBoxes], *, seq_len: int,
                  frame_step: int = 1, frame_size: int = 224, crop_size: int = 64, crop_scale: float = 1.3,
-                 img_size: int = 64, flow_grid: int = 0) -> None:
+                 crop_jitter: float = 0.0, img_size: int = 64, flow_grid: int = 0) -> None:
         self.root, self.seq_len, self.frame_step = Path(root), seq_len, frame_step
         self.crop_size, self.img_size, self.flow_grid, self.frame_size = crop_size, img_size, flow_grid, frame_size
+        self.spec = FrameSpec.from_data(crop_size=crop_size, crop_jitter=crop_jitter, img_size=img_size,
+                                        frame_size=frame_size, flow_grid=flow_grid)
         misc = _read_json(self.root / MISC_FILE)
-        self.sequences = [self._sequence(b, misc, crop_scale) for b in boxes]
+        sequences = [self._sequence(b, misc, crop_scale) for b in boxes]
+        self.source = OnTheFly([seq for seq, _ in sequences], self.spec)
+        self._observed = [observed for _, observed in sequences]
+        self._to_cam = [Letterbox(seq.width, seq.height, img_size).transform_K(np.eye(3)) for seq, _ in sequences]
         self.names = [b.name for b in boxes]
         self.image_index = [b.image_index for b in boxes]
         self._clips = []  # (sequence, stream, first position, first scored)
@@ -221,10 +217,8 @@ class BoxClips(Dataset):
                                        f"data.frame_step {frame_step}, shorter than a clip (data.seq_len "
                                        f"{seq_len}); give boxes for at least {seq_len * frame_step} images")
                 self._clips += [(s, stream, p, first) for p, first in starts]
-        r = img_size / frame_size
-        self._resize = np.array([[r, 0.0, 0.5 * r - 0.5], [0.0, r, 0.5 * r - 0.5], [0.0, 0.0, 1.0]])
 
-    def _sequence(self, b: SequenceBoxes, misc: dict[str, Any], crop_scale: float) -> _Sequence:
+    def _sequence(self, b: SequenceBoxes, misc: dict[str, Any], crop_scale: float) -> tuple[SequenceFrames, np.ndarray]:
         sid, seq = b.name.split("/")
         folder = self.root / "images" / sid / seq / str(EGO_VIEW)
         paths = [folder / f"{i:05d}.jpg" for i in b.image_index]
@@ -243,6 +237,7 @@ class BoxClips(Dataset):
         letterbox, K_img = _frame_geometry(self.root, sid, paths[0], K, size, self.frame_size)  # K at capture size
         if b.intrinsics is not None:
             K_img = b.intrinsics  # given in stored-image pixels already
+        # The labelled splits' box rule (hand_boxes), in the letterboxed frame, mapped back to the image.
         to_frame = letterbox.transform_K(np.eye(3))  # stored-image pixels -> letterboxed-frame pixels
         lo, hi = b.boxes[..., :2], b.boxes[..., 2:4]  # (N, 2, 2)
         observed = np.isfinite(b.boxes[..., 0])  # (N, 2)
@@ -251,35 +246,32 @@ class BoxClips(Dataset):
         # No box: the whole frame, as a labelled hand with too few visible joints gets (it is masked anyway).
         centre = np.where(observed[..., None], centre, (self.frame_size - 1) / 2)
         side = np.where(observed, side, self.frame_size)
-        return _Sequence(name=b.name, paths=paths, letterbox=letterbox, K=letterbox.transform_K(K_img),
-                         centre=centre, side=side, observed=observed)
+        centre = (centre - to_frame[:2, 2]) / np.diag(to_frame)[:2]
+        side = side / to_frame[0, 0]
+        frames = SequenceFrames(name=b.name, paths=tuple(paths), image_index=b.image_index, width=letterbox.width,
+                                height=letterbox.height, K=np.asarray(K_img, np.float64),
+                                boxes=np.concatenate([centre, side[..., None]], axis=-1))
+        return frames, observed
 
     def __len__(self) -> int:
         return len(self._clips)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         s, stream, p, first_scored = self._clips[index]
-        seq = self.sequences[s]
-        T, C = self.seq_len, self.crop_size
+        T = self.seq_len
         rows = stream + self.frame_step * np.arange(p, p + T)  # (T,) rows of the sequence's images
-        crops = np.empty((T, 2, 3, C, C), dtype=np.uint8)
-        crop_K = np.empty((T, 2, 3, 3), dtype=np.float32)
-        images = np.empty((T, 3, self.img_size, self.img_size), dtype=np.uint8)
-        frames = [cv2.merge(list(read_frame(seq.paths[r], seq.letterbox))) for r in rows]  # (S, S, 3) RGB
-        for t, (r, frame) in enumerate(zip(rows, frames)):
-            images[t] = cv2.resize(frame, (self.img_size, self.img_size), interpolation=cv2.INTER_AREA).transpose(2, 0, 1)
-            for h, side_name in enumerate(HANDS):
-                A = crop_matrix(seq.centre[r, h], float(seq.side[r, h]), C, flip=side_name == "left")
-                crops[t, h] = warp_crop(frame, A, C)
-                A_cam = unflip_matrix(C) @ A if side_name == "left" else A  # the model mirrors its left output back
-                crop_K[t, h] = A_cam @ seq.K
-        item = {"crops": torch.from_numpy(crops), "crop_K": torch.from_numpy(crop_K),
-                "images": torch.from_numpy(images), "K": torch.from_numpy((self._resize @ seq.K).astype(np.float32)),
-                "hand_valid": torch.from_numpy(seq.observed[rows].copy()),
+        global_rows = int(self.source.start[s]) + rows
+        boxes = self.source.boxes[global_rows]
+        crops, maps, images, flow = clip_pixels(self.source, global_rows, boxes[..., :2], boxes[..., 2], self.spec)
+        K_img = self.source.sequences[s].K
+        item = {"crops": torch.from_numpy(crops), "crop_K": torch.from_numpy((maps @ K_img).astype(np.float32)),
+                "images": torch.from_numpy(images),
+                "K": torch.from_numpy((self._to_cam[s] @ K_img).astype(np.float32)),
+                "hand_valid": torch.from_numpy(self._observed[s][rows].copy()),
                 "scored": torch.from_numpy(np.arange(T) >= first_scored),
                 "seq_index": torch.tensor(s, dtype=torch.int64), "stream": torch.tensor(stream, dtype=torch.int64),
                 "position": torch.arange(p, p + T, dtype=torch.int64),
                 "image_index": torch.from_numpy(self.image_index[s][rows].copy())}
         if self.flow_grid:
-            item["flow"] = torch.from_numpy(clip_flow(frames, float(seq.K[0, 0]), self.flow_grid))
+            item["flow"] = torch.from_numpy(flow)
         return item
