@@ -183,10 +183,10 @@ def world_sequences(p: Predictions) -> list[SequenceWorld]:
     """Join each sequence's clips and chain the predicted relative camera poses over the whole sequence.
 
     Clips are taken in frame order. Within a clip the model predicts each camera in the clip's first camera
-    (``pred_cam_R``, ``pred_cam_t``); a clip whose first frame an earlier clip already placed (the last,
-    end-aligned evaluation clip) continues from there. Between two clips that do not overlap the model
-    predicts no motion, so the junction repeats the last predicted frame-to-frame step (constant
-    velocity; a static camera when the sequence has only one placed frame so far). Each frame's hands come
+    (``pred_cam_R``, ``pred_cam_t``); a clip whose first frame an earlier clip already placed (every
+    evaluation clip after the first: they overlap) continues from there. Clips that do not overlap (other
+    loaders) leave a junction the model predicts nothing for: it repeats the last predicted frame-to-frame
+    step (constant velocity; a static camera when only one frame is placed so far). Each frame's hands come
     from the clip in which it is scored.
     """
     scored = p.scored if p.scored is not None else np.ones(p.valid.shape[:2], dtype=bool)

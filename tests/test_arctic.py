@@ -274,6 +274,19 @@ def test_every_frame_is_scored_once_whatever_the_clip_length(synthetic_dataset, 
     assert scored[4] == scored[6] == every_frame
 
 
+@pytest.mark.parametrize("seq_len", [4, 5, 6])
+def test_each_evaluation_clip_starts_on_a_frame_an_earlier_clip_placed(synthetic_dataset, seq_len):
+    ds = build_dataset(synthetic_dataset.config({"data.seq_len": seq_len}), "val")
+    seen: dict[int, set[int]] = {}
+    for item in _items(ds):
+        frames = item["frame_index"].tolist()
+        covered = seen.setdefault(int(item["seq_index"]), set())
+        assert not covered or frames[0] in covered, (seq_len, frames)  # no junction guessed
+        scored = item["scored"].tolist()
+        assert scored == sorted(scored)  # the scored frames are the clip's last ones
+        covered.update(frames)
+
+
 def test_training_crops_are_jittered_and_evaluation_crops_are_not(synthetic_dataset):
     cfg = synthetic_dataset.config()
     jitter = cfg.data.crop_jitter
@@ -305,9 +318,10 @@ def test_training_crops_are_jittered_and_evaluation_crops_are_not(synthetic_data
 
 
 @pytest.mark.parametrize("seq_len,stride,frame_step,expected", [
-    (4, 2, 1, {"train": 2 * 9, "val": 5, "test": 5}),  # 20 frames: starts 0, 2, ..., 16 / 0, 4, ..., 16
-    (8, 3, 1, {"train": 2 * 5, "val": 3, "test": 3}),  # starts 0, 3, ..., 12 / 0, 8 and 12 (the end)
-    (4, 3, 2, {"train": 2 * 3, "val": 3, "test": 3}),  # 10 frames 10, 12, ..., 28: 0, 3, 6 / 0, 4 and 6
+    # Evaluation clips hop half a clip: 20 frames of 4 start at 0, 2, ..., 16; of 8 at 0, 4, 8, 12.
+    (4, 2, 1, {"train": 2 * 9, "val": 9, "test": 9}),  # 20 frames: starts 0, 2, ..., 16 / 0, 2, ..., 16
+    (8, 3, 1, {"train": 2 * 5, "val": 4, "test": 4}),  # starts 0, 3, ..., 12 / 0, 4, 8, 12
+    (4, 3, 2, {"train": 2 * 3, "val": 4, "test": 4}),  # 10 frames 10, 12, ..., 28: 0, 3, 6 / 0, 2, 4, 6
 ])
 def test_clip_counts_and_frame_steps(synthetic_dataset, seq_len, stride, frame_step, expected):
     cfg = synthetic_dataset.config({"data.seq_len": seq_len, "data.stride": stride, "data.frame_step": frame_step})

@@ -175,15 +175,18 @@ class ArcticClips(Dataset):
 def _clip_starts(frames: int, seq_len: int, stride: int, split: str) -> list[tuple[int, int]]:
     """(start, first scored frame) of each clip of one sequence.
 
-    Training clips start every ``stride`` frames and every frame counts. Evaluation clips do not overlap;
-    when ``seq_len`` does not divide the sequence, one more clip is aligned to its end and scores only
-    the frames no earlier clip covered, so each frame is scored exactly once.
+    Training clips start every ``stride`` frames and every frame counts. Evaluation clips overlap by half a
+    clip, so that each clip starts on a frame an earlier clip has placed: the sequence's camera path is
+    chained through predicted poses alone, never guessed across a junction. The first clip scores all its
+    frames, each later one its frames past the previous clip's end (its second half); when the hops do not
+    reach the sequence's end, one more clip is aligned to it. Each frame is scored exactly once.
     """
     if frames < seq_len:
         return []
     if split == "train":
         return [(p, 0) for p in range(0, frames - seq_len + 1, stride)]
-    starts = [(p, 0) for p in range(0, frames - seq_len + 1, seq_len)]
+    hop = max(1, seq_len // 2)
+    starts = [(0, 0)] + [(p, seq_len - hop) for p in range(hop, frames - seq_len + 1, hop)]
     covered = starts[-1][0] + seq_len
     if covered < frames:
         starts.append((frames - seq_len, seq_len - (frames - covered)))
