@@ -585,6 +585,16 @@ def _tmpfs(folder: Path, size_mb: int) -> Iterator[bool]:
             subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
+def _keep_full(filler: Path, proc: subprocess.Popen) -> None:
+    """Fill the disk of ``filler`` and keep it full while ``proc`` runs."""
+    with filler.open("ab", buffering=0) as f:
+        while proc.poll() is None:
+            try:
+                f.write(b"\0" * (1 << 20))
+            except OSError:
+                time.sleep(0.05)  # full: look again for space freed meanwhile
+
+
 def disk_full(lab: Lab) -> Outcome:
     """The search's storage fills up mid-search (a filler file takes what is left of a small tmpfs): the
     search stops with one line and the previous parquet files stay readable; space freed, --resume ends
@@ -602,13 +612,13 @@ def disk_full(lab: Lab) -> Outcome:
         if not _wait_for(lambda: len(_epoch_rows(exp_dir)) >= 1, proc):
             problems.append("the search ended before the disk filled")
         filler = storage / "filler"
-        with contextlib.suppress(OSError), filler.open("wb") as f:
-            while True:
-                f.write(b"\0" * (4 << 20))
+        full = threading.Thread(target=_keep_full, args=(filler, proc), daemon=True)
+        full.start()  # until the search exits: space a failed write or a deleted checkpoint frees is taken again
         try:
             rc = proc.wait(timeout=300)
         except subprocess.TimeoutExpired:
             rc = "hung"
+        full.join()
         out = (lab.folder / f"{name}.log").read_text()
         readable = []
         for file in ("epochs.parquet", "trials.parquet"):

@@ -32,10 +32,12 @@ class FailedTrial:
 def resume_plan(exp_dir: str | os.PathLike) -> list[FailedTrial]:
     """Each trial of the experiment that errored or diverged, and whether ``--resume`` runs it again.
 
-    The trials and their statuses are Ray's record (what ``Tuner.restore`` restores); why an errored trial
-    failed is its ``failed_by`` in ``trials.parquet``, written as it failed. An error that could not be
-    written (the disk was full) counts as the environment's: a trial that failed on its own fails the same
-    way again. A diverged trial failed on its own.
+    Ray restores the trials of its last state snapshot, which a search stopped by a full disk or a crash may
+    have written before a trial's error: a trial counts as errored when Ray's record or ``trials.parquet``
+    says so (``Tuner.restore`` runs an unfinished one again anyway). Why it failed is its ``failed_by`` in
+    ``trials.parquet``, written as it failed; an error that could not be written (the disk was full) counts
+    as the environment's: a trial that failed on its own fails the same way again. A diverged trial failed
+    on its own.
     """
     from ray.tune import ExperimentAnalysis
 
@@ -49,7 +51,7 @@ def resume_plan(exp_dir: str | os.PathLike) -> list[FailedTrial]:
     plan = []
     for trial in trials:
         row = rows.get(trial.trial_id, {})
-        if trial.status == "ERROR":
+        if trial.status == "ERROR" or (trial.status != "TERMINATED" and row.get("status") == "ERROR"):
             why = row.get("error") or "no error recorded"
             if row.get("failed_by") == OWN:
                 plan.append(FailedTrial(trial.trial_id, False, why))
