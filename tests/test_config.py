@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ import yaml
 from hawor_tune.config import (
     ConfigError,
     ExperimentConfig,
+    LossConfig,
     config_from_dict,
     load_config,
     save_config,
@@ -116,7 +118,7 @@ def test_invalid_yaml_syntax(tmp_path):
 
 
 def test_all_zero_loss_weights_are_rejected():
-    zeros = {f"loss.{k}": 0 for k in ("mano_params", "betas", "keypoint_3d", "keypoint_2d", "temporal", "camera", "hand_world")}
+    zeros = {f"loss.{f.name}": 0 for f in dataclasses.fields(LossConfig)}
     with pytest.raises(ConfigError, match="at least one of loss"):
         load_config(None, zeros)
 
