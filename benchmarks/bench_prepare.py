@@ -80,12 +80,15 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=80, help="annotated frames per sequence (20 are skipped)")
     parser.add_argument("--batches", type=int, default=12, help="loader batches to time (after one warm-up)")
     parser.add_argument("--out", help="write the figures as JSON here")
+    parser.add_argument("--generate-only", action="store_true", help="generate the dataset (--data) and stop: "
+                        "make it while the machine is busy, time on a quiet one")
     args = parser.parse_args()
 
     tmp = tempfile.TemporaryDirectory(prefix="bench_prepare_")
     root = Path(args.data or Path(tmp.name) / "arctic") / "arctic_data" / "data"
     overrides = {"data.root": str(root), "data.generate": True, "data.cache_dir": str(Path(tmp.name) / "cache"),
-                 "mano.model_dir": "", "model.pretrained_path": "", "data.synthetic.subjects": args.subjects,
+                 "mano.model_dir": "", "model.pretrained_path": "", "model.require_pretrained": False,
+                 "data.synthetic.subjects": args.subjects,
                  "data.synthetic.sequences_per_subject": args.sequences,
                  "data.synthetic.frames_per_sequence": args.frames, "data.synthetic.image_width": 2800,
                  "data.synthetic.image_height": 2000, **dict(parse_override(s) for s in args.set)}
@@ -102,6 +105,8 @@ def main() -> None:
     (width, height), _ = _subject_meta(root, misc, names[0].split("/")[0])
     print(f"dataset: {len(names)} sequences at {width}x{height} (meta/misc.json) in {root} "
           f"({time.perf_counter() - t0:.0f} s)")
+    if args.generate_only:
+        return
 
     # One core: the shards written in this process, the labels computed beforehand.
     spec, mano = frame_spec(d), [build_mano(cfg.mano, side) for side in HANDS]

@@ -7,6 +7,12 @@ Entry points read the experiment config; everything below them takes explicit ar
 - :func:`build_dataset`: the :class:`ArcticClips` of one split, its frames read from the prepared form
   (:mod:`hawor_tune.data.prepare`, built on first use or ahead by ``python -m hawor_tune.data.prepare``).
 - :func:`build_dataloader`: a DataLoader over it yielding the batch dicts of the project spec.
+- :func:`prepare_dataset`: prepare every labelled split ahead, on every usable CPU or as Ray tasks (the
+  command ``python -m hawor_tune.data.prepare``).
+
+Modules: ``arctic`` (files, splits, labels), ``synthetic`` and ``render`` (the generated stand-in), ``frames``
+(one prepared frame), ``flow``, ``crop``, ``shards`` (their files), ``prepare`` (building them), ``clips`` (the
+dataset), ``boxes`` (unlabelled splits from hand boxes), ``cache`` (decoding, letterboxes, cache keys).
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ dense optical flow, with the hands masked out, and takes the metric scale from a
 "HaWoR: World-Space Hand Motion Reconstruction from Egocentric Videos", CVPR 2025). A small CNN on the whole
 frame at low resolution does not see that motion: the background's parallax over a clip is a few pixels at
 224 px and under one pixel at 32 px. So the data module computes OpenCV's DIS optical flow (Kroeger et al.,
-ECCV 2016) between consecutive frames on the frame letterboxed to ``data.frame_size``, and pools it onto a
-coarse grid.
+ECCV 2016) between frames letterboxed to ``data.frame_size``, larger than the camera branch's own frame, and
+pools it onto a coarse grid.
 
 The flow is stored once per pair of frames 1, 2, 4 and 8 frames apart (:data:`FLOW_STRIDES`; in the prepared
 form, with the later frame of each pair), so one pass serves every clip length and every ``data.frame_step``: a
@@ -14,9 +14,8 @@ clip's flow from its first frame to frame t is the sum of the pair flows along t
 takes the longest stride that fits at each step (:func:`flow_path`), at most four terms for a 16-frame clip.
 Pooling is linear, so a sum of pooled pair flows is the pooled sum of the per-pixel flows; it differs from the
 flow of the first frame to frame t where a pixel's motion changes within a cell between the terms, and each term
-adds DIS's own error. Summing consecutive pairs alone (up to 15 terms) fitted the camera's flow head worse on
-the generated data (test camera error 6.8 against 5.8 mm for 8-frame clips); the strides of two to eight frames
-fit it as well as the flow from the first frame did (6.0 mm; 10.5 against 10.3 mm for 16-frame clips).
+adds DIS's own error. Summing consecutive pairs alone (up to 15 terms) fits the camera's flow head clearly worse
+than the flow from the first frame; these strides fit it about as well (``benchmarks/bench_flow.py``).
 
 The flow is divided by the focal length (so it is in radians of view angle near the image centre, the same on
 any camera) and multiplied by 100: a 1 degree turn gives about 1.7.

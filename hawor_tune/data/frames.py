@@ -43,8 +43,8 @@ from hawor_tune.data.flow import FLOW_STRIDES, flow_path, pair_flow
 # Bump when a prepared frame's content or the shard layout changes: old shards are then prepared again, and the
 # artefacts made from them (the pretrained start, the flow-head fit) made again.
 PREPARED_VERSION = 1
-# JPEG quality of the stored crops and frames: a photograph's 334 px hand crop takes about 38 KB at 90 and
-# 54 KB at 95, which would take ARCTIC's p2 splits past 25 GB (benchmarks/bench_prepare.py).
+# JPEG quality of the stored crops and frames: at 95 a photograph's crops would take ARCTIC's p2 splits to
+# about 25 GB; 90 leaves room (benchmarks/bench_prepare.py prints the bytes a photograph's crop takes).
 JPEG_QUALITY = 90
 MEMBERS = ("left.jpg", "right.jpg", "cam.jpg", "flow.npy", "json")
 _REDUCTIONS = (8, 4, 2)  # OpenCV's IMREAD_REDUCED_COLOR_* factors, largest first

@@ -49,7 +49,7 @@ from hawor_tune.data.arctic import MISC_FILE, SequenceLabels, _read_json, load_s
 from hawor_tune.data.cache import cache_root, spec_key
 from hawor_tune.data.crop import hand_boxes
 from hawor_tune.data.frames import PREPARED_VERSION, FrameSpec, SequenceFrames, prepare_rows
-from hawor_tune.data.shards import Shards, fingerprint, read_index, stale_reason, write_shard
+from hawor_tune.data.shards import ShardIndex, Shards, fingerprint, read_index, stale_reason, write_shard
 from hawor_tune.data.synthetic import _spawn_can_start, _usable_cpus
 from hawor_tune.errors import HaworTuneError
 from hawor_tune.mano import MANOLayer
@@ -136,16 +136,18 @@ def ensure_prepared(root: str | os.PathLike, names: Sequence[str], *, mano: Sequ
         CacheError, DatasetError: a damaged image or label file (the message names it).
     """
     desc = prepared_spec(root, spec, crop_scale=crop_scale, mano=mano)
-    folder = prepared_folder(cache_dir, root, desc)
+    folder = Path(os.path.abspath(prepared_folder(cache_dir, root, desc)))  # the same path in a Ray task
     key = spec_key(desc)
     stamps = {name: fingerprint(root, name) for name in names}
+    indexes: dict[str, ShardIndex | None] = {}
 
     def stale() -> dict[str, str]:
-        reasons = {name: stale_reason(read_index(folder, name), spec_key=key, stamp=stamps[name]) for name in names}
+        indexes.update({name: read_index(folder, name) for name in names})
+        reasons = {name: stale_reason(indexes[name], spec_key=key, stamp=stamps[name]) for name in names}
         return {name: why for name, why in reasons.items() if why is not None}
 
     def find() -> Shards | None:
-        return None if stale() else Shards(folder, [read_index(folder, name) for name in names])
+        return None if stale() else Shards(folder, [indexes[name] for name in names])
 
     def build() -> None:
         todo = stale()

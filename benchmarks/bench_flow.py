@@ -1,0 +1,92 @@
+"""How a clip's flow is best summed from flows stored once per frame pair: the camera's flow head fitted on each.
+
+    python benchmarks/bench_flow.py                   # the CPU profile's generated set, 8- and 16-frame clips
+    python benchmarks/bench_flow.py --frames 16 --set data.root=/data/arctic_synthetic
+
+The camera's flow head (``hawor_tune/flow_fit.py``) is a ridge regression of each frame's camera translation in
+its clip's first camera on the frame's pooled flow. It is fitted on the training split's clips and scored on the
+validation and test splits for three flows of the same clips, each pooled onto ``data.flow_grid`` cells:
+
+- ``direct``: DIS flow from the clip's first frame to each frame (one pair per clip and frame; what a cache per
+  clip length would hold);
+- ``strides``: the sum along ``hawor_tune.data.flow.flow_path`` of pair flows 1, 2, 4 and 8 frames apart (what
+  the prepared form stores, once per pair, for every clip length);
+- ``consecutive``: the sum of the flows between consecutive frames.
+
+Lower is better; the static camera's error is printed beside each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from hawor_tune.config import load_config, parse_override
+from hawor_tune.data import build_dataset
+from hawor_tune.data.flow import flow_path, pair_flow
+from hawor_tune.flow_fit import fit_flow_head
+from hawor_tune.geometry import relative_camera_pose
+
+
+def _flows(ds, index: int, grid: int) -> dict[str, np.ndarray]:
+    s = ds._clips[index][0]
+    focal = float(ds._K_frame[s][0, 0])  # the letterboxed frame's, the flow's unit
+    grey = [cv2.cvtColor(ds.frame_with_intrinsics(index, t)[0], cv2.COLOR_RGB2GRAY) for t in range(ds.seq_len)]
+    pairs: dict[tuple[int, int], np.ndarray] = {}
+
+    def pair(a: int, b: int) -> np.ndarray:
+        if (a, b) not in pairs:
+            pairs[a, b] = pair_flow(grey[a], grey[b], focal, grid)
+        return pairs[a, b]
+
+    out = {k: np.zeros((ds.seq_len, 2, grid, grid), np.float32) for k in ("direct", "strides", "consecutive")}
+    for t in range(1, ds.seq_len):
+        out["direct"][t] = pair(0, t)
+        out["strides"][t] = sum(pair(a, a + k) for a, k in flow_path(t))
+        out["consecutive"][t] = sum(pair(a, a + 1) for a in range(t))
+    return out
+
+
+def _error(fit: dict, clips: list[dict], key: str) -> tuple[float, float]:
+    """Mean camera translation error (mm) of the fit and of a static camera over the clips' frames but the first."""
+    errors, static = [], []
+    for c in clips:
+        _, t = relative_camera_pose(c["cam_R"].double(), c["cam_t"].double())
+        pred = torch.from_numpy(c[key][1:]).flatten(1).double() @ fit["weight"].double().T + fit["bias"].double()
+        errors.append((pred[:, 6:] - t[1:]).norm(dim=1))
+        static.append(t[1:].norm(dim=1))
+    return float(torch.cat(errors).mean() * 1000), float(torch.cat(static).mean() * 1000)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML config (default: the CPU profile)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
+    parser.add_argument("--frames", type=int, nargs="+", default=[8, 16], help="clip lengths")
+    args = parser.parse_args()
+    tmp = tempfile.TemporaryDirectory(prefix="bench_flow_")
+    base = {"data.root": str(Path(tmp.name) / "arctic_synthetic"), "data.crop_jitter": 0.0, "data.stride": 4,
+            **dict(parse_override(s) for s in args.set)}
+    for frames in args.frames:
+        cfg = load_config(args.config, {**base, "data.seq_len": frames})
+        clips = {}
+        for split in ("train", "val", "test"):
+            ds = build_dataset(cfg, split)
+            clips[split] = [{**_flows(ds, i, cfg.data.flow_grid), "cam_R": ds[i]["cam_R"], "cam_t": ds[i]["cam_t"]}
+                            for i in range(len(ds))]
+        for key in ("direct", "strides", "consecutive"):
+            fit = fit_flow_head([{"flow": torch.from_numpy(c[key]), "cam_R": c["cam_R"], "cam_t": c["cam_t"]}
+                                 for c in clips["train"]])
+            val, test = _error(fit, clips["val"], key), _error(fit, clips["test"], key)
+            print(f"{frames:2d} frames  {key:<11}  val {val[0]:6.2f} mm (static {val[1]:.2f})  "
+                  f"test {test[0]:6.2f} mm (static {test[1]:.2f})", flush=True)
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
