@@ -664,17 +664,21 @@ def _cut(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-def _cut_frame_cache(root: Path, cache: Path) -> Path:
-    frames = next(cache.glob("frames-val-*/frames.npy"))
-    _cut(frames)
-    return frames
+def _val_sequence(root: Path) -> str:
+    return json.loads((root / "splits_json" / "protocol_p2.json").read_text())["val"][0]
 
 
-# fault -> (damage(root, cache) -> the damaged file, whether the frame cache is built before the damage).
-# Image faults strike a dataset whose cache is not built yet, as a fresh download's would: once built, the
-# cache holds the pixels decoded before, and a file changed in place later is not read again.
+def _cut_shard(root: Path, cache: Path) -> Path:
+    """Cut the prepared shard (the tar of crops, frames and flows) of the first validation sequence in half."""
+    shard = next(cache.rglob(f"{_val_sequence(root)}.tar"))
+    _cut(shard)
+    return shard
+
+
+# fault -> (damage(root, cache) -> the damaged file, whether the data is prepared before the damage). Image
+# faults strike a dataset not prepared yet, as a fresh download's would.
 DATA_FAULTS: dict[str, tuple[Callable[[Path, Path], Path], bool]] = {
-    "truncated frame cache": (_cut_frame_cache, True),
+    "truncated prepared shard": (_cut_shard, True),
     "truncated .mano.npy": (lambda root, cache: (_cut(_val_mano(root)), _val_mano(root))[1], True),
     "missing image": (lambda root, cache: (_val_image(root).unlink(), _val_image(root))[1], False),
     "JPEG that does not decode": (lambda root, cache: (_val_image(root).write_bytes(b"\xff\xd8 not a jpeg"),
@@ -695,8 +699,9 @@ def _train(lab: Lab, root: Path, cache: Path, log: Path) -> tuple[int, str]:
 
 
 def data_faults(lab: Lab) -> list[Outcome]:
-    """Each data fault on a fresh copy of the dataset (its frame cache built first): the run either fails in
-    one line naming the damaged file and the fix, or rebuilds the cache and ends exactly as an undamaged run."""
+    """Each data fault on a fresh copy of the dataset (prepared first, where the fault needs it): the run
+    either fails in one line naming the damaged file and the fix, or prepares the damaged sequence again and
+    ends exactly as an undamaged run."""
     _, clean = _train(lab, lab.root, lab.folder / "data" / "cache", lab.folder / "data_clean.log")
     reference = [ln for ln in clean.splitlines() if ln.startswith("done: ")]
     outcomes = []
@@ -711,10 +716,10 @@ def data_faults(lab: Lab) -> list[Outcome]:
         rc, out = _train(lab, root, cache, copy / "damaged.log")
         done = [ln for ln in out.splitlines() if ln.startswith("done: ")]
         line = _one_line_error(out)
-        if rc == 0 and "rebuilding a damaged frame cache" in out:
+        if rc == 0 and f"preparing {_val_sequence(root)} again" in out:
             same = [d.split(";")[0] for d in done] == [r.split(";")[0] for r in reference]
-            outcome, ok = ("cache rebuilt, same result as undamaged" if same else
-                           f"cache rebuilt but {done} != {reference}"), same
+            outcome, ok = ("prepared again, same result as undamaged" if same else
+                           f"prepared again but {done} != {reference}"), same
         elif rc == 2 and line is not None and str(file) in line:
             outcome, ok = line[len("error: "):].replace(str(copy), "...")[:110], True
         else:

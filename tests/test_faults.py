@@ -125,6 +125,14 @@ def test_a_resume_runs_again_a_trial_whose_worker_was_lost_and_leaves_a_bad_valu
     assert outcome.lost == 0
 
 
+def test_a_trial_whose_node_is_lost_goes_on_from_its_registered_checkpoint(lab):
+    """A two-node cluster loses the node under a trial frozen mid-trial: the trial goes on on the head node,
+    no epoch up to the checkpoint registered before the loss trained again, nothing lost."""
+    outcome = chaos.node_removed(lab)
+    assert outcome.ok, outcome.outcome
+    assert outcome.lost == 0
+
+
 @pytest.mark.slow
 def test_every_injected_fault_is_survived_with_no_trial_lost(capsys):
     """The whole fault-injection suite (several minutes): ``python -m pytest -m slow``."""
