@@ -116,7 +116,7 @@ def replay(space_path: Path, grid_dir: Path, *, out: Path, seeds: int, num_sampl
     print(f"recorded grid: {len(grid.trials)} configurations x {epochs} epochs from {grid_dir}; "
           f"{n} trials per search, {seeds} seeds per method, first trial: "
           f"{'the base config' if first_point == 'default' else 'the searcher'}", flush=True)
-    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")
     runs: dict[str, list] = {}
     t0 = time.perf_counter()
     try:

@@ -609,7 +609,8 @@ def disk_full(lab: Lab) -> Outcome:
         args = lab.search_args(lab.space(name, epochs=4, scheduler={"type": "fifo"}), name, storage)
         proc = lab.start(args, lab.folder / f"{name}.log")
         problems = []
-        if not _wait_for(lambda: len(_epoch_rows(exp_dir)) >= 1, proc):
+        # A resume restores Ray's state snapshot: the disk fills once there is one, and an epoch row.
+        if not _wait_for(lambda: list(exp_dir.glob("experiment_state-*.json")) and _epoch_rows(exp_dir), proc):
             problems.append("the search ended before the disk filled")
         filler = storage / "filler"
         full = threading.Thread(target=_keep_full, args=(filler, proc), daemon=True)

@@ -9,7 +9,7 @@ intermediate value per epoch (single-objective searches: Optuna has none for sev
 end: COMPLETE with its best value (the ``best/<metric>`` of ``trials.parquet``), PRUNED when ASHA stopped
 it (valued at its last epoch, as Optuna values a pruned trial), FAIL when it diverged or failed on its own.
 A trial cut off by an interrupted search, or whose environment failed (:mod:`hawor_tune.failures`), stays
-RUNNING until ``--resume`` finishes it.
+RUNNING until ``--resume`` finishes it; a resume first makes the study hold what Ray restored.
 
 :func:`warm_start_trials` reads an earlier search's finished trials back, checked against a new search's space,
 for ``run_search.py --warm-start``.
@@ -147,16 +147,55 @@ class OptunaStudyRecorder(Callback):
         return trial_id is not None and self._storage().get_trial(trial_id).state.is_finished()
 
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
-        # The first step of a restored run sees exactly Ray's trials: a study trial Ray forgot (started after
-        # its last state snapshot; the searcher proposes again) will never report, so it is marked failed.
+        # The first step of a restored run sees exactly the trials Ray restored.
         if self._matched:
             return
         self._matched = True
-        restored = {t.trial_id for t in trials}
-        for ray_id, trial_id in self._ids.items():
-            if ray_id not in restored and not self._finished(ray_id):
-                self._storage().set_trial_user_attr(trial_id, "dropped_on_resume", True)
-                self._storage().set_trial_state_values(trial_id, TrialState.FAIL)
+        if self._ids:
+            self._match_restored(trials)
+
+    def _match_restored(self, trials: list) -> None:
+        """Make the study say what Ray's restored experiment holds, as the parquet exporter does its files.
+
+        Ray restores its last state snapshot, and a driver stopped between two snapshots leaves study trials
+        ahead of it: a trial Ray does not hold (started after the snapshot; its searcher proposes another)
+        never reports again and goes; a trial Ray holds unfinished runs again from its last checkpoint even
+        if the study ended it since (an ASHA stop, its last epoch), so it is RUNNING again, and any trial
+        keeps its values up to Ray's last result only. Optuna does not reopen an ended trial, so the journal
+        is written anew, to a temporary file renamed over the old one, when anything differs. A trial that
+        failed on its own stays FAIL (the resume keeps it failed).
+        """
+        restored = {t.trial_id: t for t in trials}
+        kept, changed = [], False
+        for t in self.study.get_trials(deepcopy=True):
+            trial = restored.get(t.user_attrs.get(RAY_TRIAL_ATTR))
+            if trial is None:
+                changed = True
+                continue
+            last = int((getattr(trial, "last_result", None) or {}).get("training_iteration", 0))
+            values = {step: v for step, v in t.intermediate_values.items() if step <= last}
+            ended_since = t.state in (TrialState.COMPLETE, TrialState.PRUNED) and trial.status != "TERMINATED"
+            if ended_since or (t.state == TrialState.RUNNING and values != t.intermediate_values):
+                t = optuna.trial.create_trial(state=TrialState.RUNNING, params=t.params,
+                                              distributions=t.distributions, intermediate_values=values,
+                                              user_attrs=t.user_attrs)
+                changed = True
+            kept.append(t)
+        if changed:
+            self._rewrite(kept)
+
+    def _rewrite(self, trials: list[optuna.trial.FrozenTrial]) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        study = optuna.create_study(storage=open_storage(tmp), study_name=self.experiment_dir.name,
+                                    directions=[OPTUNA_DIRECTIONS[mode] for _, mode in self.objectives])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([m for m, _ in self.objectives])
+        study.add_trials(trials)
+        os.replace(tmp, self.path)
+        self._ids, self._epochs, self._best, self._last = {}, {}, {}, {}
+        self.setup()
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._trial_id(trial)

@@ -77,10 +77,34 @@ def test_diverged_and_errored_trials_fail_and_a_resume_drops_forgotten_ones(tmp_
     again.on_step_begin(0, [a, b])
     study = load_study(folder)
     states = {t.user_attrs["ray_trial_id"]: t for t in study.trials}
-    assert {k: t.state for k, t in states.items()} == {"a": TrialState.FAIL, "b": TrialState.FAIL, "c": TrialState.FAIL}
+    assert {k: t.state for k, t in states.items()} == {"a": TrialState.FAIL, "b": TrialState.FAIL}
     assert states["a"].user_attrs["diverged"]
     assert states["b"].user_attrs["error"] == "ValueError: bad value" and states["b"].user_attrs["failed_by"] == "trial"
-    assert states["c"].user_attrs["dropped_on_resume"] and states["c"].intermediate_values == {1: 40.0}
+
+
+def test_a_resume_reopens_a_trial_ray_restores_unfinished_with_its_values_up_to_rays_last_result(tmp_path):
+    """The driver died after ASHA stopped trial a at epoch 2 and d reported epoch 2, but Ray's last snapshot
+    holds both at epoch 1: both run again from there, so the study holds them RUNNING with epoch 1's value."""
+    folder = tmp_path / "exp"
+    rec = _recorder(folder, [("val/mpjpe", "min")])
+    a, d = _trial("a", 1e-3), _trial("d", 2e-3)
+    for trial in (a, d):
+        for epoch, value in ((1, 50.0), (2, 45.0)):
+            rec.on_trial_result(0, [], trial, {"training_iteration": epoch, "val/mpjpe": value})
+    rec.on_trial_complete(0, [], a)
+    assert {t.state for t in load_study(folder).trials} == {TrialState.PRUNED, TrialState.RUNNING}
+
+    a.last_result = d.last_result = {"training_iteration": 1}
+    again = _recorder(folder, [("val/mpjpe", "min")])
+    again.on_step_begin(0, [a, d])
+    for trial in (a, d):
+        for epoch, value in ((2, 44.0), (3, 43.0)):
+            again.on_trial_result(0, [a, d], trial, {"training_iteration": epoch, "val/mpjpe": value})
+        again.on_trial_complete(0, [a, d], trial)
+    trials = load_study(folder).trials
+    assert [(t.user_attrs["ray_trial_id"], t.state, t.value) for t in trials] == [
+        ("a", TrialState.COMPLETE, 43.0), ("d", TrialState.COMPLETE, 43.0)]
+    assert all(t.intermediate_values == {1: 50.0, 2: 44.0, 3: 43.0} for t in trials)
 
 
 def test_a_trial_whose_environment_failed_stays_running_until_a_resume_completes_it(tmp_path):
@@ -93,6 +117,7 @@ def test_a_trial_whose_environment_failed_stays_running_until_a_resume_completes
     assert t.state == TrialState.RUNNING and t.user_attrs["failed_by"] == "environment"
     assert t.user_attrs["error"] == "OSError: [Errno 28] No space left on device"
 
+    a.last_result = {"training_iteration": 1}
     again = _recorder(folder, [("val/mpjpe", "min")])  # --resume runs it again from its epoch-1 checkpoint
     again.on_step_begin(0, [a])
     for epoch, value in ((2, 45.0), (3, 47.0)):

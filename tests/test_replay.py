@@ -102,7 +102,7 @@ def test_a_replayed_search_reports_the_nearest_recorded_epochs_through_tune(reco
     fifo = dataclasses.replace(space, search_algorithm="random", scheduler_type="fifo", grace_period=None,
                                reduction_factor=None, num_samples=3, max_concurrent=1)
     asha = dataclasses.replace(fifo, scheduler_type="asha", grace_period=1, reduction_factor=3)
-    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")
     try:
         full = replay_search(fifo, grid, storage=tmp_path / "r", name="fifo")
         cut = replay_search(asha, grid, storage=tmp_path / "r", name="asha")

@@ -85,7 +85,7 @@ def test_a_search_runs_at_most_max_concurrent_trials_at_once(tmp_path, synthetic
     ConcurrencyLimiter, Ray only warns and ignores it)."""
     space = load_search_space(write_search_space(tmp_path, synthetic_dataset, num_samples=3, epochs=1,
                                                  max_concurrent=1))
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
         outcome = run_search_fn(space, storage=tmp_path / "results", name="one", verbose=0)
     finally:

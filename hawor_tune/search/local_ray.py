@@ -58,8 +58,10 @@ def start_ray(address: str | None, dashboard_port: int, num_cpus: int | None = N
         ctx = ray.init(address=address, logging_level=logging.WARNING)
     else:
         with _loopback_node():
-            ctx = ray.init(num_cpus=num_cpus, _node_ip_address=LOOPBACK, include_dashboard=True,
-                           dashboard_host=LOOPBACK, dashboard_port=dashboard_port,
+            # "local": a Ray of its own, even when another one runs on this machine (without it, ray.init
+            # joins the latest cluster started here: another user's search, or a test's cluster).
+            ctx = ray.init(address="local", num_cpus=num_cpus, _node_ip_address=LOOPBACK,
+                           include_dashboard=True, dashboard_host=LOOPBACK, dashboard_port=dashboard_port,
                            logging_level=logging.WARNING,
                            _system_config={"worker_niceness": 0, "prestart_worker_first_driver": False})
     url = getattr(ctx, "dashboard_url", None)
