@@ -62,6 +62,9 @@ TINY: dict[str, Any] = {
     "model.temporal_heads": 2, "model.head_hidden": 32, "model.infiller_hidden": 16, "model.dropout": 0.0,
     "train.device": "cpu",
 }
+# How long a run or a wait may take before it counts as hung: far past any run's length on a loaded machine;
+# nothing waits for it to pass.
+HUNG = 1800.0
 # A clip length the lab's sequences (20 usable frames) cannot give: a trial that draws it fails on its own.
 TOO_LONG = 32
 
@@ -114,7 +117,7 @@ class Lab:
         return subprocess.Popen(cmd, cwd=self.folder, env={**self.env, **(extra_env or {})},
                                 stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
-    def run(self, args: list[str], log: Path, timeout: float = 600, **kw: Any) -> tuple[int, str]:
+    def run(self, args: list[str], log: Path, timeout: float = HUNG, **kw: Any) -> tuple[int, str]:
         proc = self.start(args, log, **kw)
         try:
             rc = proc.wait(timeout=timeout)
@@ -131,7 +134,7 @@ def _kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
         proc.wait(timeout=60)
 
 
-def _wait_for(predicate: Callable[[], Any], proc: subprocess.Popen | None, timeout: float = 300,
+def _wait_for(predicate: Callable[[], Any], proc: subprocess.Popen | None, timeout: float = HUNG,
               running: Callable[[], bool] | None = None) -> Any:
     """Poll ``predicate`` until it holds, while ``proc`` (or ``running()``) still runs; the timeout only bounds
     a hung run. Errors count as not yet: files are read while a search rewrites them."""
@@ -328,7 +331,7 @@ def worker_kill(lab: Lab) -> Outcome:
             break
         frozen.kill()
         killed.append(frozen)
-    rc = proc.wait(timeout=600)
+    rc = proc.wait(timeout=HUNG)
     log = (lab.folder / "worker_kill.log").read_text()
     extra = [] if rc == 0 else [f"search exited {rc}"]
     extra += [] if killed else ["no worker was killed"]
@@ -377,7 +380,7 @@ def _stop_driver_then_resume(lab: Lab, name: str, sig: int, *, truncate: bool = 
     if sig == signal.SIGINT:  # Ctrl-C in a terminal: to the driver's whole process group
         os.killpg(proc.pid, signal.SIGINT)
         try:
-            rc = proc.wait(timeout=180)
+            rc = proc.wait(timeout=HUNG)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             rc = "hung"
@@ -520,7 +523,7 @@ def errored_trials(lab: Lab) -> Outcome:
             break
         frozen.kill()
         kills.append(frozen)
-    rc = proc.wait(timeout=600)
+    rc = proc.wait(timeout=HUNG)
     problems = [] if rc == 0 else [f"search exited {rc}"]
     if len(kills) <= MAX_FAILURES:
         return Outcome("trials errored (worker lost past its retries; a bad value), then --resume",
@@ -554,7 +557,7 @@ def same_storage(lab: Lab) -> Outcome:
     runs = [("first", "a"), ("second", "b"), ("first", "c")]
     procs = {tag: lab.start(lab.search_args(space, name, storage), lab.folder / f"same_storage_{tag}.log")
              for name, tag in runs}
-    rcs = {tag: p.wait(timeout=900) for tag, p in procs.items()}
+    rcs = {tag: p.wait(timeout=HUNG) for tag, p in procs.items()}
     logs = {tag: (lab.folder / f"same_storage_{tag}.log").read_text() for tag in rcs}
     problems = [] if rcs["b"] == 0 else [f"second exited {rcs['b']}"]
     refused = [tag for tag in ("a", "c") if rcs[tag] == 2]
@@ -616,7 +619,7 @@ def disk_full(lab: Lab) -> Outcome:
         full = threading.Thread(target=_keep_full, args=(filler, proc), daemon=True)
         full.start()  # until the search exits: space a failed write or a deleted checkpoint frees is taken again
         try:
-            rc = proc.wait(timeout=300)
+            rc = proc.wait(timeout=HUNG)
         except subprocess.TimeoutExpired:
             rc = "hung"
         full.join()
@@ -694,7 +697,7 @@ def _train(lab: Lab, root: Path, cache: Path, log: Path) -> tuple[int, str]:
     overrides = [f"data.root={root}", f"data.cache_dir={cache}", f"train.out_dir={log.with_suffix('')}",
                  "train.epochs=1", "train.max_train_batches=2", "train.max_eval_batches=2", "data.generate=false"]
     proc = subprocess.run([sys.executable, "-m", "hawor_tune.train", "--config", str(base), *overrides],
-                          cwd=lab.folder, env=lab.env, capture_output=True, text=True, timeout=600)
+                          cwd=lab.folder, env=lab.env, capture_output=True, text=True, timeout=HUNG)
     log.write_text(proc.stdout + proc.stderr)
     return proc.returncode, proc.stdout + proc.stderr
 
