@@ -51,6 +51,8 @@ def test_prepared_form_sits_beside_the_dataset_is_reused_and_serves_clip_setting
     clips = {"data.seq_len": 6, "data.stride": 3, "data.frame_step": 2, "data.min_visible_joints": 21}
     assert build_dataset(synthetic_dataset.config(clips), "val").source.folder == first.folder
     # What the pixels depend on makes another preparation.
+    # Without jitter (the flow-head fit, evaluation) the default jitter's margin is kept: the same shards.
+    assert build_dataset(synthetic_dataset.config({"data.crop_jitter": 0.0}), "val").source.folder == first.folder
     for change in ({"data.crop_size": 24}, {"data.img_size": 16}, {"data.frame_size": 40}, {"data.crop_jitter": 0.2},
                    {"data.crop_scale": 1.5}, {"data.flow_grid": 2}):
         other = build_dataset(synthetic_dataset.config(change), "val").source

@@ -47,6 +47,7 @@ PREPARED_VERSION = 1
 # about 25 GB; 90 leaves room (benchmarks/bench_prepare.py prints the bytes a photograph's crop takes).
 JPEG_QUALITY = 90
 MEMBERS = ("left.jpg", "right.jpg", "cam.jpg", "flow.npy", "json")
+MIN_MARGIN_JITTER = 0.1  # data.crop_jitter's default
 _REDUCTIONS = (8, 4, 2)  # OpenCV's IMREAD_REDUCED_COLOR_* factors, largest first
 _READ_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
                8: cv2.IMREAD_REDUCED_COLOR_8}
@@ -82,9 +83,11 @@ def crop_margin(crop_size: int, jitter: float) -> int:
 
     :func:`hawor_tune.data.crop.jitter_boxes` shifts a box of side s by up to ``jitter * s`` on each axis and
     scales it by up to ``1 + jitter``: it reaches ``s (1/2 + 3 jitter / 2)`` from the centre, ``1.5 jitter s``
-    beyond the unjittered box, which is ``1.5 jitter crop_size`` stored pixels.
+    beyond the unjittered box, which is ``1.5 jitter crop_size`` stored pixels. Never less than the margin of
+    :data:`MIN_MARGIN_JITTER`, so that a run without jitter (the flow-head fit, an evaluation) reads the same
+    shards as a training with the default jitter.
     """
-    return math.ceil(1.5 * jitter * crop_size - 1e-9)
+    return math.ceil(1.5 * max(jitter, MIN_MARGIN_JITTER) * crop_size - 1e-9)
 
 
 def stored_map(centre: np.ndarray, side: float, spec: FrameSpec) -> np.ndarray:
