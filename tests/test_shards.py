@@ -173,6 +173,18 @@ def test_the_command_announces_is_stopped_by_ctrl_c_and_resumes_then_trains_and_
     assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == mtimes
 
 
+def test_a_script_without_a_main_guard_prepares_in_its_own_process(dataset, reference, tmp_path):
+    # A spawned worker runs such a script again from the top: here it would prepare again and wait for the
+    # lock its parent holds. The build stays in the script's process instead.
+    script = tmp_path / "prepare_here.py"
+    script.write_text("from hawor_tune.config import load_config\nfrom hawor_tune.data import prepare_dataset\n"
+                      f"cfg = load_config({str(_write_config(tmp_path / 'c.yaml', dataset, tmp_path / 'cache'))!r})\n"
+                      "print(prepare_dataset(cfg, workers=2).folder)\n")
+    run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert _tars(Path(run.stdout.strip())) == _tars(reference.folder)
+
+
 def test_ray_tasks_prepare_the_same_shards(dataset, reference, tmp_path):
     import ray
 

@@ -160,12 +160,19 @@ def _usable_cpus() -> int:
 def _spawn_can_start() -> bool:
     """Whether a spawned process can import this program's main module, as multiprocessing's spawn makes
     it: not when the program was read from standard input (``python -``, ``__file__`` '<stdin>'), where
-    every rendering process would fail before its first sequence."""
+    every worker process would fail before its first job; and not for a script without an
+    ``if __name__ == "__main__"`` guard, which every worker would run again from the top (a script that
+    trains would then wait in each worker for the lock its own parent holds, for ever)."""
     main = sys.modules.get("__main__")
     if getattr(getattr(main, "__spec__", None), "name", None):  # python -m module
         return True
     path = getattr(main, "__file__", None)
-    return path is None or os.path.isfile(path)  # None: python -c, an interactive session, a notebook
+    if path is None:  # python -c, an interactive session, a notebook: nothing is run again
+        return True
+    try:
+        return "__main__" in Path(path).read_text(errors="replace")
+    except OSError:
+        return False
 
 
 def _write_sequences(jobs: list[_SequenceJob], mano_cfg: ManoConfig, layers: tuple[MANOLayer, MANOLayer],
