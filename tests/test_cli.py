@@ -20,7 +20,8 @@ TINY = str(REPO / "configs" / "tiny.yaml")
 
 # Each CLI's main and arguments that reach a config build first.
 CLIS = {
-    "run_search.py": (run_search.main, ["--space", str(REPO / "search_spaces" / "lr_seq.yaml")]),
+    "run_search.py": (run_search.main, ["--space", str(REPO / "search_spaces" / "lr_seq.yaml"),
+                                        "--dashboard-port", "0"]),  # 8265 may be another Ray's
     "run_best.py": (run_best.main, ["--config", TINY]),
     "python -m hawor_tune.train": (train.main, ["--config", TINY]),
 }
