@@ -1,5 +1,6 @@
 """Faults a search survives: why a trial failed (and so whether a resume runs it again), the record the exporter
-keeps of it, and the fault-injection suite (benchmarks/chaos.py) itself, which runs under ``-m slow``."""
+keeps of it, Ray's writes into the storage, a node lost under a trial; and, under ``-m slow``, the errored
+trials resumed and the whole fault-injection suite (benchmarks/chaos.py)."""
 
 from __future__ import annotations
 
@@ -116,6 +117,7 @@ def lab(tmp_path_factory) -> chaos.Lab:
     return chaos.Lab(tmp_path_factory.mktemp("chaos"))
 
 
+@pytest.mark.slow  # about 1.5 min: two searches
 def test_a_resume_runs_again_a_trial_whose_worker_was_lost_and_leaves_a_bad_value_failed(lab):
     """Item by item: the lost trial ends ERROR by its environment and the bad values on their own; the resume
     says so in a line each, runs the first again from its registered checkpoint (no epoch up to it trained
