@@ -159,7 +159,7 @@ def tiny_search(tmp_path_factory: pytest.TempPathFactory, synthetic_dataset: Syn
 
     folder = tmp_path_factory.mktemp("search")
     space = load_search_space(write_search_space(folder, synthetic_dataset))
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
         outcome = run_search(space, storage=folder / "results", name="tiny", verbose=0)
     finally:

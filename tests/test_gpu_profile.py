@@ -134,7 +134,7 @@ def test_a_two_trial_search_and_run_best_through_the_gpu_profile(gpu_setup, synt
     space_file = write_search_space(tmp_path, synthetic_dataset, num_samples=2, epochs=2)
     save_config(load_config("configs/arctic.yaml", {**overrides, "train.epochs": 2}), tmp_path / "base.yaml")
     space = load_search_space(space_file)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
         outcome = run_search(space, storage=tmp_path / "results", name="gpu", verbose=0)
     finally:
