@@ -27,10 +27,10 @@ from hawor_tune.data.frames import MEMBERS, FrameSpec, SequenceFrames, cut_crops
 from hawor_tune.data.shards import read_index
 
 REPO = Path(__file__).resolve().parents[1]
-# 3 subjects x 3 sequences of 60 frames (40 after ARCTIC's skip) at 64x48: nine shards, enough that a build
+# 3 subjects x 3 sequences of 100 frames (80 after ARCTIC's skip) at 64x48: nine shards, enough that a build
 # has several still to do when it is interrupted.
 SHARD_DATA = {**TINY_DATA_OVERRIDES, "data.synthetic.subjects": 3, "data.synthetic.sequences_per_subject": 3,
-              "data.synthetic.frames_per_sequence": 60}
+              "data.synthetic.frames_per_sequence": 100}
 SEQUENCES = 9
 
 
@@ -139,7 +139,8 @@ def test_the_command_announces_is_stopped_by_ctrl_c_and_resumes_then_trains_and_
     from hawor_tune.train import fit
 
     cfg = _config(dataset, tmp_path / "cache", **TINY_MODEL_OVERRIDES, **{"train.epochs": 1,
-                  "train.out_dir": str(tmp_path / "run"), "train.max_train_batches": 2})
+                  "train.out_dir": str(tmp_path / "run"), "train.max_train_batches": 2,
+                  "train.max_eval_batches": 4})
     config = _write_config(tmp_path / "config.yaml", dataset, tmp_path / "cache")
     command = [sys.executable, "-m", "hawor_tune.data.prepare", "--config", str(config), "--workers", "2"]
     # Ctrl-C reaches the whole foreground process group: the command and its worker processes.
@@ -167,7 +168,7 @@ def test_the_command_announces_is_stopped_by_ctrl_c_and_resumes_then_trains_and_
     mtimes = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
     result = fit(cfg)
     assert np.isfinite(result.history[-1]["val/mpjpe"])
-    val = evaluate(result.model, "val", cfg)
+    val = evaluate(result.model, "val", cfg, max_batches=4)
     assert val["mpjpe"] == pytest.approx(result.history[-1]["val/mpjpe"], rel=1e-6)
     assert build_dataset(cfg, "train").source.folder == folder
     assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == mtimes
