@@ -525,9 +525,9 @@ def _frame_geometry(root: Path, sid: str, first: Path, K: np.ndarray, size: tupl
 
     misc.json gives the capture size that K refers to; stored frames may be a uniformly downscaled copy
     (ARCTIC also ships reduced images), in which case K is scaled with cv2.resize's pixel-centre convention.
-    The size comes from the first frame's header alone: a full-size ARCTIC frame (2000 x 2800) takes about
-    40 ms to decode and its header 0.1 ms, and every dataset build reads one per sequence (the frame cache
-    decodes and checks every frame once, when it is built).
+    The size comes from the first frame's header alone: decoding a full-size ARCTIC frame costs far more than
+    reading its header, and every dataset build reads one per sequence (the preparation decodes and checks
+    every frame once, when it prepares it).
     """
     try:
         with Image.open(first) as image:

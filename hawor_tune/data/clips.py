@@ -102,7 +102,7 @@ class ArcticClips(Dataset):
         self._frames = {k: np.concatenate([getattr(lab, k) for lab in labels]) for k in keys}
         self._dist = np.stack([lab.dist for lab in labels])  # (S, 8)
         self._paths = [p for lab in labels for p in lab.image_paths]
-        self._boxes = [lab.letterbox for lab in labels]
+        self._letterboxes = [lab.letterbox for lab in labels]
         # Per sequence: the letterboxed frame's pixels (the labels') -> the stored image's, the image's K, and
         # the image -> the camera branch's letterboxed frame.
         to_frame = np.stack([lab.letterbox.transform_K(np.eye(3)) for lab in labels])  # (S, 3, 3)
@@ -136,7 +136,7 @@ class ArcticClips(Dataset):
         (3, 3) intrinsics (for figures)."""
         s, p, _ = self._clips[index]
         i = int(self._offsets[s]) + p + t
-        return cv2.merge(list(read_frame(self._paths[i], self._boxes[s]))), self._K_frame[s].copy()
+        return cv2.merge(list(read_frame(self._paths[i], self._letterboxes[s]))), self._K_frame[s].copy()
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         s, p, first_scored = self._clips[index]
