@@ -43,8 +43,8 @@ import numpy as np
 from hawor_tune.config import load_config, parse_override
 from hawor_tune.data import build_dataloader, ensure_dataset, prepare_dataset, read_split
 from hawor_tune.data.arctic import MISC_FILE, _read_json, _subject_meta
+from hawor_tune.data.build import frame_spec, prepared_folder, prepared_spec, window_frames
 from hawor_tune.data.frames import JPEG_QUALITY
-from hawor_tune.data.prepare import frame_spec, prepared_folder, prepared_spec, window_frames
 from hawor_tune.data.shards import write_shard
 from hawor_tune.mano import HANDS, build_mano
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from conftest import TINY_DATA_OVERRIDES, TINY_MODEL_OVERRIDES
 from hawor_tune.atomic import DiskFullError
 from hawor_tune.config import load_config
 from hawor_tune.data import build_dataset, generate, prepare_dataset
-from hawor_tune.data import prepare as prepare_module
+from hawor_tune.data import prepare as prepare_command
 from hawor_tune.data.frames import MEMBERS, FrameSpec, SequenceFrames, cut_crops, prepare_rows, stored_map
 from hawor_tune.data.shards import read_index
 
@@ -198,8 +199,8 @@ def test_ray_tasks_prepare_the_same_shards(dataset, reference, tmp_path):
 
 
 def test_free_space_is_checked_before_anything_is_written(dataset, tmp_path, monkeypatch, capsys):
-    usage = prepare_module.shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(prepare_module.shutil, "disk_usage",
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr("hawor_tune.data.build.shutil.disk_usage",
                         lambda path: usage._replace(free=10_000))  # a nearly full disk
     cfg = _config(dataset, tmp_path / "cache")
     with pytest.raises(DiskFullError, match=r"needs about .* but only 10.0 KB are free there; free space, or set "
@@ -207,7 +208,7 @@ def test_free_space_is_checked_before_anything_is_written(dataset, tmp_path, mon
         prepare_dataset(cfg)
     assert not list((tmp_path / "cache").rglob("*.tar"))
     config = _write_config(tmp_path / "config.yaml", dataset, tmp_path / "cache")
-    assert prepare_module.main(["--config", str(config)]) == 2
+    assert prepare_command.main(["--config", str(config)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: preparing") and "free there" in err[-1]
 

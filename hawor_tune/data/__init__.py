@@ -5,13 +5,13 @@ Entry points read the experiment config; everything below them takes explicit ar
 - :func:`ensure_dataset`: make sure ``data.root`` holds a dataset, generating the synthetic one once
   (under a file lock) when it is missing and ``data.generate`` is set.
 - :func:`build_dataset`: the :class:`ArcticClips` of one split, its frames read from the prepared form
-  (:mod:`hawor_tune.data.prepare`, built on first use or ahead by ``python -m hawor_tune.data.prepare``).
+  (:mod:`hawor_tune.data.build`, built on first use or ahead by ``python -m hawor_tune.data.prepare``).
 - :func:`build_dataloader`: a DataLoader over it yielding the batch dicts of the project spec.
 - :func:`prepare_dataset`: prepare every labelled split ahead, on every usable CPU or as Ray tasks (the
   command ``python -m hawor_tune.data.prepare``).
 
 Modules: ``arctic`` (files, splits, labels), ``synthetic`` and ``render`` (the generated stand-in), ``frames``
-(one prepared frame), ``flow``, ``crop``, ``shards`` (their files), ``prepare`` (building them), ``clips`` (the
+(one prepared frame), ``flow``, ``crop``, ``shards`` (their files), ``build`` and ``prepare`` (building them; the command), ``clips`` (the
 dataset), ``boxes`` (unlabelled splits from hand boxes), ``cache`` (decoding, letterboxes, cache keys).
 """
 
@@ -38,9 +38,9 @@ from hawor_tune.data.arctic import (
     read_split,
     split_is_labelled,
 )
+from hawor_tune.data.build import prepare_dataset
 from hawor_tune.data.cache import Letterbox, read_frame
 from hawor_tune.data.clips import ArcticClips
-from hawor_tune.data.prepare import prepare_dataset
 from hawor_tune.data.synthetic import GENERATOR_VERSION, MARKER, generate
 from hawor_tune.mano import HANDS, build_mano
 

@@ -1,7 +1,7 @@
 """Letterboxed frames, decoding a dataset's JPEGs, and where prepared artefacts live and how they are keyed.
 
 Everything a run reads besides the dataset lives in one cache folder (:func:`cache_root`), each artefact under
-a key that hashes what it depends on (:func:`spec_key`): the prepared form (:mod:`hawor_tune.data.prepare`),
+a key that hashes what it depends on (:func:`spec_key`): the prepared form (:mod:`hawor_tune.data.build`),
 the hand-pretrained start, the flow-head fit.
 """
 

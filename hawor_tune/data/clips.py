@@ -27,10 +27,10 @@ from hawor_tune.data.arctic import (
     load_sequences,
     read_split,
 )
+from hawor_tune.data.build import ensure_prepared, sequence_frames, window_frames
 from hawor_tune.data.cache import Letterbox, read_frame
 from hawor_tune.data.crop import jitter_boxes, map_points
 from hawor_tune.data.frames import FrameRows, FrameSpec, OnTheFly, clip_pixels
-from hawor_tune.data.prepare import ensure_prepared, sequence_frames, window_frames
 from hawor_tune.mano import MANOLayer
 
 
