@@ -285,13 +285,13 @@ def evaluate_and_report(model: torch.nn.Module, cfg: ExperimentConfig, out_dir: 
     ``notice`` (say, why the split is not test: :func:`evaluation_split`) opens the report and is kept in
     metrics.json; the metrics are stored under the split's name.
     """
-    from hawor_tune.evaluation import DATASET_FPS, evaluate, mean_pose_baseline, world_sequences
+    from hawor_tune.evaluation import DATASET_FPS, cached_baseline, evaluate, world_sequences
 
     out_dir = Path(out_dir)
     fig_dir = out_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     test, preds = evaluate(model, split, cfg, return_predictions=True)
-    baseline = mean_pose_baseline(cfg, split)
+    baseline = cached_baseline(cfg, split)  # the figures the search and the comparison divided by
     figures: dict[str, str] = {}
     notes: list[str] = []
 
