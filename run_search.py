@@ -103,10 +103,13 @@ def print_summary(experiment_dir: Path, metric: str, mode: str, resume_command: 
     rows = read_rows(experiment_dir / TRIALS_FILE)
     params = [k for k in (rows[0] if rows else {}) if k.startswith("param/")]
     best_key = f"best/{metric}"
-    header = ["trial", "status", "epochs", "asha stop", *(k[len("param/"):] for k in params), metric]
+    constrained = any(r.get("feasible") is not None for r in rows)
+    header = ["trial", "status", "epochs", "asha stop", *(k[len("param/"):] for k in params), metric,
+              *(["meets constraints"] if constrained else [])]
     table = [[r["trial_id"], r["status"] + (" (diverged)" if r["diverged"] else ""), str(r["epochs"]),
               "yes" if r["stopped_early"] else "", *(format_value(r[k]) for k in params),
-              format_value(r.get(best_key))] for r in rows]
+              format_value(r.get(best_key)),
+              *([{True: "yes", False: "no", None: ""}[r.get("feasible")]] if constrained else [])] for r in rows]
     widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(header)]
     print()
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
@@ -116,6 +119,10 @@ def print_summary(experiment_dir: Path, metric: str, mode: str, resume_command: 
     if best is not None:
         print(f"\nbest trial {best['trial_id']}: {metric} = {best[best_key]:.3f} at epoch {best['best_epoch']} "
               f"(errored and diverged trials skipped)")
+        if constrained:
+            met = sum(1 for r in rows if r.get("feasible"))
+            print(f"  {met} of {len(rows)} trials meet the constraints; "
+                  + ("the best trial does" if best.get("feasible") else "none does: the best of all is shown"))
         for k in params:
             print(f"  {k[len('param/'):]} = {format_value(best[k])}")
     else:

@@ -54,6 +54,21 @@ def _train(cfg: ExperimentConfig) -> dict[str, Any]:
     return {"status": result.status, "reason": result.reason, **result.last, "wall_s": time.perf_counter() - t0}
 
 
+def train_all(space: Any, runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Train each named run (dotted overrides of the space's trial config) two at a time, each in a fresh
+    process on one thread, as a search's trials run; their results by name (see :func:`_train`)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        # As the trainable builds a trial's config: one thread, one checkpoint kept, its own folder.
+        configs = {name: space.trial_config(overrides={**over, "train.out_dir": str(Path(tmp) / name.replace(" ", "_")),
+                                                       "train.threads": 1, "train.keep_checkpoints": 1})
+                   for name, over in runs.items()}
+        # A fresh process per run (spawned, one task each): no run inherits another's allocator or threads.
+        with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"),
+                                 max_tasks_per_child=1) as pool:
+            futures = {name: pool.submit(_train, cfg) for name, cfg in configs.items()}
+            return {name: f.result() for name, f in futures.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--space", default=str(ROOT / "search_spaces" / "loss_weights.yaml"))
@@ -74,16 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = variants(base.optim.lr)
     if args.seeds_only:
         runs = {k: v for k, v in runs.items() if k.startswith("base seed")}
-    with tempfile.TemporaryDirectory() as tmp:
-        # As the trainable builds a trial's config: one thread, one checkpoint kept, its own folder.
-        configs = {name: space.trial_config(overrides={**over, "train.out_dir": str(Path(tmp) / name.replace(" ", "_")),
-                                                       "train.threads": 1, "train.keep_checkpoints": 1})
-                   for name, over in runs.items()}
-        # A fresh process per run (spawned, one task each): no run inherits another's allocator or threads.
-        with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"),
-                                 max_tasks_per_child=1) as pool:
-            futures = {name: pool.submit(_train, cfg) for name, cfg in configs.items()}
-            results = {name: f.result() for name, f in futures.items()}
+    results = train_all(space, runs)
     failed = {name: r["reason"] for name, r in results.items() if r["status"] != "completed"}
     if failed:
         print(f"runs that did not complete: {failed}", file=sys.stderr)

@@ -137,6 +137,11 @@ class ModelConfig:
                                  "fills each hand's unobserved frames")
     infiller_layers: int = _spec(1, low=1, high=8, doc="layers of that LSTM")
     infill_mask_prob: float = _spec(0.15, low=0.0, high=0.9, doc="training-time rate of hiding observed hand frames")
+    hand_trajectory_degree: int = _spec(3, low=0, high=16, doc="each clip's hands in its world (the first camera), "
+                                  "observed or infilled, projected onto polynomials in time of this degree, so "
+                                  "that they move smoothly where the world is still; 0: every frame free")
+    camera_trajectory_degree: int = _spec(3, low=0, high=16, doc="each clip's camera path, projected onto polynomials "
+                                    "in time of this degree through its first frame; 0: every frame free")
 
 
 @dataclass
@@ -217,6 +222,10 @@ class TrainConfig:
     objective: dict = _spec({}, doc="weights of validation metrics (e.g. {mpjpe: 1, w_mpjpe: 1, accel_error: 0.5}), "
                             "each divided by the mean-pose baseline's value on the validation split and summed: "
                             "reported every epoch as val/objective (lower is better); {} reports none")
+    constraints: dict = _spec({}, doc="upper bounds on validation metrics as fractions of the mean-pose "
+                              "baseline's (e.g. {accel_error: 1.0}: no shakier than a static hand), reported every "
+                              "epoch as constraint/<metric> = value / baseline - bound (<= 0: met); a search's TPE "
+                              "samples where they hold and its best trial is one that meets them")
 
 
 @dataclass
@@ -447,6 +456,10 @@ def check_consistency(cfg: ExperimentConfig) -> None:
     for name, weight in cfg.train.objective.items():
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0 or weight == float("inf"):
             raise ConfigError(f"config key 'train.objective.{name}' must be a finite weight >= 0, got {weight!r}")
+    for name, bound in cfg.train.constraints.items():
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not 0 < bound < float("inf"):
+            raise ConfigError(f"config key 'train.constraints.{name}' must be a finite fraction of the baseline > 0, "
+                              f"got {bound!r}")
     if cfg.model.trainable_blocks and not cfg.model.freeze_backbone:
         raise ConfigError(f"config key 'model.trainable_blocks' is {cfg.model.trainable_blocks} but "
                           "model.freeze_backbone is false: it names the blocks a frozen backbone keeps training")

@@ -64,6 +64,8 @@ class LiveConsole(Callback):
         objectives: (metric, mode) of every objective; the first ranks the header's best trial.
         max_epochs: the epochs a trial runs when no scheduler stops it.
         param_paths: the searched parameters (dotted paths, as in the trials' configs).
+        constraints: the reported names of the space's constraints; a "met" column says whether a trial
+            meets them at its best epoch, and the best trial is one that does when any does.
         stream: where to print (default: ``sys.stdout`` at each print).
         tty: redraw in place (default: whether the stream is a terminal).
         interval_s: least time between two blocks (default by ``tty``).
@@ -71,9 +73,10 @@ class LiveConsole(Callback):
     """
 
     def __init__(self, *, objectives: Sequence[tuple[str, str]], max_epochs: int, param_paths: Iterable[str],
-                 stream: TextIO | None = None, tty: bool | None = None, interval_s: float | None = None,
+                 constraints: Sequence[str] = (), stream: TextIO | None = None, tty: bool | None = None, interval_s: float | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.objectives = list(objectives)
+        self.constraints = list(constraints)
         self.max_epochs = max_epochs
         self.params = short_names(param_paths)
         self._stream, self._tty, self._interval, self._clock = stream, tty, interval_s, clock
@@ -112,6 +115,9 @@ class LiveConsole(Callback):
             value = result.get(metric)
             if _number(value):
                 last.now[metric] = row[metric] = float(value)
+        for name in self.constraints:
+            value = result.get(name)
+            row[name] = float(value) if _number(value) else None
         self._epochs[(trial.trial_id, last.epoch)] = row
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -156,7 +162,7 @@ class LiveConsole(Callback):
         header = ["trial", "status", "epoch"]
         for metric, _ in self.objectives:
             header += [metric, "best"]
-        header += ["asha stop", *self.params.values()]
+        header += ["asha stop", *(["met"] if self.constraints else []), *self.params.values()]
         body = []
         for t in trials:
             last, row = self._last.get(t.trial_id, _Last()), summary.get(t.trial_id, {})
@@ -164,7 +170,9 @@ class LiveConsole(Callback):
             for metric, _ in self.objectives:
                 cells += [format_value(last.now.get(metric)), format_value(row.get(f"best/{metric}"))]
             config = getattr(t, "config", {}) or {}
-            cells += [format_value(row.get("stopped_at_epoch")), *(format_value(config.get(p)) for p in self.params)]
+            met = [] if not self.constraints else ["" if row.get("feasible") is None else
+                                                   "yes" if row["feasible"] else "no"]
+            cells += [format_value(row.get("stopped_at_epoch")), *met, *(format_value(config.get(p)) for p in self.params)]
             body.append(cells)
         widths = [max(len(c[i]) for c in [header, *body]) for i in range(len(header))]
         return ["  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip() for cells in [header, *body]]
@@ -187,6 +195,9 @@ class LiveConsole(Callback):
             ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
         metric = self.objectives[0][0]
         best = self.best(trials)
+        if self.constraints:
+            met = sum(1 for r in summary.values() if r.get("feasible"))
+            line += f"; {met} meet the constraints"
         if best is not None:
             line += f"; best {metric} {format_value(best[f'best/{metric}'])} (trial {best['trial_id']})"
         else:

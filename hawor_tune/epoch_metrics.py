@@ -23,8 +23,18 @@ REPORTED_METRICS = (
 OBJECTIVE = "val/objective"
 
 
-def check_objective(weights: dict) -> None:
-    """Every key of ``train.objective`` names a reported validation metric (without its ``val/`` prefix).
+# Each constraint (train.constraints) is reported as CONSTRAINT_PREFIX + metric: value / baseline - bound.
+CONSTRAINT_PREFIX = "constraint/"
+
+
+def constraint_columns(constraints: dict) -> list[str]:
+    """The reported name of each constraint of ``train.constraints``, in its order."""
+    return [CONSTRAINT_PREFIX + name for name in constraints]
+
+
+def check_objective(weights: dict, key: str = "train.objective") -> None:
+    """Every key of ``train.objective`` (or ``train.constraints``) names a reported validation metric (without
+    its ``val/`` prefix).
 
     Raises:
         ConfigError: an unknown metric, naming the allowed ones.
@@ -32,5 +42,5 @@ def check_objective(weights: dict) -> None:
     allowed = [m[len("val/"):] for m in REPORTED_METRICS if m.startswith("val/")]
     for name in weights:
         if name not in allowed:
-            raise ConfigError(f"config key 'train.objective': {name!r} is not a reported validation metric "
+            raise ConfigError(f"config key '{key}': {name!r} is not a reported validation metric "
                               f"(allowed: {', '.join(allowed)})")

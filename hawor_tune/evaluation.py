@@ -15,6 +15,7 @@ What is scored, frame by frame (see :func:`compute_metrics` for units):
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -458,6 +459,17 @@ def objective(values: dict[str, float], baseline: dict[str, float], weights: dic
     baseline's on the same split, so that unitless weights compare millimetres with m/s^2 (1.0 per term:
     no better than a static mean hand). nan when a term is nan."""
     return float(sum(w * values[m] / baseline[m] for m, w in weights.items()))
+
+
+def constraint_values(values: dict[str, float], baseline: dict[str, float], bounds: dict[str, float]) -> dict[str, float]:
+    """Per constraint of ``bounds`` (metric -> largest allowed fraction of the baseline's value), its reported
+    value ``values[m] / baseline[m] - bound``: <= 0 where it holds, as Optuna's constrained samplers read
+    constraints. inf where the metric is not finite (a metric that could not be computed does not hold)."""
+    out = {}
+    for m, bound in bounds.items():
+        ratio = values[m] / baseline[m]
+        out[m] = float(ratio - bound) if math.isfinite(ratio) else math.inf
+    return out
 
 
 def cached_baseline(config: ExperimentConfig, split: str = "val") -> dict[str, float]:

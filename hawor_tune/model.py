@@ -276,6 +276,26 @@ def _interpolate_observed(x: torch.Tensor, observed: torch.Tensor) -> torch.Tens
     return torch.where(observed.any(dim=1, keepdim=True)[..., None], (1 - w) * take(prev) + w * take(nxt), x)
 
 
+def polynomial_projection(T: int, degree: int, *, through_origin: bool = False,
+                          device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """(T, T) least-squares projection of a T-frame sequence onto polynomials in time of at most ``degree``
+    (``through_origin``: no constant term, so frame 0 stays 0), or None where it would change nothing
+    (degree 0: off, or as many coefficients as frames)."""
+    terms = degree if through_origin else degree + 1
+    if degree <= 0 or terms >= (T - 1 if through_origin else T):
+        return None
+    t = torch.linspace(0.0, 1.0, T, dtype=torch.float64)[:, None]  # (T, 1)
+    basis = t ** torch.arange(1 if through_origin else 0, degree + 1, dtype=torch.float64)  # (T, terms)
+    return (basis @ torch.linalg.pinv(basis)).to(device=device, dtype=dtype)
+
+
+def _smooth_over_time(x: torch.Tensor, projection: torch.Tensor | None) -> torch.Tensor:
+    """(B, T, ...) -> each trajectory over T projected by a (T, T) matrix (unchanged when None)."""
+    if projection is None:
+        return x
+    return torch.einsum("st,bt...->bs...", projection.to(x.dtype), x)
+
+
 class FlowHead(nn.Module):
     """A fixed linear map from frame t's pooled optical flow straight to its camera-pose offset (the camera
     head's 6D rotation offset and translation), added to the camera head's output.
@@ -316,6 +336,8 @@ class HaWoR(nn.Module):
         head_hidden: hidden width of the hand and camera heads.
         infiller_hidden, infiller_layers: LSTM infiller.
         infill_mask_prob: training-time rate at which valid hand frames are hidden from the infiller.
+        hand_trajectory_degree, camera_trajectory_degree: each clip's hand trajectories in its world and camera path
+            are projected onto polynomials in time of this degree (0: every frame free).
     """
 
     def __init__(self, *, backbone: nn.Module, feature_dim: int, num_tokens: int, crop_size: int,
@@ -324,13 +346,15 @@ class HaWoR(nn.Module):
                  temporal_layers: int, temporal_heads: int, head_hidden: int, dropout: float,
                  infiller_hidden: int, infiller_layers: int, infill_mask_prob: float,
                  hand_path: str = "query", decoder_dim: int = 1024, decoder_layers: int = 6,
-                 motion_hidden: int = 384, motion_layers: int = 6, motion_residual: bool = True) -> None:
+                 motion_hidden: int = 384, motion_layers: int = 6, motion_residual: bool = True,
+                 hand_trajectory_degree: int = 0, camera_trajectory_degree: int = 0) -> None:
         super().__init__()
         if [layer.side for layer in mano_layers] != list(HANDS):
             raise ValueError(f"mano_layers must be sides {HANDS} in that order, got "
                              f"{[layer.side for layer in mano_layers]}")
         self.crop_size, self.img_size, self.flow_grid = crop_size, img_size, flow_grid
         self.infill_mask_prob = infill_mask_prob
+        self.hand_trajectory_degree, self.camera_trajectory_degree = hand_trajectory_degree, camera_trajectory_degree
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("mirror_rot6d", torch.tensor(MIRROR_ROT6D).repeat(NUM_ROTATIONS), persistent=False)
@@ -543,6 +567,9 @@ class HaWoR(nn.Module):
         delta = self.camera_head(pair)  # (B, T-1, 9)
         if self.flow_head is not None:
             delta = delta + self.flow_head(flow[:, 1:].flatten(2).to(delta.dtype))
+        # A smooth path: the offsets from frame 0 projected onto polynomials through the origin.
+        projection = polynomial_projection(T, self.camera_trajectory_degree, through_origin=True, device=h.device)
+        delta = _smooth_over_time(delta, None if projection is None else projection[1:, 1:])
         rot6d = matrix_to_rot6d(identity) + delta[..., :6]  # (B, T-1, 6) offset from no rotation
         # Frame 0 is the reference: identity and zero by construction, not by learning.
         cam_R = torch.cat([identity, rot6d_to_matrix(rot6d)], dim=1)  # (B, T, 3, 3)
@@ -575,7 +602,9 @@ class HaWoR(nn.Module):
         predicted camera poses; an unobserved frame starts from the interpolation between the nearest
         observed frames (held at the clip's ends), and the infiller adds a residual read from the observed
         frames. The result goes back to the frame's own camera. Nothing of an unobserved frame (its crop,
-        its box) enters: an infilled hand is placed by its neighbours and the camera alone.
+        its box) enters: an infilled hand is placed by its neighbours and the camera alone. With
+        ``hand_trajectory_degree`` set, every frame's parameters in the first camera are then projected onto
+        polynomials in time of that degree.
 
         Args:
             params: (B, T, 2, P) regressed parameters (rot6d, betas, camera-frame wrist in metres).
@@ -592,9 +621,13 @@ class HaWoR(nn.Module):
         ref = (world * weight).sum(1, keepdim=True) / weight.sum(1, keepdim=True).clamp_min(1.0)  # (B, 1, 2, P)
         residual = torch.stack([infiller(world[:, :, i] - ref[:, :, i], observed[:, :, i])
                                 for i, infiller in enumerate(self.infillers)], dim=2)  # (B, T, 2, P)
-        filled = _from_first_camera(anchor + residual, cam_R, cam_t)
         keep = observed | ~observed.any(dim=1, keepdim=True)  # (B, T, 2)
-        return torch.where(keep[..., None], params, filled)
+        projection = polynomial_projection(params.shape[1], self.hand_trajectory_degree, device=params.device)
+        if projection is None:
+            return torch.where(keep[..., None], params, _from_first_camera(anchor + residual, cam_R, cam_t))
+        # Smooth motion where the world is: every frame's hand, observed or filled, on one polynomial path.
+        world = torch.where(keep[..., None], world, anchor + residual)
+        return _from_first_camera(_smooth_over_time(world, projection), cam_R, cam_t)
 
     # ----- MANO --------------------------------------------------------------------------------------
     def run_mano(self, rotmats: torch.Tensor, betas: torch.Tensor, root: torch.Tensor
@@ -726,7 +759,8 @@ def build_model(cfg: ExperimentConfig, *, pretrained: bool = True, device: str |
                   head_hidden=m.head_hidden, dropout=m.dropout, infiller_hidden=m.infiller_hidden,
                   infiller_layers=m.infiller_layers, infill_mask_prob=m.infill_mask_prob, hand_path=m.hand_path,
                   decoder_dim=m.decoder_dim, decoder_layers=m.decoder_layers, motion_hidden=m.motion_hidden,
-                  motion_layers=m.motion_layers, motion_residual=m.motion_residual)
+                  motion_layers=m.motion_layers, motion_residual=m.motion_residual,
+                  hand_trajectory_degree=m.hand_trajectory_degree, camera_trajectory_degree=m.camera_trajectory_degree)
     if device is not None:
         model.to(device)
     model.pretrained_parts, model.pretrained_report = (), None

@@ -34,6 +34,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from ray.tune import Callback
 
+from hawor_tune.epoch_metrics import CONSTRAINT_PREFIX
 from hawor_tune.errors import HaworTuneError
 from hawor_tune.failures import OWN, describe, failed_by, trial_error
 from hawor_tune.results import stopped_early
@@ -58,6 +59,16 @@ def load_study(experiment_dir: str | os.PathLike) -> optuna.Study:
     return optuna.load_study(study_name=Path(experiment_dir).name, storage=open_storage(path))
 
 
+# Where Optuna keeps a trial's constraint values, one system attribute "constraints:<name>" each (optuna/optuna,
+# ``optuna/trial/_trial.py``: ``Trial.set_constraint``; ``optuna/study/_constrained_optimization.py``).
+CONSTRAINTS_KEY = "constraints"
+
+
+def _finite_or_inf(value: Any) -> float:
+    """A reported constraint value; a missing or non-finite one counts as violated."""
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else math.inf
+
+
 class OptunaStudyRecorder(Callback):
     """Tune callback that mirrors the search's trials into an Optuna study on disk (see the module docstring).
 
@@ -68,12 +79,17 @@ class OptunaStudyRecorder(Callback):
         distributions: Optuna distributions of the searched parameters, keyed by dotted path.
         max_epochs: the epochs a trial runs when nobody stops it; a finished trial with fewer was stopped by
             the scheduler (ASHA) and is recorded as pruned.
+        constraints: the reported names of the space's constraints (``constraint/<metric>``): their values at
+            the trial's best epoch are recorded as ``Trial.set_constraint`` records them (<= 0: met).
     """
 
     def __init__(self, experiment_dir: str | os.PathLike, *, objectives: Sequence[tuple[str, str]],
-                 distributions: Mapping[str, BaseDistribution], max_epochs: int) -> None:
+                 distributions: Mapping[str, BaseDistribution], max_epochs: int,
+                 constraints: Sequence[str] = ()) -> None:
         self.experiment_dir = Path(experiment_dir)
         self.objectives = list(objectives)
+        self.constraints = list(constraints)
+        self._constraint_values: dict[str, list[float]] = {}  # Ray trial id -> at the first objective's best
         self.distributions = dict(distributions)
         self.max_epochs = max_epochs
         self._study: optuna.Study | None = None
@@ -215,7 +231,10 @@ class OptunaStudyRecorder(Callback):
         for i, (metric, _) in enumerate(self.objectives):
             value = result.get(metric)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                improved = best[i] is None or self._pick(i)(best[i], float(value)) != best[i]
                 best[i] = float(value) if best[i] is None else self._pick(i)(best[i], float(value))
+                if i == 0 and self.constraints and improved:
+                    self._constraint_values[ray_id] = [_finite_or_inf(result.get(c)) for c in self.constraints]
                 if i == 0:
                     self._last[ray_id] = float(value)
                     if len(self.objectives) == 1:  # Optuna records no intermediate values for several objectives
@@ -228,6 +247,10 @@ class OptunaStudyRecorder(Callback):
         trial_id = self._trial_id(trial)
         best = self._best.get(ray_id, [])
         epoch = self._epochs.get(ray_id, 0)
+        if ray_id in self._constraint_values:  # before the state: a finished trial's attributes are final
+            for name, value in zip(self.constraints, self._constraint_values[ray_id]):
+                self._storage().set_trial_system_attr(trial_id, f"{CONSTRAINTS_KEY}:{name.removeprefix(CONSTRAINT_PREFIX)}",
+                                                      value)
         if ray_id in self._diverged:
             self._storage().set_trial_user_attr(trial_id, "diverged", True)
             self._storage().set_trial_state_values(trial_id, TrialState.FAIL)

@@ -8,6 +8,11 @@ every pruned trial after the complete ones, the deeper-trained first (optuna/opt
 ``optuna/samplers/_tpe/sampler.py``: ``_split_trials``, ``_get_pruned_trial_score``). Chosen in a search-space
 file by ``search: {stopped_as: pruned}``. The study on disk (:mod:`hawor_tune.optuna_study`) applies the same
 rule (:func:`hawor_tune.results.stopped_early`) to its own record.
+
+A space with constraints (``train.constraints``) also tells Optuna each trial's constraint values
+(:class:`ConstrainedOptunaSearch`, through ``Trial.set_constraint``): Optuna's TPE then ranks every trial that
+breaks one below every feasible trial when it models the good configurations (optuna/optuna,
+``optuna/samplers/_tpe/sampler.py``: ``_split_trials``, ``_get_infeasible_trial_score``).
 """
 
 from __future__ import annotations
@@ -18,10 +23,40 @@ from typing import Any
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from hawor_tune.epoch_metrics import CONSTRAINT_PREFIX
 from hawor_tune.results import stopped_early
 
 
-class PruningOptunaSearch(OptunaSearch):
+class ConstrainedOptunaSearch(OptunaSearch):
+    """``OptunaSearch`` that sets each ending trial's constraint values, from its last result, on its Optuna
+    trial (``Trial.set_constraint``, named by metric) before telling Optuna; a missing or non-finite value
+    counts as broken (inf).
+
+    Args:
+        *args, **kwargs: ``OptunaSearch``'s.
+        constraints: the reported names of the constraints (``constraint/<metric>``); () records nothing.
+    """
+
+    def __init__(self, *args: Any, constraints: tuple[str, ...] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.constraints = tuple(constraints)
+
+    def record_constraints(self, trial_id: str, result: dict | None) -> None:
+        """Set the trial's constraint values on its Optuna trial (before Optuna is told how it ended)."""
+        if trial_id not in self._ot_trials or trial_id in self._completed_trials:
+            return
+        for name in self.constraints:
+            value = (result or {}).get(name)
+            value = float(value) if isinstance(value, (int, float)) and math.isfinite(value) else math.inf
+            self._ot_trials[trial_id].set_constraint(name.removeprefix(CONSTRAINT_PREFIX), value)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if not error:
+            self.record_constraints(trial_id, result)
+        super().on_trial_complete(trial_id, result, error)
+
+
+class PruningOptunaSearch(ConstrainedOptunaSearch):
     """``OptunaSearch`` that tells Optuna PRUNED for a trial that ended before ``max_epochs`` without an error
     and with a finite value; every other ending (full budget, error, diverged, several objectives: Optuna
     has no per-epoch values for those) is Ray's own.
@@ -44,5 +79,6 @@ class PruningOptunaSearch(OptunaSearch):
                 or not stopped_early(epoch, self.max_epochs)):
             super().on_trial_complete(trial_id, result, error)
             return
+        self.record_constraints(trial_id, result)
         self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
         self._completed_trials.add(trial_id)

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from hawor_tune.atomic import atomic_write, atomic_write_text
 from hawor_tune.config import load_config
+from hawor_tune.epoch_metrics import CONSTRAINT_PREFIX
 from hawor_tune.errors import HaworTuneError
 from hawor_tune.search_space import SearchSpace
 
@@ -159,7 +160,8 @@ def summarize_trials(epoch_rows: list[Mapping[str, Any]], trial_meta: Mapping[st
         Rows with: trial_id, status, param/<path>..., epochs, stopped_early, stopped_at_epoch, diverged,
         best/<m> and last/<m> for every reported metric m (best = min, or the search's mode for its
         objectives), best_epoch (the first epoch that reached best/<metric>), wall_time_s, checkpoint, error,
-        failed_by; with two or more objectives also ``pareto`` (:func:`pareto_optimal`).
+        failed_by; ``feasible`` (whether every ``constraint/<m>`` is <= 0 at best_epoch; None without
+        constraints); with two or more objectives also ``pareto`` (:func:`pareto_optimal`).
     """
     by_trial: dict[str, list[Mapping[str, Any]]] = {}
     for r in epoch_rows:
@@ -193,6 +195,11 @@ def summarize_trials(epoch_rows: list[Mapping[str, Any]], trial_meta: Mapping[st
             row["best_epoch"] = min(e for v, e in scored if v == best_value)
         else:
             row["best_epoch"] = None
+        # Constraints (train.constraints) hold at the epoch the trial is ranked by: all <= 0 there.
+        constraints = [m for m in metric_names if m.startswith(CONSTRAINT_PREFIX)]
+        at_best = next((r for r in rows if int(r["epoch"]) == row["best_epoch"]), None) if constraints else None
+        row["feasible"] = (None if not constraints else at_best is not None
+                           and all(is_finite_number(at_best.get(m)) and at_best[m] <= 0 for m in constraints))
         row["wall_time_s"] = max((float(r.get("time_total_s") or 0.0) for r in rows), default=0.0)
         row["checkpoint"] = meta.get("checkpoint")
         row["error"] = meta.get("error")
@@ -242,7 +249,9 @@ def best_trial(rows: Iterable[Mapping[str, Any]], metric: str, mode: str) -> Map
     would likely diverge again) or has no finite ``best/<metric>``. Of those, the best ``best/<metric>`` wins
     (the lowest for ``mode='min'``, the highest for ``'max'``); a tie goes to the trial that reached it in
     fewer epochs (``best_epoch``), then to the smaller ``trial_id``, so the choice never depends on row order.
-    Unfinished (interrupted) trials count with the epochs they completed.
+    Unfinished (interrupted) trials count with the epochs they completed. Where the search has constraints
+    (``feasible`` in the rows), a trial that meets them wins over every one that does not; when none does,
+    the best of all counts.
 
     Args:
         rows: trial rows as :func:`summarize_trials` makes them (``trials.parquet``).
@@ -258,9 +267,10 @@ def best_trial(rows: Iterable[Mapping[str, Any]], metric: str, mode: str) -> Map
     usable = [r for r in rows
               if r.get("status") != "ERROR" and not r.get("diverged") and is_finite_number(r.get(f"best/{metric}"))]
 
-    def rank(r: Mapping[str, Any]) -> tuple[float, float, str]:
+    def rank(r: Mapping[str, Any]) -> tuple[bool, float, float, str]:
         epoch = r.get("best_epoch")
-        return sign * r[f"best/{metric}"], epoch if is_finite_number(epoch) else math.inf, str(r["trial_id"])
+        return (r.get("feasible") is False, sign * r[f"best/{metric}"], epoch if is_finite_number(epoch) else math.inf,
+                str(r["trial_id"]))
 
     return min(usable, key=rank, default=None)
 

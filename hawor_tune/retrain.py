@@ -285,13 +285,22 @@ def evaluate_and_report(model: torch.nn.Module, cfg: ExperimentConfig, out_dir: 
     ``notice`` (say, why the split is not test: :func:`evaluation_split`) opens the report and is kept in
     metrics.json; the metrics are stored under the split's name.
     """
-    from hawor_tune.evaluation import DATASET_FPS, cached_baseline, evaluate, world_sequences
+    from hawor_tune.evaluation import (
+        DATASET_FPS,
+        cached_baseline,
+        constraint_values,
+        evaluate,
+        world_sequences,
+    )
 
     out_dir = Path(out_dir)
     fig_dir = out_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     test, preds = evaluate(model, split, cfg, return_predictions=True)
     baseline = cached_baseline(cfg, split)  # the figures the search and the comparison divided by
+    bounds = dict(cfg.train.constraints)
+    constraints = {m: {"bound": b, "ratio": v + b, "met": v <= 0}
+                   for (m, b), v in zip(bounds.items(), constraint_values(test, baseline, bounds).values())}
     figures: dict[str, str] = {}
     notes: list[str] = []
 
@@ -334,10 +343,11 @@ def evaluate_and_report(model: torch.nn.Module, cfg: ExperimentConfig, out_dir: 
                   "metric": metric, "val_value": chosen["value"], "epochs": chosen["epoch"],
                   "config_path": str(out_dir / "config.yaml"), "importance": importance}
     result = {"split": split, split: test, "baseline": baseline, "notice": notice, "search": search,
-              "model": str(out_dir / MODEL_FILE), "figures": figures, "notes": notes, "comparison": comparison}
+              "model": str(out_dir / MODEL_FILE), "figures": figures, "notes": notes, "comparison": comparison,
+              "constraints": constraints}
     atomic_write_text(out_dir / METRICS_FILE, json.dumps(result, indent=2, default=_json_default, allow_nan=True))
     report.write_report(out_dir, metrics=test, baseline=baseline, search=search, figures=figures, notes=notes,
-                        split=split, notice=notice, comparison=comparison)
+                        split=split, notice=notice, comparison=comparison, constraints=constraints)
     return result
 
 

@@ -50,7 +50,7 @@ from hawor_tune.config import (
     load_config,
     parse_override,
 )
-from hawor_tune.epoch_metrics import OBJECTIVE, REPORTED_METRICS, check_objective
+from hawor_tune.epoch_metrics import OBJECTIVE, REPORTED_METRICS, check_objective, constraint_columns
 from hawor_tune.errors import HaworTuneError
 
 logger = logging.getLogger(__name__)
@@ -165,6 +165,11 @@ class SearchSpace:
     def objectives(self) -> tuple[tuple[str, str], ...]:
         """(metric, mode) of every objective."""
         return tuple(zip(self.metrics, self.modes))
+
+    @property
+    def constraints(self) -> tuple[str, ...]:
+        """The reported names of the trials' constraints (``train.constraints``: ``constraint/<metric>``)."""
+        return tuple(constraint_columns(self.base_config.train.constraints))
 
     def trial_config(self, params: Mapping[str, Any] | None = None,
                      overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
@@ -300,6 +305,7 @@ def load_search_space(path: str | os.PathLike, *, extra_overrides: Iterable[str]
             raise check.error("mode", f"{OBJECTIVE} is a sum of errors over the baseline's: its mode is min")
     try:
         check_objective(cfg.train.objective)
+        check_objective(cfg.train.constraints, "train.constraints")
     except ConfigError as e:
         raise check.error("overrides", str(e)) from None
     num_samples = check.integer("num_samples", raw["num_samples"], low=1)

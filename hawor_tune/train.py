@@ -35,9 +35,9 @@ from hawor_tune.checkpoint import (
 )
 from hawor_tune.cli import ArgumentParser, fail
 from hawor_tune.config import ExperimentConfig, load_config, save_config
-from hawor_tune.epoch_metrics import OBJECTIVE, check_objective
+from hawor_tune.epoch_metrics import CONSTRAINT_PREFIX, OBJECTIVE, check_objective
 from hawor_tune.errors import HaworTuneError
-from hawor_tune.evaluation import cached_baseline, evaluate, objective
+from hawor_tune.evaluation import cached_baseline, constraint_values, evaluate, objective
 from hawor_tune.losses import compute_losses
 from hawor_tune.model import run_model
 from hawor_tune.runtime import (
@@ -223,8 +223,9 @@ def fit(config: ExperimentConfig, on_epoch: EpochHook | None = None,
     train_loader = build_dataloader(cfg, "train", shuffle=True, seed=cfg.train.seed)
     val_loader = build_dataloader(cfg, "val", shuffle=False)
     baseline = None
-    if cfg.train.objective:
+    if cfg.train.objective or cfg.train.constraints:
         check_objective(cfg.train.objective)
+        check_objective(cfg.train.constraints, "train.constraints")
         baseline = cached_baseline(cfg, "val")
     state = load_checkpoint(resume_from, map_location=device) if resume_from is not None else None
     model = build_model(cfg, pretrained=state is None or needs_pretrained(state))
@@ -266,8 +267,11 @@ def fit(config: ExperimentConfig, on_epoch: EpochHook | None = None,
                   "time/epoch_s": time.perf_counter() - t0}
         record.update({f"train/{k}": v for k, v in losses.items()})
         record.update({f"val/{k}": v for k, v in val.items()})
-        if baseline is not None:
+        if cfg.train.objective:
             record[OBJECTIVE] = objective(val, baseline, cfg.train.objective)
+        if cfg.train.constraints:
+            record.update({CONSTRAINT_PREFIX + m: v
+                           for m, v in constraint_values(val, baseline, cfg.train.constraints).items()})
         history.append(record)
         checkpoint_dir = str(save_checkpoint(ckpt_root / f"epoch_{epoch:04d}", model=model, config=cfg,
                                              epoch=epoch, optimizer=optimizer, scheduler=scheduler,
@@ -279,7 +283,7 @@ def fit(config: ExperimentConfig, on_epoch: EpochHook | None = None,
         print(f"epoch {epoch:3d}/{cfg.train.epochs}  loss {losses['loss']:.4f}  "
               f"val MPJPE {val['mpjpe']:.1f} mm (L {val['mpjpe_left']:.1f} / R {val['mpjpe_right']:.1f})  "
               f"PA-MPJPE {val['pa_mpjpe']:.1f} mm  W-MPJPE {val['w_mpjpe']:.1f} mm  accel {val['accel_error']:.1f} m/s^2  "
-              f"cam {cam}  " + (f"objective {record[OBJECTIVE]:.3f}  " if baseline is not None else "") +
+              f"cam {cam}  " + (f"objective {record[OBJECTIVE]:.3f}  " if OBJECTIVE in record else "") +
               f"lr {record['lr']:.2e}  {record['time/epoch_s']:.1f} s", flush=True)
         if on_epoch is not None:
             on_epoch(record, checkpoint_dir)

@@ -184,3 +184,16 @@ def test_the_console_and_run_best_always_name_the_same_trial(tmp_path, synthetic
             console.show(trials)
             header = console.stream.getvalue().splitlines()[-len(trials) - 2]
             assert header.endswith(f"(trial {chosen})" if chosen else "do not count)")
+
+
+def test_constraints_give_a_met_column_a_count_and_the_best_trial_that_meets_them():
+    console, out, clock = _console(tty=False, constraints=["constraint/accel_error"])
+    a, b = _trial("a"), _trial("b")
+    console.on_trial_result(0, [], a, {"training_iteration": 1, "val/mpjpe": 30.0, "constraint/accel_error": 0.4})
+    console.on_trial_result(0, [], b, {"training_iteration": 1, "val/mpjpe": 40.0, "constraint/accel_error": -0.1})
+    console.on_experiment_end([a, b])
+    lines = out.getvalue().splitlines()
+    # a scores better but breaks the constraint: b is the trial run_best.py would retrain
+    assert lines[0].endswith("2 trials: 2 RUNNING; 1 meet the constraints; best val/mpjpe 40 (trial b)")
+    assert lines[1].split()[-3:] == ["met", "lr", "keypoint_2d"]
+    assert lines[2].split()[-1] == "no" and lines[3].split()[-1] == "yes"

@@ -283,3 +283,11 @@ def test_the_baseline_places_the_mean_pose_at_the_training_sets_mean_wrist(synth
     for key, value in expected.items():
         assert baseline[key] == pytest.approx(value, rel=1e-4, abs=1e-6, nan_ok=True), key
     assert math.isfinite(baseline["w_mpjpe"]) and baseline["w_mpjpe"] > 10.0  # no ground-truth wrist given away
+
+
+def test_constraint_values_are_fractions_of_the_baseline_minus_the_bound():
+    from hawor_tune.evaluation import constraint_values
+
+    got = constraint_values({"accel_error": 3.0, "jerk": float("nan")}, {"accel_error": 2.0, "jerk": 1.0},
+                            {"accel_error": 1.0, "jerk": 3.0})
+    assert got == {"accel_error": 0.5, "jerk": float("inf")}  # 3 / 2 - 1; a metric not computed does not hold

@@ -22,7 +22,10 @@ from hawor_tune.procedural_hand import make_procedural_hand
 S = 32  # side of the whole frames
 C = 32  # side of the hand crops
 G = 8  # cells per side of the optical flow
-TINY = {**TINY_MODEL_OVERRIDES, "data.img_size": S, "data.crop_size": C, "data.flow_grid": G, "mano.model_dir": ""}
+# Every frame free: the tests of one part each (infiller, symmetries) see it alone; the trajectories' polynomial
+# smoothing has its own test.
+TINY = {**TINY_MODEL_OVERRIDES, "data.img_size": S, "data.crop_size": C, "data.flow_grid": G, "mano.model_dir": "",
+        "model.hand_trajectory_degree": 0, "model.camera_trajectory_degree": 0}
 MIRROR_X = torch.tensor([-1.0, 1.0, 1.0])
 
 
@@ -269,6 +272,30 @@ def test_infiller_only_overwrites_unobserved_frames() -> None:
         a, b = getattr(out, name), getattr(regressed, name)
         torch.testing.assert_close(a[valid], b[valid], msg=name)
         assert not torch.allclose(a[~valid], b[~valid]), name
+
+
+@pytest.mark.parametrize("degree", [1, 2])
+def test_trajectories_are_polynomials_of_their_degree_in_the_clips_world(degree: int) -> None:
+    """Camera path and world wrists lie on polynomials of the configured degree over the clip: their
+    (degree + 1)-th differences over time vanish, the camera's path starts at its first frame, and with the
+    degrees at 0 they do not vanish."""
+    def world(degree: int) -> tuple[HaWoROutput, torch.Tensor]:
+        model = _lively(_model(**{"model.hand_trajectory_degree": degree,
+                                  "model.camera_trajectory_degree": degree})).eval()
+        with torch.no_grad():  # a camera head that moves the camera by centimetres
+            torch.nn.init.normal_(model.camera_head[-1].weight, std=0.1)
+        with torch.no_grad():
+            out = run_model(model, _batch(2, 8, seed=4))
+        wrists = (out.cam_R[:, :, None] @ out.root[..., None]).squeeze(-1) + out.cam_t[:, :, None]  # (B, T, 2, 3)
+        return out, wrists
+
+    out, wrists = world(degree)
+    for name, x in (("camera", out.cam_t), ("wrists", wrists)):
+        assert float(torch.diff(x, n=degree + 1, dim=1).abs().amax()) < 1e-4, name
+    torch.testing.assert_close(out.cam_t[:, 0], torch.zeros_like(out.cam_t[:, 0]))
+    free, free_wrists = world(0)
+    assert float(torch.diff(free.cam_t, n=degree + 1, dim=1).abs().amax()) > 1e-3
+    assert float(torch.diff(free_wrists, n=degree + 1, dim=1).abs().amax()) > 1e-3
 
 
 def _hand_params(out: HaWoROutput, hand: int) -> torch.Tensor:

@@ -204,3 +204,17 @@ def test_the_cli_refuses_a_warm_start_without_a_study_in_one_line(tmp_path, caps
                             "--dashboard-port", "0"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: --warm-start nowhere:")
+
+
+def test_a_constrained_trial_keeps_its_constraint_values_at_its_best_epoch(tmp_path):
+    rec = OptunaStudyRecorder(tmp_path / "exp", objectives=[("val/mpjpe", "min")], max_epochs=3,
+                              distributions={"optim.lr": FloatDistribution(1e-4, 1e-2, log=True)},
+                              constraints=["constraint/accel_error"])
+    rec.setup()
+    a = _trial("a", 1e-3)
+    for epoch, (value, c) in enumerate([(50.0, 0.3), (40.0, -0.2), (45.0, 0.1)], start=1):
+        rec.on_trial_result(0, [], a, {"training_iteration": epoch, "val/mpjpe": value, "constraint/accel_error": c})
+    rec.on_trial_complete(0, [], a)
+    (t,) = load_study(tmp_path / "exp").trials
+    assert t.state == TrialState.COMPLETE and t.value == 40.0
+    assert t.constraints == {"accel_error": -0.2}  # where Optuna keeps them

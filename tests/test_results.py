@@ -271,3 +271,26 @@ def test_a_process_that_read_results_exits_cleanly(tmp_path):
                                            (True, False), (np.bool_(True), False), (None, False), ("1.0", False)])
 def test_is_finite_number(value, finite):
     assert is_finite_number(value) is finite
+
+
+def test_a_trial_meets_its_constraints_at_its_best_epoch():
+    # a: best at epoch 2, where its constraint holds (later epochs break it); b: best at epoch 1, broken there
+    rows = (_epochs("a", [50.0, 40.0, 45.0]) + _epochs("b", [30.0, 35.0]))
+    for r, c in zip(rows, [0.2, -0.1, 0.3, 0.05, -0.5]):
+        r["constraint/accel_error"] = c
+    by_id = {r["trial_id"]: r for r in summarize_trials(rows, {k: META[k] for k in "ab"}, metric="val/mpjpe",
+                                                        mode="min", max_epochs=3, param_paths=[])}
+    assert by_id["a"]["feasible"] is True and by_id["b"]["feasible"] is False
+    (plain,) = summarize_trials(_epochs("a", [1.0]), {"a": META["a"]}, metric="val/mpjpe", mode="min",
+                                max_epochs=1, param_paths=[])
+    assert plain["feasible"] is None  # no constraints declared
+
+
+@pytest.mark.parametrize(("feasible", "expected"), [
+    ({"a": True, "b": False, "c": True}, "c"),    # b is better but breaks a constraint
+    ({"a": False, "b": False, "c": False}, "b"),  # none meets them: the best of all
+    ({"a": None, "b": None, "c": None}, "b"),     # no constraints
+])
+def test_best_trial_prefers_trials_that_meet_the_constraints(feasible, expected):
+    rows = [{**_trial(k, v), "feasible": feasible[k]} for k, v in (("a", 30.0), ("b", 20.0), ("c", 25.0))]
+    assert best_trial(rows, "val/mpjpe", "min")["trial_id"] == expected

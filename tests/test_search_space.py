@@ -350,3 +350,12 @@ def test_multi_objective_space_runs_fifo_and_round_trips(tmp_path):
     assert not single.is_multi_objective and single.objectives == (("val/mpjpe", "min"),)
     old = {k: v for k, v in single.to_dict().items() if k not in ("metrics", "modes")}  # a record before lists
     assert SearchSpace.from_dict(old).objectives == (("val/mpjpe", "min"),)
+
+
+def test_constraints_name_reported_metrics_with_positive_bounds(tmp_path):
+    with pytest.raises(SearchSpaceError, match="train.constraints': 'wiggle' is not a reported validation metric"):
+        load_search_space(write_space(tmp_path, overrides={"train.constraints": {"wiggle": 1.0}}))
+    with pytest.raises(SearchSpaceError, match="train.constraints.accel_error' must be a finite fraction"):
+        load_search_space(write_space(tmp_path, overrides={"train.constraints": {"accel_error": 0}}))
+    space = load_search_space(write_space(tmp_path, overrides={"train.constraints": {"accel_error": 1.0}}))
+    assert space.constraints == ("constraint/accel_error",)

@@ -82,7 +82,8 @@ def _figure_link(out_dir: Path, path: str) -> str:
 def write_report(out_dir: str | os.PathLike, *, metrics: Mapping[str, float],
                  baseline: Mapping[str, float] | None, search: Mapping[str, Any] | None,
                  figures: Mapping[str, str], notes: Sequence[str] = (), split: str = "test",
-                 notice: str | None = None, comparison: Mapping[str, Any] | None = None) -> Path:
+                 notice: str | None = None, comparison: Mapping[str, Any] | None = None,
+                 constraints: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
     """Write ``out_dir/report.md`` (atomically) and return its path.
 
     Args:
@@ -97,6 +98,8 @@ def write_report(out_dir: str | os.PathLike, *, metrics: Mapping[str, float],
         split: the split ``metrics`` were computed on; it names the results' columns.
         notice: a paragraph shown right under the title (e.g. why ``split`` is not test).
         comparison: what the search bought (:func:`hawor_tune.retrain.compare_with_base`), or None.
+        constraints: per constrained metric (``train.constraints``): ``bound`` and ``ratio`` (its value over
+            the baseline's on ``split``) and ``met``; None or empty: the search had none.
 
     Missing keys are shown as ``n/a``.
     """
@@ -170,6 +173,13 @@ def write_report(out_dir: str | os.PathLike, *, metrics: Mapping[str, float],
     if others:
         lines += ["### Other metrics", ""] + _table(header, [row(k) for k in others]) + [""]
 
+    if constraints:
+        lines += [f"## Constraints ({split} split)", "",
+                  "Each bound is a fraction of the mean-pose baseline's value; the search's TPE sampled where they "
+                  "held on validation and its best trial is one that met them there, when any did.", ""]
+        lines += _table(("metric", "bound (x baseline)", f"{split} / baseline", "met"),
+                        ([m, _fmt(c["bound"]), _fmt(c["ratio"]), "yes" if c["met"] else "no"]
+                         for m, c in constraints.items())) + [""]
     if comparison:
         lines += _comparison(comparison, split)
     lines += ["## Figures", ""]

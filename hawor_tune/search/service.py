@@ -77,9 +77,11 @@ def _record_callbacks(space: SearchSpace, exp_dir: Path, verbose: int, mlflow_ur
 
     max_epochs = space.base_config.train.epochs
     callbacks: list[Callback] = [OptunaStudyRecorder(exp_dir, objectives=space.objectives, max_epochs=max_epochs,
-                                                     distributions=optuna_distributions(space.params))]
+                                                     distributions=optuna_distributions(space.params),
+                                                     constraints=space.constraints)]
     if not verbose:
-        callbacks.append(LiveConsole(objectives=space.objectives, max_epochs=max_epochs, param_paths=space.params))
+        callbacks.append(LiveConsole(objectives=space.objectives, max_epochs=max_epochs, param_paths=space.params,
+                                     constraints=space.constraints))
     if mlflow_uri:
         from hawor_tune.mlflow_tracking import mlflow_callback
         callbacks.append(mlflow_callback(mlflow_uri, exp_dir.name))

@@ -40,7 +40,8 @@ def quiet_after_the_end() -> None:
 
 def build_searcher(space: SearchSpace, warm_trials: list | None = None, *, first_point_default: bool = True) -> Any:
     """The space's searcher: Ray's random search, or Optuna's TPE (told ASHA's stops as complete, or as
-    pruned with ``search: {stopped_as: pruned}``) behind a ``ConcurrencyLimiter`` of ``max_concurrent``.
+    pruned with ``search: {stopped_as: pruned}``; constrained by ``train.constraints`` where the space has
+    them) behind a ``ConcurrencyLimiter`` of ``max_concurrent``.
 
     Args:
         space: a checked search space.
@@ -56,11 +57,13 @@ def build_searcher(space: SearchSpace, warm_trials: list | None = None, *, first
                                      max_concurrent=space.max_concurrent)
     import optuna
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
+
+    from hawor_tune.pruning_search import ConstrainedOptunaSearch, PruningOptunaSearch
 
     quiet_after_the_end()
 
     # Seed the sampler itself: OptunaSearch ignores `seed` when a sampler is passed.
+    # TPE reads the constraints the searcher sets on each trial (constrained TPE when any is set).
     sampler = optuna.samplers.TPESampler(seed=space.search_seed, n_startup_trials=space.tpe_startup_trials)
     # Given its space up front, OptunaSearch ignores TuneConfig's metric/mode, so it gets them here too
     # (both from the one search-space file).
@@ -73,12 +76,12 @@ def build_searcher(space: SearchSpace, warm_trials: list | None = None, *, first
                             directions=[OPTUNA_DIRECTIONS[m] for m in space.modes]
                             ).add_trials(warm_trials)
     options = dict(space=optuna_distributions(space.params), metric=metric, mode=mode, points_to_evaluate=first_point,
-                   sampler=sampler, storage=storage, study_name="warm_start" if storage else None)
+                   sampler=sampler, storage=storage, study_name="warm_start" if storage else None,
+                   constraints=space.constraints)
     if space.search_stopped_as == "pruned":
-        from hawor_tune.pruning_search import PruningOptunaSearch
         searcher = PruningOptunaSearch(**options, max_epochs=space.max_epochs)
     else:
-        searcher = OptunaSearch(**options)
+        searcher = ConstrainedOptunaSearch(**options)
     return ConcurrencyLimiter(searcher, max_concurrent=space.max_concurrent)
 
 
