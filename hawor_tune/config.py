@@ -137,10 +137,10 @@ class ModelConfig:
                                  "fills each hand's unobserved frames")
     infiller_layers: int = _spec(1, low=1, high=8, doc="layers of that LSTM")
     infill_mask_prob: float = _spec(0.15, low=0.0, high=0.9, doc="training-time rate of hiding observed hand frames")
-    hand_trajectory_degree: int = _spec(3, low=0, high=16, doc="each clip's hands in its world (the first camera), "
+    hand_trajectory_degree: int = _spec(2, low=0, high=16, doc="each clip's hands in its world (the first camera), "
                                   "observed or infilled, projected onto polynomials in time of this degree, so "
                                   "that they move smoothly where the world is still; 0: every frame free")
-    camera_trajectory_degree: int = _spec(3, low=0, high=16, doc="each clip's camera path, projected onto polynomials "
+    camera_trajectory_degree: int = _spec(1, low=0, high=16, doc="each clip's camera path, projected onto polynomials "
                                     "in time of this degree through its first frame; 0: every frame free")
 
 

@@ -180,15 +180,32 @@ def _homogeneous(R: np.ndarray, t: np.ndarray) -> np.ndarray:
     return M
 
 
+def _window_weights(T: int) -> np.ndarray:
+    """(T,) how much a clip's frame counts where clips overlap: a triangle peaked at the clip's centre, so that
+    each frame leans on the clip that sees most of its context and the hand-over between clips is gradual."""
+    t = np.arange(T)
+    return np.minimum(t + 1, T - t).astype(np.float64)
+
+
+def _mean_rotation(R: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """(K, 3, 3) rotations, (K,) weights -> their weighted chordal mean (the nearest rotation to the weighted sum)."""
+    U, _, Vt = np.linalg.svd(np.einsum("k,kij->ij", w, R))
+    D = np.diag([1.0, 1.0, np.sign(np.linalg.det(U @ Vt))])
+    return U @ D @ Vt
+
+
 def world_sequences(p: Predictions) -> list[SequenceWorld]:
     """Join each sequence's clips and chain the predicted relative camera poses over the whole sequence.
 
     Clips are taken in frame order. Within a clip the model predicts each camera in the clip's first camera
     (``pred_cam_R``, ``pred_cam_t``); a clip whose first frame an earlier clip already placed (every
-    evaluation clip after the first: they overlap) continues from there. Clips that do not overlap (other
-    loaders) leave a junction the model predicts nothing for: it repeats the last predicted frame-to-frame
-    step (constant velocity; a static camera when only one frame is placed so far). Each frame's hands come
-    from the clip in which it is scored.
+    evaluation clip after the first: they overlap) continues from that clip's pose of it. Clips that do not
+    overlap (other loaders) leave a junction the model predicts nothing for: it repeats the last predicted
+    frame-to-frame step (constant velocity; a static camera when only one frame is placed so far). Where clips
+    overlap, a frame's camera pose and world joints are the average of every clip's prediction of it, each
+    weighted by :func:`_window_weights` (a sliding window blended, not cut: a cut at each hand-over would be a
+    jump no moving hand makes). The ground truth, validity and hidden flags come from the clip in which the
+    frame is scored.
     """
     scored = p.scored if p.scored is not None else np.ones(p.valid.shape[:2], dtype=bool)
     eye = np.eye(4)
@@ -196,31 +213,41 @@ def world_sequences(p: Predictions) -> list[SequenceWorld]:
     for s in np.unique(p.seq_index):
         clips = np.flatnonzero(p.seq_index == s)
         clips = clips[np.argsort(p.frame_index[clips, 0], kind="stable")]
-        poses: dict[int, np.ndarray] = {}  # frame -> (4, 4) camera-to-world, predicted
+        anchors: dict[int, np.ndarray] = {}  # frame -> (4, 4) camera-to-world, as the first clip placing it chained it
         order: list[int] = []
-        rows: dict[int, tuple[int, int]] = {}  # frame -> (clip, t) its hands are read from
+        rows: dict[int, tuple[int, int]] = {}  # frame -> (clip, t) its ground truth and flags are read from
+        votes: dict[int, list[tuple[float, np.ndarray, np.ndarray]]] = {}  # frame -> (weight, pose, world joints)
         for c in clips:
             frames = p.frame_index[c].tolist()
             M = _homogeneous(p.pred_cam_R[c], p.pred_cam_t[c])  # (T, 4, 4) camera t -> the clip's camera 0
-            if frames[0] in poses:
-                first = poses[frames[0]]
+            if frames[0] in anchors:
+                first = anchors[frames[0]]
             elif order:
-                step = np.linalg.inv(poses[order[-2]]) @ poses[order[-1]] if len(order) >= 2 else eye
-                first = poses[order[-1]] @ step
+                step = np.linalg.inv(anchors[order[-2]]) @ anchors[order[-1]] if len(order) >= 2 else eye
+                first = anchors[order[-1]] @ step
             else:
                 first = eye
-            base = first @ np.linalg.inv(M[0])  # M[0] is the identity for the model; kept general
-            for t, f in enumerate(frames):
-                if f not in poses:
-                    poses[f] = base @ M[t]
+            G = first @ np.linalg.inv(M[0]) @ M  # (T, 4, 4); M[0] is the identity for the model; kept general
+            world = np.einsum("tij,thkj->thki", G[:, :3, :3], p.pred_joints[c]) + G[:, None, None, :3, 3]
+            for t, (f, w) in enumerate(zip(frames, _window_weights(len(frames)))):
+                if f not in anchors:
+                    anchors[f] = G[t]
                     order.append(f)
+                votes.setdefault(f, []).append((w, G[t], world[t]))
                 if f not in rows or scored[c, t]:
                     rows[f] = (c, t)
         ci, ti = np.array([rows[f] for f in order]).T  # (N,), (N,)
-        G = np.stack([poses[f] for f in order])  # (N, 4, 4)
-        pj, gj = p.pred_joints[ci, ti], p.gt_joints[ci, ti]  # (N, 2, 21, 3) camera frames
-        pred_world = np.einsum("nij,nhkj->nhki", G[:, :3, :3], pj) + G[:, None, None, :3, 3]
+        G = np.zeros((len(order), 4, 4))
+        pred_world = np.zeros((len(order), *p.pred_joints.shape[2:]))
+        for n, f in enumerate(order):
+            w = np.array([v[0] for v in votes[f]])
+            poses = np.stack([v[1] for v in votes[f]])
+            G[n, :3, :3] = _mean_rotation(poses[:, :3, :3], w)
+            G[n, :3, 3] = w @ poses[:, :3, 3] / w.sum()
+            G[n, 3, 3] = 1.0
+            pred_world[n] = np.einsum("k,k...->...", w, np.stack([v[2] for v in votes[f]])) / w.sum()
         R, t = p.world_to_cam_R[ci, ti], p.world_to_cam_t[ci, ti]  # (N, 3, 3), (N, 3) world-to-camera
+        gj = p.gt_joints[ci, ti]  # (N, 2, 21, 3) camera frames
         gt_world = np.einsum("nji,nhkj->nhki", R, gj - t[:, None, None])  # R^T (x - t)
         gt_first = np.einsum("ij,nhkj->nhki", R[0], gt_world) + t[0]  # in the true first camera
         out.append(SequenceWorld(seq_index=int(s), frame_index=np.asarray(order), pred_joints=pred_world,

@@ -41,8 +41,8 @@ def _hand(seed: int = 0) -> np.ndarray:
 def _screw_sequence(n: int, clips: list[tuple[int, int]], T: int) -> tuple[Predictions, np.ndarray]:
     """A camera moving with constant velocity (camera f to world = D^f, a fixed screw motion D), the hands
     still in the world, and clips (start, first scored) of T frames whose predicted relative poses and
-    camera-frame joints are exact. Unscored frames get garbage joints. Returns the predictions and the true
-    world joints in the first camera, (n, 2, 21, 3)."""
+    camera-frame joints are exact. Returns the predictions and the true world joints in the first camera,
+    (n, 2, 21, 3)."""
     D = np.eye(4)
     D[:3, :3], D[:3, 3] = _rot(1, 0.05) @ _rot(0, 0.02), [0.01, -0.004, 0.006]
     G = np.stack([np.linalg.matrix_power(D, f) for f in range(n)])  # (n, 4, 4) camera f -> world (= camera 0)
@@ -58,7 +58,7 @@ def _screw_sequence(n: int, clips: list[tuple[int, int]], T: int) -> tuple[Predi
         f = np.arange(start, start + T)
         rel = np.linalg.inv(G[start]) @ G[f]  # (T, 4, 4) camera t -> the clip's camera 0
         scored = np.arange(T) >= first_scored
-        pred = np.where(scored[:, None, None, None], cam[f], 9.0)  # garbage where another clip scores the frame
+        pred = cam[f]
         for k, v in (("pred_joints", pred), ("gt_joints", cam[f]), ("pred_cam_R", rel[:, :3, :3]),
                      ("pred_cam_t", rel[:, :3, 3]), ("w2c_R", w2c[f, :3, :3]), ("w2c_t", w2c[f, :3, 3]),
                      ("frames", f), ("scored", scored)):
@@ -99,6 +99,28 @@ def test_clips_are_chained_over_the_sequence(T, clips):
         for key in ("w_mpjpe", "wa_mpjpe", "accel_error"):
             assert m[key] == pytest.approx(0.0, abs=1e-6), key
         assert m["jerk"] == pytest.approx(m["jerk_gt"], abs=1e-6)
+
+
+def test_overlapping_clips_are_blended_by_their_window_weights():
+    # Frames 0..3 (clip a) and 2..5 (clip b, scoring 4 and 5), a static camera; a puts every joint at 1 cm,
+    # b at 4 cm and its camera 3 cm along x. Frame 2 is a's t=2 (weight 2) and b's t=0 (weight 1); frame 3
+    # a's t=3 (weight 1) and b's t=1 (weight 2).
+    T = 4
+    eye = np.broadcast_to(np.eye(3), (2, T, 3, 3))
+    joints = np.zeros((2, T, 2, 21, 3))
+    joints[0], joints[1] = 0.01, 0.04
+    pred_t = np.zeros((2, T, 3))
+    pred_t[1, 1:, 0] = 0.03  # clip b: its frames after its first are 3 cm along x from it
+    p = Predictions(pred_joints=joints, gt_joints=joints, valid=np.ones((2, T, 2), bool), pred_cam_R=eye,
+                    pred_cam_t=pred_t, gt_cam_R=eye, gt_cam_t=pred_t, world_to_cam_R=eye,
+                    world_to_cam_t=np.zeros((2, T, 3)), seq_index=np.zeros(2, np.int64),
+                    frame_index=np.array([[0, 1, 2, 3], [2, 3, 4, 5]]),
+                    scored=np.array([[True] * 4, [False, False, True, True]]))
+    (seq,) = world_sequences(p)
+    y = seq.pred_joints[:, 0, 0, 1]  # a y coordinate: moved by the joints alone
+    np.testing.assert_allclose(y, [0.01, 0.01, (2 * 0.01 + 0.04) / 3, (0.01 + 2 * 0.04) / 3, 0.04, 0.04], atol=1e-12)
+    x_cam = seq.pred_cam_to_world[:, 0, 3]  # b's frame 3 is at 3 cm, a's at 0: weights 1 and 2
+    np.testing.assert_allclose(x_cam, [0, 0, 0, 2 * 0.03 / 3, 0.03, 0.03], atol=1e-12)
 
 
 def test_a_junction_repeats_the_last_predicted_step():
