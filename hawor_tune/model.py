@@ -338,6 +338,8 @@ class HaWoR(nn.Module):
         infill_mask_prob: training-time rate at which valid hand frames are hidden from the infiller.
         hand_trajectory_degree, camera_trajectory_degree: each clip's hand trajectories in its world and camera path
             are projected onto polynomials in time of this degree (0: every frame free).
+        finger_path: (query path) a per-frame linear readout from all of a crop's spatial tokens to its finger
+            rotations, added to the head's.
     """
 
     def __init__(self, *, backbone: nn.Module, feature_dim: int, num_tokens: int, crop_size: int,
@@ -347,7 +349,7 @@ class HaWoR(nn.Module):
                  infiller_hidden: int, infiller_layers: int, infill_mask_prob: float,
                  hand_path: str = "query", decoder_dim: int = 1024, decoder_layers: int = 6,
                  motion_hidden: int = 384, motion_layers: int = 6, motion_residual: bool = True,
-                 hand_trajectory_degree: int = 0, camera_trajectory_degree: int = 0) -> None:
+                 hand_trajectory_degree: int = 0, camera_trajectory_degree: int = 0, finger_path: bool = False) -> None:
         super().__init__()
         if [layer.side for layer in mano_layers] != list(HANDS):
             raise ValueError(f"mano_layers must be sides {HANDS} in that order, got "
@@ -372,6 +374,7 @@ class HaWoR(nn.Module):
             self.box_proj = nn.Linear(BOX_DIM, D)
             nn.init.zeros_(self.box_proj.weight)
             nn.init.zeros_(self.box_proj.bias)
+        self.finger_head: nn.Linear | None = None
         self.camera_backbone = camera_backbone
         self.camera_proj = nn.Sequential(nn.Linear(camera_feature_dim, D), nn.LayerNorm(D))
         # No LayerNorm on the flow's token: its size is the motion's size.
@@ -383,6 +386,13 @@ class HaWoR(nn.Module):
             self.fusion = HandFusion(dim=D, heads=temporal_heads, dropout=dropout) if hand_fusion else None
             self.hand_temporal = TemporalEncoder(**temporal)  # shared by both hands (left ones are mirrored)
             self.hand_head = _mlp(D, head_hidden, PARAM_DIM)
+            # The fingers' own path: every spatial token, per frame, straight to the 15 finger rotations, past
+            # the pooled token and the temporal transformer (which keep the hand's placement, not its fingers).
+            # Zero at first, so a start made without it predicts what it did.
+            self.finger_head = nn.Linear(num_tokens * feature_dim, ROT6D_DIM - 6) if finger_path else None
+            if self.finger_head is not None:
+                nn.init.zeros_(self.finger_head.weight)
+                nn.init.zeros_(self.finger_head.bias)
         else:
             self.fusion = None
         self.camera_temporal = TemporalEncoder(**temporal)
@@ -432,11 +442,13 @@ class HaWoR(nn.Module):
         """uint8 (N, 3, H, W) -> ImageNet-normalised float."""
         return (images.to(self.pixel_mean.dtype) / 255.0 - self.pixel_mean) / self.pixel_std
 
-    def encode_hands(self, crops: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, T, 2, 3, C, C) -> (B, T, 2, D) one token per hand crop."""
+    def encode_hands(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """uint8 (B, T, 2, 3, C, C) -> (B, T, 2, D) one token per hand crop, and (B, T, 2, 90) the finger path's
+        rotation offsets (None without it)."""
         B, T = crops.shape[:2]
         tokens = spatial_tokens(self.backbone, self._normalise(crops.flatten(0, 2)))  # (B*T*2, L, F)
-        return self.spatial_head(tokens).view(B, T, 2, -1)
+        fingers = None if self.finger_head is None else self.finger_head(tokens.flatten(1)).view(B, T, 2, -1)
+        return self.spatial_head(tokens).view(B, T, 2, -1), fingers
 
     def box(self, crop_K: torch.Tensor) -> torch.Tensor:
         """(B, T, 2, 3, 3) -> (B, T, 2, 3) HaWoR's box code of each crop as the network sees it (the left
@@ -672,7 +684,8 @@ class HaWoR(nn.Module):
         if self.hand_path == "hawor":
             canonical = self.regress_hands_hawor(crops, box, ignore)  # (B, T, 2, P)
         else:
-            hands = self.encode_hands(crops) + self.box_proj(box)  # (B, T, 2, D)
+            hands, fingers = self.encode_hands(crops)
+            hands = hands + self.box_proj(box)  # (B, T, 2, D)
             if self.fusion is not None:
                 tokens = self.fusion(torch.cat([hands, camera[:, :, None]], dim=2).flatten(0, 1),
                                      observed.flatten(0, 1)).view(B, T, 3, -1)
@@ -680,6 +693,9 @@ class HaWoR(nn.Module):
             h = self.hand_temporal(hands.transpose(1, 2).flatten(0, 1), ignore=ignore.transpose(1, 2).flatten(0, 1)
                                    ).view(B, 2, T, -1).transpose(1, 2)  # (B, T, 2, D)
             canonical = self.hand_head(h)
+            if fingers is not None:
+                canonical = torch.cat([canonical[..., :6], canonical[..., 6:ROT6D_DIM] + fingers.to(canonical.dtype),
+                                       canonical[..., ROT6D_DIM:]], dim=-1)
         params = self._to_hand_frame(canonical.to(crop_K.dtype), crop_K)  # (B, T, 2, P)
         cam_R, cam_t = self.regress_camera(self.camera_temporal(camera), flow)
         params = self.infill(params, observed, cam_R.detach().to(params.dtype), cam_t.detach().to(params.dtype))
@@ -760,7 +776,8 @@ def build_model(cfg: ExperimentConfig, *, pretrained: bool = True, device: str |
                   infiller_layers=m.infiller_layers, infill_mask_prob=m.infill_mask_prob, hand_path=m.hand_path,
                   decoder_dim=m.decoder_dim, decoder_layers=m.decoder_layers, motion_hidden=m.motion_hidden,
                   motion_layers=m.motion_layers, motion_residual=m.motion_residual,
-                  hand_trajectory_degree=m.hand_trajectory_degree, camera_trajectory_degree=m.camera_trajectory_degree)
+                  hand_trajectory_degree=m.hand_trajectory_degree, camera_trajectory_degree=m.camera_trajectory_degree,
+                  finger_path=m.finger_path)
     if device is not None:
         model.to(device)
     model.pretrained_parts, model.pretrained_report = (), None

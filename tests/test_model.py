@@ -617,3 +617,18 @@ def test_the_flow_head_is_fitted_not_trained(eval_model: HaWoR) -> None:
     assert not any(name.startswith("flow_head.") for name, _ in eval_model.named_parameters())
     assert {"flow_head.weight", "flow_head.bias"} <= set(eval_model.state_dict())
     assert float(eval_model.flow_head.weight.abs().sum()) == 0.0
+
+
+def test_the_finger_path_starts_silent_and_moves_only_the_fingers() -> None:
+    with_path, without = _model(**{"model.finger_path": True}).eval(), _model().eval()
+    without.load_state_dict(with_path.state_dict(), strict=False)  # the same weights but the finger head's
+    batch = _batch(1, 3, seed=5)
+    with torch.no_grad():
+        a, b = run_model(with_path, batch), run_model(without, batch)
+        torch.testing.assert_close(a.joints, b.joints)  # zero at first: the start predicts what it did
+        torch.nn.init.normal_(with_path.finger_head.weight, std=0.01)
+        c = run_model(with_path, batch)
+    seen = batch["hand_valid"]  # (the infiller reads every parameter of the observed frames)
+    torch.testing.assert_close(c.rot6d[seen][:, 0], a.rot6d[seen][:, 0])  # the global orientation is the head's
+    torch.testing.assert_close(c.root[seen], a.root[seen])
+    assert float((c.rot6d[..., 1:, :] - a.rot6d[..., 1:, :]).abs().amax()) > 1e-3  # the fingers moved
