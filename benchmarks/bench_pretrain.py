@@ -132,7 +132,7 @@ def main() -> None:
 
     cfg = load_config(args.config)
     for split in ("train", "val"):
-        build_dataset(cfg, split)  # the dataset and frame caches, built once before the runs
+        build_dataset(cfg, split)  # the dataset and its prepared shards, built once before the runs
     names = args.only or list(VARIANTS)
     seen_baseline, by_data = {}, {}  # the mean pose's PA-MPJPE on each variant's frames, once per frame set
     for name in names:  # and each variant's pretraining frames

@@ -3,7 +3,7 @@
 A reader, a concurrent writer or a crash sees the old file or the new one, never a torn one: a rename within
 one file system replaces the name in one step. Everything a running search, a resume or a report may read
 (parquet results, checkpoints, configs, figures, metrics) is written through here. :func:`build_once` makes
-a cached artefact (the generated dataset, frame and flow caches, the pretrained start) once however many
+a cached artefact (the generated dataset, the prepared shards, the pretrained start) once however many
 processes ask for it at the same time.
 """
 

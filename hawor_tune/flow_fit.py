@@ -90,7 +90,7 @@ def flow_fit_key(cfg: ExperimentConfig) -> str:
 
 
 def flow_fit_file(cfg: ExperimentConfig) -> Path:
-    """Where ``cfg``'s flow-head fit is cached (beside the frame cache)."""
+    """Where ``cfg``'s flow-head fit is cached (beside the prepared data and the pretrained start)."""
     return cache_root(cfg.data.cache_dir, cfg.data.root) / "pretrained" / f"flow-{flow_fit_key(cfg)}.pt"
 
 

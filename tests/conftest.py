@@ -73,7 +73,7 @@ class SyntheticDataset:
     """A generated dataset: its root, the generator's ground truth and matching configs.
 
     Attributes:
-        root: the ARCTIC-layout folder (``data.root``); its frame caches go to ``root.parent / 'cache'``.
+        root: the ARCTIC-layout folder (``data.root``); its prepared shards go to ``root.parent / 'cache'``.
         truth: per ``"<sid>/<seq>"`` the generator's own arrays (see :func:`hawor_tune.data.generate`).
         overrides: the dotted config overrides that describe it.
     """

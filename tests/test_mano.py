@@ -165,7 +165,7 @@ def test_forward_matches_numpy_reference(kind: str, side: str) -> None:
 
 @pytest.mark.parametrize("side, digest", [("left", "3f03fedcb0882960"), ("right", "71680f32e170a162")])
 def test_the_built_in_hand_is_the_one_the_data_was_made_with(side: str, digest: str) -> None:
-    # Generated datasets, frame caches and pretrained starts are keyed by the generator's version and the
+    # Generated datasets, prepared shards and pretrained starts are keyed by the generator's version and the
     # MANO kind, not by this code: the built-in hand's arrays must stay the same (this digest of them, floats
     # to 1e-9) unless synthetic.GENERATOR_VERSION moves with them. Rounded because the last bits of its
     # dot products follow the CPU's BLAS kernel (the digest is the same under every OPENBLAS_CORETYPE tried,
