@@ -262,8 +262,8 @@ _BARE_FIT = """
 import json, sys, time, torch
 torch.set_num_threads(1)
 from hawor_tune.config import load_config
-from hawor_tune.train import fit
-cfg = load_config(sys.argv[1], json.loads(sys.argv[2]))
+from hawor_tune.train import fit, prepare_run
+cfg = prepare_run(load_config(sys.argv[1], json.loads(sys.argv[2])))
 ends = []
 fit(cfg, on_epoch=lambda record, ckpt: ends.append((time.time(), record["time/epoch_s"])))
 print("ENDS " + json.dumps(ends))
@@ -318,13 +318,12 @@ def _in_process(steps: int) -> dict[str, Any]:
     from hawor_tune.config import load_config
     from hawor_tune.data import build_dataloader
     from hawor_tune.model import build_model
-    from hawor_tune.pretrain import ensure_pretrained
     from hawor_tune.runtime import autocast_dtype, resolved_precision, select_device
-    from hawor_tune.train import build_optimizer, train_one_epoch
+    from hawor_tune.train import build_optimizer, prepare_run, train_one_epoch
 
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
-    cfg = ensure_pretrained(load_config(str(BASE), {"train.threads": 1}))
+    cfg = prepare_run(load_config(str(BASE), {"train.threads": 1}))
     device = select_device("cpu")
     loader = build_dataloader(cfg, "train", shuffle=True, seed=0)
 

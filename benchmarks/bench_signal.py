@@ -47,10 +47,10 @@ def variants(base_lr: float) -> dict[str, dict[str, Any]]:
 
 def _train(cfg: ExperimentConfig) -> dict[str, Any]:
     """One training run (in a worker process of its own); its status, last epoch's metrics and wall time."""
-    from hawor_tune.train import fit
+    from hawor_tune.train import fit, prepare_run
 
     t0 = time.perf_counter()
-    result = fit(cfg)
+    result = fit(prepare_run(cfg))  # finds what prepare_data made
     return {"status": result.status, "reason": result.reason, **result.last, "wall_s": time.perf_counter() - t0}
 
 

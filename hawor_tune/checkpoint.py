@@ -17,9 +17,9 @@ from torch import nn
 from hawor_tune.atomic import atomic_replace_dir, atomic_write
 from hawor_tune.config import ExperimentConfig, config_from_dict, save_config
 from hawor_tune.errors import HaworTuneError
+from hawor_tune.pretrained import CHECKPOINT_FORMAT, file_digest
 from hawor_tune.runtime import rng_state
 
-CHECKPOINT_FORMAT = "hawor-tune-checkpoint"
 CHECKPOINT_VERSION = 1
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -77,8 +77,6 @@ def frozen_keys(model: nn.Module) -> set[str]:
 def model_state(model: nn.Module, config: ExperimentConfig) -> dict[str, Any]:
     """The model's part of a checkpoint: its state dict, less the frozen tensors when they come from
     ``model.pretrained_path`` (recorded by path and SHA-256, checked on load), and the parts that file filled."""
-    from hawor_tune.pretrained import file_digest
-
     state = model.state_dict()
     frozen = frozen_keys(model) & set(state)
     path = config.model.pretrained_path
@@ -101,8 +99,6 @@ def load_model_state(model: nn.Module, state: dict[str, Any]) -> None:
     Raises:
         CheckpointError: the pretrained file changed since the checkpoint was written, or keys disagree.
     """
-    from hawor_tune.pretrained import file_digest
-
     frozen = state.get("frozen")
     if frozen:
         path = frozen["path"]

@@ -3,12 +3,13 @@
 HaWoR fine-tunes a hand-pretrained backbone (HaMeR's, trained on single images of many hands) and never
 trains from scratch. With no such weights on a laptop, :func:`ensure_pretrained` makes one: the same model
 trained on single frames (wrist-relative 3D keypoints, 2D keypoints and MANO parameters; no temporal or
-camera terms) by the project's one training loop, :func:`hawor_tune.train.fit`. On generated data those
-frames come from a generated single-image hand set (:func:`pretrain_data`). The result is cached beside the frame cache
-under a key of everything it depends on (the data, the hand model, the model architecture, the
-pretraining settings), built once under a file lock however many trials ask at the same time,
-and re-used, never re-trained, while nothing changed. With ``model.pretrained_path`` set (e.g. HaMeR's
-weights on the GPU profile) nothing is pretrained.
+camera terms) by the training loop it is handed: :func:`hawor_tune.train.prepare_run` hands it
+:func:`hawor_tune.train.fit` before a run, so this module never imports the trainer (no import circle). On
+generated data those frames come from a generated single-image hand set (:func:`pretrain_data`). The result
+is cached beside the frame cache under a key of everything it depends on (the data, the hand model, the
+model architecture, the pretraining settings), built once under a file lock however many trials ask at the
+same time, and re-used, never re-trained, while nothing changed. With ``model.pretrained_path`` set (e.g.
+HaMeR's weights on the GPU profile) nothing is pretrained.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import copy
 import dataclasses
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from hawor_tune.atomic import build_once
 from hawor_tune.config import DataConfig, ExperimentConfig, LossConfig, OptimConfig
@@ -118,10 +121,15 @@ def makes_own_start(cfg: ExperimentConfig) -> bool:
     return not cfg.model.pretrained_path and cfg.pretrain.epochs != 0
 
 
-def ensure_pretrained(cfg: ExperimentConfig) -> ExperimentConfig:
+def ensure_pretrained(cfg: ExperimentConfig, *, trainer: Callable[[ExperimentConfig], Any]) -> ExperimentConfig:
     """``cfg`` with ``model.pretrained_path`` pointing at its hand-pretrained start, made once if needed.
 
     Returns ``cfg`` itself when it names its own weights or disables pretraining (``pretrain.epochs: 0``).
+
+    Args:
+        cfg: the run's config.
+        trainer: trains the pretraining's config (:func:`pretrain_config`, which needs no start of its own)
+            and returns a :class:`hawor_tune.train.FitResult`: :func:`hawor_tune.train.fit`.
 
     Raises:
         PretrainError: the pretraining diverged (nothing is cached; the message names the settings to change).
@@ -129,24 +137,21 @@ def ensure_pretrained(cfg: ExperimentConfig) -> ExperimentConfig:
     if not makes_own_start(cfg):
         return cfg
     path = pretrained_file(cfg)
-    build_once(path, lambda: path if path.is_file() else None, lambda: _pretrain(cfg, path))
+    build_once(path, lambda: path if path.is_file() else None, lambda: _pretrain(cfg, path, trainer))
     out = copy.deepcopy(cfg)
     out.model.pretrained_path = str(path)
     return out
 
 
-def _pretrain(cfg: ExperimentConfig, path: Path) -> None:
-    # Imported only to train: the trainer's torch, timm and torchvision imports take seconds of every
-    # search's start-up, which finds the start cached.
-    from hawor_tune.checkpoint import export_model
-    from hawor_tune.train import fit
+def _pretrain(cfg: ExperimentConfig, path: Path, trainer: Callable[[ExperimentConfig], Any]) -> None:
+    from hawor_tune.checkpoint import export_model  # torch: only to train
 
     run_dir = path.with_name(f".{path.stem}.run")
     shutil.rmtree(run_dir, ignore_errors=True)  # left by a killed pretraining
     pcfg = pretrain_config(cfg, run_dir)
     log.warning("pretraining the hand branch once on single frames of %s (%d epochs); cached at %s",
                 pcfg.data.root, pcfg.train.epochs, path)
-    result = fit(pcfg)
+    result = trainer(pcfg)
     if result.status != "completed":
         shutil.rmtree(run_dir, ignore_errors=True)
         p = cfg.pretrain

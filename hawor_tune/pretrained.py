@@ -25,11 +25,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from hawor_tune.checkpoint import CHECKPOINT_FORMAT
 from hawor_tune.config import ConfigError
 from hawor_tune.errors import MissingFileError
 
 log = logging.getLogger(__name__)
+
+# The marker of a hawor-tune model or checkpoint file. hawor_tune.checkpoint writes it and imports it from
+# here: this module sits below the model, and reading such a file as a start must not import back up.
+CHECKPOINT_FORMAT = "hawor-tune-checkpoint"
 
 # What a tensor file may name and get back for real: tensor rebuilding and plain containers.
 _ALLOWED = {

@@ -362,14 +362,14 @@ def _json_default(x: Any) -> Any:
 def retrain(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, resume: bool = False) -> Any:
     """Train ``cfg`` from scratch (or from the latest checkpoint in ``out_dir`` with ``resume``)."""
     from hawor_tune.checkpoint import export_model, latest_checkpoint
-    from hawor_tune.train import fit
+    from hawor_tune.train import fit, prepare_run
 
     out_dir = Path(out_dir)
     save_config(cfg, out_dir / "config.yaml")
     resume_from = latest_checkpoint(cfg.train.out_dir) if resume else None
     if resume and resume_from is None:
         log.info("--resume: no checkpoint in %s yet, starting from scratch", cfg.train.out_dir)
-    result = fit(cfg, resume_from=resume_from)
+    result = fit(prepare_run(cfg) if resume_from is None else cfg, resume_from=resume_from)
     if result.status != "completed":
         raise RuntimeError(f"retrain {result.status}: {result.reason}")
     export_model(out_dir / MODEL_FILE, model=result.model, config=cfg, epoch=result.epochs_run,

@@ -1,8 +1,9 @@
 """One HaWoR training run: the loop every entry point shares (CLI, Tune trainable, final retrain).
 
-``fit(config)`` trains with AdamW + warm-up/cosine, validates after every epoch, writes a self-describing
-checkpoint (hawor_tune.checkpoint) and calls ``on_epoch(metrics, checkpoint_dir)``; validation is
-hawor_tune.evaluation's ``evaluate``, usable on its own. Run ``python -m hawor_tune.train --config configs/tiny.yaml [key=value ...]``.
+``prepare_run(config)`` makes or finds what a run starts from (the hand-pretrained start, the camera's
+flow-head fit); ``fit(config)`` then trains from it with AdamW + warm-up/cosine, validates after every
+epoch, writes a self-describing checkpoint (hawor_tune.checkpoint) and calls ``on_epoch(metrics,
+checkpoint_dir)``; validation is hawor_tune.evaluation's ``evaluate``, usable on its own. Run ``python -m hawor_tune.train --config configs/tiny.yaml [key=value ...]``.
 """
 
 from __future__ import annotations
@@ -34,12 +35,13 @@ from hawor_tune.checkpoint import (
     save_checkpoint,
 )
 from hawor_tune.cli import ArgumentParser, fail
-from hawor_tune.config import ExperimentConfig, load_config, save_config
+from hawor_tune.config import ConfigError, ExperimentConfig, load_config, save_config
 from hawor_tune.epoch_metrics import CONSTRAINT_PREFIX, OBJECTIVE, check_objective
 from hawor_tune.errors import HaworTuneError
 from hawor_tune.evaluation import cached_baseline, constraint_values, evaluate, objective
 from hawor_tune.losses import compute_losses
 from hawor_tune.model import run_model
+from hawor_tune.pretrain import ensure_pretrained, makes_own_start
 from hawor_tune.runtime import (
     autocast,
     autocast_dtype,
@@ -180,13 +182,30 @@ def _epoch_loader(base_loader: Any, cfg: ExperimentConfig, epoch: int) -> Any:
     return base_loader
 
 
+def prepare_run(config: ExperimentConfig) -> ExperimentConfig:
+    """``config`` with what its run starts from made or found, each cached: the hand-pretrained start
+    (``model.pretrained_path`` set to it; :func:`hawor_tune.pretrain.ensure_pretrained`, trained by
+    :func:`fit`) and the camera's flow-head fit (:func:`hawor_tune.flow_fit.ensure_flow_fit`). Call it before
+    :func:`fit` on a run that does not resume.
+
+    Raises:
+        PretrainError: the pretraining diverged.
+    """
+    from hawor_tune.flow_fit import ensure_flow_fit
+
+    cfg = ensure_pretrained(config, trainer=fit)
+    if cfg.data.seq_len > 1:  # one frame has no flow: fit() loads no flow fit then
+        ensure_flow_fit(cfg)
+    return cfg
+
+
 def fit(config: ExperimentConfig, on_epoch: EpochHook | None = None,
         resume_from: str | os.PathLike | None = None, *, anomaly: bool = False,
         epochs: int | None = None) -> FitResult:
     """Train a HaWoR model end to end.
 
     Args:
-        config: the resolved experiment config.
+        config: the resolved experiment config, prepared by :func:`prepare_run` unless resuming.
         on_epoch: called after every epoch with the epoch's metrics and the checkpoint folder written
             for it (the Tune trainable reports both).
         resume_from: a checkpoint file or folder to continue from (weights, optimiser, scheduler, RNG).
@@ -196,13 +215,18 @@ def fit(config: ExperimentConfig, on_epoch: EpochHook | None = None,
 
     Returns:
         A :class:`FitResult`; ``status`` is ``diverged`` with the reason when the loss became non-finite.
+
+    Raises:
+        ConfigError: ``config`` makes its own pretrained start and was not prepared (:func:`prepare_run`).
     """
     from hawor_tune.data import build_dataloader
     from hawor_tune.flow_fit import ensure_flow_fit, load_flow_fit
     from hawor_tune.model import build_model
-    from hawor_tune.pretrain import ensure_pretrained
 
     cfg = config
+    if resume_from is None and makes_own_start(cfg):
+        raise ConfigError("fit() was given no pretrained start (model.pretrained_path is empty and pretrain.epochs "
+                          f"is {cfg.pretrain.epochs}): call hawor_tune.train.prepare_run(config) first")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
         # OpenCV's own pool (the loader's crops and resizes) to the same count: by default it runs one thread
@@ -211,8 +235,6 @@ def fit(config: ExperimentConfig, on_epoch: EpochHook | None = None,
     # Adam's second moments decay into denormal floats, which x86 CPUs process ~100x slower.
     torch.set_flush_denormal(True)
     keep_freed_memory()
-    if resume_from is None:
-        cfg = ensure_pretrained(cfg)  # the hand-pretrained start (made once, cached); recorded in config.yaml
     device = select_device(cfg.train.device)
     seed_everything(cfg.train.seed)
     out_dir = Path(cfg.train.out_dir)
@@ -230,7 +252,7 @@ def fit(config: ExperimentConfig, on_epoch: EpochHook | None = None,
     state = load_checkpoint(resume_from, map_location=device) if resume_from is not None else None
     model = build_model(cfg, pretrained=state is None or needs_pretrained(state))
     if state is None and model.flow_head is not None and cfg.data.seq_len > 1:  # one frame has no flow
-        load_flow_fit(model, ensure_flow_fit(cfg))  # the camera's flow head: fitted once, cached
+        load_flow_fit(model, ensure_flow_fit(cfg))  # the camera's flow head: fitted by prepare_run, cached
     if model.pretrained_report is not None and state is None:  # beside config.yaml: what the weights file filled
         atomic_write_text(out_dir / "pretrained.yaml", yaml.safe_dump(model.pretrained_report.to_dict(), sort_keys=False))
     model = model.to(device)
@@ -355,6 +377,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.test_only:
         _test_only(cfg)
         return 0
+    if not args.resume:  # a checkpoint's config names its start already
+        cfg = prepare_run(cfg)
     result = fit(cfg, resume_from=args.resume, anomaly=args.debug)
     if result.status != "completed":
         print(f"run {result.status}: {result.reason}", file=sys.stderr)

@@ -23,6 +23,7 @@ from hawor_tune.pretrain import (
     pretrained_file,
 )
 from hawor_tune.runtime import native_bf16_cpu
+from hawor_tune.train import fit, prepare_run
 
 PRETRAIN = {"pretrain.epochs": 1, "pretrain.max_train_batches": 2, "pretrain.batch_size": 4,
             "pretrain.frames_sequences": 1, "pretrain.frames_per_sequence": 40}
@@ -79,7 +80,7 @@ def test_the_pretraining_weighs_the_mano_rotations_by_its_own_key(synthetic_data
 
 def test_built_once_then_reused_and_loaded(cfg, capsys):
     assert not pretrained_file(cfg).exists()
-    results, errors = run_concurrently(lambda: ensure_pretrained(cfg), n=2)
+    results, errors = run_concurrently(lambda: ensure_pretrained(cfg, trainer=fit), n=2)
     assert not errors
     # One-frame clips have no camera motion: the epoch line says so rather than printing NaN.
     (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("epoch ")]
@@ -87,9 +88,10 @@ def test_built_once_then_reused_and_loaded(cfg, capsys):
     path = pretrained_file(cfg)
     assert {r.model.pretrained_path for r in results} == {str(path)}
     stamp = path.stat().st_mtime_ns
-    again = ensure_pretrained(cfg)
+    again = ensure_pretrained(cfg, trainer=fit)
     assert again.model.pretrained_path == str(path) and path.stat().st_mtime_ns == stamp  # re-used, not re-made
     assert cfg.model.pretrained_path == ""  # the caller's config is not changed
+    assert prepare_run(cfg).model.pretrained_path == str(path)  # what a run is prepared with
     # The file is a self-describing hawor-tune model whose weights a fresh model starts from.
     state = load_checkpoint(path)
     assert state["config"]["data"]["seq_len"] == 1
@@ -102,9 +104,9 @@ def test_built_once_then_reused_and_loaded(cfg, capsys):
 
 def test_disabled_or_own_weights_need_no_pretraining(cfg, synthetic_dataset):
     off = synthetic_dataset.config({**TINY_MODEL_OVERRIDES, "pretrain.epochs": 0})
-    assert ensure_pretrained(off) is off
+    assert ensure_pretrained(off, trainer=fit) is off
     own = synthetic_dataset.config({**TINY_MODEL_OVERRIDES, **PRETRAIN, "model.pretrained_path": "/x/y.pt"})
-    assert ensure_pretrained(own) is own
+    assert ensure_pretrained(own, trainer=fit) is own
 
 
 def test_on_generated_data_the_start_learns_from_a_generated_single_frame_set(cfg, synthetic_dataset, tmp_path):
@@ -139,7 +141,7 @@ def test_a_diverged_pretraining_is_one_error_naming_its_settings_and_caches_noth
     cfg = synthetic_dataset.config({**TINY_MODEL_OVERRIDES, **PRETRAIN, "data.cache_dir": str(tmp_path / "cache"),
                                     "pretrain.mano_params": 1e300})
     with pytest.raises(PretrainError) as info:
-        ensure_pretrained(cfg)
+        ensure_pretrained(cfg, trainer=fit)
     message = str(info.value)
     assert "\n" not in message and message.startswith("the hand-branch pretraining diverged after 0 of 1 epochs")
     assert "pretrain.mano_params (1e+300)" in message and "pretrain.lr (0.001)" in message

@@ -15,8 +15,7 @@ from hawor_tune.epoch_metrics import REPORTED_METRICS
 from hawor_tune.evaluation import evaluate, mean_pose_baseline
 from hawor_tune.flow_fit import ensure_flow_fit
 from hawor_tune.model import build_model
-from hawor_tune.pretrain import ensure_pretrained
-from hawor_tune.train import fit, lr_factor
+from hawor_tune.train import fit, lr_factor, prepare_run
 
 
 @pytest.fixture
@@ -28,23 +27,30 @@ def tiny_cfg(synthetic_dataset, tmp_path):
 
 
 def test_fit_reports_every_epoch_with_a_checkpoint(tiny_cfg):
-    cfg = tiny_cfg(train__epochs=2)
+    cfg = prepare_run(tiny_cfg(train__epochs=2))
     seen = []
     result = fit(cfg, on_epoch=lambda m, d: seen.append((m, d)))
     assert result.status == "completed" and result.epochs_run == 2
     assert [int(m["epoch"]) for m, _ in seen] == [1, 2]
-    # The checkpoint records the config the run trained: with its hand-pretrained start when pretraining is on.
-    resolved = ensure_pretrained(cfg)
     for record, ckpt_dir in seen[-1:]:
         assert set(REPORTED_METRICS) <= set(record)
         assert all(math.isfinite(record[k]) for k in REPORTED_METRICS)
         state = load_checkpoint(ckpt_dir)
-        assert state["epoch"] == 2 and state["config"] == resolved.to_dict() and state["optimizer"]
+        assert state["epoch"] == 2 and state["config"] == cfg.to_dict() and state["optimizer"]
     # keep_checkpoints (2) bounds what stays on disk; the newest is found for resuming
     assert latest_checkpoint(cfg.train.out_dir).name == "epoch_0002"
     # The camera's flow head is the cached least-squares fit, held fixed by training.
     fitted = torch.load(ensure_flow_fit(cfg), weights_only=True)
     assert torch.equal(result.model.flow_head.weight.cpu(), fitted["weight"])
+
+
+def test_fit_refuses_a_run_that_needs_a_start_it_was_not_given(tiny_cfg):
+    cfg = tiny_cfg(pretrain__epochs=1)
+    with pytest.raises(ConfigError) as info:
+        fit(cfg)
+    message = str(info.value)
+    assert "\n" not in message and "prepare_run" in message and "pretrain.epochs is 1" in message
+    assert not Path(cfg.train.out_dir).exists()  # refused before writing anything
 
 
 def test_fit_keeps_torch_and_opencv_to_the_run_s_threads(tiny_cfg):

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -38,15 +40,18 @@ from hawor_tune.data.arctic import (
     read_split,
     split_is_labelled,
 )
-from hawor_tune.data.build import prepare_dataset
+from hawor_tune.data.build import ensure_prepared, frame_spec
 from hawor_tune.data.cache import Letterbox, read_frame
 from hawor_tune.data.clips import ArcticClips
+from hawor_tune.data.shards import Shards
 from hawor_tune.data.synthetic import GENERATOR_VERSION, MARKER, generate
 from hawor_tune.mano import HANDS, build_mano
 
 __all__ = ["SPLITS", "ArcticClips", "DatasetError", "Letterbox", "SequenceLabels", "UnlabelledSplitError",
            "build_dataloader", "build_dataset", "ensure_dataset", "generate", "load_sequence", "load_sequences",
            "prepare_dataset", "read_frame", "read_split", "resolve_valid_rule", "split_is_labelled"]
+
+log = logging.getLogger(__name__)
 
 
 def ensure_dataset(cfg: ExperimentConfig) -> Path:
@@ -130,6 +135,26 @@ def build_dataset(cfg: ExperimentConfig, split: str, *, cached: bool = True) -> 
                        cache_dir=d.cache_dir or None, prepared=cached,
                        extra_splits=("val",) if split == "train" and d.train_on_val else (),
                        splits_file=d.splits or None)
+
+
+def prepare_dataset(cfg: ExperimentConfig, *, splits: Sequence[str] = ("train", "val", "test"),
+                    workers: int | None = None, address: str | None = None,
+                    on_shard: Callable[[str], None] | None = None) -> Shards:
+    """Prepare every labelled sequence of ``cfg``'s ``splits`` (``data`` and ``mano``), generating the dataset
+    first where the config says so. A split without labels (ARCTIC's p2 test) is skipped with a note: its
+    frames are cut from hand boxes when it is predicted (docs/evaluation.md). ``workers``, ``address`` and
+    ``on_shard`` as :func:`ensure_prepared`."""
+    d = cfg.data
+    root = ensure_dataset(cfg)
+    names: list[str] = []
+    for split in splits:
+        if not split_is_labelled(root, split, splits_file=d.splits or None):
+            log.warning("split '%s' has no labels: not prepared (predict it from hand boxes: docs/evaluation.md)", split)
+            continue
+        names += [n for n in read_split(root, split, splits_file=d.splits or None) if n not in names]
+    mano = [build_mano(cfg.mano, side) for side in HANDS]
+    return ensure_prepared(root, names, mano=mano, spec=frame_spec(d), crop_scale=d.crop_scale,
+                           cache_dir=d.cache_dir or None, workers=workers, address=address, on_shard=on_shard)
 
 
 def resolve_valid_rule(rule: str, root: str | os.PathLike) -> str:

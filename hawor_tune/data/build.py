@@ -333,31 +333,6 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
 
 
-# ---- The command ------------------------------------------------------------------------------------------
-
-def prepare_dataset(cfg: Any, *, splits: Sequence[str] = ("train", "val", "test"), workers: int | None = None,
-                    address: str | None = None, on_shard: Callable[[str], None] | None = None) -> Shards:
-    """Prepare every labelled sequence of ``cfg``'s ``splits`` (``data`` and ``mano``), generating the dataset
-    first where the config says so. A split without labels (ARCTIC's p2 test) is skipped with a note: its
-    frames are cut from hand boxes when it is predicted (docs/evaluation.md). ``workers``, ``address`` and
-    ``on_shard`` as :func:`ensure_prepared`."""
-    from hawor_tune.data import ensure_dataset
-    from hawor_tune.data.arctic import read_split, split_is_labelled
-    from hawor_tune.mano import HANDS, build_mano
-
-    d = cfg.data
-    root = ensure_dataset(cfg)
-    names: list[str] = []
-    for split in splits:
-        if not split_is_labelled(root, split, splits_file=d.splits or None):
-            log.warning("split '%s' has no labels: not prepared (predict it from hand boxes: docs/evaluation.md)", split)
-            continue
-        names += [n for n in read_split(root, split, splits_file=d.splits or None) if n not in names]
-    mano = [build_mano(cfg.mano, side) for side in HANDS]
-    return ensure_prepared(root, names, mano=mano, spec=frame_spec(d), crop_scale=d.crop_scale,
-                           cache_dir=d.cache_dir or None, workers=workers, address=address, on_shard=on_shard)
-
-
 def frame_spec(data: Any) -> FrameSpec:
     """The :class:`FrameSpec` of a ``data`` config section."""
     return FrameSpec.from_data(crop_size=data.crop_size, crop_jitter=data.crop_jitter, img_size=data.img_size,

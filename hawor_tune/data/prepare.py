@@ -15,7 +15,8 @@ import argparse
 import logging
 import sys
 
-from hawor_tune.data.build import format_bytes, prepare_dataset
+from hawor_tune.data import prepare_dataset
+from hawor_tune.data.build import format_bytes
 from hawor_tune.errors import HaworTuneError
 
 

@@ -1,5 +1,6 @@
 """The data a search needs, prepared once before its trials start: the dataset, its frame and flow caches, the
-hand-pretrained start and the camera's flow-head fit (each cached; a later search re-uses them)."""
+hand-pretrained start and the camera's flow-head fit (:func:`hawor_tune.train.prepare_run`; each cached, so
+every trial's own prepare_run and a later search find them)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,7 @@ def prepare_data(cfg: ExperimentConfig) -> None:
     flow-head fit and (for a declared objective) the mean-pose baseline once, before trials start (each is cached;
     a later search re-uses them)."""
     from hawor_tune.data import build_dataset, ensure_dataset
-    from hawor_tune.flow_fit import ensure_flow_fit
-    from hawor_tune.pretrain import ensure_pretrained
+    from hawor_tune.train import prepare_run
 
     t0 = time.perf_counter()
     ensure_dataset(cfg)
@@ -31,8 +31,7 @@ def prepare_data(cfg: ExperimentConfig) -> None:
         build_dataset(cfg, split)
     log.info("data ready in %.1f s", time.perf_counter() - t0)
     t0 = time.perf_counter()
-    ensure_pretrained(cfg)
-    ensure_flow_fit(cfg)
+    prepare_run(cfg)
     if cfg.train.objective:  # the baseline's validation figures every trial's objective is divided by
         from hawor_tune.evaluation import cached_baseline
 

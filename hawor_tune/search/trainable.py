@@ -70,7 +70,7 @@ def train_trial(params: dict[str, Any], space: SearchSpace, keep_failed: Mapping
 
 
 def _train_trial(params: dict[str, Any], space: SearchSpace, run_dir: str) -> None:
-    from hawor_tune.train import fit
+    from hawor_tune.train import fit, prepare_run
 
     # Ray logs every reported checkpoint's full path (a line of some 300 characters per trial and epoch) into
     # the search's output, beside fit()'s own epoch line; the paths are in the trial folders.
@@ -90,7 +90,10 @@ def _train_trial(params: dict[str, Any], space: SearchSpace, run_dir: str) -> No
 
     checkpoint = tune.get_checkpoint()
     # The storage is a local or shared folder (check_storage refuses URIs), so the path is readable here.
-    result = fit(cfg, on_epoch=report, resume_from=resume_point(checkpoint.path if checkpoint else None))
+    resume_from = resume_point(checkpoint.path if checkpoint else None)
+    if resume_from is None:  # the search made the start before its trials (prepare_data): found here
+        cfg = prepare_run(cfg)
+    result = fit(cfg, on_epoch=report, resume_from=resume_from)
     if result.status == "diverged":
         # An infinite objective tells ASHA and Optuna this configuration is bad; the row is flagged diverged.
         epoch = result.epochs_run + 1
