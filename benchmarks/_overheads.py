@@ -21,7 +21,7 @@ Every run trains the CPU profile's base configuration (``configs/tiny.yaml``: th
   Ray's other processes got while both trials ran (what bounds the concurrency and the paired overhead on 2
   cores), read without the page maps (a USS read holds the trial's memory map lock, see :class:`_ProcessWatch`);
 - a second two-trial search of 2 epochs: the peak memory of the driver and of each trial with two at once
-  (RSS, and USS: the pages only that process holds, so the memory-mapped frame cache, shared, is not in it),
+  (RSS, and USS: the pages only that process holds, so the page cache of the shared prepared shards is not in it),
   against the one-trial search's;
 - the same concurrency of two bare ``fit()``s without Ray: what the machine itself gives two 1-thread
   trainings, which share its L3 and memory bus.

@@ -6,7 +6,7 @@ trained on single frames (wrist-relative 3D keypoints, 2D keypoints and MANO par
 camera terms) by the training loop it is handed: :func:`hawor_tune.train.prepare_run` hands it
 :func:`hawor_tune.train.fit` before a run, so this module never imports the trainer (no import circle). On
 generated data those frames come from a generated single-image hand set (:func:`pretrain_data`). The result
-is cached beside the frame cache under a key of everything it depends on (the data, the hand model, the
+is cached beside the prepared data under a key of everything it depends on (the data, the hand model, the
 model architecture, the pretraining settings), built once under a file lock however many trials ask at the
 same time, and re-used, never re-trained, while nothing changed. With ``model.pretrained_path`` set (e.g.
 HaMeR's weights on the GPU profile) nothing is pretrained.
@@ -112,7 +112,7 @@ def pretrain_key(cfg: ExperimentConfig) -> str:
 
 
 def pretrained_file(cfg: ExperimentConfig) -> Path:
-    """Where ``cfg``'s pretrained weights are cached (beside the frame cache)."""
+    """Where ``cfg``'s pretrained weights are cached (beside the prepared data)."""
     return cache_root(cfg.data.cache_dir, cfg.data.root) / "pretrained" / f"hand-{pretrain_key(cfg)}.pt"
 
 

@@ -1,4 +1,4 @@
-"""The data a search needs, prepared once before its trials start: the dataset, its frame and flow caches, the
+"""The data a search needs, prepared once before its trials start: the dataset, its prepared shards, the
 hand-pretrained start and the camera's flow-head fit (:func:`hawor_tune.train.prepare_run`; each cached, so
 every trial's own prepare_run and a later search find them)."""
 
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def prepare_data(cfg: ExperimentConfig) -> None:
-    """Generate the dataset (if configured), build the frame and flow caches, the hand-pretrained start, the camera's
+    """Generate the dataset (if configured), prepare its shards, the hand-pretrained start, the camera's
     flow-head fit and (for a declared objective) the mean-pose baseline once, before trials start (each is cached;
     a later search re-uses them)."""
     from hawor_tune.data import build_dataset, ensure_dataset
@@ -41,8 +41,8 @@ def prepare_data(cfg: ExperimentConfig) -> None:
 
 def _made_before(cfg: ExperimentConfig) -> bool:
     """Whether the one-time preparation of ``cfg``'s data is done: the dataset is there and its pretrained
-    start and the camera's flow-head fit are cached. :func:`prepare_data` then only checks them (and builds a
-    frame or flow cache that is missing)."""
+    start and the camera's flow-head fit are cached. :func:`prepare_data` then only checks them (and prepares a
+    sequence whose shard is missing)."""
     from hawor_tune.flow_fit import flow_fit_file
     from hawor_tune.pretrain import makes_own_start, pretrained_file
 
