@@ -297,3 +297,14 @@ def test_write_report_without_search_or_baseline(tmp_path: Path) -> None:
     text = report.write_report(tmp_path, metrics={}, baseline=None, search=None, figures={}).read_text()
     assert "No search result" in text and "No figures" in text
     assert "| MPJPE (wrist-relative, observed frames) | mm | n/a | n/a |" in text  # no search column without a search
+
+
+def test_write_report_checks_the_constraints_on_its_split(tmp_path: Path) -> None:
+    constraints = {"accel_error": {"bound": 1.0, "ratio": 0.93, "met": True},
+                   "jerk": {"bound": 3.0, "ratio": 4.2, "met": False}}
+    text = report.write_report(tmp_path, metrics={}, baseline=None, search=None, figures={},
+                               constraints=constraints).read_text()
+    assert "## Constraints (test split)" in text
+    assert "| accel_error | 1.00 | 0.93 | yes |" in text and "| jerk | 3.00 | 4.20 | no |" in text
+    assert "## Constraints" not in report.write_report(tmp_path, metrics={}, baseline=None, search=None,
+                                                       figures={}).read_text()
