@@ -140,7 +140,7 @@ class ModelConfig:
     hand_trajectory_degree: int = _spec(2, low=0, high=16, doc="each clip's hands in its world (the first camera), "
                                   "observed or infilled, projected onto polynomials in time of this degree, so "
                                   "that they move smoothly where the world is still; 0: every frame free")
-    finger_path: bool = _spec(False, doc="query path: a per-frame linear readout from all of a crop's spatial tokens "
+    finger_path: bool = _spec(True, doc="query path: a per-frame linear readout from all of a crop's spatial tokens "
                               "to its 15 finger rotations, added to the head's (past the pooled token and the "
                               "temporal transformer)")
     camera_trajectory_degree: int = _spec(1, low=0, high=16, doc="each clip's camera path, projected onto polynomials "

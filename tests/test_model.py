@@ -620,7 +620,7 @@ def test_the_flow_head_is_fitted_not_trained(eval_model: HaWoR) -> None:
 
 
 def test_the_finger_path_starts_silent_and_moves_only_the_fingers() -> None:
-    with_path, without = _model(**{"model.finger_path": True}).eval(), _model().eval()
+    with_path, without = _model(**{"model.finger_path": True}).eval(), _model(**{"model.finger_path": False}).eval()
     without.load_state_dict(with_path.state_dict(), strict=False)  # the same weights but the finger head's
     batch = _batch(1, 3, seed=5)
     with torch.no_grad():
