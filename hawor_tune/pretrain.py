@@ -90,7 +90,7 @@ def pretrain_config(cfg: ExperimentConfig, out_dir: str | Path) -> ExperimentCon
     pcfg.optim = OptimConfig(lr=p.lr, warmup_epochs=0.25)  # not the run's (searched) optimiser settings
     pcfg.train = dataclasses.replace(cfg.train, epochs=p.epochs, max_train_batches=p.max_train_batches,
                                      max_eval_batches=0, keep_checkpoints=1, out_dir=str(out_dir),
-                                     seed=PRETRAIN_SEED, objective={})  # single frames: no objective to rank
+                                     seed=PRETRAIN_SEED, objective={}, constraints={})  # single frames: nothing to rank
     pcfg.pretrain = dataclasses.replace(p, epochs=0)
     return pcfg
 

@@ -66,8 +66,9 @@ def test_pretraining_is_single_frame_hand_terms_only(cfg, tmp_path):
     assert (p.data.seq_len, p.train.epochs, p.pretrain.epochs) == (1, 1, 0)
     assert p.loss.temporal == p.loss.camera == p.loss.hand_world == p.loss.motion == 0.0
     assert p.loss.keypoint_3d > 0
-    objective = load_config(cfg.to_dict(), {"train.objective": {"mpjpe": 1.0}})
-    assert pretrain_config(objective, tmp_path / "q").train.objective == {}  # nothing to rank single frames by
+    searched = load_config(cfg.to_dict(), {"train.objective": {"mpjpe": 1.0}, "train.constraints": {"accel_error": 1.0}})
+    q = pretrain_config(searched, tmp_path / "q").train
+    assert q.objective == {} and q.constraints == {}  # nothing to rank or bound single frames by
 
 
 def test_the_pretraining_weighs_the_mano_rotations_by_its_own_key(synthetic_dataset, tmp_path):
