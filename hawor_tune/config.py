@@ -140,6 +140,9 @@ class ModelConfig:
     hand_trajectory_degree: int = _spec(2, low=0, high=16, doc="each clip's hands in its world (the first camera), "
                                   "observed or infilled, projected onto polynomials in time of this degree, so "
                                   "that they move smoothly where the world is still; 0: every frame free")
+    smooth_in_training: bool = _spec(False, doc="apply the trajectory projections while training too (the losses then "
+                                     "see only the smoothed trajectories); false: training supervises every frame's "
+                                     "own prediction and the projections apply at evaluation and inference")
     finger_path: bool = _spec(True, doc="query path: a per-frame linear readout from all of a crop's spatial tokens "
                               "to its 15 finger rotations, added to the head's (past the pooled token and the "
                               "temporal transformer)")

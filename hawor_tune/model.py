@@ -337,7 +337,8 @@ class HaWoR(nn.Module):
         infiller_hidden, infiller_layers: LSTM infiller.
         infill_mask_prob: training-time rate at which valid hand frames are hidden from the infiller.
         hand_trajectory_degree, camera_trajectory_degree: each clip's hand trajectories in its world and camera path
-            are projected onto polynomials in time of this degree (0: every frame free).
+            are projected onto polynomials in time of this degree (0: every frame free); while training only
+            with ``smooth_in_training`` (else the losses supervise every frame's own prediction).
         finger_path: (query path) a per-frame linear readout from all of a crop's spatial tokens to its finger
             rotations, added to the head's.
     """
@@ -349,7 +350,8 @@ class HaWoR(nn.Module):
                  infiller_hidden: int, infiller_layers: int, infill_mask_prob: float,
                  hand_path: str = "query", decoder_dim: int = 1024, decoder_layers: int = 6,
                  motion_hidden: int = 384, motion_layers: int = 6, motion_residual: bool = True,
-                 hand_trajectory_degree: int = 0, camera_trajectory_degree: int = 0, finger_path: bool = False) -> None:
+                 hand_trajectory_degree: int = 0, camera_trajectory_degree: int = 0, smooth_in_training: bool = False,
+                 finger_path: bool = False) -> None:
         super().__init__()
         if [layer.side for layer in mano_layers] != list(HANDS):
             raise ValueError(f"mano_layers must be sides {HANDS} in that order, got "
@@ -357,6 +359,7 @@ class HaWoR(nn.Module):
         self.crop_size, self.img_size, self.flow_grid = crop_size, img_size, flow_grid
         self.infill_mask_prob = infill_mask_prob
         self.hand_trajectory_degree, self.camera_trajectory_degree = hand_trajectory_degree, camera_trajectory_degree
+        self.smooth_in_training = smooth_in_training
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("mirror_rot6d", torch.tensor(MIRROR_ROT6D).repeat(NUM_ROTATIONS), persistent=False)
@@ -580,7 +583,8 @@ class HaWoR(nn.Module):
         if self.flow_head is not None:
             delta = delta + self.flow_head(flow[:, 1:].flatten(2).to(delta.dtype))
         # A smooth path: the offsets from frame 0 projected onto polynomials through the origin.
-        projection = polynomial_projection(T, self.camera_trajectory_degree, through_origin=True, device=h.device)
+        projection = polynomial_projection(T, self._degree(self.camera_trajectory_degree), through_origin=True,
+                                           device=h.device)
         delta = _smooth_over_time(delta, None if projection is None else projection[1:, 1:])
         rot6d = matrix_to_rot6d(identity) + delta[..., :6]  # (B, T-1, 6) offset from no rotation
         # Frame 0 is the reference: identity and zero by construction, not by learning.
@@ -589,6 +593,11 @@ class HaWoR(nn.Module):
         return cam_R, cam_t
 
     # ----- stage 5: infiller -------------------------------------------------------------------------
+    def _degree(self, degree: int) -> int:
+        """A trajectory degree as it applies now: 0 (every frame free) while training, unless
+        ``smooth_in_training``."""
+        return degree if self.smooth_in_training or not self.training else 0
+
     def observed_mask(self, hand_valid: torch.Tensor) -> torch.Tensor:
         """(B, T, 2) bool -> (B, T, 2) bool frames treated as observed.
 
@@ -634,7 +643,8 @@ class HaWoR(nn.Module):
         residual = torch.stack([infiller(world[:, :, i] - ref[:, :, i], observed[:, :, i])
                                 for i, infiller in enumerate(self.infillers)], dim=2)  # (B, T, 2, P)
         keep = observed | ~observed.any(dim=1, keepdim=True)  # (B, T, 2)
-        projection = polynomial_projection(params.shape[1], self.hand_trajectory_degree, device=params.device)
+        projection = polynomial_projection(params.shape[1], self._degree(self.hand_trajectory_degree),
+                                           device=params.device)
         if projection is None:
             return torch.where(keep[..., None], params, _from_first_camera(anchor + residual, cam_R, cam_t))
         # Smooth motion where the world is: every frame's hand, observed or filled, on one polynomial path.
@@ -777,7 +787,7 @@ def build_model(cfg: ExperimentConfig, *, pretrained: bool = True, device: str |
                   decoder_dim=m.decoder_dim, decoder_layers=m.decoder_layers, motion_hidden=m.motion_hidden,
                   motion_layers=m.motion_layers, motion_residual=m.motion_residual,
                   hand_trajectory_degree=m.hand_trajectory_degree, camera_trajectory_degree=m.camera_trajectory_degree,
-                  finger_path=m.finger_path)
+                  smooth_in_training=m.smooth_in_training, finger_path=m.finger_path)
     if device is not None:
         model.to(device)
     model.pretrained_parts, model.pretrained_report = (), None

@@ -104,7 +104,8 @@ def pretrain_key(cfg: ExperimentConfig) -> str:
     spec = {"version": PRETRAIN_VERSION, "prepared": PREPARED_VERSION, "data": data,
             "mano": dataclasses.asdict(cfg.mano),
             "model": {k: v for k, v in dataclasses.asdict(cfg.model).items()
-                      if k not in ("pretrained_path", "infill_mask_prob", "hand_trajectory_degree", "camera_trajectory_degree")},
+                      if k not in ("pretrained_path", "infill_mask_prob", "hand_trajectory_degree", "camera_trajectory_degree",
+                                   "smooth_in_training")},
             "pretrain": dataclasses.asdict(cfg.pretrain), "loss": dataclasses.asdict(pretrain_loss(cfg)),
             "precision": resolved_precision(cfg.train.device, cfg.train.precision),
             "dataset": marker.read_text() if marker.is_file() else None}

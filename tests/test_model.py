@@ -296,6 +296,14 @@ def test_trajectories_are_polynomials_of_their_degree_in_the_clips_world(degree:
     free, free_wrists = world(0)
     assert float(torch.diff(free.cam_t, n=degree + 1, dim=1).abs().amax()) > 1e-3
     assert float(torch.diff(free_wrists, n=degree + 1, dim=1).abs().amax()) > 1e-3
+    # Training supervises every frame's own prediction unless model.smooth_in_training says otherwise.
+    for smooth_in_training, smooth in ((False, False), (True, True)):
+        model = _model(**{"model.camera_trajectory_degree": degree, "model.smooth_in_training": smooth_in_training,
+                          "model.infill_mask_prob": 0.0, "model.dropout": 0.0}).train()
+        with torch.no_grad():
+            torch.nn.init.normal_(model.camera_head[-1].weight, std=0.1)
+            cam_t = run_model(model, _batch(2, 8, seed=4)).cam_t
+        assert (float(torch.diff(cam_t, n=degree + 1, dim=1).abs().amax()) < 1e-4) == smooth, smooth_in_training
 
 
 def _hand_params(out: HaWoROutput, hand: int) -> torch.Tensor:
