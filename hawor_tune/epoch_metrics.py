@@ -5,6 +5,7 @@ space without importing the trainer (torch, timm and torchvision take seconds to
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from hawor_tune.config import ConfigError, LossConfig
 
@@ -25,6 +26,12 @@ OBJECTIVE = "val/objective"
 
 # Each constraint (train.constraints) is reported as CONSTRAINT_PREFIX + metric: value / baseline - bound.
 CONSTRAINT_PREFIX = "constraint/"
+
+
+def constraint_value(value: object) -> float:
+    """A reported constraint value as Optuna is told it; a missing or non-finite one counts as broken (inf)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else math.inf
 
 
 def constraint_columns(constraints: dict) -> list[str]:

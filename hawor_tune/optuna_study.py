@@ -34,7 +34,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from ray.tune import Callback
 
-from hawor_tune.epoch_metrics import CONSTRAINT_PREFIX
+from hawor_tune.epoch_metrics import CONSTRAINT_PREFIX, constraint_value
 from hawor_tune.errors import HaworTuneError
 from hawor_tune.failures import OWN, describe, failed_by, trial_error
 from hawor_tune.results import stopped_early
@@ -62,11 +62,6 @@ def load_study(experiment_dir: str | os.PathLike) -> optuna.Study:
 # Where Optuna keeps a trial's constraint values, one system attribute "constraints:<name>" each (optuna/optuna,
 # ``optuna/trial/_trial.py``: ``Trial.set_constraint``; ``optuna/study/_constrained_optimization.py``).
 CONSTRAINTS_KEY = "constraints"
-
-
-def _finite_or_inf(value: Any) -> float:
-    """A reported constraint value; a missing or non-finite one counts as violated."""
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else math.inf
 
 
 class OptunaStudyRecorder(Callback):
@@ -234,7 +229,7 @@ class OptunaStudyRecorder(Callback):
                 improved = best[i] is None or self._pick(i)(best[i], float(value)) != best[i]
                 best[i] = float(value) if best[i] is None else self._pick(i)(best[i], float(value))
                 if i == 0 and self.constraints and improved:
-                    self._constraint_values[ray_id] = [_finite_or_inf(result.get(c)) for c in self.constraints]
+                    self._constraint_values[ray_id] = [constraint_value(result.get(c)) for c in self.constraints]
                 if i == 0:
                     self._last[ray_id] = float(value)
                     if len(self.objectives) == 1:  # Optuna records no intermediate values for several objectives

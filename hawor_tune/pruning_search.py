@@ -23,7 +23,7 @@ from typing import Any
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from hawor_tune.epoch_metrics import CONSTRAINT_PREFIX
+from hawor_tune.epoch_metrics import CONSTRAINT_PREFIX, constraint_value
 from hawor_tune.results import stopped_early
 
 
@@ -46,9 +46,8 @@ class ConstrainedOptunaSearch(OptunaSearch):
         if trial_id not in self._ot_trials or trial_id in self._completed_trials:
             return
         for name in self.constraints:
-            value = (result or {}).get(name)
-            value = float(value) if isinstance(value, (int, float)) and math.isfinite(value) else math.inf
-            self._ot_trials[trial_id].set_constraint(name.removeprefix(CONSTRAINT_PREFIX), value)
+            self._ot_trials[trial_id].set_constraint(name.removeprefix(CONSTRAINT_PREFIX),
+                                                     constraint_value((result or {}).get(name)))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if not error:
