@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from hawor_tune.cli import ArgumentParser, UsageError, fail, format_value, positive_int
+from hawor_tune.cli import ArgumentParser, UsageError, fail, format_flag, format_value, positive_int
 from hawor_tune.errors import HaworTuneError
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command that Ctrl-C stopped
@@ -109,7 +109,7 @@ def print_summary(experiment_dir: Path, metric: str, mode: str, resume_command: 
     table = [[r["trial_id"], r["status"] + (" (diverged)" if r["diverged"] else ""), str(r["epochs"]),
               "yes" if r["stopped_early"] else "", *(format_value(r[k]) for k in params),
               format_value(r.get(best_key)),
-              *([{True: "yes", False: "no", None: ""}[r.get("feasible")]] if constrained else [])] for r in rows]
+              *([format_flag(r.get("feasible"))] if constrained else [])] for r in rows]
     widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(header)]
     print()
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)))

@@ -50,6 +50,11 @@ def positive_int(text: str) -> int:
     return value
 
 
+def format_flag(value: bool | None) -> str:
+    """A yes/no cell of a terminal table (e.g. whether a trial meets its constraints); None as an empty cell."""
+    return "" if value is None else "yes" if value else "no"
+
+
 def format_value(value: Any) -> str:
     """A value in a terminal table (the live console, the search summary): floats to 4 significant digits,
     ``inf``/``nan`` as such, None as an empty cell, anything else as ``str``."""

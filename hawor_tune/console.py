@@ -18,7 +18,7 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
-from hawor_tune.cli import format_value
+from hawor_tune.cli import format_flag, format_value
 from hawor_tune.results import best_trial, summarize_trials
 
 TTY_INTERVAL_S = 1.0   # a terminal redraws in place, so often is cheap
@@ -73,8 +73,8 @@ class LiveConsole(Callback):
     """
 
     def __init__(self, *, objectives: Sequence[tuple[str, str]], max_epochs: int, param_paths: Iterable[str],
-                 constraints: Sequence[str] = (), stream: TextIO | None = None, tty: bool | None = None, interval_s: float | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 constraints: Sequence[str] = (), stream: TextIO | None = None, tty: bool | None = None,
+                 interval_s: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.objectives = list(objectives)
         self.constraints = list(constraints)
         self.max_epochs = max_epochs
@@ -170,8 +170,7 @@ class LiveConsole(Callback):
             for metric, _ in self.objectives:
                 cells += [format_value(last.now.get(metric)), format_value(row.get(f"best/{metric}"))]
             config = getattr(t, "config", {}) or {}
-            met = [] if not self.constraints else ["" if row.get("feasible") is None else
-                                                   "yes" if row["feasible"] else "no"]
+            met = [format_flag(row.get("feasible"))] if self.constraints else []
             cells += [format_value(row.get("stopped_at_epoch")), *met, *(format_value(config.get(p)) for p in self.params)]
             body.append(cells)
         widths = [max(len(c[i]) for c in [header, *body]) for i in range(len(header))]

@@ -25,6 +25,7 @@ filling its crop.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Iterator
@@ -284,9 +285,16 @@ def polynomial_projection(T: int, degree: int, *, through_origin: bool = False,
     terms = degree if through_origin else degree + 1
     if degree <= 0 or terms >= (T - 1 if through_origin else T):
         return None
+    return _projection_matrix(T, degree, through_origin).to(device=device, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _projection_matrix(T: int, degree: int, through_origin: bool) -> torch.Tensor:
+    """The float64 CPU matrix of :func:`polynomial_projection`, computed once per clip length and degree (every
+    evaluation forward asks for it)."""
     t = torch.linspace(0.0, 1.0, T, dtype=torch.float64)[:, None]  # (T, 1)
     basis = t ** torch.arange(1 if through_origin else 0, degree + 1, dtype=torch.float64)  # (T, terms)
-    return (basis @ torch.linalg.pinv(basis)).to(device=device, dtype=dtype)
+    return basis @ torch.linalg.pinv(basis)
 
 
 def _smooth_over_time(x: torch.Tensor, projection: torch.Tensor | None) -> torch.Tensor:
