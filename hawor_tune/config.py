@@ -50,6 +50,8 @@ class SyntheticConfig:
                             "hand set, for the one-time pretraining; its held-out subjects get one sequence each)")
     extra_subjects: int = _spec(0, low=0, high=500, doc="more training subjects after sNN, new people (a single-image "
                                 "hand set's many hands); sNN-1 and sNN stay val and test")
+    finger_speed: float = _spec(1.0, low=0.1, high=10.0, doc="video: multiplies the fingers' frequencies (0.2-1 Hz): "
+                                "more distinct finger poses per sequence, each frame's pose drawn as before")
 
 
 @dataclass
@@ -184,6 +186,8 @@ class LossConfig:
     mano_params: float = _spec(0.02, low=0.0, doc="MANO rotations (global orientation and fingers)")
     betas: float = _spec(0.01, low=0.0, doc="MANO shape coefficients")
     keypoint_3d: float = _spec(1.0, low=0.0, doc="wrist-relative 3D joints (L1)")
+    hand_frame: float = _spec(0.0, low=0.0, doc="wrist-relative 3D joints in the hand's own frame, its global "
+                              "orientation taken out (L1): the fingers' articulation alone")
     keypoint_2d: float = _spec(0.1, low=0.0, doc="joints projected into each hand's crop (L1)")
     temporal: float = _spec(0.5, low=0.0, doc="frame-to-frame velocities of the wrist-relative joints (L1)")
     camera: float = _spec(0.5, low=0.0, doc="each frame's camera pose relative to the clip's first")

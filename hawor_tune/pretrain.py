@@ -65,7 +65,8 @@ def pretrain_data(cfg: ExperimentConfig) -> DataConfig:
     if not p.frames_sequences or not generated:
         return data
     synth = dataclasses.replace(d.synthetic, motion="frames", sequences_per_subject=p.frames_sequences,
-                                frames_per_sequence=p.frames_per_sequence, extra_subjects=p.frames_subjects)
+                                frames_per_sequence=p.frames_per_sequence, extra_subjects=p.frames_subjects,
+                                finger_speed=1.0)  # a frame's pose is drawn at a random time: speed changes nothing
     spec = {"synthetic": dataclasses.asdict(synth), "generator": GENERATOR_VERSION, "mano": dataclasses.asdict(cfg.mano)}
     cache = cache_root(d.cache_dir, d.root)
     return dataclasses.replace(data, root=str(cache / "pretrained" / f"frames-{spec_key(spec)}"), generate=True,

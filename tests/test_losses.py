@@ -316,6 +316,32 @@ def test_hand_world_sees_camera_translation_error() -> None:
     assert value.item() == pytest.approx(0.02 * (T - 1) / T, rel=1e-4)  # mean over all hand-frames
 
 
+def test_hand_frame_known_articulation_offset_and_mask() -> None:
+    out, batch = _case()
+    _invalidate(batch, [(0, 2, 1), (1, 0, 0)])
+    # 1 cm along each axis of every hand's own frame (R0 d), on the 20 non-wrist joints: 20 x 3 x 0.01.
+    shift = torch.full((21, 3), 0.01)
+    shift[0] = 0.0
+    joints = (out.joints + shift @ out.rotmats[..., 0, :, :].transpose(-1, -2)).requires_grad_()
+    value = losses.hand_frame_loss(joints, out.rotmats, batch["joints3d"], batch["rotmats"], batch["hand_valid"])
+    assert value.item() == pytest.approx(20 * 3 * 0.01, rel=1e-4)
+    assert _grad_is_finite(value, joints)
+
+
+def test_hand_frame_ignores_the_global_orientation() -> None:
+    """A hand turned about its wrist, joints and global orientation together, keeps its articulation: no
+    hand_frame error, where keypoint_3d sees one."""
+    out, batch = _case()
+    turn = torch.tensor(cv2.Rodrigues(np.array([0.4, -0.7, 0.2]))[0], dtype=torch.float32)
+    wrist = out.joints[..., :1, :]
+    joints = (out.joints - wrist) @ turn.T + wrist
+    rotmats = out.rotmats.clone()
+    rotmats[..., 0, :, :] = turn @ out.rotmats[..., 0, :, :]
+    assert losses.hand_frame_loss(joints, rotmats, batch["joints3d"], batch["rotmats"],
+                                  batch["hand_valid"]).item() == pytest.approx(0.0, abs=1e-5)
+    assert losses.keypoint_3d_loss(joints, batch["joints3d"], batch["hand_valid"]).item() > 0.1
+
+
 def test_empty_mask_gives_zero_hand_terms_with_a_graph() -> None:
     out, batch = _case()
     _invalidate(batch, [(b, t, h) for b in range(2) for t in range(3) for h in range(2)])
@@ -341,8 +367,8 @@ def _perturbed_case() -> tuple[HaWoROutput, dict]:
 
 def test_total_is_the_weighted_sum_of_the_terms() -> None:
     out, batch = _perturbed_case()
-    weights = LossConfig(mano_params=0.3, betas=0.4, keypoint_3d=2.0, keypoint_2d=0.7, temporal=1.5, camera=0.2,
-                         hand_world=3.0)
+    weights = LossConfig(mano_params=0.3, betas=0.4, keypoint_3d=2.0, hand_frame=0.8, keypoint_2d=0.7, temporal=1.5,
+                         camera=0.2, hand_world=3.0)
     total, terms = losses.compute_losses(out, batch, weights)
     assert all(terms[name] > 0 for name in TERMS)
     expected = sum(getattr(weights, name) * terms[name] for name in TERMS)
@@ -350,6 +376,7 @@ def test_total_is_the_weighted_sum_of_the_terms() -> None:
 
 
 _FUNCTIONS = {"mano_params": "mano_params_loss", "betas": "betas_loss", "keypoint_3d": "keypoint_3d_loss",
+              "hand_frame": "hand_frame_loss",
               "keypoint_2d": "keypoint_2d_loss", "temporal": "temporal_loss", "camera": "camera_loss",
               "hand_world": "hand_world_loss", "motion": "motion_loss"}
 

@@ -211,3 +211,23 @@ def test_extra_subjects_are_new_training_people_after_the_held_out_ones(syntheti
     for new in ("s05", "s06"):  # the new ones are nobody else
         assert all(not np.allclose(betas[new], betas[sid]) for sid in betas if sid != new)
     assert set(json.loads((tmp_path / "more" / "meta" / "misc.json").read_text())) == {f"s0{i}" for i in range(1, 7)}
+
+
+def test_finger_speed_changes_the_fingers_faster_and_nothing_else(synthetic_dataset, tmp_path):
+    truth, _ = generate_variant(synthetic_dataset, tmp_path / "fast", finger_speed=3.0)
+
+    def articulation(t: dict) -> np.ndarray:
+        """(F, 2, 21, 3) wrist-relative joints in each hand's own frame: the fingers (and shape) alone."""
+        return np.einsum("fhjc,fhcd->fhjd", t["joints_cam"] - t["joints_cam"][:, :, :1], t["global_orient_cam"])
+
+    steps = {}
+    for name, fast in truth.items():
+        slow = synthetic_dataset.truth[name]
+        # Same camera, wrists and orientations: only the finger signals' frequencies were scaled.
+        np.testing.assert_allclose(fast["cam_t"], slow["cam_t"])
+        np.testing.assert_allclose(fast["joints_cam"][:, :, 0], slow["joints_cam"][:, :, 0], atol=1e-9)
+        np.testing.assert_allclose(fast["global_orient_cam"], slow["global_orient_cam"], atol=1e-9)
+        for label, t in (("fast", fast), ("slow", slow)):
+            steps.setdefault(label, []).append(np.linalg.norm(np.diff(articulation(t), axis=0), axis=-1).mean())
+    # Three times the frequencies: about three times the finger motion per frame (the amplitudes are the same).
+    assert 2.0 < np.mean(steps["fast"]) / np.mean(steps["slow"]) < 4.0

@@ -117,7 +117,7 @@ def generate(root: str | os.PathLike, synth: SyntheticConfig, mano_cfg: ManoConf
             name = f"{obj}_{action}_{j // len(pairs) + 1:02d}"
             events = {"excursion": (i + j) % 3 != 2, "excursion_hand": (i + j) % 2}
             jobs.append(_SequenceJob(root, sid, name, seq_seed, subject, synth.frames_per_sequence, events,
-                                     independent=synth.motion == "frames"))
+                                     independent=synth.motion == "frames", finger_speed=synth.finger_speed))
             splits[split].append(f"{sid}/{name}")
     if workers is None:
         workers = _usable_cpus() if len(jobs) * synth.frames_per_sequence >= _POOL_MIN_FRAMES else 1
@@ -146,6 +146,7 @@ class _SequenceJob:
     frames: int
     events: dict[str, Any]
     independent: bool
+    finger_speed: float = 1.0
 
 
 def _hand_layers(mano_cfg: ManoConfig) -> tuple[MANOLayer, MANOLayer]:
@@ -202,7 +203,8 @@ def _init_writer(mano_cfg: ManoConfig) -> None:
 def _write_job(job: _SequenceJob, hands: _HandModel | None = None) -> dict[str, Any]:
     layers, axes = hands or _worker_hands
     return _write_sequence(job.root, job.sid, job.name, np.random.default_rng(job.seed), job.subject, layers,
-                           axes, job.frames, job.events, independent=job.independent)
+                           axes, job.frames, job.events, independent=job.independent,
+                           finger_speed=job.finger_speed)
 
 
 def _sequence_seeds(subject: np.random.SeedSequence, synth: SyntheticConfig,
@@ -370,9 +372,11 @@ def _head_motion(rng: np.random.Generator, t: np.ndarray) -> _Head:
 
 
 def _hand_motion(rng: np.random.Generator, t: np.ndarray, layer: MANOLayer, axes: np.ndarray, betas: np.ndarray,
-                 head: _Head, away: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+                 head: _Head, away: np.ndarray | None, finger_speed: float = 1.0
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """One hand's world joints (F, 21, 3), vertices (F, V, 3), global orientation (F, 3, 3) and its
-    ARCTIC parameters; ``away`` (F, 3) is an extra wrist offset that takes the hand out of view."""
+    ARCTIC parameters; ``away`` (F, 3) is an extra wrist offset that takes the hand out of view;
+    ``finger_speed`` scales the fingers' frequencies (the same poses, more of them per second)."""
     frames, sign = len(t), (-1.0 if layer.side == "left" else 1.0)
     wrist = np.array([0.09 * sign, 0.06, 0.33]) + _smooth(rng, t, 3) * np.array([0.05, 0.04, 0.06])
     if away is not None:
@@ -387,7 +391,8 @@ def _hand_motion(rng: np.random.Generator, t: np.ndarray, layer: MANOLayer, axes
     orient = head.R_wc0 @ target @ swing @ axes.T  # (F, 3, 3) global orientation, world
     comps = layer.hands_components.double().numpy()[: len(_FINGER_AMPLITUDE)]
     comps = comps / np.linalg.norm(comps, axis=1, keepdims=True)
-    pose = (_smooth(rng, t, len(_FINGER_AMPLITUDE), (0.2, 1.0)) * _FINGER_AMPLITUDE) @ comps  # (F, 45)
+    fingers = _smooth(rng, t, len(_FINGER_AMPLITUDE), (0.2 * finger_speed, 1.0 * finger_speed))
+    pose = (fingers * _FINGER_AMPLITUDE) @ comps  # (F, 45)
     absolute = pose + layer.hands_mean.double().numpy()  # ARCTIC stores pose relative to the mean
     rotmats = np.concatenate([orient[:, None], _rotmats(absolute.reshape(frames, 15, 3))], axis=1)
     with torch.no_grad():
@@ -417,7 +422,7 @@ def _box_motion(rng: np.random.Generator, t: np.ndarray, head: _Head,
 
 def _write_sequence(root: Path, sid: str, name: str, rng: np.random.Generator, subject: dict[str, Any],
                     layers: tuple[MANOLayer, MANOLayer], axes: list[np.ndarray], frames: int,
-                    events: dict[str, Any], independent: bool = False) -> dict[str, Any]:
+                    events: dict[str, Any], independent: bool = False, finger_speed: float = 1.0) -> dict[str, Any]:
     t = np.arange(frames) / FPS
     head = _head_motion(rng, t)
     # Independent frames read the hands' smooth signals at random, far-apart times: each frame's pose is a
@@ -429,7 +434,7 @@ def _write_sequence(root: Path, sid: str, name: str, rng: np.random.Generator, s
     for h, layer in enumerate(layers):
         away = excursion[:, None] * [0.35, 0.2, -0.12] if events["excursion"] and events["excursion_hand"] == h else None
         joints, verts, orient, params[layer.side] = _hand_motion(rng, hand_t, layer, axes[h], subject["betas"][h], head,
-                                                                 away)
+                                                                 away, finger_speed)
         joints_w.append(joints)
         verts_w.append(verts)
         orient_w.append(orient)
