@@ -135,9 +135,16 @@ class ModelConfig:
     temporal_heads: int = _spec(4, low=1, high=64, doc="attention heads; temporal_dim must be divisible by it")
     head_hidden: int = _spec(256, low=8, high=8192, doc="hidden width of the hand and camera heads")
     dropout: float = _spec(0.1, low=0.0, high=0.9, doc="dropout in the fusion and temporal transformers")
-    infiller_hidden: int = _spec(128, low=8, high=4096, doc="hidden width of the bidirectional LSTM that "
-                                 "fills each hand's unobserved frames")
-    infiller_layers: int = _spec(1, low=1, high=8, doc="layers of that LSTM")
+    infiller: str = _spec("lstm", choices=("lstm", "hawor"),
+                          doc="what fills each hand's unobserved frames in the clip's first camera: lstm, this "
+                          "project's bidirectional LSTM per hand (a residual on the interpolation); hawor, HaWoR's "
+                          "released transformer infiller over both hands in 120-frame windows, in its own layout, "
+                          "so that its infiller.pt loads into it")
+    infiller_path: str = _spec("", doc="infiller hawor: HaWoR's infiller.pt to load into it (after "
+                               "model.pretrained_path); '' starts it fresh; never downloaded")
+    infiller_hidden: int = _spec(128, low=8, high=4096, doc="width of the infiller: the LSTM's hidden width, or "
+                                 "HaWoR's d_model (released: 384, 8 heads)")
+    infiller_layers: int = _spec(1, low=1, high=8, doc="layers of the infiller (HaWoR's released: 8)")
     infill_mask_prob: float = _spec(0.15, low=0.0, high=0.9, doc="training-time rate of hiding observed hand frames")
     hand_trajectory_degree: int = _spec(2, low=0, high=16, doc="each clip's hands in its world (the first camera), "
                                   "observed or infilled, projected onto polynomials in time of this degree, so "
@@ -254,7 +261,8 @@ class ExperimentConfig:
 
 # Paths a user gives relative to where they run a command; made absolute at load time so that Ray
 # workers, whose working directory is their trial folder, read the same files.
-_PATH_KEYS = ("data.root", "data.cache_dir", "mano.model_dir", "model.pretrained_path", "train.out_dir")
+_PATH_KEYS = ("data.root", "data.cache_dir", "mano.model_dir", "model.pretrained_path", "model.infiller_path",
+              "train.out_dir")
 
 
 def field_info(dotted: str) -> tuple[Any, dataclasses.Field]:
@@ -476,6 +484,12 @@ def check_consistency(cfg: ExperimentConfig) -> None:
     if cfg.model.temporal_dim % cfg.model.temporal_heads:
         raise ConfigError(f"model.temporal_dim ({cfg.model.temporal_dim}) must be divisible by "
                           f"model.temporal_heads ({cfg.model.temporal_heads})")
+    if cfg.model.infiller_path and cfg.model.infiller != "hawor":
+        raise ConfigError(f"config key 'model.infiller_path' is {cfg.model.infiller_path!r} but model.infiller is "
+                          f"{cfg.model.infiller!r}: the file is HaWoR's infiller.pt, set model.infiller: hawor")
+    if cfg.model.infiller == "hawor" and cfg.model.infiller_hidden % 8:
+        raise ConfigError(f"config key 'model.infiller_hidden' is {cfg.model.infiller_hidden} but HaWoR's infiller "
+                          "has 8 heads: it must be divisible by 8 (released: 384)")
 
 
 def resolve_paths(cfg: ExperimentConfig, base_dir: str | os.PathLike | None = None) -> ExperimentConfig:

@@ -16,7 +16,8 @@ The forward pass keeps the stages apart:
    left-hand outputs are mirrored back. A camera head regresses each frame's camera in the first frame's.
 5. infiller: the frames in which a hand is not observed are filled in the clip's first camera (through the
    predicted camera motion): the interpolation between the observed frames plus a bidirectional LSTM's
-   residual. Observed frames keep the regressor's output; an unobserved frame informs no other frame.
+   residual, or HaWoR's released transformer infiller (``model.infiller: hawor``). Observed frames keep the
+   regressor's output; an unobserved frame informs no other frame.
 
 The MANO layers (one per hand) turn the parameters into joints and vertices. Every regressed quantity is
 an offset from a mean value and the last layers start small, so an untrained model predicts the mean hand
@@ -38,10 +39,10 @@ from torch import nn
 
 from hawor_tune.backbones import create_backbone, freeze_backbone, spatial_tokens, token_count
 from hawor_tune.config import ExperimentConfig
-from hawor_tune.geometry import axis_angle_to_matrix, matrix_to_rot6d, rot6d_to_matrix
+from hawor_tune.geometry import axis_angle_to_matrix, matrix_to_axis_angle, matrix_to_rot6d, rot6d_to_matrix
 from hawor_tune.mano import HANDS, MANOLayer, build_mano
-from hawor_tune.pretrained import load_pretrained
-from hawor_tune.released_modules import BOX_DIM, MANODecoderHead, TemporalAttention, box_code
+from hawor_tune.pretrained import load_hawor_infiller, load_pretrained
+from hawor_tune.released_modules import BOX_DIM, HaWoRInfiller, MANODecoderHead, TemporalAttention, box_code
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,10 @@ LAST_LAYER_GAIN = 0.01
 # Mirroring x -> -x maps a rotation R to D R D (D = diag(-1, 1, 1)); on the 6D representation (its first
 # two columns) that is a sign per entry, and it commutes with the Gram-Schmidt of rot6d_to_matrix.
 MIRROR_ROT6D = (1.0, -1.0, -1.0, -1.0, 1.0, 1.0)
+# HaWoR's 6D (rotmat_to_rot6d in its lib/utils/geometry.py: R[..., :2] flattened) interleaves the first two
+# columns row by row, (R00, R01, R10, R11, R20, R21); ours stacks them, (R00, R10, R20, R01, R11, R21).
+HAWOR_FROM_OUR_ROT6D = (0, 3, 1, 4, 2, 5)
+OUR_FROM_HAWOR_ROT6D = (0, 2, 4, 1, 3, 5)
 
 
 @dataclass
@@ -260,21 +265,43 @@ def _from_first_camera(params: torch.Tensor, cam_R: torch.Tensor, cam_t: torch.T
     return _rotate_params(params, Rt, -(Rt @ cam_t[..., None]).squeeze(-1))
 
 
-def _interpolate_observed(x: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
-    """(B, T, H, P) values, (B, T, H) bool -> each frame linearly interpolated between the nearest observed
-    frames before and after it (the nearest one alone at the clip's ends; observed frames unchanged; x where
-    a hand is observed nowhere)."""
-    T = x.shape[1]
-    idx = torch.arange(T, device=x.device)[None, :, None].expand_as(observed)  # (B, T, H)
+def _observed_neighbours(observed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, T, H) bool -> the nearest observed frames at or before and at or after each frame (the one that
+    exists at the clip's ends), (B, T, H) long each, and how far each frame lies between them, (B, T, H) in
+    [0, 1]."""
+    T = observed.shape[1]
+    idx = torch.arange(T, device=observed.device)[None, :, None].expand_as(observed)  # (B, T, H)
     prev = torch.where(observed, idx, torch.full_like(idx, -1)).cummax(dim=1).values  # (B, T, H)
     nxt = torch.where(observed, idx, torch.full_like(idx, T)).flip(1).cummin(dim=1).values.flip(1)
     has_prev, has_next = prev >= 0, nxt < T
     prev = torch.where(has_prev, prev, nxt).clamp(0, T - 1)
     nxt = torch.where(has_next, nxt, prev).clamp(0, T - 1)
     span = (nxt - prev).clamp_min(1)
-    w = ((idx - prev).clamp_min(0) / span).to(x.dtype)[..., None]  # (B, T, H, 1)
-    take = lambda i: torch.gather(x, 1, i[..., None].expand_as(x))  # noqa: E731  (B, T, H, P)
-    return torch.where(observed.any(dim=1, keepdim=True)[..., None], (1 - w) * take(prev) + w * take(nxt), x)
+    return prev, nxt, (idx - prev).clamp_min(0) / span
+
+
+def _take(x: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    """(B, T, H, ...) values at (B, T, H) frame indices."""
+    return torch.gather(x, 1, i.view(*i.shape, *(1,) * (x.dim() - 3)).expand_as(x))
+
+
+def _interpolate_observed(x: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+    """(B, T, H, P) values, (B, T, H) bool -> each frame linearly interpolated between the nearest observed
+    frames before and after it (the nearest one alone at the clip's ends; observed frames unchanged; x where
+    a hand is observed nowhere)."""
+    prev, nxt, w = _observed_neighbours(observed)
+    w = w.to(x.dtype)[..., None]  # (B, T, H, 1)
+    return torch.where(observed.any(dim=1, keepdim=True)[..., None], (1 - w) * _take(x, prev) + w * _take(x, nxt), x)
+
+
+def _slerp_observed(R: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+    """(B, T, H, J, 3, 3) rotations, (B, T, H) bool -> each frame's rotations along the shortest arc between
+    the nearest observed frames before and after it (as :func:`_interpolate_observed` places them)."""
+    prev, nxt, w = _observed_neighbours(observed)
+    start, end = _take(R, prev), _take(R, nxt)  # (B, T, H, J, 3, 3)
+    step = matrix_to_axis_angle(start.transpose(-1, -2) @ end) * w.to(R.dtype)[..., None, None]  # (B, T, H, J, 3)
+    return torch.where(observed.any(dim=1, keepdim=True)[..., None, None, None],
+                       start @ axis_angle_to_matrix(step), R)
 
 
 def polynomial_projection(T: int, degree: int, *, through_origin: bool = False,
@@ -342,7 +369,9 @@ class HaWoR(nn.Module):
         hand_fusion: let the hands and the camera attend to each other per frame.
         temporal_dim, temporal_layers, temporal_heads, dropout: token width and temporal transformers.
         head_hidden: hidden width of the hand and camera heads.
-        infiller_hidden, infiller_layers: LSTM infiller.
+        infiller: ``lstm``, this project's LSTM per hand, or ``hawor``, HaWoR's released infiller
+            (:class:`hawor_tune.released_modules.HaWoRInfiller`).
+        infiller_hidden, infiller_layers: the infiller's width and layers (HaWoR's: d_model and layers).
         infill_mask_prob: training-time rate at which valid hand frames are hidden from the infiller.
         hand_trajectory_degree, camera_trajectory_degree: each clip's hand trajectories in its world and camera path
             are projected onto polynomials in time of this degree (0: every frame free); while training only
@@ -359,7 +388,7 @@ class HaWoR(nn.Module):
                  hand_path: str = "query", decoder_dim: int = 1024, decoder_layers: int = 6,
                  motion_hidden: int = 384, motion_layers: int = 6, motion_residual: bool = True,
                  hand_trajectory_degree: int = 0, camera_trajectory_degree: int = 0, smooth_in_training: bool = False,
-                 finger_path: bool = False) -> None:
+                 finger_path: bool = False, infiller: str = "lstm") -> None:
         super().__init__()
         if [layer.side for layer in mano_layers] != list(HANDS):
             raise ValueError(f"mano_layers must be sides {HANDS} in that order, got "
@@ -409,8 +438,15 @@ class HaWoR(nn.Module):
         self.camera_temporal = TemporalEncoder(**temporal)
         # Camera head reads frame t and frame 0: the pose of t relative to 0 (6D rotation + translation).
         self.camera_head = _mlp(2 * D, head_hidden, 9)
-        self.infillers = nn.ModuleList(MotionInfiller(hidden=infiller_hidden, layers=infiller_layers)
-                                       for _ in HANDS)
+        self.infillers: nn.ModuleList | None = None
+        self.infiller: HaWoRInfiller | None = None
+        if infiller == "lstm":
+            self.infillers = nn.ModuleList(MotionInfiller(hidden=infiller_hidden, layers=infiller_layers)
+                                           for _ in HANDS)
+        elif infiller == "hawor":  # under the name HaWoR's infiller.pt is loaded into (hawor_tune.pretrained)
+            self.infiller = HaWoRInfiller(dim=infiller_hidden, layers=infiller_layers)
+        else:
+            raise ValueError(f"infiller must be 'lstm' or 'hawor', got {infiller!r}")
         self.mano = nn.ModuleList(mano_layers)
 
         # Mean rotations of the canonical (right) hand: the egocentric global orientation and MANO's mean
@@ -629,8 +665,9 @@ class HaWoR(nn.Module):
 
         Each hand's parameters (wrist, global orientation, fingers, betas) go to the first camera through the
         predicted camera poses; an unobserved frame starts from the interpolation between the nearest
-        observed frames (held at the clip's ends), and the infiller adds a residual read from the observed
-        frames. The result goes back to the frame's own camera. Nothing of an unobserved frame (its crop,
+        observed frames (held at the clip's ends), and the LSTM infiller adds a residual read from the observed
+        frames, or HaWoR's infiller predicts it (:meth:`_infill_hawor`). The result goes back to the frame's
+        own camera. Nothing of an unobserved frame (its crop,
         its box) enters: an infilled hand is placed by its neighbours and the camera alone. With
         ``hand_trajectory_degree`` set, every frame's parameters in the first camera are then projected onto
         polynomials in time of that degree.
@@ -645,19 +682,74 @@ class HaWoR(nn.Module):
             its regressed parameters.
         """
         world = _to_first_camera(params, cam_R, cam_t)  # (B, T, 2, P)
-        anchor = _interpolate_observed(world, observed)  # (B, T, 2, P)
-        weight = observed[..., None].to(world.dtype)  # (B, T, 2, 1)
-        ref = (world * weight).sum(1, keepdim=True) / weight.sum(1, keepdim=True).clamp_min(1.0)  # (B, 1, 2, P)
-        residual = torch.stack([infiller(world[:, :, i] - ref[:, :, i], observed[:, :, i])
-                                for i, infiller in enumerate(self.infillers)], dim=2)  # (B, T, 2, P)
+        if self.infiller is not None:
+            filled = self._infill_hawor(world, observed)
+        else:
+            anchor = _interpolate_observed(world, observed)  # (B, T, 2, P)
+            weight = observed[..., None].to(world.dtype)  # (B, T, 2, 1)
+            ref = (world * weight).sum(1, keepdim=True) / weight.sum(1, keepdim=True).clamp_min(1.0)  # (B, 1, 2, P)
+            residual = torch.stack([infiller(world[:, :, i] - ref[:, :, i], observed[:, :, i])
+                                    for i, infiller in enumerate(self.infillers)], dim=2)  # (B, T, 2, P)
+            filled = anchor + residual
         keep = observed | ~observed.any(dim=1, keepdim=True)  # (B, T, 2)
         projection = polynomial_projection(params.shape[1], self._degree(self.hand_trajectory_degree),
                                            device=params.device)
         if projection is None:
-            return torch.where(keep[..., None], params, _from_first_camera(anchor + residual, cam_R, cam_t))
+            return torch.where(keep[..., None], params, _from_first_camera(filled, cam_R, cam_t))
         # Smooth motion where the world is: every frame's hand, observed or filled, on one polynomial path.
-        world = torch.where(keep[..., None], world, anchor + residual)
+        world = torch.where(keep[..., None], world, filled)
         return _from_first_camera(_smooth_over_time(world, projection), cam_R, cam_t)
+
+    def _rest_wrists(self, betas: torch.Tensor) -> torch.Tensor:
+        """(..., 2, 10) betas -> (..., 2, 3) each hand's MANO wrist J0(betas) at zero translation."""
+        return torch.stack([layer._joint_template[0].to(betas.dtype)
+                            + (layer._joint_shapedirs[0].to(betas.dtype) @ betas[..., i, :, None]).squeeze(-1)
+                            for i, layer in enumerate(self.mano)], dim=-2)
+
+    def _infill_hawor(self, world: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+        """(B, T, 2, P) parameters in the clip's first camera, (B, T, 2) observed -> (B, T, 2, P) HaWoR's
+        infiller's prediction of every frame, in windows of its length.
+
+        As ``hawor_infiller`` (scripts/scripts_test_video/hawor_video.py) and ``filling_preprocess`` /
+        ``filling_postprocess`` (lib/eval_utils/filling_utils.py) of ThunderVVV/HaWoR do: per hand, the window's
+        frames in the canonical frame of its first frame (there its global orientation is the identity and its
+        MANO translation zero), unobserved frames interpolated (translation and betas linearly, rotations along
+        the shortest arc), each hand as MANO translation (wrist - J0(betas)), betas, global orientation and 15
+        fingers in HaWoR's 6D, left then right; a frame counts as observed when both hands are; a short
+        window is padded with its last frame, counted as observed. A hand observed nowhere in the clip enters
+        as HaWoR's unfilled zeros (identity rotations): its regressions are never read.
+        """
+        B, T = world.shape[:2]
+        window = self.infiller.window
+        to_hawor = world.new_tensor(HAWOR_FROM_OUR_ROT6D, dtype=torch.long)
+        to_ours = world.new_tensor(OUR_FROM_HAWOR_ROT6D, dtype=torch.long)
+        rot = _slerp_observed(rot6d_to_matrix(world[..., :ROT6D_DIM].unflatten(-1, (NUM_ROTATIONS, 6))),
+                              observed)  # (B, T, 2, 16, 3, 3)
+        lerped = _interpolate_observed(world[..., ROT6D_DIM:], observed)  # (B, T, 2, 13): betas, wrist
+        seen = observed.any(dim=1, keepdim=True)[..., None]  # (B, 1, 2, 1)
+        unfilled = torch.cat([world.new_zeros(3 + NUM_BETAS),
+                              world.new_tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0]).repeat(NUM_ROTATIONS)])  # (109,)
+        out = []
+        for start in range(0, T, window):
+            end = min(start + window, T)
+            R, betas, wrist = rot[:, start:end], lerped[:, start:end, :, :NUM_BETAS], lerped[:, start:end, :, NUM_BETAS:]
+            R0, wrist0 = R[:, :1, :, 0], wrist[:, :1]  # (B, 1, 2, 3, 3), (B, 1, 2, 3)
+            rest0 = self._rest_wrists(betas[:, :1])  # (B, 1, 2, 3)
+            canon_R = torch.cat([R0.transpose(-1, -2)[:, :, :, None] @ R[..., :1, :, :], R[..., 1:, :, :]], dim=-3)
+            trans = (R0.transpose(-1, -2) @ (wrist - wrist0)[..., None]).squeeze(-1) + rest0 - self._rest_wrists(betas)
+            hand = torch.cat([trans, betas, matrix_to_rot6d(canon_R)[..., to_hawor].flatten(-2)], dim=-1)  # (B, t, 2, 109)
+            hand = torch.where(seen, hand, unfilled)
+            x, both = hand.flatten(-2), observed[:, start:end].all(dim=-1)  # (B, t, 218), (B, t)
+            pad = window - (end - start)
+            x = torch.cat([x, x[:, -1:].expand(-1, pad, -1)], dim=1)  # (B, window, 218)
+            both = torch.cat([both, both.new_ones(B, pad)], dim=1)
+            y = self.infiller(x, both)[:, :end - start].unflatten(-1, (2, -1))  # (B, t, 2, 109)
+            y_trans, y_betas, y_rot = y[..., :3], y[..., 3:3 + NUM_BETAS], y[..., 3 + NUM_BETAS:]
+            y_rot = y_rot.unflatten(-1, (NUM_ROTATIONS, 6))[..., to_ours]  # (B, t, 2, 16, 6), ours
+            orient = (R0[:, :, :, None] @ y_rot[..., 0, :].unflatten(-1, (2, 3))[..., None]).squeeze(-1)  # (B, t, 2, 2, 3)
+            y_wrist = (R0 @ (y_trans + self._rest_wrists(y_betas) - rest0)[..., None]).squeeze(-1) + wrist0
+            out.append(torch.cat([orient.flatten(-2), y_rot[..., 1:, :].flatten(-2), y_betas, y_wrist], dim=-1))
+        return torch.cat(out, dim=1)
 
     # ----- MANO --------------------------------------------------------------------------------------
     def run_mano(self, rotmats: torch.Tensor, betas: torch.Tensor, root: torch.Tensor
@@ -769,15 +861,16 @@ def build_model(cfg: ExperimentConfig, *, pretrained: bool = True, device: str |
 
     Args:
         cfg: experiment config.
-        pretrained: load ``model.pretrained_path`` when it is set (a checkpoint being restored does not
-            need it). The parts it filled are recorded in ``model.pretrained_parts``, and what it loaded
+        pretrained: load ``model.pretrained_path`` and ``model.infiller_path`` when they are set (a checkpoint
+            being restored does not need them). The parts it filled are recorded in ``model.pretrained_parts``, and what it loaded
             and left fresh in ``model.pretrained_report`` (a :class:`hawor_tune.pretrained.LoadReport`).
         device: where to build the network (``"meta"`` builds a full-size model without allocating it;
             the MANO layers are computed on the CPU and moved there).
 
     Raises:
-        ConfigError: unknown backbone, weights that do not fit it, or blocks to train that it lacks.
-        MissingFileError: model.pretrained_path names a file that does not exist.
+        ConfigError: unknown backbone, weights that do not fit it or the HaWoR infiller, or blocks to train that it
+            lacks.
+        MissingFileError: model.pretrained_path or model.infiller_path names a file that does not exist.
     """
     m, d = cfg.model, cfg.data
     mano_layers = tuple(build_mano(cfg.mano, side) for side in HANDS)
@@ -795,13 +888,16 @@ def build_model(cfg: ExperimentConfig, *, pretrained: bool = True, device: str |
                   decoder_dim=m.decoder_dim, decoder_layers=m.decoder_layers, motion_hidden=m.motion_hidden,
                   motion_layers=m.motion_layers, motion_residual=m.motion_residual,
                   hand_trajectory_degree=m.hand_trajectory_degree, camera_trajectory_degree=m.camera_trajectory_degree,
-                  smooth_in_training=m.smooth_in_training, finger_path=m.finger_path)
+                  smooth_in_training=m.smooth_in_training, finger_path=m.finger_path, infiller=m.infiller)
     if device is not None:
         model.to(device)
     model.pretrained_parts, model.pretrained_report = (), None
     if pretrained and m.pretrained_path:
         report = load_pretrained(model, m.pretrained_path,
                                  released_modules=RELEASED_MODULES if m.hand_path == "hawor" else ())
+        model.pretrained_parts, model.pretrained_report = tuple(report.loaded), report
+    if pretrained and m.infiller_path:  # after the start, which may hold an infiller of its own
+        report = load_hawor_infiller(model, m.infiller_path, model.pretrained_report)
         model.pretrained_parts, model.pretrained_report = tuple(report.loaded), report
     if m.freeze_backbone:
         freeze_backbone(backbone, m.trainable_blocks)

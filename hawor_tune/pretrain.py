@@ -86,7 +86,8 @@ def pretrain_config(cfg: ExperimentConfig, out_dir: str | Path) -> ExperimentCon
     p = cfg.pretrain
     pcfg = copy.deepcopy(cfg)
     pcfg.data = pretrain_data(cfg)
-    pcfg.model = dataclasses.replace(cfg.model, pretrained_path="", infill_mask_prob=0.0)
+    # The run loads its infiller_path after this start: the start must not depend on it (nor does its key).
+    pcfg.model = dataclasses.replace(cfg.model, pretrained_path="", infiller_path="", infill_mask_prob=0.0)
     pcfg.loss = pretrain_loss(cfg)
     pcfg.optim = OptimConfig(lr=p.lr, warmup_epochs=0.25)  # not the run's (searched) optimiser settings
     pcfg.train = dataclasses.replace(cfg.train, epochs=p.epochs, max_train_batches=p.max_train_batches,
@@ -104,13 +105,21 @@ def pretrain_key(cfg: ExperimentConfig) -> str:
     marker = Path(cfg.data.root) / MARKER
     spec = {"version": PRETRAIN_VERSION, "prepared": PREPARED_VERSION, "data": data,
             "mano": dataclasses.asdict(cfg.mano),
-            "model": {k: v for k, v in dataclasses.asdict(cfg.model).items()
-                      if k not in ("pretrained_path", "infill_mask_prob", "hand_trajectory_degree", "camera_trajectory_degree",
-                                   "smooth_in_training")},
+            "model": _model_key(cfg),
             "pretrain": dataclasses.asdict(cfg.pretrain), "loss": dataclasses.asdict(pretrain_loss(cfg)),
             "precision": resolved_precision(cfg.train.device, cfg.train.precision),
             "dataset": marker.read_text() if marker.is_file() else None}
     return spec_key(spec)
+
+
+def _model_key(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The model settings a start depends on. The default infiller is left out, so that the starts cached
+    before there was a choice keep their key."""
+    skip = {"pretrained_path", "infiller_path", "infill_mask_prob", "hand_trajectory_degree",
+            "camera_trajectory_degree", "smooth_in_training"}
+    if cfg.model.infiller == "lstm":
+        skip.add("infiller")
+    return {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in skip}
 
 
 def pretrained_file(cfg: ExperimentConfig) -> Path:

@@ -27,6 +27,7 @@ from torch import nn
 
 from hawor_tune.config import ConfigError
 from hawor_tune.errors import MissingFileError
+from hawor_tune.released_modules import HAWOR_INFILLER_KEY
 
 log = logging.getLogger(__name__)
 
@@ -160,18 +161,22 @@ def timm_to_hamer(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @dataclass
 class LoadReport:
-    """Which parts of a model a weights file filled (tensors per top-level module) and which start fresh."""
+    """Which parts of a model a weights file filled (tensors per top-level module) and which start fresh;
+    ``also`` names the part loaded from a second file (HaWoR's infiller.pt) and that file."""
 
     source: str
     kind: str
     loaded: dict[str, int] = field(default_factory=dict)
     fresh: list[str] = field(default_factory=list)
+    also: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "kind": self.kind, "loaded": dict(self.loaded), "fresh": list(self.fresh)}
+        return {"source": self.source, "kind": self.kind, "loaded": dict(self.loaded), "fresh": list(self.fresh),
+                "also": dict(self.also)}
 
     def summary(self) -> str:
-        parts = ", ".join(f"{k} ({n} tensors)" for k, n in self.loaded.items()) or "nothing"
+        parts = ", ".join(f"{k} ({n} tensors{f' from {self.also[k]}' if k in self.also else ''})"
+                          for k, n in self.loaded.items()) or "nothing"
         return f"{self.kind} {self.source}: loaded {parts}; fresh: {', '.join(self.fresh) or 'none'}"
 
 
@@ -257,5 +262,44 @@ def load_pretrained(model: nn.Module, path: str, *, released_modules: tuple[str,
             report = _report(model, path, "released checkpoint", keys)
         else:
             report = _report(model, path, "backbone weights", _load_backbone(model.backbone, state, path))
+    log.info("%s", report.summary())
+    return report
+
+
+def load_hawor_infiller(model: nn.Module, path: str, report: LoadReport | None = None) -> LoadReport:
+    """Load HaWoR's ``infiller.pt`` (``model.infiller_path``) into ``model.infiller``, every tensor or none, and
+    add it to ``report`` (the pretrained file's), or report it alone.
+
+    The file holds the infiller's state dict under ``transformer_encoder_state_dict`` (ThunderVVV/HaWoR,
+    scripts/scripts_test_video/hawor_video.py, ``hawor_infiller``); it is read with :func:`read_weights`.
+
+    Raises:
+        MissingFileError: no such file.
+        ConfigError: not a torch weights file, not HaWoR's infiller, or a tensor of another shape than the model's.
+    """
+    key = "model.infiller_path"
+    state = read_weights(path, key)
+    sub = state.get(HAWOR_INFILLER_KEY)
+    if not isinstance(sub, dict):
+        raise ConfigError(f"config key '{key}': {path} is not HaWoR's infiller.pt: it has no "
+                          f"'{HAWOR_INFILLER_KEY}' (top-level keys: {sorted(map(str, state))[:5]})")
+    own = model.infiller.state_dict()
+    bad = [k for k in own if k not in sub or not isinstance(sub[k], torch.Tensor) or sub[k].shape != own[k].shape]
+    extra = sorted(k for k in sub if k not in own)
+    if bad or extra:
+        k = bad[0] if bad else extra[0]
+        got = tuple(sub[k].shape) if isinstance(sub.get(k), torch.Tensor) else "missing"
+        want = tuple(own[k].shape) if k in own else "none"
+        raise ConfigError(f"config key '{key}': {path} does not fit this model's HaWoR infiller ({len(bad)} of "
+                          f"{len(own)} tensors differ, {len(extra)} unexpected; first infiller.{k}: file {got}, "
+                          f"model {want}); HaWoR's released infiller is model.infiller_hidden 384, "
+                          f"model.infiller_layers 8")
+    model.infiller.load_state_dict({k: sub[k] for k in own})
+    if report is None:
+        report = _report(model, path, "HaWoR infiller", {f"infiller.{k}" for k in own})
+    else:
+        report.loaded["infiller"] = len(own)
+        report.fresh = [name for name in report.fresh if name != "infiller"]
+        report.also["infiller"] = path
     log.info("%s", report.summary())
     return report

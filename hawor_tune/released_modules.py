@@ -1,7 +1,7 @@
 """HaMeR's and HaWoR's hand modules, rebuilt with their released layers and state-dict names.
 
-So that HaMeR's checkpoint (``mano_head.*``) and HaWoR's (``st_module.*``, ``motion_module.*``, ``mano_head.*``)
-load into them unchanged:
+So that HaMeR's checkpoint (``mano_head.*``), HaWoR's (``st_module.*``, ``motion_module.*``, ``mano_head.*``)
+and HaWoR's infiller (``infiller.pt``) load into them unchanged:
 
 - :class:`MANODecoderHead`: HaMeR's ``MANOTransformerDecoderHead`` (geopavlakos/hamer
   ``hamer/models/heads/mano_head.py`` and ``hamer/models/components/pose_transformer.py``): one zero token,
@@ -11,6 +11,9 @@ load into them unchanged:
   linear in, sinusoidal positions, a post-norm transformer encoder over time, linear out, optionally
   residual; HaWoR's ``st_module`` runs it over each ViT token across the clip, its ``motion_module`` over
   the pose sequence.
+- :class:`HaWoRInfiller`: HaWoR's motion infiller (ThunderVVV/HaWoR ``infiller/lib/model/network.py``,
+  ``TransformerModel`` with its masked-attention stage): both hands' MANO parameters over a 120-frame window,
+  every frame attending to the observed ones, then to all.
 """
 
 from __future__ import annotations
@@ -219,3 +222,95 @@ class TemporalAttention(nn.Module):
         h = self.l2(self.trans(self.pos_embedding(self.l1(x)), src_key_padding_mask=ignore))  # (T, N, out_dim)
         out = x[..., :self.out_dim] + h if self.residual else h
         return out.transpose(0, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# HaWoR's motion infiller
+# ----------------------------------------------------------------------------------------------------------
+
+# HaWoR's infiller.pt: TransformerModel(seq_len=120, input_dim=218, d_model=384, nhead=8, d_hid=2048, nlayers=8,
+# dropout=0.05, out_dim=218, masked_attention_stage=True) under the file's 'transformer_encoder_state_dict'
+# (ThunderVVV/HaWoR, scripts/scripts_test_video/hawor_video.py, hawor_infiller).
+HAWOR_INFILLER_KEY = "transformer_encoder_state_dict"
+HAWOR_INFILLER_WINDOW = 120
+HAWOR_INFILLER_HAND_DIM = 3 + 10 + 16 * 6  # MANO transl, betas, global orientation and 15 fingers in 6D
+HAWOR_INFILLER_DIM = 2 * HAWOR_INFILLER_HAND_DIM  # left hand, then right
+
+
+class _MaskedAttention(nn.Module):
+    """HaWoR's ``MultiHeadedAttention`` (pre-norm, no biases). As released, the scores are scaled by
+    1/sqrt(d_model), not 1/sqrt(d_head), and the residual adds the attention to the NORMALISED input."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.scale = heads, 1 / math.sqrt(dim)
+        self.q_linear = nn.Linear(dim, dim, bias=False)
+        self.k_linear = nn.Linear(dim, dim, bias=False)
+        self.v_linear = nn.Linear(dim, dim, bias=False)
+        self.out_linear = nn.Linear(dim, dim, bias=False)
+        self.droput_layer = nn.Dropout(dropout)  # sic: the released name
+        self.atten_dropout_layer = nn.Dropout(dropout)
+        self.layer_norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, ignore: torch.Tensor) -> torch.Tensor:
+        """(B, T, dim), (B, 1, T, T) bool True where a query may not read a key -> (B, T, dim)."""
+        x = self.layer_norm(x)
+        q, k, v = (_heads(f(x), self.heads) for f in (self.q_linear, self.k_linear, self.v_linear))  # (B, H, T, d)
+        score = (q @ k.transpose(-1, -2) * self.scale).masked_fill(ignore, float("-inf"))  # (B, H, T, T)
+        out = self.atten_dropout_layer(score.softmax(-1)) @ v  # (B, H, T, d)
+        return x + self.droput_layer(self.out_linear(out.transpose(1, 2).flatten(2)))
+
+
+class _PositionwiseFeedForward(nn.Module):
+    """HaWoR's ``FeedForward``, pre-norm: x + W2 relu(W1 LN(x))."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(dim)
+        self.network = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, dim),
+                                     nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.network(self.layer_norm(x))
+
+
+class HaWoRInfiller(nn.Module):
+    """HaWoR's motion infiller, ``TransformerModel`` with ``masked_attention_stage=True`` (ThunderVVV/HaWoR
+    ``infiller/lib/model/network.py``): (B, T, in_dim) two-hand windows and their observed frames ->
+    (B, T, out_dim), T <= window.
+
+    The observed flag is appended to every frame; linear in, sinusoidal positions; ``layers`` pre-norm blocks
+    in which every frame attends to the observed frames only, a final norm; then a post-norm GELU transformer
+    encoder over all frames (its ``src_mask`` is never applied upstream) and a linear out. The defaults are
+    the released ones. A window with no observed frame, which HaWoR never runs (its scores would all be
+    -inf, a NaN), attends to every frame instead.
+    """
+
+    def __init__(self, *, window: int = HAWOR_INFILLER_WINDOW, in_dim: int = HAWOR_INFILLER_DIM, dim: int = 384,
+                 heads: int = 8, ff_dim: int = 2048, layers: int = 8, dropout: float = 0.05,
+                 out_dim: int = HAWOR_INFILLER_DIM) -> None:
+        super().__init__()
+        self.window = window
+        self.pos_embedding = _PositionalEncoding(dim, 0.1, window)
+        self.input_layer = nn.Linear(in_dim + 1, dim)
+        self.att_layers = nn.ModuleList(_MaskedAttention(dim, heads, dropout) for _ in range(layers))
+        self.pff_layers = nn.ModuleList(_PositionwiseFeedForward(dim, ff_dim, dropout) for _ in range(layers))
+        self.layer_norm = nn.LayerNorm(dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, ff_dim, dropout, activation="gelu")
+        self.transformer_encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.decoder = nn.Linear(dim, out_dim)
+        nn.init.uniform_(self.decoder.weight, -0.1, 0.1)  # HaWoR's init_weights
+        nn.init.zeros_(self.decoder.bias)
+
+    def forward(self, x: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+        """(B, T, in_dim), (B, T) bool -> (B, T, out_dim)."""
+        if x.shape[1] > self.window:
+            raise ValueError(f"a window of {x.shape[1]} frames is longer than HaWoR's infiller's {self.window}")
+        flag = observed[..., None].to(x.dtype)  # (B, T, 1)
+        h = self.pos_embedding(self.input_layer(torch.cat([x, flag], dim=-1)).transpose(0, 1)).transpose(0, 1)
+        ignore = ~observed & observed.any(dim=1, keepdim=True)  # (B, T) keys no frame reads
+        ignore = ignore[:, None, None, :].expand(-1, 1, x.shape[1], -1)  # (B, 1, T, T)
+        for attend, feed_forward in zip(self.att_layers, self.pff_layers):
+            h = feed_forward(attend(h, ignore))  # (B, T, dim)
+        h = self.transformer_encoder(self.layer_norm(h).transpose(0, 1))  # (T, B, dim)
+        return self.decoder(h).transpose(0, 1)

@@ -257,6 +257,52 @@ def hamer_state(*, crop_size: int, depth: int, embed_dim: int, num_heads: int, p
     return s
 
 
+def hawor_infiller_shapes(*, dim: int = 384, layers: int = 8, ff_dim: int = 2048, window: int = 120,
+                          io_dim: int = 218) -> dict[str, tuple[int, ...]]:
+    """The names and shapes of HaWoR's infiller.pt state dict, written from its layer definitions
+    (ThunderVVV/HaWoR infiller/lib/model/network.py, ``TransformerModel`` with ``masked_attention_stage``:
+    the sinusoidal ``pe`` buffer, input_layer over the frame and its observed flag, per layer a bias-free
+    ``MultiHeadedAttention`` and a ``FeedForward``, a final LayerNorm, torch's post-norm
+    ``TransformerEncoder`` and the decoder). The defaults are the released sizes."""
+    s: dict[str, tuple[int, ...]] = {"pos_embedding.pe": (window, 1, dim), "input_layer.weight": (dim, io_dim + 1),
+                                     "input_layer.bias": (dim,)}
+    for i in range(layers):
+        a, f = f"att_layers.{i}.", f"pff_layers.{i}."
+        s.update({a + "q_linear.weight": (dim, dim), a + "k_linear.weight": (dim, dim), a + "v_linear.weight": (dim, dim),
+                  a + "out_linear.weight": (dim, dim), a + "layer_norm.weight": (dim,), a + "layer_norm.bias": (dim,),
+                  f + "layer_norm.weight": (dim,), f + "layer_norm.bias": (dim,), f + "network.0.weight": (ff_dim, dim),
+                  f + "network.0.bias": (ff_dim,), f + "network.3.weight": (dim, ff_dim), f + "network.3.bias": (dim,)})
+    s.update({"layer_norm.weight": (dim,), "layer_norm.bias": (dim,)})
+    for i in range(layers):
+        e = f"transformer_encoder.layers.{i}."
+        s.update({e + "self_attn.in_proj_weight": (3 * dim, dim), e + "self_attn.in_proj_bias": (3 * dim,),
+                  e + "self_attn.out_proj.weight": (dim, dim), e + "self_attn.out_proj.bias": (dim,),
+                  e + "linear1.weight": (ff_dim, dim), e + "linear1.bias": (ff_dim,), e + "linear2.weight": (dim, ff_dim),
+                  e + "linear2.bias": (dim,), e + "norm1.weight": (dim,), e + "norm1.bias": (dim,),
+                  e + "norm2.weight": (dim,), e + "norm2.bias": (dim,)})
+    s.update({"decoder.weight": (io_dim, dim), "decoder.bias": (io_dim,)})
+    return s
+
+
+def hawor_infiller_state(*, dim: int, layers: int, ff_dim: int = 2048, seed: int = 0) -> dict[str, Any]:
+    """Random tensors under HaWoR's infiller names and shapes (:func:`hawor_infiller_shapes`), norms near 1."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return {k: (1.0 if k.endswith("norm.weight") or ".norm1.weight" in k or ".norm2.weight" in k else 0.0)
+            + torch.randn(*shape, generator=g) * (0.3 if k == "pos_embedding.pe" else 0.1)
+            for k, shape in hawor_infiller_shapes(dim=dim, layers=layers, ff_dim=ff_dim).items()}
+
+
+def write_hawor_infiller(path: Path, state_dict: dict[str, Any]) -> Path:
+    """Save ``state_dict`` as HaWoR's infiller.pt holds it: under ``transformer_encoder_state_dict``, which
+    ``hawor_infiller`` (scripts/scripts_test_video/hawor_video.py) loads."""
+    import torch
+
+    torch.save({"transformer_encoder_state_dict": state_dict}, path)
+    return path
+
+
 def write_lightning_checkpoint(path: Path, state_dict: dict[str, Any]) -> Path:
     """Save ``state_dict`` as PyTorch Lightning does, with ``hyper_parameters`` holding a pickled yacs-style
     ``CfgNode`` from a module that is then uninstalled (as yacs is where hawor-tune runs)."""

@@ -77,6 +77,8 @@ def test_relative_paths_are_made_absolute(tmp_path):
     ("loss.camera=.nan", ["loss.camera", "finite"]),
     ("no_equals_sign", ["key=value"]),
     ("model.temporal_heads=3", ["model.temporal_dim", "divisible", "model.temporal_heads"]),
+    ("model.infiller=gru", ["model.infiller", "gru", "lstm", "hawor"]),
+    ("model.infiller_path=infiller.pt", ["model.infiller_path", "infiller.pt", "model.infiller: hawor"]),
 ])
 def test_bad_overrides_name_key_value_and_allowed(override, fragments):
     with pytest.raises(ConfigError) as err:

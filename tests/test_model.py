@@ -27,6 +27,8 @@ G = 8  # cells per side of the optical flow
 TINY = {**TINY_MODEL_OVERRIDES, "data.img_size": S, "data.crop_size": C, "data.flow_grid": G, "mano.model_dir": "",
         "model.hand_trajectory_degree": 0, "model.camera_trajectory_degree": 0}
 MIRROR_X = torch.tensor([-1.0, 1.0, 1.0])
+# HaWoR's released infiller at test size.
+HAWOR_INFILLER = {"model.infiller": "hawor", "model.infiller_hidden": 32, "model.infiller_layers": 1}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -190,8 +192,9 @@ def test_untrained_model_predicts_the_mean_hand(eval_model: HaWoR) -> None:
     assert (angle > 0.05).any()  # the crops are off-centre, so the check is not trivial
 
 
-def test_gradients_reach_every_stage() -> None:
-    model = _model(**{"model.infill_mask_prob": 0.5}).train()
+@pytest.mark.parametrize("infiller", ["lstm", "hawor"])
+def test_gradients_reach_every_stage(infiller: str) -> None:
+    model = _model(**{"model.infill_mask_prob": 0.5, **(HAWOR_INFILLER if infiller == "hawor" else {})}).train()
     torch.manual_seed(1)
     batch = _batch(2, 8)
     out = run_model(model, batch)
@@ -204,7 +207,8 @@ def test_gradients_reach_every_stage() -> None:
               "flow projection": model.flow_proj,
               "fusion": model.fusion, "hand temporal": model.hand_temporal, "camera temporal": model.camera_temporal,
               "hand head": model.hand_head, "camera head": model.camera_head,
-              "left infiller": model.infillers[0], "right infiller": model.infillers[1]}
+              **({"left infiller": model.infillers[0], "right infiller": model.infillers[1]} if infiller == "lstm"
+                 else {"HaWoR's infiller": model.infiller})}
     for name, module in stages.items():
         grads = [p.grad for p in module.parameters()]
         assert all(g is not None and torch.isfinite(g).all() for g in grads), name
@@ -640,3 +644,88 @@ def test_the_finger_path_starts_silent_and_moves_only_the_fingers() -> None:
     torch.testing.assert_close(c.rot6d[seen][:, 0], a.rot6d[seen][:, 0])  # the global orientation is the head's
     torch.testing.assert_close(c.root[seen], a.root[seen])
     assert float((c.rot6d[..., 1:, :] - a.rot6d[..., 1:, :]).abs().amax()) > 1e-3  # the fingers moved
+
+
+
+def _rotation_params(B: int, T: int, seed: int) -> torch.Tensor:
+    """(B, T, 2, P) parameters with proper rotations, as the regressor's become in MANO."""
+    gen = torch.Generator().manual_seed(seed)
+    R = axis_angle_to_matrix(torch.randn(B, T, 2, 16, 3, generator=gen) * 0.5)
+    rot6d = torch.cat([R[..., :, 0], R[..., :, 1]], dim=-1).flatten(-2)  # ours: the two columns stacked
+    wrist = torch.randn(B, T, 2, 3, generator=gen) * 0.1 + torch.tensor([0.0, 0.0, 0.5])
+    return torch.cat([rot6d, torch.randn(B, T, 2, 10, generator=gen), wrist], dim=-1)
+
+
+def test_the_hawor_infiller_reads_hawors_layout_in_the_canonical_frame() -> None:
+    """What HaWoR's filling_preprocess (ThunderVVV/HaWoR lib/eval_utils/filling_utils.py) feeds its network,
+    written out: per hand the window's first frame's orientation and MANO translation taken out, the MANO
+    translation wrist - J0(betas), betas, HaWoR's 6D (rotmat_to_rot6d: R[:, :2] flattened) of the global
+    orientation and the fingers, left then right, padded to 120 frames with the last, observed where both
+    hands are."""
+    model = _model(**HAWOR_INFILLER).eval()
+    B, T = 2, 7
+    params = _rotation_params(B, T, seed=1)
+    observed = torch.ones(B, T, 2, dtype=torch.bool)
+    observed[0, 2, 0] = observed[1, 5, 1] = False
+    seen = {}
+    model.infiller.register_forward_hook(lambda m, args, out: seen.update(x=args[0], observed=args[1]))
+    eye, zero = torch.eye(3).expand(B, T, 3, 3), torch.zeros(B, T, 3)
+    with torch.no_grad():
+        model.infill(params, observed, eye, zero)
+    x, both = seen["x"], seen["observed"]
+    assert x.shape == (B, 120, 218) and torch.equal(both[:, :T], observed.all(-1)) and both[:, T:].all()
+    torch.testing.assert_close(x[:, T:], x[:, T - 1:T].expand(-1, 120 - T, -1))
+
+    R = params[..., :96].unflatten(-1, (16, 2, 3)).transpose(-1, -2)  # (B, T, 2, 16, 3, 2) the two columns
+    R = torch.cat([R, torch.linalg.cross(R[..., 0], R[..., 1])[..., None]], dim=-1)  # (B, T, 2, 16, 3, 3)
+    betas, wrist = params[..., 96:106], params[..., 106:]
+    def rest_wrist(h: int, beta: torch.Tensor) -> torch.Tensor:  # MANO's wrist J0(betas), flat and unmoved
+        return model.mano[h](torch.eye(3).expand(1, 16, 3, 3), beta[None]).joints[0, 0]
+
+    for b, t, h in ((0, 0, 0), (0, 4, 0), (1, 3, 1), (1, 6, 0)):
+        assert observed[b, t, h]
+        R0 = R[b, 0, h, 0]
+        trans = R0.T @ (wrist[b, t, h] - wrist[b, 0, h]) + rest_wrist(h, betas[b, 0, h]) - rest_wrist(h, betas[b, t, h])
+        rots = torch.cat([(R0.T @ R[b, t, h, 0])[None], R[b, t, h, 1:]])  # (16, 3, 3)
+        expected = torch.cat([trans, betas[b, t, h], rots[:, :, :2].reshape(96)])
+        torch.testing.assert_close(x[b, t, 109 * h:109 * (h + 1)], expected, atol=1e-5, rtol=0)
+
+
+def test_the_hawor_infiller_replaces_only_unobserved_frames_and_inverts_its_layout() -> None:
+    model = _model(**HAWOR_INFILLER).eval()
+    B, T = 2, 6
+    gen = torch.Generator().manual_seed(3)
+    params = _rotation_params(B, T, seed=2)
+    observed = torch.rand(B, T, 2, generator=gen) > 0.4
+    observed[:, 0] = True
+    cam_R = axis_angle_to_matrix(torch.randn(B, T, 3, generator=gen) * 0.2)
+    cam_t = torch.randn(B, T, 3, generator=gen) * 0.05
+    garbage = torch.where(observed[..., None], params, torch.randn(B, T, 2, PARAM_DIM, generator=gen) * 10)
+    with torch.no_grad():
+        filled = model.infill(params, observed, cam_R, cam_t)
+        assert torch.equal(filled[observed], params[observed])
+        assert not torch.allclose(filled[~observed], params[~observed])
+        torch.testing.assert_close(model.infill(garbage, observed, cam_R, cam_t), filled)  # never read
+
+    # A network that returns its input gives back the interpolation HaWoR feeds it: a hand still in the
+    # world while the head moves stays still, so canonical -> world inverts world -> canonical.
+    model.infiller.forward = lambda x, observed: x
+    still = params[:, :1].expand(B, T, 2, PARAM_DIM).clone()  # in camera 0
+    Rt = cam_R.transpose(-1, -2)[:, :, None]  # (B, T, 1, 3, 3) camera 0 -> camera t
+    still[..., -3:] = (Rt @ (still[..., -3:] - cam_t[:, :, None])[..., None]).squeeze(-1)
+    still[..., :6] = (Rt[:, :, :, None] @ still[..., :6].unflatten(-1, (2, 3))[..., None]).squeeze(-1).flatten(-2)
+    with torch.no_grad():
+        torch.testing.assert_close(model.infill(still, observed, cam_R, cam_t), still, atol=1e-5, rtol=0)
+
+
+def test_the_hand_trajectory_projection_follows_the_hawor_infiller() -> None:
+    model = _model(**{**HAWOR_INFILLER, "model.hand_trajectory_degree": 1}).eval()
+    B, T = 1, 8
+    params = _rotation_params(B, T, seed=4)
+    observed = torch.ones(B, T, 2, dtype=torch.bool)
+    observed[0, 3:5, 1] = False
+    eye, zero = torch.eye(3).expand(B, T, 3, 3), torch.zeros(B, T, 3)
+    with torch.no_grad():
+        filled = model.infill(params, observed, eye, zero)
+    assert float(torch.diff(filled[..., -3:], n=2, dim=1).abs().amax()) < 1e-5  # wrists on lines
+    assert float(torch.diff(params[..., -3:], n=2, dim=1).abs().amax()) > 1e-2

@@ -47,11 +47,18 @@ def test_the_key_ignores_what_a_run_may_vary(synthetic_dataset, key, value):
 @pytest.mark.parametrize("key, value", [
     ("model.temporal_dim", 64), ("model.backbone_kwargs", {"depth": 2, "patch_size": 16}), ("data.crop_size", 48),
     ("data.crop_scale", 1.5), ("pretrain.epochs", 2), ("pretrain.lr", 0.01), ("pretrain.frames_sequences", 2),
-    ("pretrain.frames_per_sequence", 60), ("pretrain.mano_params", 0.02),
+    ("pretrain.frames_per_sequence", 60), ("pretrain.mano_params", 0.02), ("model.infiller", "hawor"),
 ])
 def test_the_key_follows_what_the_weights_depend_on(synthetic_dataset, key, value):
     base = synthetic_dataset.config({**TINY_MODEL_OVERRIDES, **PRETRAIN})
     assert pretrain_key(synthetic_dataset.config({**TINY_MODEL_OVERRIDES, **PRETRAIN, key: value})) != pretrain_key(base)
+
+
+def test_hawors_infiller_file_is_loaded_after_the_start_not_into_it(synthetic_dataset, tmp_path):
+    hawor = {**TINY_MODEL_OVERRIDES, **PRETRAIN, "model.infiller": "hawor"}
+    with_file = synthetic_dataset.config({**hawor, "model.infiller_path": str(tmp_path / "infiller.pt")})
+    assert pretrain_key(with_file) == pretrain_key(synthetic_dataset.config(hawor))
+    assert pretrain_config(with_file, tmp_path / "pre").model.infiller_path == ""
 
 
 def test_auto_precision_shares_the_start_of_the_precision_it_means_on_this_machine(synthetic_dataset):

@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import GPU_PROFILE_SMALL, GPU_PROFILE_VIT, hamer_state, write_lightning_checkpoint
+from conftest import (
+    GPU_PROFILE_SMALL,
+    GPU_PROFILE_VIT,
+    hamer_state,
+    hawor_infiller_state,
+    write_hawor_infiller,
+    write_lightning_checkpoint,
+)
 
 from hawor_tune.config import ConfigError, load_config
 from hawor_tune.errors import MissingFileError
@@ -131,6 +138,50 @@ def test_a_released_module_of_another_shape_is_refused_with_the_first_tensor_nam
     ckpt = write_lightning_checkpoint(tmp_path / "hamer.ckpt", _hamer_state())
     with pytest.raises(ConfigError, match=r"'mano_head\.\*' does not fit .*mano_head\.transformer"):
         build_model(_config(ckpt, **{"model.decoder_dim": 48}))
+
+
+def _infiller_config(ckpt: Path, infiller: Path | str, **overrides):
+    return _config(ckpt, **{"model.infiller": "hawor", "model.infiller_hidden": 32, "model.infiller_layers": 2,
+                            "model.infiller_path": str(infiller), **overrides})
+
+
+def test_hawors_infiller_file_loads_beside_the_checkpoint_and_says_so(tmp_path, caplog):
+    ckpt = write_lightning_checkpoint(tmp_path / "hawor.ckpt", _hamer_state())
+    state = hawor_infiller_state(dim=32, layers=2)
+    infiller = write_hawor_infiller(tmp_path / "infiller.pt", state)
+    with caplog.at_level("INFO", logger="hawor_tune.pretrained"):
+        model = build_model(_infiller_config(ckpt, infiller))
+    for k, v in model.infiller.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert model.pretrained_parts == ("backbone", "mano_head", "infiller")  # trained at backbone_lr_scale
+    said = model.pretrained_report.to_dict()
+    assert said["loaded"]["infiller"] == len(state) and "infiller" not in said["fresh"]
+    assert said["also"] == {"infiller": str(infiller)}
+    assert f"infiller ({len(state)} tensors from {infiller})" in caplog.text
+
+    fresh = build_model(_infiller_config(ckpt, "")).pretrained_report.to_dict()
+    assert "infiller" in fresh["fresh"] and fresh["also"] == {}
+
+
+@pytest.mark.parametrize("content, error, match", [
+    (None, MissingFileError, "does not exist"),
+    ({"state_dict": {"x": torch.ones(1)}}, ConfigError, "not HaWoR's infiller.pt: it has no 'transformer_encoder_state_dict'"),
+    ("wider", ConfigError, r"does not fit this model's HaWoR infiller .*first infiller.pos_embedding.pe: file \(120, 1, 64\), "
+                           r"model \(120, 1, 32\).*384"),
+    ("extra", ConfigError, r"1 unexpected; first infiller.extra.weight"),
+])
+def test_a_file_that_is_not_this_infiller_is_refused_naming_the_key_and_the_tensor(tmp_path, content, error, match):
+    ckpt = write_lightning_checkpoint(tmp_path / "hamer.ckpt", _hamer_state())
+    path = tmp_path / "infiller.pt"
+    if content == "wider":
+        write_hawor_infiller(path, hawor_infiller_state(dim=64, layers=2))
+    elif content == "extra":
+        write_hawor_infiller(path, {**hawor_infiller_state(dim=32, layers=2), "extra.weight": torch.ones(2)})
+    elif content is not None:
+        torch.save(content, path)
+    with pytest.raises(error, match=match) as e:
+        build_model(_infiller_config(ckpt, path))
+    assert "model.infiller_path" in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
 
 
 def test_the_restricted_unpickler_never_runs_what_a_file_names(tmp_path):
