@@ -70,6 +70,9 @@ class DataConfig:
     generate: bool = _spec(True, doc="generate the synthetic dataset at root when it is missing")
     seq_len: int = _spec(8, low=1, high=256, doc="frames per clip")
     stride: int = _spec(4, low=1, high=256, doc="frames between the starts of consecutive training clips")
+    eval_hop: int = _spec(1, low=0, high=255, doc="frames between the starts of val/test (and prediction) clips, "
+                          "below seq_len; 0: half a clip. Smaller hops blend more clips' predictions of each "
+                          "frame (smoother world motion) at the cost of more clips to run")
     frame_step: int = _spec(1, low=1, high=30, doc="temporal subsampling of the 30 fps sequences")
     frame_size: int = _spec(224, low=32, high=4096, doc="side of the letterboxed frame the optical flow (and the 2D labels) are computed in; crops come from the original image")
     crop_size: int = _spec(48, low=16, high=1024, doc="side of each hand's square crop (the backbone's input)")
@@ -468,6 +471,10 @@ def check_consistency(cfg: ExperimentConfig) -> None:
     weights = dataclasses.asdict(cfg.loss)
     if not any(w > 0 for w in weights.values()):
         raise ConfigError(f"loss weights are all 0 ({weights}): at least one of loss.* must be > 0")
+    if cfg.data.eval_hop >= cfg.data.seq_len > 1:
+        raise ConfigError(f"config key 'data.eval_hop' is {cfg.data.eval_hop} but data.seq_len is {cfg.data.seq_len}: "
+                          "each evaluation clip must start on a frame the one before it placed (0 < eval_hop < seq_len), "
+                          "or 0 for half a clip")
     if cfg.model.require_pretrained and not cfg.model.pretrained_path:
         raise ConfigError("config key 'model.pretrained_path' is empty but model.require_pretrained is true: "
                           "set it to the backbone weights this profile fine-tunes (e.g. HaMeR's checkpoint)")

@@ -41,7 +41,7 @@ PRETRAIN_LOSS = dataclasses.replace(LossConfig(), temporal=0.0, camera=0.0, hand
 # the fine-tuning's, which is what a search compares.
 PRETRAIN_SEED = 0
 # Data keys that only shape clips or batches, not what a single frame shows.
-_CLIP_KEYS = ("seq_len", "stride", "flow_grid", "batch_size", "num_workers", "train_on_val", "cache_dir")
+_CLIP_KEYS = ("seq_len", "stride", "eval_hop", "flow_grid", "batch_size", "num_workers", "train_on_val", "cache_dir")
 
 
 class PretrainError(HaworTuneError, RuntimeError):

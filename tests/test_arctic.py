@@ -263,21 +263,23 @@ def test_crop_pixels_are_the_frames_pixels_under_the_crop_map(synthetic_dataset)
 @pytest.mark.parametrize("split", ["val", "test"])
 def test_every_frame_is_scored_once_whatever_the_clip_length(synthetic_dataset, split):
     scored = {}
-    for seq_len in (4, 6):  # 20 frames per sequence: 6 leaves an end-aligned clip overlapping the one before
-        ds = build_dataset(synthetic_dataset.config({"data.seq_len": seq_len}), split)
+    # 20 frames per sequence: 6 leaves an end-aligned clip overlapping the one before; hop 1 scores one frame a clip.
+    for seq_len, hop in ((4, 0), (6, 0), (6, 1)):
+        ds = build_dataset(synthetic_dataset.config({"data.seq_len": seq_len, "data.eval_hop": hop}), split)
         frames = [(ds.sequences[int(item["seq_index"])], f)
                   for item in _items(ds)
                   for f, counts in zip(item["frame_index"].tolist(), item["scored"].tolist(), strict=True) if counts]
-        assert len(frames) == len(set(frames)), seq_len
-        scored[seq_len] = set(frames)
+        assert len(frames) == len(set(frames)), (seq_len, hop)
+        scored[seq_len, hop] = set(frames)
     every_frame = {(name, f) for name in ds.sequences for f in _window(synthetic_dataset.root, name)}
-    assert scored[4] == scored[6] == every_frame
+    assert scored[4, 0] == scored[6, 0] == scored[6, 1] == every_frame
 
 
-@pytest.mark.parametrize("seq_len", [4, 5, 6])
-def test_each_evaluation_clip_starts_on_a_frame_an_earlier_clip_placed(synthetic_dataset, seq_len):
-    ds = build_dataset(synthetic_dataset.config({"data.seq_len": seq_len}), "val")
+@pytest.mark.parametrize("seq_len, hop, expected_hop", [(4, 0, 2), (5, 0, 2), (6, 0, 3), (6, 1, 1), (6, 4, 4)])
+def test_each_evaluation_clip_starts_on_a_frame_an_earlier_clip_placed(synthetic_dataset, seq_len, hop, expected_hop):
+    ds = build_dataset(synthetic_dataset.config({"data.seq_len": seq_len, "data.eval_hop": hop}), "val")
     seen: dict[int, set[int]] = {}
+    starts: dict[int, list[int]] = {}
     for item in _items(ds):
         frames = item["frame_index"].tolist()
         covered = seen.setdefault(int(item["seq_index"]), set())
@@ -285,6 +287,10 @@ def test_each_evaluation_clip_starts_on_a_frame_an_earlier_clip_placed(synthetic
         scored = item["scored"].tolist()
         assert scored == sorted(scored)  # the scored frames are the clip's last ones
         covered.update(frames)
+        starts.setdefault(int(item["seq_index"]), []).append(frames[0])
+    for firsts in starts.values():  # every eval_hop frames (half a clip for 0), the end-aligned last clip apart
+        assert set(np.diff(firsts[:-1]).tolist()) <= {expected_hop}, firsts
+        assert 0 < firsts[-1] - firsts[-2] <= expected_hop, firsts
 
 
 def test_training_crops_are_jittered_and_evaluation_crops_are_not(synthetic_dataset):
@@ -317,14 +323,16 @@ def test_training_crops_are_jittered_and_evaluation_crops_are_not(synthetic_data
     assert torch.equal(first["crops"], again["crops"]) and torch.equal(first["crop_K"], again["crop_K"])
 
 
-@pytest.mark.parametrize("seq_len,stride,frame_step,expected", [
-    # Evaluation clips hop half a clip: 20 frames of 4 start at 0, 2, ..., 16; of 8 at 0, 4, 8, 12.
-    (4, 2, 1, {"train": 2 * 9, "val": 9, "test": 9}),  # 20 frames: starts 0, 2, ..., 16 / 0, 2, ..., 16
-    (8, 3, 1, {"train": 2 * 5, "val": 4, "test": 4}),  # starts 0, 3, ..., 12 / 0, 4, 8, 12
-    (4, 3, 2, {"train": 2 * 3, "val": 4, "test": 4}),  # 10 frames 10, 12, ..., 28: 0, 3, 6 / 0, 2, 4, 6
+@pytest.mark.parametrize("seq_len,stride,frame_step,eval_hop,expected", [
+    # Evaluation clips hop half a clip (eval_hop 0): 20 frames of 4 start at 0, 2, ..., 16; of 8 at 0, 4, 8, 12.
+    (4, 2, 1, 0, {"train": 2 * 9, "val": 9, "test": 9}),  # 20 frames: starts 0, 2, ..., 16 / 0, 2, ..., 16
+    (8, 3, 1, 0, {"train": 2 * 5, "val": 4, "test": 4}),  # starts 0, 3, ..., 12 / 0, 4, 8, 12
+    (4, 3, 2, 0, {"train": 2 * 3, "val": 4, "test": 4}),  # 10 frames 10, 12, ..., 28: 0, 3, 6 / 0, 2, 4, 6
+    (4, 2, 1, 1, {"train": 2 * 9, "val": 17, "test": 17}),  # every frame a start: 0, 1, ..., 16
 ])
-def test_clip_counts_and_frame_steps(synthetic_dataset, seq_len, stride, frame_step, expected):
-    cfg = synthetic_dataset.config({"data.seq_len": seq_len, "data.stride": stride, "data.frame_step": frame_step})
+def test_clip_counts_and_frame_steps(synthetic_dataset, seq_len, stride, frame_step, eval_hop, expected):
+    cfg = synthetic_dataset.config({"data.seq_len": seq_len, "data.stride": stride, "data.frame_step": frame_step,
+                                    "data.eval_hop": eval_hop})
     for split, count in expected.items():
         ds = build_dataset(cfg, split, cached=False)
         assert len(ds) == count, split

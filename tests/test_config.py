@@ -78,6 +78,7 @@ def test_relative_paths_are_made_absolute(tmp_path):
     ("no_equals_sign", ["key=value"]),
     ("model.temporal_heads=3", ["model.temporal_dim", "divisible", "model.temporal_heads"]),
     ("model.infiller=gru", ["model.infiller", "gru", "lstm", "hawor"]),
+    ("data.eval_hop=8", ["data.eval_hop", "8", "data.seq_len", "0 < eval_hop < seq_len"]),
     ("model.infiller_path=infiller.pt", ["model.infiller_path", "infiller.pt", "model.infiller: hawor"]),
 ])
 def test_bad_overrides_name_key_value_and_allowed(override, fragments):

@@ -185,7 +185,7 @@ class BoxClips(Dataset):
     Args:
         root: ARCTIC ``arctic_data/data`` folder (images, ``meta/misc.json``, egocam files where given).
         boxes: per sequence, from :func:`read_boxes`.
-        seq_len, frame_step, frame_size, crop_size, crop_scale, crop_jitter, img_size, flow_grid: as
+        seq_len, eval_hop, frame_step, frame_size, crop_size, crop_scale, crop_jitter, img_size, flow_grid: as
             ``ArcticClips`` (``crop_jitter`` only sets the prepared crops' margin, as for the labelled splits).
 
     Raises:
@@ -193,7 +193,7 @@ class BoxClips(Dataset):
             than a clip.
     """
 
-    def __init__(self, root: str | os.PathLike, boxes: Sequence[SequenceBoxes], *, seq_len: int,
+    def __init__(self, root: str | os.PathLike, boxes: Sequence[SequenceBoxes], *, seq_len: int, eval_hop: int = 0,
                  frame_step: int = 1, frame_size: int = 224, crop_size: int = 64, crop_scale: float = 1.3,
                  crop_jitter: float = 0.0, img_size: int = 64, flow_grid: int = 0) -> None:
         self.root, self.seq_len, self.frame_step = Path(root), seq_len, frame_step
@@ -211,7 +211,7 @@ class BoxClips(Dataset):
         for s, b in enumerate(boxes):
             for stream in range(frame_step):
                 n = len(range(stream, len(b.image_index), frame_step))
-                starts = _clip_starts(n, seq_len, 1, "test")
+                starts = _clip_starts(n, seq_len, 1, "test", eval_hop)
                 if not starts:
                     raise BoxFileError(f"{b.path}: {len(b.image_index)} images give streams of {n} frames at "
                                        f"data.frame_step {frame_step}, shorter than a clip (data.seq_len "

@@ -44,9 +44,9 @@ class ArcticClips(Dataset):
     (``crop_jitter``); val/test use the unjittered box, the ground-truth-box protocol of hand-pose benchmarks
     (HaMeR, HaWoR).
 
-    Training clips start every ``stride`` frames. Val/test clips do not overlap and the last one is aligned
-    to the sequence's end, so every kept frame is evaluated whatever ``seq_len`` is; ``scored`` marks each
-    frame in exactly one clip.
+    Training clips start every ``stride`` frames. Val/test clips start every ``eval_hop`` frames (half a clip
+    by default), each on a frame an earlier clip placed, and the last one is aligned to the sequence's end, so
+    every kept frame is evaluated whatever ``seq_len`` is; ``scored`` marks each frame in exactly one clip.
 
     Args:
         root: ARCTIC ``arctic_data/data`` folder.
@@ -54,6 +54,7 @@ class ArcticClips(Dataset):
         mano: MANO layers for (left, right); the labels' hand model.
         seq_len: frames per clip (after subsampling).
         stride: frames between training clip starts.
+        eval_hop: frames between val/test clip starts, 1 .. seq_len - 1; 0: half a clip.
         frame_step: temporal subsampling.
         frame_size: side of the letterboxed frame the labels' 2D keypoints and the flow are computed in.
         crop_size: side of each hand crop.
@@ -72,7 +73,7 @@ class ArcticClips(Dataset):
     """
 
     def __init__(self, root: str | os.PathLike, split: str, *, mano: Sequence[MANOLayer], seq_len: int,
-                 stride: int, frame_step: int = 1, frame_size: int = 224, crop_size: int = 64,
+                 stride: int, eval_hop: int = 0, frame_step: int = 1, frame_size: int = 224, crop_size: int = 64,
                  crop_scale: float = 1.3, crop_jitter: float = 0.0, img_size: int = 64, flow_grid: int = 0,
                  min_visible_joints: int = 8, valid_rule: str = "visible_joints",
                  cache_dir: str | os.PathLike | None = None, prepared: bool = True, prepare_workers: int | None = None,
@@ -90,7 +91,7 @@ class ArcticClips(Dataset):
         labels = load_sequences(self.root, self.sequences, mano=mano, frame_size=frame_size, frame_step=frame_step,
                                 min_visible_joints=min_visible_joints, valid_rule=valid_rule, misc=misc)
         counts = [len(lab.frame_index) for lab in labels]
-        self._clips = [(s, p, first) for s, n in enumerate(counts) for p, first in _clip_starts(n, seq_len, stride, split)]
+        self._clips = [(s, p, first) for s, n in enumerate(counts) for p, first in _clip_starts(n, seq_len, stride, split, eval_hop)]
         if not self._clips:
             raise DatasetError(f"split '{split}' of {self.root} has no clip of {seq_len} frames: its sequences have "
                                f"at most {max(counts)} frames after skipping {SKIP_FRAMES} image indices at each end and keeping "
@@ -172,20 +173,22 @@ class ArcticClips(Dataset):
         return item
 
 
-def _clip_starts(frames: int, seq_len: int, stride: int, split: str) -> list[tuple[int, int]]:
+def _clip_starts(frames: int, seq_len: int, stride: int, split: str, hop: int = 0) -> list[tuple[int, int]]:
     """(start, first scored frame) of each clip of one sequence.
 
-    Training clips start every ``stride`` frames and every frame counts. Evaluation clips overlap by half a
-    clip, so that each clip starts on a frame an earlier clip has placed: the sequence's camera path is
+    Training clips start every ``stride`` frames and every frame counts. Evaluation clips start every ``hop``
+    frames (0: half a clip), so that each clip starts on a frame an earlier clip has placed: the sequence's camera path is
     chained through predicted poses alone, never guessed across a junction. The first clip scores all its
     frames, each later one its frames past the previous clip's end (its second half); when the hops do not
-    reach the sequence's end, one more clip is aligned to it. Each frame is scored exactly once.
+    reach the sequence's end, one more clip is aligned to it. Each frame is scored exactly once. A smaller hop
+    gives each frame more clips' predictions to blend (:func:`hawor_tune.evaluation.world_sequences`), at the
+    cost of more clips to run.
     """
     if frames < seq_len:
         return []
     if split == "train":
         return [(p, 0) for p in range(0, frames - seq_len + 1, stride)]
-    hop = max(1, seq_len // 2)
+    hop = max(1, min(hop, seq_len - 1)) if hop > 0 else max(1, seq_len // 2)
     starts = [(0, 0)] + [(p, seq_len - hop) for p in range(hop, frames - seq_len + 1, hop)]
     covered = starts[-1][0] + seq_len
     if covered < frames:
