@@ -77,19 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     base = space.base_config
     print(f"\nspace {args.space}, budget {base.train.epochs} epochs x {base.train.max_train_batches or 'all'} batches, "
           f"seeds {args.seeds}, extra overrides {args.set or 'none'}; {time.perf_counter() - t0:.0f} s of training")
-    print("validation, seed means, each metric / the mean-pose baseline's (jerk / the ground truth's own)")
+    print("validation, seed means, each metric / the mean-pose baseline's (jerk / the ground truth's own); "
+          "below each variant, its seeds' spread (max - min)")
     width = max(len(n) for n in variants) + 2
-    print(f"{'variant':<{width}}" + "".join(f"{m:>{max(len(m), 6) + 2}}" for m, _ in COLUMNS) + f"{'objective':>11}"
-          + f"{'(seed spread)':>15}")
+    widths = [max(len(m), 6) + 2 for m, _ in COLUMNS] + [11]
+    print(f"{'variant':<{width}}" + "".join(f"{m:>{w}}" for (m, _), w in zip(COLUMNS, widths)) + f"{'objective':>11}")
     for name in variants:
         rows = [results[f"{name} seed {seed}"] for seed in args.seeds]
-        cells = []
-        for m, ref in COLUMNS:
-            ratios = [r[f"val/{m}"] / (baseline[m] if ref == "baseline" else r[f"val/{ref}"]) for r in rows]
-            cells.append(f"{statistics.mean(ratios):>{max(len(m), 6) + 2}.3f}")
-        objectives = [r.get("val/objective", float("nan")) for r in rows]
-        spread = max(objectives) - min(objectives)
-        print(f"{name:<{width}}" + "".join(cells) + f"{statistics.mean(objectives):>11.3f}{spread:>15.3f}")
+        columns = [[r[f"val/{m}"] / (baseline[m] if ref == "baseline" else r[f"val/{ref}"]) for r in rows]
+                   for m, ref in COLUMNS] + [[r.get("val/objective", float("nan")) for r in rows]]
+        print(f"{name:<{width}}" + "".join(f"{statistics.mean(c):>{w}.3f}" for c, w in zip(columns, widths)))
+        print(f"{'  spread':<{width}}" + "".join(f"{max(c) - min(c):>{w}.3f}" for c, w in zip(columns, widths)))
     return 0
 
 
