@@ -52,7 +52,7 @@ def test_shipped_spaces_load_and_start_from_the_base_config(name):
 @pytest.mark.skipif(not (REPO / "configs" / "tiny.yaml").is_file(), reason="configs/tiny.yaml not written yet")
 def test_full_space_is_the_union_of_the_other_two():
     spaces = {n: load_search_space(REPO / "search_spaces" / f"{n}.yaml") for n in ("loss_weights", "lr_seq", "full")}
-    # The default space searches every weight its objective (pose, world placement, smoothness) can reward but
+    # The default space searches every weight its objective (pose, world placement, smoothness, fingers) can reward but
     # the betas' and the 2D keypoints' (kept at HaMeR's ratios); full.yaml adds those two and lr_seq's.
     every_term = {f"loss.{f.name}" for f in dataclasses.fields(LossConfig)}
     assert set(spaces["loss_weights"].params) == every_term - {"loss.betas", "loss.keypoint_2d"}
