@@ -149,7 +149,7 @@ class ModelConfig:
                                  "HaWoR's d_model (released: 384, 8 heads)")
     infiller_layers: int = _spec(1, low=1, high=8, doc="layers of the infiller (HaWoR's released: 8)")
     infill_mask_prob: float = _spec(0.15, low=0.0, high=0.9, doc="training-time rate of hiding observed hand frames")
-    hand_trajectory_degree: int = _spec(2, low=0, high=16, doc="each clip's hands in its world (the first camera), "
+    hand_trajectory_degree: int = _spec(1, low=0, high=16, doc="each clip's hands in its world (the first camera), "
                                   "observed or infilled, projected onto polynomials in time of this degree, so "
                                   "that they move smoothly where the world is still; 0: every frame free")
     smooth_in_training: bool = _spec(False, doc="apply the trajectory projections while training too (the losses then "
