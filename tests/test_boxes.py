@@ -21,9 +21,9 @@ def test_boxes(synthetic_dataset, tmp_path_factory):
 
 def _clips(dataset, boxes, **overrides):
     d = dataset.config(overrides).data
-    return BoxClips(dataset.root, boxes, seq_len=d.seq_len, frame_step=d.frame_step, frame_size=d.frame_size,
-                    crop_size=d.crop_size, crop_scale=d.crop_scale, crop_jitter=d.crop_jitter, img_size=d.img_size,
-                    flow_grid=d.flow_grid)
+    return BoxClips(dataset.root, boxes, seq_len=d.seq_len, eval_hop=d.eval_hop, frame_step=d.frame_step,
+                    frame_size=d.frame_size, crop_size=d.crop_size, crop_scale=d.crop_scale,
+                    crop_jitter=d.crop_jitter, img_size=d.img_size, flow_grid=d.flow_grid)
 
 
 def test_box_clips_cut_what_the_labelled_clips_cut(synthetic_dataset, test_boxes):
