@@ -56,9 +56,9 @@ def split_boxes(cfg: ExperimentConfig, split: str, boxes_dir: str | os.PathLike)
 def build_box_clips(cfg: ExperimentConfig, boxes: list[SequenceBoxes]) -> BoxClips:
     """The :class:`BoxClips` of ``boxes`` with ``cfg.data``'s clip, crop and frame settings."""
     d = cfg.data
-    return BoxClips(ensure_dataset(cfg), boxes, seq_len=d.seq_len, eval_hop=d.eval_hop, frame_step=d.frame_step, frame_size=d.frame_size,
-                    crop_size=d.crop_size, crop_scale=d.crop_scale, crop_jitter=d.crop_jitter, img_size=d.img_size,
-                    flow_grid=d.flow_grid)
+    return BoxClips(ensure_dataset(cfg), boxes, seq_len=d.seq_len, eval_hop=d.eval_hop, frame_step=d.frame_step,
+                    frame_size=d.frame_size, crop_size=d.crop_size, crop_scale=d.crop_scale,
+                    crop_jitter=d.crop_jitter, img_size=d.img_size, flow_grid=d.flow_grid)
 
 
 @torch.no_grad()

@@ -127,9 +127,9 @@ def build_dataset(cfg: ExperimentConfig, split: str, *, cached: bool = True) -> 
     # Labels come from the hand model the annotations were fitted with, built by the same call as the
     # network's layers: one left-hand convention for both (hawor_tune.mano.FIX_LEFT_SHAPEDIRS).
     mano = [build_mano(cfg.mano, side) for side in HANDS]
-    return ArcticClips(root, split, mano=mano, seq_len=d.seq_len, stride=d.stride, eval_hop=d.eval_hop, frame_step=d.frame_step,
-                       frame_size=d.frame_size, crop_size=d.crop_size, crop_scale=d.crop_scale,
-                       crop_jitter=d.crop_jitter, img_size=d.img_size, flow_grid=d.flow_grid,
+    return ArcticClips(root, split, mano=mano, seq_len=d.seq_len, stride=d.stride, eval_hop=d.eval_hop,
+                       frame_step=d.frame_step, frame_size=d.frame_size, crop_size=d.crop_size,
+                       crop_scale=d.crop_scale, crop_jitter=d.crop_jitter, img_size=d.img_size, flow_grid=d.flow_grid,
                        min_visible_joints=d.min_visible_joints,
                        valid_rule=resolve_valid_rule(d.valid_rule, root),
                        cache_dir=d.cache_dir or None, prepared=cached,

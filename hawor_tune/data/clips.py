@@ -91,7 +91,8 @@ class ArcticClips(Dataset):
         labels = load_sequences(self.root, self.sequences, mano=mano, frame_size=frame_size, frame_step=frame_step,
                                 min_visible_joints=min_visible_joints, valid_rule=valid_rule, misc=misc)
         counts = [len(lab.frame_index) for lab in labels]
-        self._clips = [(s, p, first) for s, n in enumerate(counts) for p, first in _clip_starts(n, seq_len, stride, split, eval_hop)]
+        self._clips = [(s, p, first) for s, n in enumerate(counts)
+                       for p, first in _clip_starts(n, seq_len, stride, split, eval_hop)]
         if not self._clips:
             raise DatasetError(f"split '{split}' of {self.root} has no clip of {seq_len} frames: its sequences have "
                                f"at most {max(counts)} frames after skipping {SKIP_FRAMES} image indices at each end and keeping "
@@ -177,8 +178,8 @@ def _clip_starts(frames: int, seq_len: int, stride: int, split: str, hop: int = 
     """(start, first scored frame) of each clip of one sequence.
 
     Training clips start every ``stride`` frames and every frame counts. Evaluation clips start every ``hop``
-    frames (0: half a clip), so that each clip starts on a frame an earlier clip has placed: the sequence's camera path is
-    chained through predicted poses alone, never guessed across a junction. The first clip scores all its
+    frames (0: half a clip), so that each clip starts on a frame an earlier clip has placed: the sequence's
+    camera path is chained through predicted poses alone, never guessed across a junction. The first clip scores all its
     frames, each later one its frames past the previous clip's end (its second half); when the hops do not
     reach the sequence's end, one more clip is aligned to it. Each frame is scored exactly once. A smaller hop
     gives each frame more clips' predictions to blend (:func:`hawor_tune.evaluation.world_sequences`), at the
