@@ -734,9 +734,10 @@ class HaWoR(nn.Module):
             end = min(start + window, T)
             R, betas, wrist = rot[:, start:end], lerped[:, start:end, :, :NUM_BETAS], lerped[:, start:end, :, NUM_BETAS:]
             R0, wrist0 = R[:, :1, :, 0], wrist[:, :1]  # (B, 1, 2, 3, 3), (B, 1, 2, 3)
-            rest0 = self._rest_wrists(betas[:, :1])  # (B, 1, 2, 3)
+            rest = self._rest_wrists(betas)  # (B, t, 2, 3)
+            rest0 = rest[:, :1]
             canon_R = torch.cat([R0.transpose(-1, -2)[:, :, :, None] @ R[..., :1, :, :], R[..., 1:, :, :]], dim=-3)
-            trans = (R0.transpose(-1, -2) @ (wrist - wrist0)[..., None]).squeeze(-1) + rest0 - self._rest_wrists(betas)
+            trans = (R0.transpose(-1, -2) @ (wrist - wrist0)[..., None]).squeeze(-1) + rest0 - rest
             hand = torch.cat([trans, betas, matrix_to_rot6d(canon_R)[..., to_hawor].flatten(-2)], dim=-1)  # (B, t, 2, 109)
             hand = torch.where(seen, hand, unfilled)
             x, both = hand.flatten(-2), observed[:, start:end].all(dim=-1)  # (B, t, 218), (B, t)
