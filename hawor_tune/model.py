@@ -807,20 +807,20 @@ class HaWoR(nn.Module):
             if fingers is not None:
                 canonical = torch.cat([canonical[..., :6], canonical[..., 6:ROT6D_DIM] + fingers.to(canonical.dtype),
                                        canonical[..., ROT6D_DIM:]], dim=-1)
-        params = self._to_hand_frame(canonical.to(crop_K.dtype), crop_K)  # (B, T, 2, P)
-        cam_R, cam_t = self.regress_camera(self.camera_temporal(camera), flow)
-        params = self.infill(params, observed, cam_R.detach().to(params.dtype), cam_t.detach().to(params.dtype))
+        camera = self.camera_temporal(camera)  # (B, T, D)
 
-        # MANO in float32 even under autocast: bf16's 8-bit mantissa alone would move a wrist 0.4 m away
-        # by ~1.5 mm.
+        # Geometry in float32 even under autocast, from the heads on: bf16's 8-bit mantissa steps a wrist
+        # 0.4 m away (and a camera path) by ~1.5 mm from frame to frame, which the acceleration metrics and the
+        # motion losses read as shaking.
         with torch.autocast(device_type=crops.device.type, enabled=False):
-            params = params.float()
+            params = self._to_hand_frame(canonical.float(), crop_K)  # (B, T, 2, P)
+            cam_R, cam_t = self.regress_camera(camera.float(), flow)
+            params = self.infill(params, observed, cam_R.detach(), cam_t.detach())
             rot6d = params[..., :ROT6D_DIM].reshape(B, T, 2, NUM_ROTATIONS, 6)
             betas = params[..., ROT6D_DIM:-3]
             root = params[..., -3:]
             rotmats = rot6d_to_matrix(rot6d)  # (B, T, 2, 16, 3, 3)
             joints, vertices = self.run_mano(rotmats, betas, root)
-            cam_R, cam_t = cam_R.float(), cam_t.float()
         return HaWoROutput(rot6d=rot6d, rotmats=rotmats, betas=betas, root=root, joints=joints,
                            vertices=vertices, cam_R=cam_R, cam_t=cam_t, observed=observed)
 
