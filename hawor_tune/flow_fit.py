@@ -1,11 +1,14 @@
-"""The camera's flow head, fitted once by least squares on the training split and cached.
+"""The camera's flow head, fitted once on the training split and cached.
 
-``HaWoR.flow_head`` is a fixed linear map from a frame's pooled optical flow (hawor_tune.data.flow) to its
-pose in the clip's first camera. It is fitted by ridge regression, not trained, as HaWoR is handed a
-ready-made SLAM rather than learning camera motion within its own training; a search's trials are far too
-short to learn that map by gradient descent, which the closed-form fit reaches at once. Every run with ``data.flow_grid`` > 0 starts with it, whatever its other weights are (the
-CPU profile's pretrained start or HaMeR's backbone on the GPU profile); the fit is cached beside the frame
-cache under a key of what it depends on, made once under a file lock, and re-used while nothing changed.
+``HaWoR.flow_head`` is a fixed small MLP from a frame's pooled optical flow (hawor_tune.data.flow) to its pose
+in the clip's first camera. It is fitted once on the training split's clips, not trained with the model, as
+HaWoR is handed a ready-made SLAM rather than learning camera motion within its own training; a search's trials
+are far too short to learn that map by gradient descent, which a dedicated fit on every training frame reaches
+in seconds. Each clip is also fitted seen in a mirror (the room's left and right swapped), which halves what
+the fit overlearns of the few training rooms. Every run with ``data.flow_grid`` > 0 starts with it, whatever
+its other weights are (the CPU profile's pretrained start or HaMeR's backbone on the GPU profile); the fit is
+cached beside the frame cache under a key of what it depends on, made once under a file lock, and re-used
+while nothing changed.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from hawor_tune.atomic import build_once
 from hawor_tune.checkpoint import save_torch_file
@@ -27,6 +31,7 @@ from hawor_tune.data.frames import PREPARED_VERSION
 from hawor_tune.data.synthetic import MARKER
 from hawor_tune.errors import HaworTuneError
 from hawor_tune.geometry import matrix_to_rot6d, relative_camera_pose
+from hawor_tune.model import FLOW_HIDDEN, FlowHead
 
 if TYPE_CHECKING:
     from hawor_tune.model import HaWoR
@@ -34,50 +39,102 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Clips of FIT_FRAMES frames starting every FIT_STRIDE frames of the training split (at most FIT_CLIPS,
-# evenly spaced); ridge RIDGE on standardised flow (the best of 1, 10, 100, 1000 on the generated val split).
+# evenly spaced). The MLP: AdamW (FIT_LR, FIT_WEIGHT_DECAY) for FIT_EPOCHS over batches of FIT_BATCH frames,
+# dropout FIT_DROPOUT after its first layer, outputs fitted in units of OUT_SCALE (centimetres and
+# centiradians), seeded by FIT_SEED; chosen on the generated val split's camera translation error.
 # Bump FIT_VERSION when the fit changes, so that old fits are not re-used.
-FIT_VERSION = 1
-FIT_FRAMES, FIT_STRIDE, FIT_CLIPS, RIDGE = 8, 4, 2000, 100.0
+FIT_VERSION = 2
+FIT_FRAMES, FIT_STRIDE, FIT_CLIPS = 8, 1, 4000
+FIT_EPOCHS, FIT_BATCH, FIT_LR, FIT_WEIGHT_DECAY, FIT_DROPOUT, FIT_SEED = 20, 512, 1e-3, 1e-2, 0.1, 0
+OUT_SCALE = 0.01
 # Data keys the fit does not depend on.
 _IGNORED_KEYS = ("seq_len", "stride", "batch_size", "num_workers", "train_on_val", "cache_dir", "crop_jitter")
+# x -> -x: a camera frame seen in a mirror.
+_MIRROR = torch.diag(torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64))
 
 
 class FlowFitError(HaworTuneError, ValueError):
     """A cached flow-head fit cannot be read, or does not fit the model's flow head."""
 
 
-def fit_flow_head(clips: Sequence[dict[str, torch.Tensor]]) -> dict[str, Any]:
-    """Ridge regression (RIDGE, on standardised flow) of each frame's pose in its clip's first camera (the
-    camera head's offsets: 6D rotation minus the identity's, translation in metres) on the frame's flow, over
-    up to FIT_CLIPS evenly spaced clips.
+def _mirrored(flow: torch.Tensor, R: torch.Tensor, t: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, 2, G, G) flow, (N, 3, 3) rotations and (N, 3) translations of camera t in camera 0 -> the same
+    frames seen in a mirror: cells flipped left to right with their x flow negated, M R M and M t."""
+    flow = flow.flip(-1).clone()
+    flow[:, 0] = -flow[:, 0]
+    M = _MIRROR.to(R.dtype)
+    return flow, M @ R @ M, t @ M
+
+
+def _fit_mlp(X: torch.Tensor, Y: torch.Tensor, hidden: int) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+    """(N, D) standardised inputs, (N, K) targets -> the three layers of a GELU MLP fitted to them (the
+    L2 error per sample, AdamW, dropout after the first layer), seeded by FIT_SEED."""
+    with torch.random.fork_rng():
+        torch.manual_seed(FIT_SEED)
+        net = nn.Sequential(nn.Linear(X.shape[1], hidden), nn.GELU(), nn.Dropout(FIT_DROPOUT),
+                            nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, Y.shape[1]))
+        optimizer = torch.optim.AdamW(net.parameters(), lr=FIT_LR, weight_decay=FIT_WEIGHT_DECAY)
+        for _ in range(FIT_EPOCHS):
+            for batch in torch.randperm(len(X)).split(FIT_BATCH):
+                loss = (net(X[batch]) - Y[batch]).norm(dim=1).mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+    return net[0], net[3], net[5]
+
+
+def fit_flow_head(clips: Sequence[dict[str, torch.Tensor]], hidden: int = FLOW_HIDDEN) -> dict[str, Any]:
+    """Fit the flow head's MLP to each frame's pose in its clip's first camera (the camera head's offsets: 6D
+    rotation minus the identity's, translation in metres) from the frame's flow, over up to FIT_CLIPS evenly
+    spaced clips and their mirror images.
 
     Args:
         clips: items with ``flow`` (T, 2, G, G), ``cam_R`` (T, 3, 3) and ``cam_t`` (T, 3) world-to-camera
             poses, as :class:`hawor_tune.data.arctic.ArcticClips` gives them.
+        hidden: the MLP's hidden width (``FlowHead``'s).
 
     Returns:
-        ``weight`` (9, 2 G G) and ``bias`` (9,) for ``HaWoR.flow_head``; ``fit_mm`` and ``static_mm``, the
-        mean camera translation error over the fitted frames (all but each clip's first) of the fit and of a
-        static camera; ``frames``, how many frames were fitted.
+        ``state``, the buffers of a ``FlowHead`` (the input's standardisation and the output's scale folded
+        into its first and last layers); ``fit_mm`` and ``static_mm``, the mean camera translation error over
+        the fitted frames (all but each clip's first, not mirrored) of the fit and of a static camera;
+        ``frames``, how many frames were fitted.
     """
     picks = np.unique(np.linspace(0, len(clips) - 1, min(len(clips), FIT_CLIPS)).round().astype(int))
-    flows, targets = [], []
-    identity = matrix_to_rot6d(torch.eye(3, dtype=torch.float64))
+    flows, rotations, translations = [], [], []
     for i in picks:
         item = clips[int(i)]
         R, t = relative_camera_pose(item["cam_R"].double(), item["cam_t"].double())  # (T, 3, 3), (T, 3)
-        flows.append(item["flow"][1:].flatten(1).double())  # (T-1, 2 G G)
-        targets.append(torch.cat([matrix_to_rot6d(R[1:]) - identity, t[1:]], dim=-1))  # (T-1, 9)
-    X, Y = torch.cat(flows), torch.cat(targets)
+        flows.append(item["flow"][1:].double())  # (T-1, 2, G, G)
+        rotations.append(R[1:])
+        translations.append(t[1:])
+    flow, R, t = torch.cat(flows), torch.cat(rotations), torch.cat(translations)
+    identity = matrix_to_rot6d(torch.eye(3, dtype=torch.float64))
+
+    def targets(R: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([matrix_to_rot6d(R) - identity, t], dim=-1)  # (N, 9)
+
+    m_flow, m_R, m_t = _mirrored(flow, R, t)
+    X = torch.cat([flow, m_flow]).flatten(1).float()  # (2N, 2 G G)
+    Y = (torch.cat([targets(R, t), targets(m_R, m_t)]) / OUT_SCALE).float()  # (2N, 9)
     mu, sd = X.mean(0), X.std(0).clamp_min(1e-6)
-    A = torch.cat([(X - mu) / sd, torch.ones(len(X), 1, dtype=X.dtype)], dim=1)
-    penalty = RIDGE * torch.eye(A.shape[1], dtype=X.dtype)
-    penalty[-1, -1] = 0.0  # the intercept is not shrunk
-    W = torch.linalg.solve(A.T @ A + penalty, A.T @ Y)  # (2 G G + 1, 9)
-    fitted = A @ W
-    return {"weight": (W[:-1] / sd[:, None]).T.float().contiguous(), "bias": (W[-1] - (mu / sd) @ W[:-1]).float(),
-            "fit_mm": float((fitted[:, 6:] - Y[:, 6:]).norm(dim=1).mean() * 1000),
-            "static_mm": float(Y[:, 6:].norm(dim=1).mean() * 1000), "frames": len(X)}
+    # Rotation and translation are fitted apart (each on half the hidden units: the translation, the harder,
+    # loses to the rotation in a shared fit), then packed into one MLP with block-diagonal weights.
+    layers = [_fit_mlp((X - mu) / sd, Y[:, part], hidden // 2) for part in (slice(0, 6), slice(6, 9))]
+    with torch.no_grad():
+        w1 = torch.cat([first.weight for first, _, _ in layers])
+        state = {"w1": w1 / sd, "b1": torch.cat([first.bias for first, _, _ in layers]) - w1 @ (mu / sd),
+                 "w2": torch.block_diag(*(middle.weight for _, middle, _ in layers)),
+                 "b2": torch.cat([middle.bias for _, middle, _ in layers]),
+                 "w3": torch.block_diag(*(last.weight for _, _, last in layers)) * OUT_SCALE,
+                 "b3": torch.cat([last.bias for _, _, last in layers]) * OUT_SCALE}
+    state = {k: v.detach().float().contiguous() for k, v in state.items()}
+    head = FlowHead(X.shape[1], Y.shape[1], hidden)
+    head.load_state_dict(state)
+    with torch.no_grad():
+        fitted = head(flow.flatten(1).float()).double()[:, 6:]
+    return {"state": state, "fit_mm": float((fitted - t).norm(dim=1).mean() * 1000),
+            "static_mm": float(t.norm(dim=1).mean() * 1000), "frames": len(t)}
 
 
 def flow_fit_key(cfg: ExperimentConfig) -> str:
@@ -122,25 +179,28 @@ def load_flow_fit(model: HaWoR, path: str | Path) -> None:
 
     Raises:
         FlowFitError: the file is not a fit, or its weights do not match the model's flow head (the message
-            says which shapes, and that deleting the file fits it again).
+            says which tensor and shapes, and that deleting the file fits it again).
     """
     head = model.flow_head
     if head is None:
         raise FlowFitError(f"the flow-head fit {path} is for a model that reads optical flow; this model has no "
                            f"flow head (data.flow_grid=0)")
-    cells = head.weight.shape[1] // 2
-    allowed = (f"weight {tuple(head.weight.shape)} for this model's data.flow_grid={round(cells ** 0.5)}; delete "
-               f"{path} and it is fitted again")
+    expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    cells = expected["w1"][1] // 2
+    allowed = (f"w1 {expected['w1']} for this model's data.flow_grid={round(cells ** 0.5)}; delete {path} and it "
+               f"is fitted again")
     try:
-        fit = torch.load(path, map_location="cpu", weights_only=True)
-        weight, bias = fit["weight"], fit["bias"]
-        shapes = tuple(weight.shape), tuple(bias.shape)
+        state = torch.load(path, map_location="cpu", weights_only=True)["state"]
+        shapes = {k: tuple(state[k].shape) for k in expected}
     except Exception as e:  # torch raises several types for a file that is not a fit
         first_line = (str(e).splitlines() or [""])[0][:120]
         raise FlowFitError(f"the flow-head fit {path} cannot be read ({type(e).__name__}: {first_line}); "
                            f"expected {allowed}") from None
-    if shapes != (tuple(head.weight.shape), tuple(head.bias.shape)):
-        raise FlowFitError(f"the flow-head fit {path} has weight {shapes[0]}, bias {shapes[1]}; expected {allowed}")
+    wrong = next((k for k in expected if shapes[k] != expected[k]), None)
+    if wrong is not None:
+        raise FlowFitError(f"the flow-head fit {path} has {wrong} {shapes[wrong]}; expected {wrong} "
+                           f"{expected[wrong]} for this model's data.flow_grid={round(cells ** 0.5)}; delete "
+                           f"{path} and it is fitted again")
     with torch.no_grad():
-        head.weight.copy_(weight)
-        head.bias.copy_(bias)
+        for k, v in head.state_dict().items():
+            v.copy_(state[k])

@@ -63,6 +63,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # the fingers point along (0, -1, 1)/sqrt(2) and the palm faces (0, 1, 1)/sqrt(2).
 MEAN_FINGER_DIRECTION = (0.0, -math.sqrt(0.5), math.sqrt(0.5))
 MEAN_PALM_NORMAL = (0.0, math.sqrt(0.5), math.sqrt(0.5))
+# Hidden width of the camera's fitted flow head (FlowHead).
+FLOW_HIDDEN = 256
+
 # Weak-perspective camera (HaMeR): a scale s means the crop spans 2 / s metres at the wrist's depth, so
 # tz = 2 f / (C s) with f the crop's focal length in crop pixels and C its side. At the mean scale the
 # crop spans CROP_METRES: a 1.3 x box around a hand about 0.19 m across.
@@ -332,22 +335,25 @@ def _smooth_over_time(x: torch.Tensor, projection: torch.Tensor | None) -> torch
 
 
 class FlowHead(nn.Module):
-    """A fixed linear map from frame t's pooled optical flow straight to its camera-pose offset (the camera
-    head's 6D rotation offset and translation), added to the camera head's output.
+    """A fixed two-hidden-layer MLP from frame t's pooled optical flow straight to its camera-pose offset (the
+    camera head's 6D rotation offset and translation), added to the camera head's output.
 
-    It is fitted by least squares, not trained (``hawor_tune.flow_fit``), as HaWoR is handed a
-    ready-made SLAM: its weight and bias are buffers (saved and loaded with the model, left alone by the
-    optimiser, whose per-parameter steps would swamp weights this small). Zero, as built: a static camera.
+    It is fitted once on the training split, not trained with the model (``hawor_tune.flow_fit``), as HaWoR
+    is handed a ready-made SLAM: its weights are buffers (saved and loaded with the model, left alone by the
+    optimiser). Non-linear, so that it can discount the cells where hands and objects move rather than the
+    room. Zero, as built: a static camera.
     """
 
-    def __init__(self, in_dim: int, out_dim: int) -> None:
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = FLOW_HIDDEN) -> None:
         super().__init__()
-        self.register_buffer("weight", torch.zeros(out_dim, in_dim))
-        self.register_buffer("bias", torch.zeros(out_dim))
+        for name, shape in (("w1", (hidden, in_dim)), ("b1", (hidden,)), ("w2", (hidden, hidden)),
+                            ("b2", (hidden,)), ("w3", (out_dim, hidden)), ("b3", (out_dim,))):
+            self.register_buffer(name, torch.zeros(shape))
 
     def forward(self, flow: torch.Tensor) -> torch.Tensor:
         """(..., in_dim) -> (..., out_dim)."""
-        return F.linear(flow, self.weight, self.bias)
+        h = F.gelu(F.linear(flow, self.w1, self.b1))
+        return F.linear(F.gelu(F.linear(h, self.w2, self.b2)), self.w3, self.b3)
 
 
 class HaWoR(nn.Module):

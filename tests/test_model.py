@@ -630,8 +630,8 @@ def test_camera_without_flow_reads_the_frames_only() -> None:
 def test_the_flow_head_is_fitted_not_trained(eval_model: HaWoR) -> None:
     # Its weights are buffers: saved with the model, invisible to the optimiser; zero as built (a static camera).
     assert not any(name.startswith("flow_head.") for name, _ in eval_model.named_parameters())
-    assert {"flow_head.weight", "flow_head.bias"} <= set(eval_model.state_dict())
-    assert float(eval_model.flow_head.weight.abs().sum()) == 0.0
+    assert {f"flow_head.{k}" for k in ("w1", "b1", "w2", "b2", "w3", "b3")} <= set(eval_model.state_dict())
+    assert float(eval_model.flow_head.w3.abs().sum()) == float(eval_model.flow_head.b3.abs().sum()) == 0.0
 
 
 def test_the_finger_path_starts_silent_and_moves_only_the_fingers() -> None:

@@ -14,8 +14,8 @@ clip's flow from its first frame to frame t is the sum of the pair flows along t
 takes the longest stride that fits at each step (:func:`flow_path`), at most four terms for a 16-frame clip.
 Pooling is linear, so a sum of pooled pair flows is the pooled sum of the per-pixel flows; it differs from the
 flow of the first frame to frame t where a pixel's motion changes within a cell between the terms, and each term
-adds DIS's own error. Summing consecutive pairs alone (up to 15 terms) fits the camera's flow head clearly worse
-than the flow from the first frame; these strides fit it about as well (``benchmarks/bench_flow.py``).
+adds DIS's own error. Summing consecutive pairs alone (up to 15 terms) fits the camera's flow head worse than
+these strides, which fit it about as well as the flow from the first frame (``benchmarks/bench_flow.py``).
 
 The flow is divided by the focal length (so it is in radians of view angle near the image centre, the same on
 any camera) and multiplied by 100: a 1 degree turn gives about 1.7.
