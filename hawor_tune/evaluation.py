@@ -61,6 +61,7 @@ class Predictions:
     pred_rotmats: np.ndarray | None = None  # (C, T, 2, 16, 3, 3) MANO rotations (None: not predicted)
     gt_rotmats: np.ndarray | None = None    # (C, T, 2, 16, 3, 3)
     pred_joints_gt_shape: np.ndarray | None = None  # (C, T, 2, 21, 3) the predicted pose on the true betas
+    observed: np.ndarray | None = None  # (C, T, 2) bool: what the model was told it sees (None: every hand-frame)
 
 
 # batch -> {"joints", "cam_R", "cam_t"} and optionally "rotmats" (B, T, 2, 16, 3, 3) and "joints_gt_shape"
@@ -69,17 +70,18 @@ Predictor = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
 def hidden_frames(seq_index: torch.Tensor, frame_index: torch.Tensor, hand_valid: torch.Tensor, *,
-                  rate: float = INFILL_EVAL_RATE, seed: int = INFILL_EVAL_SEED) -> torch.Tensor:
+                  rate: float = INFILL_EVAL_RATE, seed: int = INFILL_EVAL_SEED, span: int = 1) -> torch.Tensor:
     """The valid hand-frames evaluation hides from the model: (B,), (B, T), (B, T, 2) -> (B, T, 2) bool.
 
-    Whether a hand-frame is hidden depends only on (seed, sequence, annotation frame, hand), through a fixed
-    hash compared with ``rate``: the same frames are hidden in every clip that holds them, whatever the clip
-    length, batch size or evaluation order.
+    Whether a hand-frame is hidden depends only on (seed, sequence, annotation frame // span, hand), through a
+    fixed hash compared with ``rate``: the same frames are hidden in every clip that holds them, whatever the
+    clip length, batch size or evaluation order; ``span`` > 1 hides runs of that many annotation frames, as a
+    tracker loses a hand for a while.
     """
     if rate <= 0.0:
         return torch.zeros_like(hand_valid)
     seq = seq_index.detach().cpu().numpy().astype(np.uint64)[:, None, None]  # (B, 1, 1)
-    frame = frame_index.detach().cpu().numpy().astype(np.uint64)[..., None]  # (B, T, 1)
+    frame = (frame_index.detach().cpu().numpy() // span).astype(np.uint64)[..., None]  # (B, T, 1)
     hand = np.arange(2, dtype=np.uint64)  # (2,)
     key = ((np.uint64(seed) << np.uint64(42)) | (seq << np.uint64(22))
            | (frame << np.uint64(1)) | hand)  # (B, T, 2) distinct for seq < 2^20, frame < 2^21
@@ -98,19 +100,20 @@ def _uniform(key: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def gather(predictor: Predictor, loader: Iterable, device: torch.device, *, max_batches: int = 0,
-           desc: str = "eval", hide_rate: float = 0.0) -> Predictions:
+           desc: str = "eval", hide_rate: float = 0.0, hide_span: int = 1) -> Predictions:
     """Run ``predictor(batch)`` (see :data:`Predictor`) over a loader and gather its predictions with the
     ground truth.
 
-    With ``hide_rate`` > 0 the predictor sees ``hand_valid`` false on the :func:`hidden_frames`, which are
-    recorded in ``Predictions.hidden``.
+    With ``hide_rate`` > 0 the predictor sees ``hand_valid`` false on the :func:`hidden_frames` (in runs of
+    ``hide_span`` frames), which are recorded in ``Predictions.hidden``.
     """
     keep: dict[str, list[np.ndarray]] = {k: [] for k in Predictions.__dataclass_fields__}
     batches, total = capped(loader, max_batches)
     for batch in tqdm(batches, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None,
                       file=sys.stderr):
         batch = to_device(batch, device)
-        hidden = hidden_frames(batch["seq_index"], batch["frame_index"], batch["hand_valid"], rate=hide_rate)
+        hidden = hidden_frames(batch["seq_index"], batch["frame_index"], batch["hand_valid"], rate=hide_rate,
+                               span=hide_span)
         out = predictor({**batch, "hand_valid": batch["hand_valid"] & ~hidden})
         gt_R, gt_t = relative_camera_pose(batch["cam_R"].double(), batch["cam_t"].double())
         scored = batch["scored"]
@@ -122,6 +125,7 @@ def gather(predictor: Predictor, loader: Iterable, device: torch.device, *, max_
             "world_to_cam_R": batch["cam_R"], "world_to_cam_t": batch["cam_t"],
             "seq_index": batch["seq_index"], "frame_index": batch["frame_index"],
             "hidden": hidden & scored[..., None], "scored": scored,
+            "observed": batch["hand_valid"] & ~hidden,
         }
         if "rotmats" in out:
             items.update(pred_rotmats=out["rotmats"], gt_rotmats=batch["rotmats"])
@@ -137,7 +141,7 @@ def gather(predictor: Predictor, loader: Iterable, device: torch.device, *, max_
 
 
 def predict(model: nn.Module, loader: Iterable, device: torch.device, *, precision: str = "auto",
-            max_batches: int = 0, desc: str = "eval", hide_rate: float = 0.0) -> Predictions:
+            max_batches: int = 0, desc: str = "eval", hide_rate: float = 0.0, hide_span: int = 1) -> Predictions:
     """Run the model over a loader and gather predictions with their ground truth (see :func:`gather`)."""
     model.eval()
     amp = autocast_dtype(device, precision)
@@ -151,7 +155,7 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, *, precisi
         return {"joints": out.joints, "cam_R": out.cam_R, "cam_t": out.cam_t, "rotmats": out.rotmats,
                 "joints_gt_shape": gt_shape}
 
-    return gather(run, loader, device, max_batches=max_batches, desc=desc, hide_rate=hide_rate)
+    return gather(run, loader, device, max_batches=max_batches, desc=desc, hide_rate=hide_rate, hide_span=hide_span)
 
 
 # ---- Whole sequences in world coordinates ---------------------------------------------------------------
@@ -171,6 +175,7 @@ class SequenceWorld:
     valid: np.ndarray         # (N, 2) bool
     pred_cam_to_world: np.ndarray  # (N, 4, 4) the chained predicted cameras
     hidden: np.ndarray | None = None  # (N, 2) bool: valid frames hidden from the model (infilled)
+    bridged: np.ndarray | None = None  # (N, 2) bool: in no clip that observes the hand; filled across clips
 
 
 def _homogeneous(R: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -194,6 +199,20 @@ def _mean_rotation(R: np.ndarray, w: np.ndarray) -> np.ndarray:
     return U @ D @ Vt
 
 
+def _bridge(frames: np.ndarray, x: np.ndarray, blind: np.ndarray) -> np.ndarray:
+    """(N,) frame numbers, (N, H, ...) values, (N, H) bool -> x with each hand's blind frames interpolated in
+    time between its nearest frames that are not (the nearest one alone at the sequence's ends); unchanged for
+    a hand blind everywhere."""
+    x = x.copy()
+    for h in range(blind.shape[1]):
+        known = ~blind[:, h]
+        if known.any() and not known.all():
+            flat = x[:, h].reshape(len(frames), -1)  # (N, K)
+            x[blind[:, h], h] = np.stack([np.interp(frames[blind[:, h]], frames[known], col[known])
+                                          for col in flat.T], axis=-1).reshape(-1, *x.shape[2:])
+    return x
+
+
 def world_sequences(p: Predictions) -> list[SequenceWorld]:
     """Join each sequence's clips and chain the predicted relative camera poses over the whole sequence.
 
@@ -206,8 +225,14 @@ def world_sequences(p: Predictions) -> list[SequenceWorld]:
     weighted by :func:`_window_weights` (a sliding window blended, not cut: a cut at each hand-over would be a
     jump no moving hand makes). The ground truth, validity and hidden flags come from the clip in which the
     frame is scored.
+
+    A hand's world joints average only the clips that observe it somewhere (with ``p.observed``): a clip that
+    sees the hand nowhere has no neighbour to fill it from. Frames no such clip covers (a gap longer than a
+    clip) are ``bridged``: interpolated in the world between the nearest frames that are not, across the clip
+    boundaries (the interpolation HaWoR's infiller starts from).
     """
     scored = p.scored if p.scored is not None else np.ones(p.valid.shape[:2], dtype=bool)
+    sees = np.ones((len(p.valid), 2), dtype=bool) if p.observed is None else p.observed.any(axis=1)  # (C, 2)
     eye = np.eye(4)
     out = []
     for s in np.unique(p.seq_index):
@@ -216,7 +241,8 @@ def world_sequences(p: Predictions) -> list[SequenceWorld]:
         anchors: dict[int, np.ndarray] = {}  # frame -> (4, 4) camera-to-world, as the first clip placing it chained it
         order: list[int] = []
         rows: dict[int, tuple[int, int]] = {}  # frame -> (clip, t) its ground truth and flags are read from
-        votes: dict[int, list[tuple[float, np.ndarray, np.ndarray]]] = {}  # frame -> (weight, pose, world joints)
+        votes: dict[int, list[tuple[float, np.ndarray, np.ndarray, np.ndarray]]] = {}  # frame -> (weight, pose,
+        # world joints, which hands the clip sees)
         for c in clips:
             frames = p.frame_index[c].tolist()
             M = _homogeneous(p.pred_cam_R[c], p.pred_cam_t[c])  # (T, 4, 4) camera t -> the clip's camera 0
@@ -233,26 +259,34 @@ def world_sequences(p: Predictions) -> list[SequenceWorld]:
                 if f not in anchors:
                     anchors[f] = G[t]
                     order.append(f)
-                votes.setdefault(f, []).append((w, G[t], world[t]))
+                votes.setdefault(f, []).append((w, G[t], world[t], sees[c]))
                 if f not in rows or scored[c, t]:
                     rows[f] = (c, t)
         ci, ti = np.array([rows[f] for f in order]).T  # (N,), (N,)
         G = np.zeros((len(order), 4, 4))
         pred_world = np.zeros((len(order), *p.pred_joints.shape[2:]))
+        blind = np.zeros((len(order), 2), dtype=bool)
         for n, f in enumerate(order):
             w = np.array([v[0] for v in votes[f]])
             poses = np.stack([v[1] for v in votes[f]])
             G[n, :3, :3] = _mean_rotation(poses[:, :3, :3], w)
             G[n, :3, 3] = w @ poses[:, :3, 3] / w.sum()
             G[n, 3, 3] = 1.0
-            pred_world[n] = np.einsum("k,k...->...", w, np.stack([v[2] for v in votes[f]])) / w.sum()
+            joints = np.stack([v[2] for v in votes[f]])  # (K, 2, 21, 3)
+            for h in range(2):
+                wh = w * np.array([v[3][h] for v in votes[f]])
+                blind[n, h] = not wh.any()
+                wh = w if blind[n, h] else wh
+                pred_world[n, h] = np.einsum("k,k...->...", wh, joints[:, h]) / wh.sum()
+        pred_world = _bridge(np.asarray(order, dtype=np.float64), pred_world, blind)
         R, t = p.world_to_cam_R[ci, ti], p.world_to_cam_t[ci, ti]  # (N, 3, 3), (N, 3) world-to-camera
         gj = p.gt_joints[ci, ti]  # (N, 2, 21, 3) camera frames
         gt_world = np.einsum("nji,nhkj->nhki", R, gj - t[:, None, None])  # R^T (x - t)
         gt_first = np.einsum("ij,nhkj->nhki", R[0], gt_world) + t[0]  # in the true first camera
         out.append(SequenceWorld(seq_index=int(s), frame_index=np.asarray(order), pred_joints=pred_world,
                                  gt_joints=gt_first, valid=p.valid[ci, ti], pred_cam_to_world=G,
-                                 hidden=None if p.hidden is None else p.hidden[ci, ti]))
+                                 hidden=None if p.hidden is None else p.hidden[ci, ti],
+                                 bridged=blind & (~blind).any(axis=0)))
     return out
 
 
@@ -272,7 +306,8 @@ def world_metrics(sequences: Iterable[SequenceWorld], *, fps: float, chunk: int 
         four consecutive valid frames); ``rte`` (%: HaWoR's root translation error, the wrist's valid
         trajectory rigidly aligned over the whole sequence, over its path length, :func:`metrics.rte`);
         ``w_mpjpe_infilled`` and ``accel_error_infilled``: the same errors at the infilled frames alone (the
-        frames hidden from the model; the acceleration centred on one). nan where no frame qualifies.
+        frames hidden from the model, bridged ones included; the acceleration centred on one). nan where no
+        frame qualifies. ``bridged_hand_frames`` counts the valid frames filled across clips.
     """
     names = ("w_mpjpe", "wa_mpjpe", "accel_error", "jerk", "jerk_gt", "rte", "w_mpjpe_infilled",
              "accel_error_infilled")
@@ -298,7 +333,8 @@ def world_metrics(sequences: Iterable[SequenceWorld], *, fps: float, chunk: int 
                 window = v[:-3] & v[1:-2] & v[2:-1] & v[3:]  # (N-3,) four valid frames in a row
                 pooled["jerk"].append(metrics.jerk(pw, fps=fps)[window])
                 pooled["jerk_gt"].append(metrics.jerk(gw, fps=fps)[window])
-    return {k: _mean(v) for k, v in pooled.items()}
+    bridged = sum(int((sq.bridged & sq.valid).sum()) for sq in sequences if sq.bridged is not None)
+    return {**{k: _mean(v) for k, v in pooled.items()}, "bridged_hand_frames": float(bridged)}
 
 
 def _mean(values: list[np.ndarray]) -> float:
@@ -328,8 +364,9 @@ def compute_metrics(p: Predictions, *, fps: float = DATASET_FPS) -> dict[str, fl
 
     - Hand metrics (mm, wrist-relative): ``mpjpe``, ``pa_mpjpe`` (pooled and ``_left``/``_right``),
       ``joint_NN``, ``finger_<name>`` over the valid frames the model observed; ``mpjpe_infilled`` over the
-      valid frames hidden from it (nan when none was hidden). ``valid_hand_frames`` and
-      ``infilled_hand_frames`` count them.
+      valid frames hidden from it in clips that observe the hand elsewhere, the infiller's own work (nan
+      when none was hidden; frames no such clip holds are bridged in the world, see :func:`world_sequences`).
+      ``valid_hand_frames`` and ``infilled_hand_frames`` count the observed and the hidden frames.
     - Articulation (:func:`_articulation`): ``finger_angle_error`` (degrees), ``pa_mpjpe_gt_shape`` (mm).
     - World metrics over whole sequences (:func:`world_metrics`): ``w_mpjpe``, ``wa_mpjpe`` (mm),
       ``accel_error`` (m/s^2), ``jerk``, ``jerk_gt`` (m/s^3), ``rte`` (%), on every valid frame (observed or
@@ -349,6 +386,7 @@ def compute_metrics(p: Predictions, *, fps: float = DATASET_FPS) -> dict[str, fl
     mm = 1000.0
     hidden = p.hidden if p.hidden is not None else np.zeros_like(p.valid)
     observed = p.valid & ~hidden  # (C, T, 2)
+    sees = np.ones((len(p.valid), 2), dtype=bool) if p.observed is None else p.observed.any(axis=1)  # (C, 2)
     pooled: dict[str, list[np.ndarray]] = {k: [] for k in ("mpjpe", "pa_mpjpe", "mpjpe_infilled", "clip_accel_error",
                                                            "clip_w_mpjpe", "clip_wa_mpjpe", "clip_jerk",
                                                            "clip_jerk_gt")}
@@ -364,7 +402,7 @@ def compute_metrics(p: Predictions, *, fps: float = DATASET_FPS) -> dict[str, fl
             pooled["pa_mpjpe"].append(pa)
         else:
             out[f"mpjpe_{hand}"] = out[f"pa_mpjpe_{hand}"] = float("nan")
-        gone = hidden[:, :, h]
+        gone = hidden[:, :, h] & sees[:, None, h]  # (C, T)
         if gone.any():
             pooled["mpjpe_infilled"].append(metrics.mpjpe(p.pred_joints[:, :, h][gone], p.gt_joints[:, :, h][gone]) * mm)
         for c in np.flatnonzero(p.valid[:, :, h].all(axis=1)):  # clips with this hand in every frame
@@ -416,11 +454,12 @@ def compute_metrics(p: Predictions, *, fps: float = DATASET_FPS) -> dict[str, fl
 
 def evaluate(model: nn.Module, split: str | Iterable, config: ExperimentConfig, *,
              device: torch.device | None = None, max_batches: int = 0, return_predictions: bool = False,
-             hide_rate: float = INFILL_EVAL_RATE) -> dict[str, float] | tuple[dict[str, float], Predictions]:
+             hide_rate: float = INFILL_EVAL_RATE, hide_span: int = 1
+             ) -> dict[str, float] | tuple[dict[str, float], Predictions]:
     """Evaluate ``model`` on a split name ('val', 'test', 'train') or on a ready loader.
 
     ``hide_rate`` of the valid hand-frames are hidden from the model for ``mpjpe_infilled`` (see the module
-    docstring); 0 hides none.
+    docstring), in runs of ``hide_span`` frames; 0 hides none.
 
     Returns:
         Metrics keyed without a split prefix (``mpjpe``, ``pa_mpjpe_left``, ...); with
@@ -431,7 +470,8 @@ def evaluate(model: nn.Module, split: str | Iterable, config: ExperimentConfig, 
     device = device or next(model.parameters()).device
     loader = build_dataloader(config, split, shuffle=False) if isinstance(split, str) else split
     preds = predict(model, loader, device, precision=config.train.precision, max_batches=max_batches,
-                    desc=f"eval {split if isinstance(split, str) else ''}".strip(), hide_rate=hide_rate)
+                    desc=f"eval {split if isinstance(split, str) else ''}".strip(), hide_rate=hide_rate,
+                    hide_span=hide_span)
     result = compute_metrics(preds, fps=DATASET_FPS / config.data.frame_step)
     return (result, preds) if return_predictions else result
 

@@ -144,6 +144,38 @@ def test_a_junction_repeats_the_last_predicted_step():
                                atol=1e-12)
 
 
+def test_a_gap_longer_than_a_clip_is_bridged_in_the_world_across_clips():
+    # A static camera and a hand moving 1 cm per frame along x over frames 0..17; 4-frame clips start at every
+    # frame. The left hand is unseen over frames 4..12: clips that see it somewhere predict it exactly (their
+    # infiller filled it), clips that see it nowhere (starting at 4..9) predict it 1 m off (a regression with
+    # nothing to read). Frames 7..9 lie in no clip that sees it: they are bridged between frames 6 and 10,
+    # which on a straight path puts them on the truth. The right hand is seen everywhere.
+    n, T = 18, 4
+    starts = np.arange(n - T + 1)
+    frames = starts[:, None] + np.arange(T)  # (C, T)
+    truth = _hand()[None] + 0.01 * np.arange(n)[:, None, None, None] * np.array([1.0, 0.0, 0.0])  # (n, 2, 21, 3)
+    observed = np.ones((len(starts), T, 2), dtype=bool)
+    observed[..., 0] = (frames < 4) | (frames > 12)
+    pred = truth[frames].copy()  # (C, T, 2, 21, 3)
+    pred[~observed[..., 0].any(axis=1), :, 0] += 1.0
+    C = len(starts)
+    eye = np.broadcast_to(np.eye(3), (C, T, 3, 3))
+    zeros = np.zeros((C, T, 3))
+    scored = np.zeros((C, T), dtype=bool)
+    for f in range(n):  # each frame scored once, in the first clip holding it
+        c = min(f, C - 1)
+        scored[c, f - starts[c]] = True
+    args = dict(pred_joints=pred, gt_joints=truth[frames], valid=np.ones((C, T, 2), bool), pred_cam_R=eye,
+                pred_cam_t=zeros, gt_cam_R=eye, gt_cam_t=zeros, world_to_cam_R=eye, world_to_cam_t=zeros,
+                seq_index=np.zeros(C, np.int64), frame_index=frames, scored=scored)
+    (seq,) = world_sequences(Predictions(**args, observed=observed))
+    np.testing.assert_allclose(seq.pred_joints, truth, atol=1e-12)
+    assert seq.bridged[:, 0].tolist() == [f in (7, 8, 9) for f in range(n)] and not seq.bridged[:, 1].any()
+    # Without the flags every clip counts, the blind ones too: the gap's frames are off.
+    (seq,) = world_sequences(Predictions(**args))
+    assert np.abs(seq.pred_joints - truth)[4:13, 0].max() > 0.2 and not seq.bridged.any()
+
+
 def _still_sequence(n: int, shift_from: int, delta: float, valid: np.ndarray | None = None) -> SequenceWorld:
     """Both hands still in the world; the prediction equals the truth until frame shift_from, then is moved
     rigidly by delta metres along x."""
@@ -197,6 +229,16 @@ def test_hidden_frames_are_fixed_per_frame_and_only_valid_ones():
     assert torch.equal(hidden_frames(seq, frames, invalid), hidden & invalid)
     assert not hidden_frames(seq, frames, valid, rate=0.0).any()
     assert not torch.equal(hidden_frames(seq, frames, valid, seed=1), hidden)
+
+
+def test_hidden_frames_come_in_runs_of_the_span():
+    seq = torch.arange(40).repeat_interleave(50)  # 40 sequences x 50 frames, as one-frame clips
+    frames = torch.arange(50).repeat(40)[:, None]
+    valid = torch.ones(len(seq), 1, 2, dtype=torch.bool)
+    hidden = hidden_frames(seq, frames, valid, span=10).view(40, 5, 10, 2)  # sequence, run, frame in it, hand
+    assert (hidden == hidden[:, :, :1]).all()  # a run is hidden whole or not at all
+    assert abs(hidden.float().mean().item() - INFILL_EVAL_RATE) < 0.06
+    assert not torch.equal(hidden.flatten(), hidden_frames(seq, frames, valid).flatten())
 
 
 def _offset_predictor(seen: list[torch.Tensor]):

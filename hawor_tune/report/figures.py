@@ -43,7 +43,8 @@ _UNITS = {"mpjpe": "mm", "pa_mpjpe": "mm", "mpjpe_infilled": "mm", "w_mpjpe": "m
           "clip_w_mpjpe": "mm", "clip_wa_mpjpe": "mm", "clip_accel_error": "mm/frame^2", "clip_jerk": "m/s^3",
           "clip_jerk_gt": "m/s^3", "cam_trans_error": "mm", "cam_rot_error": "deg",
           "cam_accel_error": "mm/frame^2", "cam_jerk": "m/s^3", "cam_jerk_gt": "m/s^3",
-          "valid_hand_frames": "frames", "infilled_hand_frames": "frames"}
+          "valid_hand_frames": "frames", "infilled_hand_frames": "frames",
+          "bridged_hand_frames": "frames"}
 _GT_COLOR = (0, 200, 0)                                  # RGB
 _PRED_COLORS = {"left": (230, 30, 30), "right": (40, 90, 255)}
 

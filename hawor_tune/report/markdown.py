@@ -35,7 +35,8 @@ _WORLD_ROWS = (("w_mpjpe", "W-MPJPE (whole sequences in world coordinates, 100-f
                ("cam_jerk", "jerk of the predicted camera trajectory"),
                ("cam_jerk_gt", "jerk of the ground-truth camera trajectory (reference)"),
                ("valid_hand_frames", "hand-frames observed by the model (the hand metrics' frames)"),
-               ("infilled_hand_frames", "valid hand-frames hidden from the model (mpjpe_infilled's frames)"))
+               ("infilled_hand_frames", "valid hand-frames hidden from the model"),
+               ("bridged_hand_frames", "hidden hand-frames in no clip that observes the hand, filled across clips"))
 
 # ---- report.md -------------------------------------------------------------------------------------------
 
