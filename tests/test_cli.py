@@ -129,12 +129,12 @@ def test_a_flow_fit_that_does_not_fit_the_model_is_one_line_and_exit_2(run_confi
     import torch
 
     from hawor_tune.flow_fit import flow_fit_file
+    from hawor_tune.model import FlowHead
 
     config_file = run_config()
     path = flow_fit_file(config.load_config(config_file))
     path.parent.mkdir(parents=True)
-    torch.save({"weight": torch.zeros(9, 8), "bias": torch.zeros(9)}, path)  # a fit for flow_grid 2, not 4
+    torch.save({"state": FlowHead(2 * 2 * 2, 9).state_dict()}, path)  # a fit for flow_grid 2, not 4
     assert train.main(["--config", config_file]) == 2
-    assert _one_error_line(capsys) == (f"error: the flow-head fit {path} has weight (9, 8), bias (9,); expected "
-                                       f"weight (9, 32) for this model's data.flow_grid=4; delete {path} and it is "
-                                       f"fitted again")
+    assert _one_error_line(capsys) == (f"error: the flow-head fit {path} has w1 (256, 8); expected w1 (256, 32) "
+                                       f"for this model's data.flow_grid=4; delete {path} and it is fitted again")
