@@ -4,8 +4,8 @@
 in the clip's first camera. It is fitted once on the training split's clips, not trained with the model, as
 HaWoR is handed a ready-made SLAM rather than learning camera motion within its own training; a search's trials
 are far too short to learn that map by gradient descent, which a dedicated fit on every training frame reaches
-in seconds. Each clip is also fitted seen in a mirror (the room's left and right swapped), which halves what
-the fit overlearns of the few training rooms. Every run with ``data.flow_grid`` > 0 starts with it, whatever
+in seconds. Each clip is also fitted seen in a mirror (the room's left and right swapped), so that the fit
+does not learn the few training rooms' layouts as a direction of motion. Every run with ``data.flow_grid`` > 0 starts with it, whatever
 its other weights are (the CPU profile's pretrained start or HaMeR's backbone on the GPU profile); the fit is
 cached beside the frame cache under a key of what it depends on, made once under a file lock, and re-used
 while nothing changed.
