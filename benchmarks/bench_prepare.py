@@ -98,7 +98,7 @@ def main() -> None:
     root = Path(args.data or Path(tmp.name) / "arctic") / "arctic_data" / "data"
     overrides = {"data.root": str(root), "data.generate": True, "data.cache_dir": str(Path(tmp.name) / "cache"),
                  "mano.model_dir": "", "model.pretrained_path": "", "model.require_pretrained": False,
-                 "data.synthetic.subjects": args.subjects,
+                 "data.synthetic.subjects": args.subjects, "data.synthetic.held_out": 1,
                  "data.synthetic.sequences_per_subject": args.sequences,
                  "data.synthetic.frames_per_sequence": args.frames, "data.synthetic.image_width": 2800,
                  "data.synthetic.image_height": 2000, **dict(parse_override(s) for s in args.set)}

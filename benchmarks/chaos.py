@@ -54,7 +54,7 @@ BUDGET = ["--set", "train.max_train_batches=4", "--set", "train.max_eval_batches
 TINY: dict[str, Any] = {
     "data.generate": True, "data.frame_size": 64, "data.crop_size": 32, "data.img_size": 32, "data.flow_grid": 4,
     "data.seq_len": 4, "data.stride": 2, "data.frame_step": 1, "data.batch_size": 2, "data.num_workers": 0,
-    "data.min_visible_joints": 8, "data.synthetic.subjects": 4, "data.synthetic.sequences_per_subject": 1,
+    "data.min_visible_joints": 8, "data.synthetic.subjects": 4, "data.synthetic.held_out": 1, "data.synthetic.sequences_per_subject": 1,
     "data.synthetic.frames_per_sequence": 40, "data.synthetic.image_width": 64,
     "data.synthetic.image_height": 48, "data.synthetic.seed": 0, "pretrain.epochs": 0,
     "model.backbone": "vit_tiny_patch16_224", "model.backbone_kwargs": {"depth": 1, "patch_size": 16},

@@ -32,7 +32,7 @@ from hawor_tune.train import build_optimizer, train_one_epoch
 PROFILE = Path(__file__).resolve().parents[1] / "configs" / "arctic.yaml"
 # A small ARCTIC-layout set: three subjects (train, val, test) of three 60-frame sequences, so that the data
 # is made in minutes at full resolution; the steps cycle over its training clips.
-DATA = {"data.generate": True, "data.synthetic.subjects": 3, "data.synthetic.sequences_per_subject": 3,
+DATA = {"data.generate": True, "data.synthetic.subjects": 3, "data.synthetic.held_out": 1, "data.synthetic.sequences_per_subject": 3,
         "data.synthetic.frames_per_sequence": 60, "data.synthetic.image_width": 2800,
         "data.synthetic.image_height": 2000, "train.max_eval_batches": 1}
 SMOKE = {"model.backbone_kwargs": {"depth": 1, "embed_dim": 32, "num_heads": 2, "patch_size": 8},

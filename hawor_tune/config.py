@@ -39,7 +39,10 @@ def _spec(default: Any, *, low: float | None = None, high: float | None = None,
 class SyntheticConfig:
     """Size of the generated stand-in dataset (written in ARCTIC's on-disk layout)."""
 
-    subjects: int = _spec(8, low=3, high=10, doc="subjects s01..sNN; the last two are val and test")
+    subjects: int = _spec(10, low=3, high=10, doc="subjects s01..sNN; the last 2 x held_out are val and test")
+    held_out: int = _spec(2, low=1, high=4, doc="subjects in each of val and test: the last 2 x held_out, "
+                          "alternately val and test (10 subjects, 2: val s07 and s09, test s08 and s10), so that "
+                          "validation ranks configurations on more than one person")
     sequences_per_subject: int = _spec(20, low=1, high=50, doc="sequences recorded per subject")
     frames_per_sequence: int = _spec(50, low=40, high=5000, doc="annotated frames, before ARCTIC's 10+10 skip")
     image_width: int = _spec(224, low=32, high=2800, doc="width of the generated frames, pixels")
@@ -49,7 +52,7 @@ class SyntheticConfig:
                         doc="video: smooth motion; frames: every frame's hand pose drawn on its own (a single-image "
                             "hand set, for the one-time pretraining; its held-out subjects get one sequence each)")
     extra_subjects: int = _spec(0, low=0, high=500, doc="more training subjects after sNN, new people (a single-image "
-                                "hand set's many hands); sNN-1 and sNN stay val and test")
+                                "hand set's many hands); val and test stay as they are")
     finger_speed: float = _spec(1.0, low=0.1, high=10.0, doc="video: multiplies the fingers' frequencies (0.2-1 Hz): "
                                 "more distinct finger poses per sequence, each frame's pose drawn as before")
 
@@ -471,6 +474,11 @@ def check_consistency(cfg: ExperimentConfig) -> None:
     weights = dataclasses.asdict(cfg.loss)
     if not any(w > 0 for w in weights.values()):
         raise ConfigError(f"loss weights are all 0 ({weights}): at least one of loss.* must be > 0")
+    synth = cfg.data.synthetic
+    if synth.subjects <= 2 * synth.held_out:
+        raise ConfigError(f"config key 'data.synthetic.held_out' is {synth.held_out} but data.synthetic.subjects is "
+                          f"{synth.subjects}: val and test take 2 x held_out subjects and training needs one more "
+                          f"(held_out <= {(synth.subjects - 1) // 2})")
     if cfg.data.eval_hop >= cfg.data.seq_len > 1:
         raise ConfigError(f"config key 'data.eval_hop' is {cfg.data.eval_hop} but data.seq_len is {cfg.data.seq_len}: "
                           "each evaluation clip must start on a frame the one before it placed (0 < eval_hop < seq_len), "

@@ -45,6 +45,7 @@ TINY_DATA_OVERRIDES: dict[str, Any] = {
     "data.num_workers": 0,
     "data.min_visible_joints": 8,
     "data.synthetic.subjects": 4,
+    "data.synthetic.held_out": 1,
     "data.synthetic.sequences_per_subject": 1,
     "data.synthetic.frames_per_sequence": 40,
     "data.synthetic.image_width": 64,

@@ -641,7 +641,7 @@ def test_missing_dataset_without_generation_is_an_error_naming_the_path(syntheti
     assert not root.exists()
 
 
-TINY = {"data.synthetic.subjects": 3, "data.synthetic.frames_per_sequence": 40, "data.synthetic.image_width": 32,
+TINY = {"data.synthetic.subjects": 3, "data.synthetic.held_out": 1, "data.synthetic.frames_per_sequence": 40, "data.synthetic.image_width": 32,
         "data.synthetic.image_height": 32}
 
 

@@ -88,6 +88,14 @@ def test_bad_overrides_name_key_value_and_allowed(override, fragments):
         assert fragment in str(err.value)
 
 
+def test_held_out_subjects_leave_one_to_train_on():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.synthetic.subjects=6", "data.synthetic.held_out=3"])
+    assert str(err.value) == ("config key 'data.synthetic.held_out' is 3 but data.synthetic.subjects is 6: val and "
+                              "test take 2 x held_out subjects and training needs one more (held_out <= 2)")
+    assert load_config(None, ["data.synthetic.subjects=5", "data.synthetic.held_out=2"]).data.synthetic.held_out == 2
+
+
 @pytest.mark.parametrize("content, fragments", [
     ({"optim": {"lr": 0.1, "momentum": 0.9}}, ["optim.momentum", "allowed"]),
     ({"model": {"temporal_layers": "six"}}, ["model.temporal_layers", "six"]),

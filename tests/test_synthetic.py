@@ -61,7 +61,19 @@ def test_split_file_holds_out_the_last_two_subjects(synthetic_dataset):
     assert sorted(sum(splits.values(), [])) == _sequences(synthetic_dataset.root)
 
 
-def test_lens_sees_58_degrees_with_mild_monotonic_distortion(synthetic_dataset):
+def test_more_held_out_subjects_alternate_val_and_test_and_keep_the_first_ones(synthetic_dataset, tmp_path):
+    # Two subjects each in val and test: the last four alternate, and the subjects before them are the
+    # dataset's own people (the same seeds), not new ones.
+    truth, splits = generate_variant(synthetic_dataset, tmp_path / "five", subjects=5, held_out=2)
+    assert splits == {"train": ["s01"], "val": ["s02", "s04"], "test": ["s03", "s05"]}
+    for sid in ("s01", "s02", "s03", "s04"):
+        mine = next(v for k, v in truth.items() if k.startswith(sid + "/"))
+        np.testing.assert_array_equal(mine["betas"], subject_truth(synthetic_dataset, sid)["betas"])
+    with pytest.raises(ValueError, match="cannot generate 4 subjects with 2 each in val and test"):
+        generate_variant(synthetic_dataset, tmp_path / "four", held_out=2)
+
+
+
     for truth in synthetic_dataset.truth.values():
         K, dist = truth["K"], truth["dist"]
         w, h = truth["image_size"]
@@ -112,7 +124,7 @@ def test_camera_moves_like_a_head(synthetic_dataset):
 
 
 def test_same_seed_gives_byte_identical_files(tmp_path):
-    synth = SyntheticConfig(subjects=3, sequences_per_subject=1, frames_per_sequence=40, image_width=32,
+    synth = SyntheticConfig(subjects=3, held_out=1, sequences_per_subject=1, frames_per_sequence=40, image_width=32,
                             image_height=32, seed=7)
     # In this process, and again by two rendering processes: the files must not depend on who wrote them.
     truth_a = generate(tmp_path / "a", synth, ManoConfig(), workers=1)
@@ -135,7 +147,7 @@ def test_a_program_read_from_stdin_renders_in_its_own_process(tmp_path):
     # so its rendering processes would all fail: it renders in its own process instead.
     program = ("from hawor_tune.config import ManoConfig, SyntheticConfig\n"
                "from hawor_tune.data.synthetic import generate\n"
-               "synth = SyntheticConfig(subjects=3, sequences_per_subject=1, frames_per_sequence=40, image_width=32,"
+               "synth = SyntheticConfig(subjects=3, held_out=1, sequences_per_subject=1, frames_per_sequence=40, image_width=32,"
                " image_height=32)\n"
                f"print(len(generate({str(tmp_path / 'set')!r}, synth, ManoConfig(), workers=2)))\n")
     done = subprocess.run([sys.executable, "-"], input=program, capture_output=True, text=True, timeout=300)
@@ -146,7 +158,7 @@ def test_a_program_read_from_stdin_renders_in_its_own_process(tmp_path):
 def test_refuses_to_write_into_a_non_empty_folder(tmp_path):
     (tmp_path / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError, match=str(tmp_path)):
-        generate(tmp_path, SyntheticConfig(subjects=3, sequences_per_subject=1, frames_per_sequence=40),
+        generate(tmp_path, SyntheticConfig(subjects=3, held_out=1, sequences_per_subject=1, frames_per_sequence=40),
                  ManoConfig())
 
 

@@ -82,8 +82,8 @@ def generate(root: str | os.PathLike, synth: SyntheticConfig, mano_cfg: ManoConf
 
     Args:
         root: folder to create (it must not exist, or be empty); it plays ``arctic_data/data``.
-        synth: sizes, seed and motion. Subject s<N> is the test split, s<N-1> validation, the rest (and the
-            ``extra_subjects`` after s<N>) training.
+        synth: sizes, seed and motion. The last 2 x ``held_out`` subjects alternate validation and test (s<N>
+            is test), the rest (and the ``extra_subjects`` after s<N>) training.
         mano_cfg: the hand model the hands are posed and rendered with; read the data with the same one.
         workers: processes that render sequences side by side (the files are the same for any number).
             None: one per CPU this process may use, or only this process for a set under
@@ -99,8 +99,10 @@ def generate(root: str | os.PathLike, synth: SyntheticConfig, mano_cfg: ManoConf
     root = Path(root)
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"cannot generate a synthetic dataset into {root}: the folder is not empty")
-    layers = _hand_layers(mano_cfg)
     n = synth.subjects
+    if n <= 2 * synth.held_out:
+        raise ValueError(f"cannot generate {n} subjects with {synth.held_out} each in val and test: training needs one")
+    layers = _hand_layers(mano_cfg)
     misc: dict[str, Any] = {}
     splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
     jobs: list[_SequenceJob] = []
@@ -109,7 +111,8 @@ def generate(root: str | os.PathLike, synth: SyntheticConfig, mano_cfg: ManoConf
         rng = np.random.default_rng(seed)
         subject = _make_subject(rng, synth.image_width, synth.image_height)
         misc[sid] = subject["misc"]
-        split = "test" if i == n - 1 else "val" if i == n - 2 else "train"
+        held = i - (n - 2 * synth.held_out)  # the last 2 x held_out subjects: val, test, val, test, ...
+        split = "train" if held < 0 or i >= n else ("val", "test")[held % 2]
         pairs = [(o, a) for o in _OBJECTS for a in _ACTIONS]
         pairs = [pairs[k] for k in rng.permutation(len(pairs))]
         for j, seq_seed in enumerate(_sequence_seeds(seed, synth, held_out=split != "train")):
