@@ -39,10 +39,9 @@ def _spec(default: Any, *, low: float | None = None, high: float | None = None,
 class SyntheticConfig:
     """Size of the generated stand-in dataset (written in ARCTIC's on-disk layout)."""
 
-    subjects: int = _spec(10, low=3, high=10, doc="subjects s01..sNN; the last 2 x held_out are val and test")
-    held_out: int = _spec(2, low=1, high=4, doc="subjects in each of val and test: the last 2 x held_out, "
-                          "alternately val and test (10 subjects, 2: val s07 and s09, test s08 and s10), so that "
-                          "validation ranks configurations on more than one person")
+    subjects: int = _spec(8, low=3, high=10, doc="subjects s01..sNN; the last 2 x held_out are val and test")
+    held_out: int = _spec(1, low=1, high=4, doc="subjects in each of val and test: the last 2 x held_out, "
+                          "alternately val and test (10 subjects, 2: val s07 and s09, test s08 and s10)")
     sequences_per_subject: int = _spec(20, low=1, high=50, doc="sequences recorded per subject")
     frames_per_sequence: int = _spec(50, low=40, high=5000, doc="annotated frames, before ARCTIC's 10+10 skip")
     image_width: int = _spec(224, low=32, high=2800, doc="width of the generated frames, pixels")
