@@ -19,7 +19,7 @@ import argparse
 import dataclasses
 
 from hawor_tune.checkpoint import load_model
-from hawor_tune.evaluation import INFILL_EVAL_RATE, compute_metrics, evaluate, world_sequences
+from hawor_tune.evaluation import DATASET_FPS, INFILL_EVAL_RATE, compute_metrics, evaluate
 
 COLUMNS = ("mpjpe_infilled", "w_mpjpe_infilled", "accel_error_infilled", "w_mpjpe", "accel_error")
 
@@ -32,16 +32,15 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=INFILL_EVAL_RATE, help="share of valid hand-frames hidden")
     args = parser.parse_args()
     model, cfg = load_model(args.model)
-    fps = 30.0 / cfg.data.frame_step
+    fps = DATASET_FPS / cfg.data.frame_step
     print(f"{args.split}, {args.rate:.0%} of the valid hand-frames hidden; clips of {cfg.data.seq_len} frames")
     print(f"{'span':>4}  {'scoring':<9}  {'bridged':>8}  " + "  ".join(f"{c:>20}" for c in COLUMNS))
     for span in args.spans:
         result, preds = evaluate(model, args.split, cfg, return_predictions=True, hide_rate=args.rate,
                                  hide_span=span)
-        bridged = sum(int((s.bridged & s.hidden).sum()) for s in world_sequences(preds))
-        hidden = int(preds.hidden.sum())
         unbridged = compute_metrics(dataclasses.replace(preds, observed=None), fps=fps)
-        for name, values, count in (("bridged", result, f"{bridged}/{hidden}"), ("blended", unbridged, "0")):
+        bridged = f"{result['bridged_hand_frames']:.0f}/{result['infilled_hand_frames']:.0f}"
+        for name, values, count in (("bridged", result, bridged), ("blended", unbridged, "0")):
             print(f"{span:>4}  {name:<9}  {count:>8}  " + "  ".join(f"{values[c]:>20.2f}" for c in COLUMNS),
                   flush=True)
 

@@ -199,6 +199,11 @@ def _mean_rotation(R: np.ndarray, w: np.ndarray) -> np.ndarray:
     return U @ D @ Vt
 
 
+def _sees(p: Predictions) -> np.ndarray:
+    """(C, 2) bool: whether each clip observes each hand on some frame (every clip, without ``p.observed``)."""
+    return np.ones((len(p.valid), 2), dtype=bool) if p.observed is None else p.observed.any(axis=1)
+
+
 def _bridge(frames: np.ndarray, x: np.ndarray, blind: np.ndarray) -> np.ndarray:
     """(N,) frame numbers, (N, H, ...) values, (N, H) bool -> x with each hand's blind frames interpolated in
     time between its nearest frames that are not (the nearest one alone at the sequence's ends); unchanged for
@@ -232,7 +237,7 @@ def world_sequences(p: Predictions) -> list[SequenceWorld]:
     boundaries (the interpolation HaWoR's infiller starts from).
     """
     scored = p.scored if p.scored is not None else np.ones(p.valid.shape[:2], dtype=bool)
-    sees = np.ones((len(p.valid), 2), dtype=bool) if p.observed is None else p.observed.any(axis=1)  # (C, 2)
+    sees = _sees(p)  # (C, 2)
     eye = np.eye(4)
     out = []
     for s in np.unique(p.seq_index):
@@ -273,11 +278,10 @@ def world_sequences(p: Predictions) -> list[SequenceWorld]:
             G[n, :3, 3] = w @ poses[:, :3, 3] / w.sum()
             G[n, 3, 3] = 1.0
             joints = np.stack([v[2] for v in votes[f]])  # (K, 2, 21, 3)
-            for h in range(2):
-                wh = w * np.array([v[3][h] for v in votes[f]])
-                blind[n, h] = not wh.any()
-                wh = w if blind[n, h] else wh
-                pred_world[n, h] = np.einsum("k,k...->...", wh, joints[:, h]) / wh.sum()
+            informed = w[:, None] * np.stack([v[3] for v in votes[f]])  # (K, 2): weights of the clips seeing each hand
+            blind[n] = ~informed.any(axis=0)
+            wh = np.where(blind[n], w[:, None], informed)  # (K, 2): every clip where none sees the hand
+            pred_world[n] = np.einsum("kh,kh...->h...", wh, joints) / wh.sum(axis=0)[:, None, None]
         pred_world = _bridge(np.asarray(order, dtype=np.float64), pred_world, blind)
         R, t = p.world_to_cam_R[ci, ti], p.world_to_cam_t[ci, ti]  # (N, 3, 3), (N, 3) world-to-camera
         gj = p.gt_joints[ci, ti]  # (N, 2, 21, 3) camera frames
@@ -386,7 +390,7 @@ def compute_metrics(p: Predictions, *, fps: float = DATASET_FPS) -> dict[str, fl
     mm = 1000.0
     hidden = p.hidden if p.hidden is not None else np.zeros_like(p.valid)
     observed = p.valid & ~hidden  # (C, T, 2)
-    sees = np.ones((len(p.valid), 2), dtype=bool) if p.observed is None else p.observed.any(axis=1)  # (C, 2)
+    sees = _sees(p)  # (C, 2)
     pooled: dict[str, list[np.ndarray]] = {k: [] for k in ("mpjpe", "pa_mpjpe", "mpjpe_infilled", "clip_accel_error",
                                                            "clip_w_mpjpe", "clip_wa_mpjpe", "clip_jerk",
                                                            "clip_jerk_gt")}

@@ -186,21 +186,19 @@ def load_flow_fit(model: HaWoR, path: str | Path) -> None:
         raise FlowFitError(f"the flow-head fit {path} is for a model that reads optical flow; this model has no "
                            f"flow head (data.flow_grid=0)")
     expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
-    cells = expected["w1"][1] // 2
-    allowed = (f"w1 {expected['w1']} for this model's data.flow_grid={round(cells ** 0.5)}; delete {path} and it "
-               f"is fitted again")
+    remedy = (f"for this model's data.flow_grid={round((expected['w1'][1] // 2) ** 0.5)}; delete {path} and it is "
+              f"fitted again")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)["state"]
         shapes = {k: tuple(state[k].shape) for k in expected}
     except Exception as e:  # torch raises several types for a file that is not a fit
         first_line = (str(e).splitlines() or [""])[0][:120]
         raise FlowFitError(f"the flow-head fit {path} cannot be read ({type(e).__name__}: {first_line}); "
-                           f"expected {allowed}") from None
+                           f"expected w1 {expected['w1']} {remedy}") from None
     wrong = next((k for k in expected if shapes[k] != expected[k]), None)
     if wrong is not None:
         raise FlowFitError(f"the flow-head fit {path} has {wrong} {shapes[wrong]}; expected {wrong} "
-                           f"{expected[wrong]} for this model's data.flow_grid={round(cells ** 0.5)}; delete "
-                           f"{path} and it is fitted again")
+                           f"{expected[wrong]} {remedy}")
     with torch.no_grad():
         for k, v in head.state_dict().items():
             v.copy_(state[k])

@@ -10,7 +10,8 @@ import pytest
 from conftest import write_box_files
 
 from hawor_tune.data import build_dataset, read_split
-from hawor_tune.data.boxes import BoxClips, BoxFileError, read_box_file, read_boxes
+from hawor_tune.data.boxes import BoxFileError, read_box_file, read_boxes
+from hawor_tune.prediction import build_box_clips
 
 
 @pytest.fixture(scope="module")
@@ -20,10 +21,7 @@ def test_boxes(synthetic_dataset, tmp_path_factory):
 
 
 def _clips(dataset, boxes, **overrides):
-    d = dataset.config(overrides).data
-    return BoxClips(dataset.root, boxes, seq_len=d.seq_len, eval_hop=d.eval_hop, frame_step=d.frame_step,
-                    frame_size=d.frame_size, crop_size=d.crop_size, crop_scale=d.crop_scale,
-                    crop_jitter=d.crop_jitter, img_size=d.img_size, flow_grid=d.flow_grid)
+    return build_box_clips(dataset.config(overrides), boxes)
 
 
 def test_box_clips_cut_what_the_labelled_clips_cut(synthetic_dataset, test_boxes):
