@@ -17,21 +17,29 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 
 from hawor_tune.checkpoint import load_model
+from hawor_tune.cli import ArgumentParser, fail, positive_int
+from hawor_tune.errors import HaworTuneError
 from hawor_tune.evaluation import DATASET_FPS, INFILL_EVAL_RATE, compute_metrics, evaluate
 
 COLUMNS = ("mpjpe_infilled", "w_mpjpe_infilled", "accel_error_infilled", "w_mpjpe", "accel_error")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="model.pt or a checkpoint")
     parser.add_argument("--split", default="val", choices=("val", "test"))
-    parser.add_argument("--spans", type=int, nargs="+", default=[1, 8, 24], help="frames per hidden run")
+    parser.add_argument("--spans", type=positive_int, nargs="+", default=[1, 8, 24], help="frames per hidden run")
     parser.add_argument("--rate", type=float, default=INFILL_EVAL_RATE, help="share of valid hand-frames hidden")
-    args = parser.parse_args()
-    model, cfg = load_model(args.model)
+    args = parser.parse_args(argv)
+    if not 0.0 < args.rate <= 1.0:
+        parser.error(f"argument --rate: must be in (0, 1], got {args.rate}")
+    try:
+        model, cfg = load_model(args.model)
+    except HaworTuneError as e:
+        return fail(e)
     fps = DATASET_FPS / cfg.data.frame_step
     print(f"{args.split}, {args.rate:.0%} of the valid hand-frames hidden; clips of {cfg.data.seq_len} frames")
     print(f"{'span':>4}  {'scoring':<9}  {'bridged':>8}  " + "  ".join(f"{c:>20}" for c in COLUMNS))
@@ -43,7 +51,8 @@ def main() -> None:
         for name, values, count in (("bridged", result, bridged), ("blended", unbridged, "0")):
             print(f"{span:>4}  {name:<9}  {count:>8}  " + "  ".join(f"{values[c]:>20.2f}" for c in COLUMNS),
                   flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -78,6 +78,8 @@ def hidden_frames(seq_index: torch.Tensor, frame_index: torch.Tensor, hand_valid
     clip length, batch size or evaluation order; ``span`` > 1 hides runs of that many annotation frames, as a
     tracker loses a hand for a while.
     """
+    if span < 1:
+        raise ValueError(f"hidden_frames: span must be >= 1 frame, got {span}")
     if rate <= 0.0:
         return torch.zeros_like(hand_valid)
     seq = seq_index.detach().cpu().numpy().astype(np.uint64)[:, None, None]  # (B, 1, 1)

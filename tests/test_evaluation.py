@@ -239,6 +239,8 @@ def test_hidden_frames_come_in_runs_of_the_span():
     assert (hidden == hidden[:, :, :1]).all()  # a run is hidden whole or not at all
     assert abs(hidden.float().mean().item() - INFILL_EVAL_RATE) < 0.06
     assert not torch.equal(hidden.flatten(), hidden_frames(seq, frames, valid).flatten())
+    with pytest.raises(ValueError, match="span must be >= 1 frame, got 0"):
+        hidden_frames(seq, frames, valid, span=0)
 
 
 def _offset_predictor(seen: list[torch.Tensor]):
