@@ -87,7 +87,9 @@ def pretrain_config(cfg: ExperimentConfig, out_dir: str | Path) -> ExperimentCon
     pcfg = copy.deepcopy(cfg)
     pcfg.data = pretrain_data(cfg)
     # The run loads its infiller_path after this start: the start must not depend on it (nor does its key).
-    pcfg.model = dataclasses.replace(cfg.model, pretrained_path="", infiller_path="", infill_mask_prob=0.0)
+    # The start trains its backbone from scratch, whether or not the run then freezes it.
+    pcfg.model = dataclasses.replace(cfg.model, pretrained_path="", infiller_path="", infill_mask_prob=0.0,
+                                     freeze_backbone=False, trainable_blocks=0)
     pcfg.loss = pretrain_loss(cfg)
     pcfg.optim = OptimConfig(lr=p.lr, warmup_epochs=0.25)  # not the run's (searched) optimiser settings
     pcfg.train = dataclasses.replace(cfg.train, epochs=p.epochs, max_train_batches=p.max_train_batches,
@@ -119,7 +121,9 @@ def _model_key(cfg: ExperimentConfig) -> dict[str, Any]:
             "camera_trajectory_degree", "smooth_in_training"}
     if cfg.model.infiller == "lstm":
         skip.add("infiller")
-    return {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in skip}
+    # A run that freezes its backbone shares the start of one that does not (pretrain_config unfreezes it).
+    return {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in skip} | {
+        "freeze_backbone": False, "trainable_blocks": 0}
 
 
 def pretrained_file(cfg: ExperimentConfig) -> Path:

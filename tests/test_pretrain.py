@@ -61,6 +61,12 @@ def test_hawors_infiller_file_is_loaded_after_the_start_not_into_it(synthetic_da
     assert pretrain_config(with_file, tmp_path / "pre").model.infiller_path == ""
 
 
+def test_a_run_that_freezes_its_backbone_shares_a_start_that_trained_it(synthetic_dataset, tmp_path):
+    frozen = synthetic_dataset.config({**TINY_MODEL_OVERRIDES, **PRETRAIN, "model.freeze_backbone": True})
+    assert pretrain_key(frozen) == pretrain_key(synthetic_dataset.config({**TINY_MODEL_OVERRIDES, **PRETRAIN}))
+    assert pretrain_config(frozen, tmp_path / "pre").model.freeze_backbone is False
+
+
 def test_auto_precision_shares_the_start_of_the_precision_it_means_on_this_machine(synthetic_dataset):
     keys = {p: pretrain_key(synthetic_dataset.config({**TINY_MODEL_OVERRIDES, **PRETRAIN, "train.device": "cpu",
                                                       "train.precision": p})) for p in ("auto", "fp32", "bf16")}
