@@ -25,7 +25,10 @@ the shape's error left).
 ``data/cache/pretrained/hand-<key>.pt``, or a run's ``model.pt``) keeps or loses the fingers. On the
 training crops (``--pretrain-set``: the start's own single-frame set) and on validation it prints the finger
 variance explained by a ridge readout of the backbone's spatial tokens, by one of the spatial head's token
-(what the rest of the model reads) and by the model's own prediction.
+(what the rest of the model reads) and by the model's own prediction. On the training crops each readout is
+scored twice: in-sample (the best any linear map of those features can do on them, so no linear head trained
+otherwise reaches it) and on training sequences left out of its fit (what the features hold of new frames of
+the same people).
 
 ``--set`` overrides the config, e.g. a larger generated dataset in its own folder:
 ``--set data.root=data/arctic_synthetic_x50 --set data.synthetic.sequences_per_subject=50``.
@@ -137,7 +140,7 @@ def probe(train_x, train_y, evals: list[tuple[torch.Tensor, torch.Tensor]], *, s
 def model_readouts(model, cfg, split: str, *, max_batches: int = 0) -> dict[str, torch.Tensor]:
     """What a trained HaWoR model carries of the fingers of ``split``'s valid hand crops, in right-hand
     form: the backbone's spatial tokens (N, L*F) and the spatial head's token (N, D) that the rest of the
-    model reads, its own finger prediction (N, 90, 6D) and the truth (N, 90)."""
+    model reads, its own finger prediction (N, 90, 6D), the truth (N, 90) and each crop's sequence (N,)."""
     import torch
 
     from hawor_tune.data import build_dataloader
@@ -149,7 +152,7 @@ def model_readouts(model, cfg, split: str, *, max_batches: int = 0) -> dict[str,
     hook = model.spatial_head.register_forward_hook(
         lambda _m, args, out: seen.update(tokens=args[0].flatten(1), head=out))
     mirror = torch.tensor(MIRROR_ROT6D).repeat(15)
-    parts: dict[str, list[torch.Tensor]] = {"tokens": [], "head": [], "pred": [], "truth": []}
+    parts: dict[str, list[torch.Tensor]] = {"tokens": [], "head": [], "pred": [], "truth": [], "seq": []}
     model.eval()
     try:
         with torch.no_grad():
@@ -165,9 +168,10 @@ def model_readouts(model, cfg, split: str, *, max_batches: int = 0) -> dict[str,
                 parts["head"].append(seen["head"][valid.flatten()])
                 parts["pred"].append(matrix_to_rot6d(out.rotmats[..., 1:, :, :])[valid].flatten(1) * sign)
                 parts["truth"].append(matrix_to_rot6d(batch["rotmats"][..., 1:, :, :].float())[valid].flatten(1) * sign)
+                parts["seq"].append(batch["seq_index"][:, None, None].expand(valid.shape)[valid])
     finally:
         hook.remove()
-    return {k: torch.cat(v).double() for k, v in parts.items()}
+    return {k: torch.cat(v) if k == "seq" else torch.cat(v).double() for k, v in parts.items()}
 
 
 def explained(pred: torch.Tensor, truth: torch.Tensor) -> float:
@@ -187,23 +191,49 @@ def ridge_readout(train_x, train_y, evals, *, lam: float = RIDGE_LAMBDA) -> list
     return [explained(((x - mu) / sd) @ w + y_mean, y) for x, y in [(train_x, train_y), *evals]]
 
 
+def held_out_readout(x, y, seq, *, folds: int = 5, lam: float = RIDGE_LAMBDA) -> float:
+    """Explained variance of ridge readouts on sequences they were not fitted on: the sequences split into
+    ``folds`` groups, each predicted by a readout fitted on the others. Unlike the in-sample fit, which is the
+    best any linear map of ``x`` can do on the crops it was fitted to, this is what the features hold of
+    unseen frames of the same people."""
+    import torch
+
+    groups = torch.unique(seq)
+    fold = torch.searchsorted(groups, seq) % folds  # (N,) sequences dealt round-robin
+    pred = torch.empty_like(y)
+    for k in range(folds):
+        test = fold == k
+        fit = ~test
+        mu, sd = x[fit].mean(0), x[fit].std(0) + 1e-6
+        a = (x[fit] - mu) / sd
+        y_mean = y[fit].mean(0)
+        w = torch.linalg.solve(a.T @ a + lam * len(a) * torch.eye(a.shape[1], dtype=a.dtype), a.T @ (y[fit] - y_mean))
+        pred[test] = ((x[test] - mu) / sd) @ w + y_mean
+    return explained(pred, y)
+
+
 def diagnose_model(path: str, cfg, train_cfg, *, max_batches: int) -> None:
     """Print where a trained model's finger information is: in its backbone's tokens, in the spatial head's
     token, in its own prediction."""
+    import torch
+
     from hawor_tune.checkpoint import load_model
 
     model, _ = load_model(path)
     train = model_readouts(model, train_cfg, "train", max_batches=max_batches)
     val = model_readouts(model, cfg, "val")
-    print(f"{path}: {len(train['truth'])} training and {len(val['truth'])} validation hand crops; finger "
-          f"variance explained (0: the mean pose), train / val")
+    print(f"{path}: {len(train['truth'])} training hand crops ({len(torch.unique(train['seq']))} sequences) and "
+          f"{len(val['truth'])} validation ones; finger variance explained (0: the mean pose) on the training crops "
+          f"(in-sample fit), on training sequences left out of the readout's fit (5 folds), on validation")
     for name in ("tokens", "head"):
         width = train[name].shape[1]
         fit = ridge_readout(train[name], train["truth"], [(val[name], val["truth"])])
+        held = held_out_readout(train[name], train["truth"], train["seq"])
         print(f"  ridge readout of the {'backbone tokens' if name == 'tokens' else 'spatial head token'} "
-              f"({width} features): {fit[0]:.2f} / {fit[1]:.2f}")
-    print(f"  the model's own finger prediction: {explained(train['pred'], train['truth']):.2f} / "
-          f"{explained(val['pred'], val['truth']):.2f}; its spread {float(train['pred'].std(0).norm() / train['truth'].std(0).norm()):.2f} of the truth's")
+              f"({width} features): {fit[0]:.2f} / {held:.2f} / {fit[1]:.2f}")
+    print(f"  the model's own finger prediction (trained on every training crop): "
+          f"{explained(train['pred'], train['truth']):.2f} / - / {explained(val['pred'], val['truth']):.2f}; "
+          f"its spread {float(train['pred'].std(0).norm() / train['truth'].std(0).norm()):.2f} of the truth's")
 
 
 def main() -> None:

@@ -20,7 +20,9 @@ from hawor_tune.errors import HaworTuneError
 from hawor_tune.pretrained import CHECKPOINT_FORMAT, file_digest
 from hawor_tune.runtime import rng_state
 
-CHECKPOINT_VERSION = 1
+# 2: the camera's flow head maps the flow between consecutive frames to a step, chained (version 1's mapped the
+# flow from the clip's first frame to a pose in it).
+CHECKPOINT_VERSION = 2
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
@@ -97,7 +99,8 @@ def load_model_state(model: nn.Module, state: dict[str, Any]) -> None:
     :func:`needs_pretrained`), and restore which parts were pretrained.
 
     Raises:
-        CheckpointError: the pretrained file changed since the checkpoint was written, or keys disagree.
+        CheckpointError: the pretrained file changed since the checkpoint was written, keys disagree, or a
+            version-1 checkpoint holds a fitted flow head.
     """
     frozen = state.get("frozen")
     if frozen:
@@ -105,6 +108,11 @@ def load_model_state(model: nn.Module, state: dict[str, Any]) -> None:
         if not Path(path).is_file() or file_digest(path) != frozen["sha256"]:
             raise CheckpointError(f"the checkpoint's frozen weights come from {path}, which is missing or has "
                                   f"changed since (SHA-256 {frozen['sha256'][:12]}...); restore that file")
+    flow_head = state["model"].get("flow_head.w3")
+    if state.get("version", 0) < 2 and flow_head is not None and bool(flow_head.any()):
+        raise CheckpointError(f"checkpoint version {state.get('version', 0)} was written before the camera's flow "
+                              f"head read the flow between consecutive frames (version 2): its fitted head would "
+                              f"misread this version's input; train the model again")
     result = model.load_state_dict(state["model"], strict=False)
     missing = set(result.missing_keys) - set(frozen["keys"] if frozen else ())
     if missing or result.unexpected_keys:

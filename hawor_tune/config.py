@@ -213,9 +213,10 @@ class OptimConfig:
     """AdamW, its learning rate warmed up linearly, then decayed on a cosine to ``min_lr_ratio`` x lr, per step."""
 
     lr: float = _spec(3e-4, low=1e-8, high=1.0, doc="fine-tuning the hand-pretrained start (pretrain.lr trains it)")
-    backbone_lr_scale: float = _spec(1.0, low=0.0, high=1.0, doc="learning rate of the pretrained parts (the crop "
+    backbone_lr_scale: float = _spec(0.1, low=0.0, high=1.0, doc="learning rate of the pretrained parts (the crop "
                                      "backbone, and the modules a released checkpoint filled) as a fraction of lr: "
-                                     "they are fine-tuned more gently than the parts that start fresh")
+                                     "they are fine-tuned more gently than the parts that start fresh (HaWoR: 0.1); "
+                                     "a backbone fine-tuned at the full rate forgets fingers it read in its start")
     weight_decay: float = _spec(1e-4, low=0.0, high=1.0, doc="AdamW weight decay, on weight matrices only (not on "
                                 "biases, norms or embeddings)")
     warmup_epochs: float = _spec(0.5, low=0.0, high=1000.0, doc="linear warm-up of the learning rate, in epochs; "

@@ -1,7 +1,9 @@
 """The camera's flow head, fitted once on the training split and cached.
 
-``HaWoR.flow_head`` is a fixed small MLP from a frame's pooled optical flow (hawor_tune.data.flow) to its pose
-in the clip's first camera. It is fitted once on the training split's clips, not trained with the model, as
+``HaWoR.flow_head`` is a fixed small MLP from the pooled optical flow between two consecutive frames
+(hawor_tune.data.flow; the difference of the clip's flows from its first frame) to the later frame's pose in the
+earlier one's camera; the model chains these steps into the clip's path. It is fitted once on the training
+split's clips, not trained with the model, as
 HaWoR is handed a ready-made SLAM rather than learning camera motion within its own training; a search's trials
 are far too short to learn that map by gradient descent, which a dedicated fit on every training frame reaches
 in seconds. Each clip is also fitted seen in a mirror (the room's left and right swapped), so that the fit
@@ -30,7 +32,13 @@ from hawor_tune.data.cache import cache_root, spec_key
 from hawor_tune.data.frames import PREPARED_VERSION
 from hawor_tune.data.synthetic import MARKER
 from hawor_tune.errors import HaworTuneError
-from hawor_tune.geometry import matrix_to_rot6d, relative_camera_pose
+from hawor_tune.geometry import (
+    camera_steps,
+    compose_steps,
+    matrix_to_rot6d,
+    relative_camera_pose,
+    rot6d_to_matrix,
+)
 from hawor_tune.model import FLOW_HIDDEN, FlowHead
 
 if TYPE_CHECKING:
@@ -43,7 +51,7 @@ log = logging.getLogger(__name__)
 # dropout FIT_DROPOUT after its first layer, outputs fitted in units of OUT_SCALE (centimetres and
 # centiradians), seeded by FIT_SEED; chosen on the generated val split's camera translation error.
 # Bump FIT_VERSION when the fit changes, so that old fits are not re-used.
-FIT_VERSION = 2
+FIT_VERSION = 3
 FIT_FRAMES, FIT_STRIDE, FIT_CLIPS = 8, 1, 4000
 FIT_EPOCHS, FIT_BATCH, FIT_LR, FIT_WEIGHT_DECAY, FIT_DROPOUT, FIT_SEED = 20, 512, 1e-3, 1e-2, 0.1, 0
 OUT_SCALE = 0.01
@@ -59,7 +67,7 @@ class FlowFitError(HaworTuneError, ValueError):
 
 def _mirrored(flow: torch.Tensor, R: torch.Tensor, t: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(N, 2, G, G) flow, (N, 3, 3) rotations and (N, 3) translations of camera t in camera 0 -> the same
+    """(N, 2, G, G) flow, (N, 3, 3) rotations and (N, 3) translations of one camera in another -> the same
     frames seen in a mirror: cells flipped left to right with their x flow negated, M R M and M t."""
     flow = flow.flip(-1).clone()
     flow[:, 0] = -flow[:, 0]
@@ -84,30 +92,51 @@ def _fit_mlp(X: torch.Tensor, Y: torch.Tensor, hidden: int) -> tuple[nn.Linear, 
     return net[0], net[3], net[5]
 
 
-def fit_flow_head(clips: Sequence[dict[str, torch.Tensor]], hidden: int = FLOW_HIDDEN) -> dict[str, Any]:
-    """Fit the flow head's MLP to each frame's pose in its clip's first camera (the camera head's offsets: 6D
-    rotation minus the identity's, translation in metres) from the frame's flow, over up to FIT_CLIPS evenly
-    spaced clips and their mirror images.
+def head_path(head: FlowHead, flow: torch.Tensor, *, chained: bool = True) -> torch.Tensor:
+    """(T, 2, G, G) a clip's flow from its first frame -> (T-1, 3) float64 translations of frames 1.. in its
+    first camera, as the head reads them: chained from frame-to-frame steps (the model's way), or, for a head
+    fitted with ``chained=False``, read from each frame's flow from the first."""
+    identity = matrix_to_rot6d(torch.eye(3, dtype=torch.float64))
+    with torch.no_grad():
+        if not chained:
+            return head(flow[1:].flatten(1).float()).double()[:, 6:]
+        step = head((flow[1:] - flow[:-1]).flatten(1).float()).double()  # (T-1, 9)
+        return compose_steps(rot6d_to_matrix(identity + step[:, :6]), step[:, 6:])[1]
+
+
+def fit_flow_head(clips: Sequence[dict[str, torch.Tensor]], hidden: int = FLOW_HIDDEN, *,
+                  chained: bool = True) -> dict[str, Any]:
+    """Fit the flow head's MLP to each frame's pose in the previous frame's camera (the camera head's offsets:
+    6D rotation minus the identity's, translation in metres) from the flow between the two, over up to
+    FIT_CLIPS evenly spaced clips and their mirror images.
 
     Args:
-        clips: items with ``flow`` (T, 2, G, G), ``cam_R`` (T, 3, 3) and ``cam_t`` (T, 3) world-to-camera
-            poses, as :class:`hawor_tune.data.arctic.ArcticClips` gives them.
+        clips: items with ``flow`` (T, 2, G, G) from each clip's first frame, ``cam_R`` (T, 3, 3) and ``cam_t``
+            (T, 3) world-to-camera poses, as :class:`hawor_tune.data.arctic.ArcticClips` gives them.
         hidden: the MLP's hidden width (``FlowHead``'s).
+        chained: False fits each frame's pose in the first camera from its flow from the first frame instead
+            (what the head did before it was chained; ``benchmarks/bench_flow.py`` compares the two).
 
     Returns:
         ``state``, the buffers of a ``FlowHead`` (the input's standardisation and the output's scale folded
-        into its first and last layers); ``fit_mm`` and ``static_mm``, the mean camera translation error over
-        the fitted frames (all but each clip's first, not mirrored) of the fit and of a static camera;
-        ``frames``, how many frames were fitted.
+        into its first and last layers); ``fit_mm`` and ``static_mm``, the mean camera translation error in
+        each clip's first camera over the fitted clips' frames after the first (not mirrored), of the head's
+        path (:func:`head_path`) and of a static camera; ``frames``, how many frames were fitted.
     """
     picks = np.unique(np.linspace(0, len(clips) - 1, min(len(clips), FIT_CLIPS)).round().astype(int))
-    flows, rotations, translations = [], [], []
+    flows, rotations, translations, paths = [], [], [], []
     for i in picks:
         item = clips[int(i)]
-        R, t = relative_camera_pose(item["cam_R"].double(), item["cam_t"].double())  # (T, 3, 3), (T, 3)
-        flows.append(item["flow"][1:].double())  # (T-1, 2, G, G)
-        rotations.append(R[1:])
-        translations.append(t[1:])
+        flow, cam_R, cam_t = item["flow"].double(), item["cam_R"].double(), item["cam_t"].double()
+        paths.append((flow, relative_camera_pose(cam_R, cam_t)[1][1:]))  # the clip's flow, its true path
+        if chained:  # from the previous frame: (T-1, 2, G, G), (T-1, 3, 3), (T-1, 3)
+            flows.append(flow[1:] - flow[:-1])
+            R, t = camera_steps(cam_R, cam_t)
+        else:
+            flows.append(flow[1:])
+            R, t = (x[1:] for x in relative_camera_pose(cam_R, cam_t))
+        rotations.append(R)
+        translations.append(t)
     flow, R, t = torch.cat(flows), torch.cat(rotations), torch.cat(translations)
     identity = matrix_to_rot6d(torch.eye(3, dtype=torch.float64))
 
@@ -131,10 +160,10 @@ def fit_flow_head(clips: Sequence[dict[str, torch.Tensor]], hidden: int = FLOW_H
     state = {k: v.detach().float().contiguous() for k, v in state.items()}
     head = FlowHead(X.shape[1], Y.shape[1], hidden)
     head.load_state_dict(state)
-    with torch.no_grad():
-        fitted = head(flow.flatten(1).float()).double()[:, 6:]
-    return {"state": state, "fit_mm": float((fitted - t).norm(dim=1).mean() * 1000),
-            "static_mm": float(t.norm(dim=1).mean() * 1000), "frames": len(t)}
+    errors = [(head_path(head, flow, chained=chained) - truth).norm(dim=1) for flow, truth in paths]
+    static = [truth.norm(dim=1) for _, truth in paths]
+    return {"state": state, "fit_mm": float(torch.cat(errors).mean() * 1000),
+            "static_mm": float(torch.cat(static).mean() * 1000), "frames": len(t)}
 
 
 def flow_fit_key(cfg: ExperimentConfig) -> str:

@@ -183,6 +183,48 @@ def relative_camera_pose(cam_R: torch.Tensor, cam_t: torch.Tensor) -> tuple[torc
     return R_rel, t_rel
 
 
+def camera_steps(cam_R: torch.Tensor, cam_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pose of each frame's camera in the previous frame's camera coordinates (X_{t-1} = R_t X_t + t_t).
+
+    Args:
+        cam_R: (..., T, 3, 3) world-to-camera rotations, T >= 2.
+        cam_t: (..., T, 3) world-to-camera translations.
+
+    Returns:
+        R_step (..., T-1, 3, 3) and t_step (..., T-1, 3), one per frame after the first;
+        :func:`compose_steps` chains them back into :func:`relative_camera_pose`'s poses.
+    """
+    _check_last_dims("cam_R", cam_R, (3, 3))
+    _check_last_dims("cam_t", cam_t, (3,))
+    if cam_R.dim() < 3 or cam_R.shape[:-2] != cam_t.shape[:-1] or cam_R.shape[-3] < 2:
+        raise ValueError(f"cam_R (..., T, 3, 3) and cam_t (..., T, 3) must share leading dims with T >= 2, "
+                         f"got {tuple(cam_R.shape)} and {tuple(cam_t.shape)}")
+    R_step = cam_R[..., :-1, :, :] @ cam_R[..., 1:, :, :].transpose(-1, -2)
+    t_step = cam_t[..., :-1, :] - (R_step @ cam_t[..., 1:, :, None]).squeeze(-1)
+    return R_step, t_step
+
+
+def compose_steps(R_step: torch.Tensor, t_step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chain frame-to-frame poses (:func:`camera_steps`) into each frame's pose in the first frame's camera.
+
+    Args:
+        R_step: (..., N, 3, 3) rotation of frame i+1's camera into frame i's.
+        t_step: (..., N, 3) its translation.
+
+    Returns:
+        R (..., N, 3, 3) and t (..., N, 3): frames 1..N in frame 0's camera (X_0 = R X_i + t).
+    """
+    _check_last_dims("R_step", R_step, (3, 3))
+    _check_last_dims("t_step", t_step, (3,))
+    R, t = R_step[..., 0, :, :], t_step[..., 0, :]
+    rotations, translations = [R], [t]
+    for i in range(1, R_step.shape[-3]):
+        R, t = R @ R_step[..., i, :, :], (R @ t_step[..., i, :, None]).squeeze(-1) + t
+        rotations.append(R)
+        translations.append(t)
+    return torch.stack(rotations, dim=-3), torch.stack(translations, dim=-2)
+
+
 def umeyama(src: torch.Tensor, dst: torch.Tensor, with_scale: bool = True
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Least-squares similarity (or rigid) transform with dst ~ s R src + t (Umeyama 1991).

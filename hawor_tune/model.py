@@ -13,7 +13,8 @@ The forward pass keeps the stages apart:
 3. temporal: a transformer over time per hand (shared by both hands) and one for the camera.
 4. heads: one hand head regresses MANO parameters in the (mirrored) crop's frame (16 x 6D rotations,
    10 betas, a weak-perspective camera turned into a camera-frame wrist through the crop's intrinsics);
-   left-hand outputs are mirrored back. A camera head regresses each frame's camera in the first frame's.
+   left-hand outputs are mirrored back. A camera head regresses each frame's camera in the first frame's,
+   on top of the flow head's path: each frame's pose in the previous one, read from the flow, chained.
 5. infiller: the frames in which a hand is not observed are filled in the clip's first camera (through the
    predicted camera motion): the interpolation between the observed frames plus a bidirectional LSTM's
    residual, or HaWoR's released transformer infiller (``model.infiller: hawor``). Observed frames keep the
@@ -39,7 +40,13 @@ from torch import nn
 
 from hawor_tune.backbones import create_backbone, freeze_backbone, spatial_tokens, token_count
 from hawor_tune.config import ExperimentConfig
-from hawor_tune.geometry import axis_angle_to_matrix, matrix_to_axis_angle, matrix_to_rot6d, rot6d_to_matrix
+from hawor_tune.geometry import (
+    axis_angle_to_matrix,
+    compose_steps,
+    matrix_to_axis_angle,
+    matrix_to_rot6d,
+    rot6d_to_matrix,
+)
 from hawor_tune.mano import HANDS, MANOLayer, build_mano
 from hawor_tune.pretrained import load_hawor_infiller, load_pretrained
 from hawor_tune.released_modules import BOX_DIM, HaWoRInfiller, MANODecoderHead, TemporalAttention, box_code
@@ -335,8 +342,9 @@ def _smooth_over_time(x: torch.Tensor, projection: torch.Tensor | None) -> torch
 
 
 class FlowHead(nn.Module):
-    """A fixed two-hidden-layer MLP from frame t's pooled optical flow straight to its camera-pose offset (the
-    camera head's 6D rotation offset and translation), added to the camera head's output.
+    """A fixed two-hidden-layer MLP from the pooled optical flow between frames t-1 and t straight to camera
+    t's pose in camera t-1 (6D rotation offset from no turn, and translation); the model chains these steps and
+    adds the path to the camera head's output.
 
     It is fitted once on the training split, not trained with the model (``hawor_tune.flow_fit``), as HaWoR
     is handed a ready-made SLAM: its weights are buffers (saved and loaded with the model, left alone by the
@@ -631,7 +639,12 @@ class HaWoR(nn.Module):
         pair = torch.cat([h[:, 1:], h[:, :1].expand(-1, T - 1, -1)], dim=-1)  # (B, T-1, 2D)
         delta = self.camera_head(pair)  # (B, T-1, 9)
         if self.flow_head is not None:
-            delta = delta + self.flow_head(flow[:, 1:].flatten(2).to(delta.dtype))
+            # Each frame's pose in the previous camera, from the flow between the two (the difference of the
+            # clip's flows from its first frame), chained into the path from frame 0: a visual odometry.
+            step = self.flow_head((flow[:, 1:] - flow[:, :-1]).flatten(2).to(delta.dtype))  # (B, T-1, 9)
+            no_turn = matrix_to_rot6d(identity[0, 0])
+            R, t = compose_steps(rot6d_to_matrix(no_turn + step[..., :6]), step[..., 6:])
+            delta = delta + torch.cat([matrix_to_rot6d(R) - no_turn, t], dim=-1)
         # A smooth path: the offsets from frame 0 projected onto polynomials through the origin.
         projection = polynomial_projection(T, self._degree(self.camera_trajectory_degree), through_origin=True,
                                            device=h.device)

@@ -11,6 +11,8 @@ import torch
 
 from hawor_tune.geometry import (
     axis_angle_to_matrix,
+    camera_steps,
+    compose_steps,
     matrix_to_axis_angle,
     matrix_to_rot6d,
     project_points,
@@ -217,6 +219,37 @@ def test_umeyama_does_not_align_a_mirror_image_by_reflection() -> None:
     assert residual > 0.1
 
 
+def test_camera_steps_map_each_camera_into_the_previous_one() -> None:
+    T = 5
+    cam_R = _random_rotations(T, seed=11)
+    cam_t = torch.randn(T, 3, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    X = torch.randn(7, 3, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    x_cam = X @ cam_R.transpose(-1, -2) + cam_t[:, None, :]  # (T, 7, 3)
+    R_step, t_step = camera_steps(cam_R, cam_t)
+    assert R_step.shape == (T - 1, 3, 3) and t_step.shape == (T - 1, 3)
+    in_previous = x_cam[1:] @ R_step.transpose(-1, -2) + t_step[:, None, :]
+    torch.testing.assert_close(in_previous, x_cam[:-1], atol=1e-12, rtol=0)
+
+
+def test_a_camera_sliding_right_steps_one_centimetre_a_frame() -> None:
+    # No turn, the centre 1 cm further along x each frame (world-to-camera: X_t = X - c_t).
+    centres = torch.tensor([[0.01 * t, 0.0, 0.0] for t in range(4)], dtype=torch.float64)
+    R_step, t_step = camera_steps(torch.eye(3, dtype=torch.float64).expand(4, 3, 3), -centres)
+    torch.testing.assert_close(R_step, torch.eye(3, dtype=torch.float64).expand(3, 3, 3), atol=1e-15, rtol=0)
+    torch.testing.assert_close(t_step, torch.tensor([[0.01, 0.0, 0.0]] * 3, dtype=torch.float64), atol=1e-15, rtol=0)
+    R, t = compose_steps(R_step, t_step)
+    torch.testing.assert_close(t, centres[1:], atol=1e-15, rtol=0)
+
+
+def test_composed_steps_are_the_poses_in_the_first_camera() -> None:
+    cam_R = _random_rotations(6, seed=13)[None].expand(2, 6, 3, 3)  # a leading batch dim
+    cam_t = torch.randn(2, 6, 3, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    R, t = compose_steps(*camera_steps(cam_R, cam_t))
+    R_rel, t_rel = relative_camera_pose(cam_R, cam_t)
+    torch.testing.assert_close(R, R_rel[:, 1:], atol=1e-12, rtol=0)
+    torch.testing.assert_close(t, t_rel[:, 1:], atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize(("fn", "args", "name"), [
     (axis_angle_to_matrix, (torch.zeros(4, 4),), "aa"),
     (matrix_to_axis_angle, (torch.zeros(3, 4),), "R"),
@@ -224,6 +257,8 @@ def test_umeyama_does_not_align_a_mirror_image_by_reflection() -> None:
     (project_points, (torch.ones(4, 2), torch.eye(3)), "points"),
     (project_points, (torch.ones(4, 3), torch.eye(3), torch.zeros(5)), "dist"),
     (relative_camera_pose, (torch.eye(3).expand(4, 3, 3), torch.zeros(3, 3)), "cam_R"),
+    (camera_steps, (torch.eye(3).expand(1, 3, 3), torch.zeros(1, 3)), "T >= 2"),
+    (compose_steps, (torch.eye(3).expand(2, 3, 3), torch.zeros(2, 4)), "t_step"),
     (umeyama, (torch.zeros(5, 3), torch.zeros(4, 3)), "src"),
 ])
 def test_bad_shapes_raise_naming_the_argument(fn, args, name: str) -> None:

@@ -9,7 +9,13 @@ import torch
 from conftest import TINY_MODEL_OVERRIDES
 
 from hawor_tune import train
-from hawor_tune.checkpoint import export_model, latest_checkpoint, load_checkpoint, load_model
+from hawor_tune.checkpoint import (
+    CheckpointError,
+    export_model,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model,
+)
 from hawor_tune.config import ConfigError, save_config
 from hawor_tune.epoch_metrics import REPORTED_METRICS
 from hawor_tune.evaluation import evaluate, mean_pose_baseline
@@ -134,6 +140,23 @@ def test_load_checkpoint_rejects_foreign_files(tmp_path, content):
         path.write_bytes(content)
     with pytest.raises(ValueError, match="not a hawor-tune checkpoint"):
         load_checkpoint(path)
+
+
+def test_a_model_file_whose_flow_head_read_flow_from_the_first_frame_is_refused(tiny_cfg, tmp_path):
+    cfg = tiny_cfg()
+    model = build_model(cfg, pretrained=False)
+    model.flow_head.w3.fill_(0.01)  # as fitted
+    path = export_model(tmp_path / "model.pt", model=model, config=cfg, epoch=1)
+    load_model(path)  # this version's file
+    state = torch.load(path, weights_only=True)
+    torch.save({**state, "version": 1}, path)
+    with pytest.raises(CheckpointError, match="checkpoint version 1 was written before the camera's flow head read "
+                                              "the flow between consecutive frames"):
+        load_model(path)
+    model.flow_head.w3.zero_()  # a head never fitted (a start, or a model without flow) reads nothing
+    path = export_model(tmp_path / "start.pt", model=model, config=cfg, epoch=1)
+    torch.save({**torch.load(path, weights_only=True), "version": 1}, path)
+    load_model(path)
 
 
 def test_cli_test_only_and_eval_only(tiny_cfg, tmp_path, capsys):
