@@ -170,6 +170,15 @@ def test_cli_test_only_and_eval_only(tiny_cfg, tmp_path, capsys):
     assert train.main(["--eval-only", str(ckpt)]) == 0
     out = capsys.readouterr().out
     assert "val: MPJPE" in out and "test: MPJPE" in out
+    # An inference setting given on the command line applies to the checkpoint's model.
+    assert cfg.model.hand_trajectory_degree != 0
+    assert train.main(["--eval-only", str(ckpt), "model.hand_trajectory_degree=0"]) == 0
+    free = capsys.readouterr().out
+
+    def val_line(text: str) -> str:
+        return next(line for line in text.splitlines() if line.startswith("val:"))
+
+    assert val_line(free).split("accel")[1] != val_line(out).split("accel")[1]  # each frame free: less smooth
 
 
 def test_cli_bad_override_exits_2(tmp_path, capsys):
