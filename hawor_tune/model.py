@@ -295,7 +295,7 @@ def _take(x: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, i.view(*i.shape, *(1,) * (x.dim() - 3)).expand_as(x))
 
 
-def _interpolate_observed(x: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+def interpolate_observed(x: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
     """(B, T, H, P) values, (B, T, H) bool -> each frame linearly interpolated between the nearest observed
     frames before and after it (the nearest one alone at the clip's ends; observed frames unchanged; x where
     a hand is observed nowhere)."""
@@ -304,9 +304,9 @@ def _interpolate_observed(x: torch.Tensor, observed: torch.Tensor) -> torch.Tens
     return torch.where(observed.any(dim=1, keepdim=True)[..., None], (1 - w) * _take(x, prev) + w * _take(x, nxt), x)
 
 
-def _slerp_observed(R: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+def slerp_observed(R: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
     """(B, T, H, J, 3, 3) rotations, (B, T, H) bool -> each frame's rotations along the shortest arc between
-    the nearest observed frames before and after it (as :func:`_interpolate_observed` places them)."""
+    the nearest observed frames before and after it (as :func:`interpolate_observed` places them)."""
     prev, nxt, w = _observed_neighbours(observed)
     start, end = _take(R, prev), _take(R, nxt)  # (B, T, H, J, 3, 3)
     step = matrix_to_axis_angle(start.transpose(-1, -2) @ end) * w.to(R.dtype)[..., None, None]  # (B, T, H, J, 3)
@@ -704,7 +704,7 @@ class HaWoR(nn.Module):
         if self.infiller is not None:
             filled = self._infill_hawor(world, observed)
         else:
-            anchor = _interpolate_observed(world, observed)  # (B, T, 2, P)
+            anchor = interpolate_observed(world, observed)  # (B, T, 2, P)
             weight = observed[..., None].to(world.dtype)  # (B, T, 2, 1)
             ref = (world * weight).sum(1, keepdim=True) / weight.sum(1, keepdim=True).clamp_min(1.0)  # (B, 1, 2, P)
             residual = torch.stack([infiller(world[:, :, i] - ref[:, :, i], observed[:, :, i])
@@ -742,9 +742,9 @@ class HaWoR(nn.Module):
         window = self.infiller.window
         to_hawor = world.new_tensor(HAWOR_FROM_OUR_ROT6D, dtype=torch.long)
         to_ours = world.new_tensor(OUR_FROM_HAWOR_ROT6D, dtype=torch.long)
-        rot = _slerp_observed(rot6d_to_matrix(world[..., :ROT6D_DIM].unflatten(-1, (NUM_ROTATIONS, 6))),
+        rot = slerp_observed(rot6d_to_matrix(world[..., :ROT6D_DIM].unflatten(-1, (NUM_ROTATIONS, 6))),
                               observed)  # (B, T, 2, 16, 3, 3)
-        lerped = _interpolate_observed(world[..., ROT6D_DIM:], observed)  # (B, T, 2, 13): betas, wrist
+        lerped = interpolate_observed(world[..., ROT6D_DIM:], observed)  # (B, T, 2, 13): betas, wrist
         seen = observed.any(dim=1, keepdim=True)[..., None]  # (B, 1, 2, 1)
         unfilled = torch.cat([world.new_zeros(3 + NUM_BETAS),
                               world.new_tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0]).repeat(NUM_ROTATIONS)])  # (109,)

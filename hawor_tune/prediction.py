@@ -12,7 +12,9 @@ predicted. :func:`predict_from_boxes` runs the model over :class:`hawor_tune.dat
   (smplx's ``transl``, the ``cam_t`` of ARCTIC's leaderboard files). The left hand is in the convention of the
   official MANO_LEFT.pkl as stored (:data:`hawor_tune.mano.FIX_LEFT_SHAPEDIRS`), ARCTIC's.
 - ``<hand>_joints`` (N, 21, 3) camera-frame joints, OpenPose order (:data:`hawor_tune.mano.OPENPOSE_ORDER`).
-- ``<hand>_observed`` (N,) bool: a box was given (else the infiller filled the hand); ``<hand>_box`` (N, 5).
+- ``<hand>_observed`` (N,) bool: a box was given (else the infiller filled the hand); ``<hand>_bridged`` (N,)
+  bool: no clip around the image saw the hand, so it was interpolated in the first camera between the nearest
+  images one did (a hand lost for longer than a clip); ``<hand>_box`` (N, 5).
 - ``cam_R`` (N, 3, 3), ``cam_t`` (N, 3): camera n in the first camera of its stream, ``X_first = R X_n + t``;
   clips are chained as the evaluation chains them (:func:`hawor_tune.evaluation.world_sequences`).
 """
@@ -36,7 +38,7 @@ from hawor_tune.data.boxes import BoxClips, SequenceBoxes, read_boxes
 from hawor_tune.evaluation import Predictions, world_sequences
 from hawor_tune.geometry import matrix_to_axis_angle
 from hawor_tune.mano import HANDS, build_mano
-from hawor_tune.model import run_model
+from hawor_tune.model import interpolate_observed, run_model, slerp_observed
 from hawor_tune.runtime import autocast, autocast_dtype, to_device
 
 INDEX_FILE = "index.json"
@@ -115,20 +117,37 @@ def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 def _sequence_arrays(clips: dict[str, np.ndarray], s: int, frame_step: int, boxes: SequenceBoxes,
                      layers: list[Any]) -> dict[str, np.ndarray]:
-    """One sequence's per-image arrays from the clips' outputs: each image from the clip that scores it."""
+    """One sequence's per-image arrays from the clips' outputs.
+
+    Each image's hand comes from the clip that scores the image when that clip observes the hand somewhere,
+    else from the clip covering the image nearest its centre that does (the evaluation's rule: a clip that sees
+    a hand nowhere has no neighbour to fill it from). Images no such clip covers (a hand lost for longer than a
+    clip) are ``bridged``: the hand interpolated in the stream's first camera between the nearest images that
+    are not (slerp for rotations), as the evaluation bridges its world joints.
+    """
     n = len(boxes.image_index)
     rows = np.arange(n)
+    T = clips["position"].shape[1]
+    centrality = -np.abs(np.arange(T) - (T - 1) / 2)  # (T,) higher nearer the clip's centre
+    sees = clips["observed"].any(axis=1)  # (C, 2) each clip observes each hand somewhere
     out: dict[str, np.ndarray] = {"image_index": boxes.image_index.copy(), "stream": rows % frame_step}
-    pick_c, pick_t = np.full(n, -1), np.full(n, -1)
+    pick = np.full((n, 2, 2), -1)  # (image, hand) -> (clip, t)
+    best = np.full((n, 2), -np.inf)  # (image, hand) -> how well the pick suits: scoring first, then centrality
+    scoring = np.full((n, 2), -1)  # image -> (clip, t) that scores it
     cam_R, cam_t = np.zeros((n, 3, 3)), np.zeros((n, 3))
     for stream in range(frame_step):
         mine = np.flatnonzero((clips["seq_index"] == s) & (clips["stream"] == stream))  # this stream's clips
         for c in mine:
             for t, pos in enumerate(clips["position"][c]):
+                row = stream + frame_step * pos
                 if clips["scored"][c, t]:
-                    pick_c[stream + frame_step * pos], pick_t[stream + frame_step * pos] = c, t
+                    scoring[row] = (c, t)
+                rank = np.where(sees[c], centrality[t] + (T if clips["scored"][c, t] else 0), -np.inf)  # (2,)
+                better = rank > best[row]
+                pick[row, better] = (c, t)
+                best[row] = np.maximum(best[row], rank)
         # The evaluation's chaining of a sequence's clips, on this stream's predicted cameras alone.
-        C, T = len(mine), clips["position"].shape[1]
+        C = len(mine)
         chained = world_sequences(Predictions(
             pred_joints=clips["joints"][mine], gt_joints=np.zeros_like(clips["joints"][mine]),
             valid=np.zeros((C, T, 2), dtype=bool), pred_cam_R=clips["cam_R"][mine], pred_cam_t=clips["cam_t"][mine],
@@ -138,19 +157,48 @@ def _sequence_arrays(clips: dict[str, np.ndarray], s: int, frame_step: int, boxe
             scored=clips["scored"][mine]))[0]
         at = stream + frame_step * chained.frame_index  # (n_stream,) rows of this stream's images
         cam_R[at], cam_t[at] = chained.pred_cam_to_world[:, :3, :3], chained.pred_cam_to_world[:, :3, 3]
-    assert (pick_c >= 0).all(), "every image is scored in exactly one clip"
+    assert (scoring >= 0).all(), "every image is scored in exactly one clip"
+    bridged = best == -np.inf  # (n, 2)
+    pick[bridged] = scoring[np.nonzero(bridged)[0]]  # its values are interpolated over below
     out["cam_R"], out["cam_t"] = cam_R.astype(np.float32), cam_t.astype(np.float32)
     for h, (hand, layer) in enumerate(zip(HANDS, layers)):
-        R = clips["rotmats"][pick_c, pick_t, h]  # (n, 16, 3, 3)
-        betas = clips["betas"][pick_c, pick_t, h]  # (n, 10)
+        c, t = pick[:, h, 0], pick[:, h, 1]
+        R, betas, root = _bridged_hand(clips["rotmats"][c, t, h], clips["betas"][c, t, h], clips["root"][c, t, h],
+                                       bridged[:, h], cam_R, cam_t, out["stream"])
         aa = matrix_to_axis_angle(torch.from_numpy(R)).numpy()  # (n, 16, 3)
         with torch.no_grad():
-            wrist = layer.joints(torch.from_numpy(R).float(), torch.from_numpy(betas).float())[:, 0].double().numpy()
+            joints = layer.joints(torch.from_numpy(R).float(), torch.from_numpy(betas).float()).double().numpy()
+        trans = root - joints[:, 0]
         out[f"{hand}_rot"] = aa[:, 0].astype(np.float32)
         out[f"{hand}_pose"] = (aa[:, 1:].reshape(n, 45) - layer.hands_mean.double().numpy()).astype(np.float32)
         out[f"{hand}_shape"] = betas.astype(np.float32)
-        out[f"{hand}_trans"] = (clips["root"][pick_c, pick_t, h] - wrist).astype(np.float32)
-        out[f"{hand}_joints"] = clips["joints"][pick_c, pick_t, h].astype(np.float32)
-        out[f"{hand}_observed"] = clips["observed"][pick_c, pick_t, h]
+        out[f"{hand}_trans"] = trans.astype(np.float32)
+        out[f"{hand}_joints"] = np.where(bridged[:, h, None, None], joints + trans[:, None],
+                                         clips["joints"][c, t, h]).astype(np.float32)
+        out[f"{hand}_observed"] = clips["observed"][c, t, h]
+        out[f"{hand}_bridged"] = bridged[:, h]
         out[f"{hand}_box"] = boxes.boxes[:, h].astype(np.float32)
     return out
+
+
+def _bridged_hand(R: np.ndarray, betas: np.ndarray, root: np.ndarray, bridged: np.ndarray, cam_R: np.ndarray,
+                  cam_t: np.ndarray, stream: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(n, 16, 3, 3) rotations, (n, 10) betas, (n, 3) camera-frame wrists of one hand, (n,) bool, each image's
+    camera in its stream's first camera and its stream -> the same with each stream's bridged images
+    interpolated between its others in that first camera (a still hand stays still while the head turns)."""
+    R, betas, root = R.copy(), betas.copy(), root.copy()
+    for k in np.unique(stream):
+        rows = np.flatnonzero(stream == k)
+        seen = torch.from_numpy(~bridged[rows])[None, :, None]  # (1, N, 1)
+        if not bridged[rows].any() or not seen.any():
+            continue
+        Rw = torch.from_numpy(R[rows])
+        Rw[:, 0] = torch.from_numpy(cam_R[rows]) @ Rw[:, 0]  # global orientation into the first camera
+        wrist = np.einsum("nij,nj->ni", cam_R[rows], root[rows]) + cam_t[rows]
+        Rw = slerp_observed(Rw[None, :, None], seen)[0, :, 0]
+        rest = interpolate_observed(torch.from_numpy(np.concatenate([betas[rows], wrist], axis=1))[None, :, None],
+                                    seen)[0, :, 0].numpy()
+        Rw[:, 0] = torch.from_numpy(cam_R[rows]).transpose(-1, -2) @ Rw[:, 0]
+        R[rows], betas[rows] = Rw.numpy(), rest[:, :-3]
+        root[rows] = np.einsum("nji,nj->ni", cam_R[rows], rest[:, -3:] - cam_t[rows])  # R^T (x - t)
+    return R, betas, root

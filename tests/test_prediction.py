@@ -93,3 +93,54 @@ def test_cameras_are_chained_over_each_stream_of_the_sequence(synthetic_dataset,
         np.testing.assert_allclose(p["cam_t"][:, 2], 0.01 * position, atol=1e-6)
         np.testing.assert_allclose(p["cam_t"][:, :2], 0.0, atol=1e-7)
         np.testing.assert_allclose(p["left_joints"], np.broadcast_to([0.0, 0.0, 0.4], p["left_joints"].shape), atol=1e-7)
+
+
+class _BlindClipsGoAstray(_SteadyCamera):
+    """The steady camera, with each hand still in the camera (0.4 m ahead) in a clip that observes it somewhere,
+    and far off (9 m, turned) in a clip that observes it nowhere, as a clip with nothing to fill from may be."""
+
+    def forward(self, crops, crop_K, images, hand_valid, flow=None) -> HaWoROutput:
+        out = super().forward(crops, crop_K, images, hand_valid, flow)
+        sees = hand_valid.any(dim=1)[:, None, :, None].expand(*hand_valid.shape, 3)  # (B, T, 2, 3)
+        root = torch.where(sees, out.root, torch.full_like(out.root, 9.0))
+        turned = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]).expand_as(out.rotmats)
+        rotmats = torch.where(sees[..., :1, None, None], out.rotmats, turned)
+        return HaWoROutput(rot6d=out.rot6d, rotmats=rotmats, betas=out.betas, root=root,
+                           joints=root[..., None, :].expand(*root.shape[:3], 21, 3), vertices=out.vertices,
+                           cam_R=out.cam_R, cam_t=out.cam_t, observed=hand_valid)
+
+
+def test_a_hand_lost_for_longer_than_a_clip_is_bridged_in_the_world(synthetic_dataset, box_folder, tmp_path):
+    # The left hand's boxes are removed over 9 images of one sequence, more than two 4-frame clips: the
+    # images no clip around them sees it in are bridged between the nearest ones that are, in the first
+    # camera, instead of read from a clip that observes the hand nowhere.
+    folder, written = box_folder
+    gap = tmp_path / "boxes"
+    name = sorted(written)[0]
+    for other, entry in written.items():
+        entry = json.loads(json.dumps(entry))
+        if other == name:
+            assert all(b is not None for b in entry["left"])
+            entry["left"][5:14] = [None] * 9
+            mine = entry
+        (gap / f"{other}.json").parent.mkdir(parents=True, exist_ok=True)
+        (gap / f"{other}.json").write_text(json.dumps(entry))
+    cfg = synthetic_dataset.config({"data.eval_hop": 1})
+    index = json.loads(predict_from_boxes(_BlindClipsGoAstray(), cfg, split_boxes(cfg, "test", gap),
+                                          tmp_path / "pred").read_text())
+    p = _load(tmp_path / "pred" / index["sequences"][name])
+    T, n = cfg.data.seq_len, len(mine["left"])
+    for hand in HANDS:
+        observed = np.array([b is not None for b in mine[hand]])
+        # Whether some clip (every T consecutive images) holding image i observes the hand somewhere.
+        sees = [any(observed[s:s + T].any() for s in range(max(0, i - T + 1), min(i, n - T) + 1)) for i in range(n)]
+        np.testing.assert_array_equal(p[f"{hand}_bridged"], ~np.array(sees))
+        np.testing.assert_array_equal(p[f"{hand}_observed"], observed)
+        # In the world (the first camera), image i's wrist is 0.4 + 0.01 i m ahead where a clip sees the hand;
+        # bridged ones lie on the line between the nearest such images (held at the nearest one at the ends).
+        i = np.arange(n)
+        world = np.interp(i, i[sees], 0.4 + 0.01 * i[sees])
+        np.testing.assert_allclose(p[f"{hand}_joints"][:, 0, 2], world - 0.01 * i, atol=1e-6)
+        np.testing.assert_allclose(p[f"{hand}_joints"][:, 0, :2], 0.0, atol=1e-6)
+        np.testing.assert_allclose(p[f"{hand}_rot"], 0.0, atol=1e-6)
+    assert p["left_bridged"][8:11].all() and p["left_bridged"].sum() == 3
