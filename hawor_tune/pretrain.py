@@ -91,7 +91,8 @@ def pretrain_config(cfg: ExperimentConfig, out_dir: str | Path) -> ExperimentCon
     pcfg.model = dataclasses.replace(cfg.model, pretrained_path="", infiller_path="", infill_mask_prob=0.0,
                                      freeze_backbone=False, trainable_blocks=0)
     pcfg.loss = pretrain_loss(cfg)
-    pcfg.optim = OptimConfig(lr=p.lr, warmup_epochs=0.25)  # not the run's (searched) optimiser settings
+    # Not the run's (searched) optimiser settings; the whole model, backbone included, learns at pretrain.lr.
+    pcfg.optim = OptimConfig(lr=p.lr, warmup_epochs=0.25, backbone_lr_scale=1.0)
     pcfg.train = dataclasses.replace(cfg.train, epochs=p.epochs, max_train_batches=p.max_train_batches,
                                      max_eval_batches=0, keep_checkpoints=1, out_dir=str(out_dir),
                                      seed=PRETRAIN_SEED, objective={}, constraints={})  # single frames: nothing to rank

@@ -67,6 +67,13 @@ def test_a_run_that_freezes_its_backbone_shares_a_start_that_trained_it(syntheti
     assert pretrain_config(frozen, tmp_path / "pre").model.freeze_backbone is False
 
 
+def test_the_pretraining_trains_its_backbone_at_its_own_full_rate(synthetic_dataset, tmp_path):
+    # A run fine-tunes its backbone more gently than its fresh parts; the start trains the backbone from scratch.
+    gentle = synthetic_dataset.config({**TINY_MODEL_OVERRIDES, **PRETRAIN, "optim.backbone_lr_scale": 0.1})
+    optim = pretrain_config(gentle, tmp_path / "pre").optim
+    assert optim.backbone_lr_scale == 1.0 and optim.lr == gentle.pretrain.lr
+
+
 def test_auto_precision_shares_the_start_of_the_precision_it_means_on_this_machine(synthetic_dataset):
     keys = {p: pretrain_key(synthetic_dataset.config({**TINY_MODEL_OVERRIDES, **PRETRAIN, "train.device": "cpu",
                                                       "train.precision": p})) for p in ("auto", "fp32", "bf16")}
