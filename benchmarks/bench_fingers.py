@@ -179,36 +179,37 @@ def explained(pred: torch.Tensor, truth: torch.Tensor) -> float:
     return 1.0 - float((pred - truth).square().sum(1).mean() / (truth - truth.mean(0)).square().sum(1).mean())
 
 
-def ridge_readout(train_x, train_y, evals, *, lam: float = RIDGE_LAMBDA) -> list[float]:
-    """Explained variance of a ridge regression (standardised features, penalty ``lam`` per sample) fitted on
-    (train_x, train_y), on the training set and on each (x, y) of ``evals``."""
+def ridge(train_x, train_y, *, lam: float = RIDGE_LAMBDA):
+    """A ridge regression (standardised features, penalty ``lam`` per sample) fitted on (train_x, train_y):
+    features (N, F) -> predictions (N, K)."""
     import torch
 
     mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
     a = (train_x - mu) / sd
     y_mean = train_y.mean(0)
     w = torch.linalg.solve(a.T @ a + lam * len(a) * torch.eye(a.shape[1], dtype=a.dtype), a.T @ (train_y - y_mean))
-    return [explained(((x - mu) / sd) @ w + y_mean, y) for x, y in [(train_x, train_y), *evals]]
+    return lambda x: ((x - mu) / sd) @ w + y_mean
+
+
+def ridge_readout(train_x, train_y, evals, *, lam: float = RIDGE_LAMBDA) -> list[float]:
+    """Explained variance of a :func:`ridge` readout fitted on (train_x, train_y), on the training set and on
+    each (x, y) of ``evals``."""
+    predict = ridge(train_x, train_y, lam=lam)
+    return [explained(predict(x), y) for x, y in [(train_x, train_y), *evals]]
 
 
 def held_out_readout(x, y, seq, *, folds: int = 5, lam: float = RIDGE_LAMBDA) -> float:
-    """Explained variance of ridge readouts on sequences they were not fitted on: the sequences split into
-    ``folds`` groups, each predicted by a readout fitted on the others. Unlike the in-sample fit, which is the
-    best any linear map of ``x`` can do on the crops it was fitted to, this is what the features hold of
+    """Explained variance of :func:`ridge` readouts on sequences they were not fitted on: the sequences split
+    into ``folds`` groups, each predicted by a readout fitted on the others. Unlike the in-sample fit, which is
+    the best any linear map of ``x`` can do on the crops it was fitted to, this is what the features hold of
     unseen frames of the same people."""
     import torch
 
-    groups = torch.unique(seq)
-    fold = torch.searchsorted(groups, seq) % folds  # (N,) sequences dealt round-robin
+    fold = torch.searchsorted(torch.unique(seq), seq) % folds  # (N,) sequences dealt round-robin
     pred = torch.empty_like(y)
     for k in range(folds):
         test = fold == k
-        fit = ~test
-        mu, sd = x[fit].mean(0), x[fit].std(0) + 1e-6
-        a = (x[fit] - mu) / sd
-        y_mean = y[fit].mean(0)
-        w = torch.linalg.solve(a.T @ a + lam * len(a) * torch.eye(a.shape[1], dtype=a.dtype), a.T @ (y[fit] - y_mean))
-        pred[test] = ((x[test] - mu) / sd) @ w + y_mean
+        pred[test] = ridge(x[~test], y[~test], lam=lam)(x[test])
     return explained(pred, y)
 
 
