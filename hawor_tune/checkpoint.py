@@ -155,12 +155,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return state
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, ExperimentConfig]:
-    """Rebuild the model and its config from a checkpoint alone."""
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", *,
+               config: ExperimentConfig | None = None) -> tuple[nn.Module, ExperimentConfig]:
+    """Rebuild the model and its config from a checkpoint alone, or built from ``config`` (the checkpoint's
+    with inference settings overridden, such as the trajectory degrees) with the checkpoint's weights."""
     from hawor_tune.model import build_model
 
     state = load_checkpoint(path)
-    config = config_from_dict(state["config"])
+    config = config or config_from_dict(state["config"])
     model = build_model(config, pretrained=needs_pretrained(state))
     load_model_state(model, state)
     return model.to(device), config

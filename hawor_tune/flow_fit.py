@@ -32,13 +32,7 @@ from hawor_tune.data.cache import cache_root, spec_key
 from hawor_tune.data.frames import PREPARED_VERSION
 from hawor_tune.data.synthetic import MARKER
 from hawor_tune.errors import HaworTuneError
-from hawor_tune.geometry import (
-    camera_steps,
-    compose_steps,
-    matrix_to_rot6d,
-    relative_camera_pose,
-    rot6d_to_matrix,
-)
+from hawor_tune.geometry import camera_steps, matrix_to_rot6d, relative_camera_pose
 from hawor_tune.model import FLOW_HIDDEN, FlowHead
 
 if TYPE_CHECKING:
@@ -94,14 +88,12 @@ def _fit_mlp(X: torch.Tensor, Y: torch.Tensor, hidden: int) -> tuple[nn.Linear, 
 
 def head_path(head: FlowHead, flow: torch.Tensor, *, chained: bool = True) -> torch.Tensor:
     """(T, 2, G, G) a clip's flow from its first frame -> (T-1, 3) float64 translations of frames 1.. in its
-    first camera, as the head reads them: chained from frame-to-frame steps (the model's way), or, for a head
-    fitted with ``chained=False``, read from each frame's flow from the first."""
-    identity = matrix_to_rot6d(torch.eye(3, dtype=torch.float64))
+    first camera, as the head reads them: chained from frame-to-frame steps (:meth:`FlowHead.path`, the model's
+    way), or, for a head fitted with ``chained=False``, read from each frame's flow from the first."""
     with torch.no_grad():
         if not chained:
             return head(flow[1:].flatten(1).float()).double()[:, 6:]
-        step = head((flow[1:] - flow[:-1]).flatten(1).float()).double()  # (T-1, 9)
-        return compose_steps(rot6d_to_matrix(identity + step[:, :6]), step[:, 6:])[1]
+        return head.path(flow.float())[1].double()
 
 
 def fit_flow_head(clips: Sequence[dict[str, torch.Tensor]], hidden: int = FLOW_HIDDEN, *,

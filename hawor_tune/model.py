@@ -363,6 +363,14 @@ class FlowHead(nn.Module):
         h = F.gelu(F.linear(flow, self.w1, self.b1))
         return F.linear(F.gelu(F.linear(h, self.w2, self.b2)), self.w3, self.b3)
 
+    def path(self, flow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(..., T, 2, G, G) a clip's flow from its first frame -> R (..., T-1, 3, 3) and t (..., T-1, 3), frames
+        1.. in the first camera: each frame's step from the previous one, read from the flow between the two
+        (the difference of their flows from the first frame), chained (a visual odometry)."""
+        step = self((flow[..., 1:, :, :, :] - flow[..., :-1, :, :, :]).flatten(-3))  # (..., T-1, 9)
+        no_turn = matrix_to_rot6d(torch.eye(3, dtype=step.dtype, device=step.device))
+        return compose_steps(rot6d_to_matrix(no_turn + step[..., :6]), step[..., 6:])
+
 
 class HaWoR(nn.Module):
     """Crop backbone -> spatial head -> hand fusion -> temporal transformers -> heads -> infiller -> MANO.
@@ -639,12 +647,8 @@ class HaWoR(nn.Module):
         pair = torch.cat([h[:, 1:], h[:, :1].expand(-1, T - 1, -1)], dim=-1)  # (B, T-1, 2D)
         delta = self.camera_head(pair)  # (B, T-1, 9)
         if self.flow_head is not None:
-            # Each frame's pose in the previous camera, from the flow between the two (the difference of the
-            # clip's flows from its first frame), chained into the path from frame 0: a visual odometry.
-            step = self.flow_head((flow[:, 1:] - flow[:, :-1]).flatten(2).to(delta.dtype))  # (B, T-1, 9)
-            no_turn = matrix_to_rot6d(identity[0, 0])
-            R, t = compose_steps(rot6d_to_matrix(no_turn + step[..., :6]), step[..., 6:])
-            delta = delta + torch.cat([matrix_to_rot6d(R) - no_turn, t], dim=-1)
+            R, t = self.flow_head.path(flow.to(delta.dtype))  # (B, T-1, 3, 3), (B, T-1, 3)
+            delta = delta + torch.cat([matrix_to_rot6d(R) - matrix_to_rot6d(identity[0, 0]), t], dim=-1)
         # A smooth path: the offsets from frame 0 projected onto polynomials through the origin.
         projection = polynomial_projection(T, self._degree(self.camera_trajectory_degree), through_origin=True,
                                            device=h.device)

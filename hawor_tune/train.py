@@ -28,6 +28,7 @@ from tqdm import tqdm
 from hawor_tune.atomic import atomic_write_text
 from hawor_tune.checkpoint import (
     load_checkpoint,
+    load_model,
     load_model_state,
     needs_pretrained,
     prune_checkpoints,
@@ -363,12 +364,9 @@ def _run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
     if args.eval_only:
         from hawor_tune.data import ensure_dataset, split_is_labelled
-        from hawor_tune.model import build_model
 
         # Built from the config with the overrides, so that inference settings (trajectory degrees) apply.
-        model = build_model(cfg, pretrained=needs_pretrained(state))
-        load_model_state(model, state)
-        model = model.to(select_device(cfg.train.device))
+        model, _ = load_model(ckpt, select_device(cfg.train.device), config=cfg)
         for split in ("val", "test"):
             if not split_is_labelled(ensure_dataset(cfg), split, splits_file=cfg.data.splits or None):
                 print(f"{split}: no labels (ARCTIC keeps protocol p2's test labels for its leaderboard): not scored")
